@@ -1,0 +1,314 @@
+"""Typed configuration: dataclasses loaded from YAML and validated on load.
+
+Every stage owns one section dataclass; `RunConfig` composes them. Loading rejects unknown keys,
+wrong types and missing required values with an error that names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Type, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp` and converts it (dataclasses, lists, dicts)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=key)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = args or (Any,)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        k_tp, v_tp = args or (Any, Any)
+        return {_convert(k, k_tp, f"{key}.<key>"): _convert(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def from_dict(cls: Type[T], data: Dict[str, Any], prefix: str = "") -> T:
+    """Builds dataclass `cls` from a mapping, rejecting unknown keys and wrong types by dotted key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    dotted = (prefix + ".") if prefix else ""
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{dotted}{k}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, f in names.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], dotted + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{dotted}{name}: missing required value")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError as e:
+            raise ConfigError(f"{dotted}{e}") from None
+    return obj
+
+
+def to_dict(obj: Any) -> Dict[str, Any]:
+    """The plain-YAML form of a config dataclass (what `load_config` reads back)."""
+    return dataclasses.asdict(obj)
+
+
+def load_yaml(path: str | Path) -> Dict[str, Any]:
+    """Reads a YAML mapping; a missing file or a syntax error is one line naming the file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is preprocessed into Parquet splits."""
+
+    format: str = "synth"  # synth | criteo_tsv | avazu_csv | parquet
+    paths: List[str] = field(default_factory=list)  # input files (raw formats) or Parquet files
+    dir: str = "data/demo"  # processed data directory (splits, vocabulary)
+    min_count: int = 1  # values seen fewer times share the out-of-vocabulary id
+    max_vocab: int = 0  # 0 = unlimited; else keep at most this many values per field
+    split: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/valid/test
+    strict: bool = False  # True: a malformed line is an error; False: skipped, counted, warned
+    max_rows: int = 0  # 0 = all rows
+    # synthetic generator (format: synth)
+    synth_rows: int = 200_000
+    synth_seed: int = 0
+    synth_num_dense: int = 13
+    synth_num_sparse: int = 26
+    synth_vocab_min: int = 100
+    synth_vocab_max: int = 200_000
+    synth_zipf: float = 1.1
+    synth_ranks: List[int] = field(default_factory=list)  # planted rank per field; empty = default
+    synth_tail_capacity: bool = False  # tail tokens carry fewer informative coordinates
+
+    def validate(self) -> None:
+        if self.format not in ("synth", "criteo_tsv", "avazu_csv", "parquet"):
+            raise ConfigError(f"format: must be synth, criteo_tsv, avazu_csv or parquet, got {self.format!r}")
+        if len(self.split) != 3 or any(s < 0 for s in self.split) or abs(sum(self.split) - 1) > 1e-6:
+            raise ConfigError(f"split: three non-negative fractions summing to 1, got {self.split}")
+        if self.min_count < 1:
+            raise ConfigError(f"min_count: must be >= 1, got {self.min_count}")
+
+
+@dataclass
+class ModelConfig:
+    """The recommendation model: embedding dims and the head that consumes mixed dims."""
+
+    head: str = "dlrm"  # dlrm (MixedDimDLRM) | dcn (MixedDimDCN)
+    embedding_dim: int = 16  # full (supernet) dim of every table unless overridden
+    table_dims: Dict[str, int] = field(default_factory=dict)  # per-table overrides
+    dense_arch: List[int] = field(default_factory=lambda: [64, 16])  # last = interaction dim
+    over_arch: List[int] = field(default_factory=lambda: [64, 32, 1])
+    dcn_layers: int = 2
+    dcn_rank: int = 16
+
+    def validate(self) -> None:
+        if self.head not in ("dlrm", "dcn"):
+            raise ConfigError(f"head: must be dlrm or dcn, got {self.head!r}")
+        for name, d in {"embedding_dim": self.embedding_dim, **{f"table_dims.{k}": v for k, v in self.table_dims.items()}}.items():
+            if d < 4 or d % 4:
+                raise ConfigError(f"{name}: embedding dims must be multiples of 4 and >= 4 (FBGEMM TBE), got {d}")
+        if not self.over_arch or self.over_arch[-1] != 1:
+            raise ConfigError(f"over_arch: last layer must be 1 (the logit), got {self.over_arch}")
+        if not self.dense_arch:
+            raise ConfigError("dense_arch: needs at least one layer")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, batching, evaluation and checkpointing."""
+
+    batch_size: int = 4096  # per rank
+    epochs: float = 1.0
+    embedding_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd (fused, in backward)
+    embedding_lr: float = 0.05
+    dense_optimizer: str = "adam"  # adam | sgd
+    dense_lr: float = 1e-3
+    eval_every: int = 0  # steps; 0 = at the end of each epoch only
+    eval_batches: int = 0  # 0 = the whole split
+    checkpoint_every: int = 500  # steps
+    seed: int = 0
+    plan_file: str = ""  # saved ShardingPlan JSON to load instead of planning
+    sharding: str = "planner"  # planner | table_wise | row_wise | column_wise (all tables)
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.embedding_optimizer not in ("rowwise_adagrad", "adagrad", "sgd"):
+            raise ConfigError(f"embedding_optimizer: rowwise_adagrad, adagrad or sgd, got {self.embedding_optimizer!r}")
+        if self.dense_optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"dense_optimizer: adam or sgd, got {self.dense_optimizer!r}")
+        if self.batch_size < 1 or self.epochs <= 0:
+            raise ConfigError("batch_size and epochs must be positive")
+        if self.sharding not in ("planner", "table_wise", "row_wise", "column_wise"):
+            raise ConfigError(f"sharding: planner, table_wise, row_wise or column_wise, got {self.sharding!r}")
+
+
+@dataclass
+class SearchConfig:
+    """The dimension search (HAM or PME) and its byte budget."""
+
+    method: str = "ham"  # ham | pme
+    budget: float = 0.25  # fraction of the full-dimension embedding bytes
+    epochs: float = 1.0
+    allow_drop: bool = True  # a table whose columns are all pruned may be dropped
+
+    def validate(self) -> None:
+        if self.method not in ("ham", "pme"):
+            raise ConfigError(f"method: ham or pme, got {self.method!r}")
+        if not 0 < self.budget <= 1:
+            raise ConfigError(f"budget: a fraction in (0, 1], got {self.budget}")
+
+
+@dataclass
+class PlanConfig:
+    """The topology the tables are sharded over, and planner constraints."""
+
+    world_size: int = 2
+    compute_device: str = "cpu"  # cpu | cuda
+    local_world_size: int = 0  # 0 = world_size (one host)
+    hbm_cap_gb: float = 80.0
+    ddr_cap_gb: float = 128.0
+    batch_size: int = 4096  # per rank, for the planner's I/O estimate
+
+    def validate(self) -> None:
+        if self.world_size < 1:
+            raise ConfigError(f"world_size: must be >= 1, got {self.world_size}")
+        if self.compute_device not in ("cpu", "cuda"):
+            raise ConfigError(f"compute_device: cpu or cuda, got {self.compute_device!r}")
+
+
+@dataclass
+class ExportConfig:
+    """Compact export for serving."""
+
+    dtype: str = "fp32"  # fp32 | fp16 | int8 | int4
+    row_alignment: int = 1  # 1 for CPU serving, 16 for TorchRec's GPU default
+
+    def validate(self) -> None:
+        if self.dtype not in ("fp32", "fp16", "int8", "int4"):
+            raise ConfigError(f"dtype: fp32, fp16, int8 or int4, got {self.dtype!r}")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: every stage's section plus the run directory."""
+
+    run_dir: str = "runs/demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def load_config(path: str | Path, overrides: Optional[Dict[str, Any]] = None) -> RunConfig:
+    """Loads a YAML run config; errors name the file and the dotted key at fault."""
+    data = load_yaml(path)
+    if overrides:
+        data = merge(data, overrides)
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    """Deep-merges `over` into a copy of `base` (used for `--set a.b=c` overrides)."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(items: List[str]) -> Dict[str, Any]:
+    """Turns `["train.epochs=2", "model.head=dcn"]` into a nested mapping (values parsed as YAML)."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
