@@ -1,0 +1,159 @@
+"""Model heads that accept a different embedding dim per table.
+
+TorchRec's `DLRM` asserts equal dims, so `MixedDimDLRM` projects every pooled field embedding to
+the common dim (the MD-embeddings DLRM of Ginart et al.) and then reuses TorchRec's `DenseArch`,
+`InteractionArch` and `OverArch`; `MixedDimDCN` runs TorchRec's `LowRankCrossNet` on the
+concatenation. Both read the sparse module's `KeyedTensor` by key (sharded EBCs may reorder keys),
+and a field without a table (dropped by the search) contributes zeros, so a compact model keeps
+the supernet's interaction layout. `slice_inputs` cuts the layers that read embedding columns down
+to the kept columns, which makes the compact model compute exactly what the hard-masked one did.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch
+from torchrec.modules.crossnet import LowRankCrossNet
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+
+def _field_embeddings(kt: KeyedTensor, features: List[str], dims: Mapping[str, int], batch: int,
+                      like: torch.Tensor) -> List[torch.Tensor]:
+    """Per-feature pooled embeddings in `features` order; zeros (width dims[f]) where a key is absent."""
+    emb = kt.to_dict()
+    return [emb[f] if f in emb else like.new_zeros(batch, dims[f]) for f in features]
+
+
+class MixedDimDLRM(nn.Module):
+    """DLRM over per-field embeddings of any width: Linear(d_f -> D) per field, then DLRM arches."""
+
+    def __init__(
+        self,
+        sparse_arch: nn.Module,
+        feature_dims: Dict[str, int],
+        dense_in_features: int,
+        dense_arch_layer_sizes: List[int],
+        over_arch_layer_sizes: List[int],
+    ) -> None:
+        super().__init__()
+        self.sparse_arch = sparse_arch
+        self.features: List[str] = list(feature_dims)
+        self.feature_dims: Dict[str, int] = dict(feature_dims)
+        d = dense_arch_layer_sizes[-1]
+        self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
+        # No bias: a zero (pruned or dropped) field embedding must project to zero.
+        self.projections = nn.ModuleDict(
+            {f: nn.Linear(max(dim, 1), d, bias=False) for f, dim in self.feature_dims.items()}
+        )
+        self.inter_arch = InteractionArch(num_sparse_features=len(self.features))
+        f = len(self.features)
+        self.over_arch = OverArch(d + f * (f + 1) // 2, over_arch_layer_sizes)
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """Logits of shape (B, 1)."""
+        dense = self.dense_arch(dense_features)
+        kt = self.sparse_arch(sparse_features)
+        embs = _field_embeddings(kt, self.features, self.feature_dims, dense.shape[0], dense)
+        projected = torch.stack(
+            [self.projections[f](e) if e.shape[1] else dense.new_zeros(dense.shape) for f, e in zip(self.features, embs)],
+            dim=1,
+        )
+        return self.over_arch(self.inter_arch(dense, projected))
+
+    @torch.no_grad()
+    def slice_inputs(self, kept: Mapping[str, torch.Tensor]) -> None:
+        """Keeps only columns `kept[f]` of each field's projection input (empty = field dropped)."""
+        for f, idx in kept.items():
+            old = self.projections[f]
+            new = nn.Linear(max(len(idx), 1), old.out_features, bias=False)
+            new.weight.zero_()
+            if len(idx):
+                new.weight.copy_(old.weight[:, idx])
+            self.projections[f] = new
+            self.feature_dims[f] = len(idx)
+
+
+class MixedDimDCN(nn.Module):
+    """DCN-v2 style head: LowRankCrossNet over [dense arch output, concatenated field embeddings]."""
+
+    def __init__(
+        self,
+        sparse_arch: nn.Module,
+        feature_dims: Dict[str, int],
+        dense_in_features: int,
+        dense_arch_layer_sizes: List[int],
+        over_arch_layer_sizes: List[int],
+        num_layers: int = 2,
+        low_rank: int = 16,
+    ) -> None:
+        super().__init__()
+        self.sparse_arch = sparse_arch
+        self.features: List[str] = list(feature_dims)
+        self.feature_dims: Dict[str, int] = dict(feature_dims)
+        self.dense_dim = dense_arch_layer_sizes[-1]
+        self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
+        width = self.dense_dim + sum(self.feature_dims.values())
+        self.crossnet = LowRankCrossNet(in_features=width, num_layers=num_layers, low_rank=low_rank)
+        self.over_arch = OverArch(width, over_arch_layer_sizes)
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """Logits of shape (B, 1)."""
+        dense = self.dense_arch(dense_features)
+        kt = self.sparse_arch(sparse_features)
+        embs = _field_embeddings(kt, self.features, self.feature_dims, dense.shape[0], dense)
+        return self.over_arch(self.crossnet(torch.cat([dense] + embs, dim=1)))
+
+    @torch.no_grad()
+    def slice_inputs(self, kept: Mapping[str, torch.Tensor]) -> None:
+        """Keeps only columns `kept[f]` of every layer that reads the concatenation.
+
+        A coordinate that is zero in x_0 stays zero through every cross layer
+        (x_{l+1} = x_0 * (W V x_l + b) + x_l), so removing it changes no output.
+        """
+        keep: List[torch.Tensor] = [torch.arange(self.dense_dim)]
+        offset = self.dense_dim
+        for f in self.features:
+            idx = torch.as_tensor(kept.get(f, torch.arange(self.feature_dims[f])), dtype=torch.long)
+            keep.append(idx + offset)
+            offset += self.feature_dims[f]
+            self.feature_dims[f] = int(idx.numel())
+        cols = torch.cat(keep)
+        for v, w, b in zip(self.crossnet.V_kernels, self.crossnet.W_kernels, self.crossnet.bias):
+            v.data = v.data[:, cols].contiguous()
+            w.data = w.data[cols].contiguous()
+            b.data = b.data[cols].contiguous()
+        first: nn.Linear = self.over_arch.model[0]._mlp[0]._linear
+        new = nn.Linear(int(cols.numel()), first.out_features, bias=True)
+        new.weight.copy_(first.weight[:, cols])
+        new.bias.copy_(first.bias)
+        self.over_arch.model[0]._mlp[0]._linear = new
+
+
+def build_head(
+    head: str,
+    sparse_arch: nn.Module,
+    feature_dims: Dict[str, int],
+    dense_in_features: int,
+    dense_arch_layer_sizes: List[int],
+    over_arch_layer_sizes: List[int],
+    dcn_layers: int = 2,
+    dcn_rank: int = 16,
+) -> nn.Module:
+    """The head named by `ModelConfig.head` ("dlrm" or "dcn") around `sparse_arch`."""
+    if head == "dlrm":
+        return MixedDimDLRM(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes, over_arch_layer_sizes)
+    if head == "dcn":
+        return MixedDimDCN(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes,
+                           over_arch_layer_sizes, dcn_layers, dcn_rank)
+    raise ValueError(f"unknown head {head!r} (dlrm or dcn)")
+
+
+def find_head(model: nn.Module) -> Optional[nn.Module]:
+    """The head inside a (possibly wrapped) model: the module that owns `slice_inputs`."""
+    for m in model.modules():
+        if isinstance(m, (MixedDimDLRM, MixedDimDCN)):
+            return m
+    return None

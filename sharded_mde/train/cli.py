@@ -1,0 +1,51 @@
+"""`sharded-mde train CONFIG`: the full-dimension model, on one process or under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from sharded_mde.config import load_config, parse_overrides
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """CONFIG plus repeated `--set key=value` overrides (shared by every stage command)."""
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=2")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def load_args_config(args: argparse.Namespace):
+    """The RunConfig named by the command line, with overrides applied."""
+    return load_config(args.config, parse_overrides(args.overrides))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sharded_mde.data import prepare
+    from sharded_mde.train.distributed import init_distributed, shutdown_distributed
+    from sharded_mde.train.run import train_stage
+
+    cfg = load_args_config(args)
+    env = init_distributed()
+    try:
+        if env.is_main:
+            prepare(cfg.data)
+        if env.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        _, metrics = train_stage(cfg, env, args.stage)
+        if env.is_main:
+            print(json.dumps({"stage": args.stage, "test": metrics["test"],
+                              "examples_per_s": round(metrics["examples_per_s"])}, indent=2))
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the full-dimension model (one process or torchrun)")
+    add_config_args(p)
+    p.add_argument("--stage", default="baseline", help="stage directory name inside run_dir")
+    p.set_defaults(func=_train)
