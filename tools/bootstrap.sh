@@ -14,11 +14,13 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c "
 fi
 echo "bootstrap: setting up $venv (first run takes a few minutes)" >&2
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+pip=(quiet "$venv/bin/python" -m pip install -q --disable-pip-version-check)
+# pip's notes about local index folders and torchrec's declared CUDA dependency are expected noise.
+quiet() { "$@" 2> >(grep -vE "is ignored: it is neither|dependency resolver does not currently|requires fbgemm-gpu, which is not installed" >&2); }
 TORCH_VERSION=2.13.0
 FBGEMM_VERSION=1.8.0
 TORCHREC_VERSION=1.8.0
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+if [ "${SHARDED_MDE_CUDA:-}" = 1 ] || { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
   "${pip[@]}" "torch==$TORCH_VERSION" "fbgemm-gpu==$FBGEMM_VERSION"
 else
   # CPU machines: the +cpu build of torch (no CUDA libraries) and the CPU build of FBGEMM.
