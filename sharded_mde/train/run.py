@@ -31,13 +31,14 @@ def sharding_plan(model: nn.Module, tables: List[EmbeddingBagConfig], cfg: RunCo
     """The plan to train with: a saved plan file, a manual plan kind, or TorchRec's planner on this cluster."""
     path = ebc_path(model)
     if cfg.train.plan_file:
-        return load_plan(cfg.train.plan_file, tables, module_path=path)
+        saved = load_plan(cfg.train.plan_file, tables, world_size=env.world_size)
+        # A saved plan has one embedding module; re-key it to where this model keeps its EBC.
+        return ShardingPlan({path: next(iter(saved.plan.values()))})
     if cfg.train.sharding != "planner":
-        return manual_plan(tables, cfg.train.sharding, env.world_size, module_path=path,
-                           device_type=env.device.type)
+        return manual_plan(tables, cfg.train.sharding, env.world_size, device_type=env.device.type, module_fqn=path)
     here = PlanConfig(world_size=env.world_size, compute_device=env.device.type,
                       local_world_size=env.world_size, batch_size=cfg.train.batch_size)
-    plan, _ = plan_sharding(tables, here, optimizer=cfg.train.embedding_optimizer, module_path=path)
+    plan, _ = plan_sharding(tables, here, optimizer=cfg.train.embedding_optimizer, module_fqn=path)
     return plan
 
 
