@@ -1,0 +1,205 @@
+"""PME token groups: one field's tokens split into tables of different sizes, pooled back to one output.
+
+A field (feature) whose tokens were given different sizes by the PME search holds one TorchRec
+table per (field, size) group. The vocabulary is renumbered group by group (largest size first),
+so a token id says by itself which group it belongs to: ids [0, rows_0) are group 0, the next
+rows_1 ids group 1, ...; ids past the last group are tokens of size 0 (pruned: they contribute
+zero). `TokenGroupEBC` routes each field's ids to its group features in the KJT, runs one plain
+`EmbeddingBagCollection` (sharded by TorchRec's stock sharders under DMP), and sums the groups'
+pooled outputs after a per-group projection (or zero padding) back to one output per field: KJT of
+fields in, KeyedTensor of fields out, like an EBC, so it feeds the same heads as HAM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from sharded_mde.plan.dims import DimsFile, group_name, table_bytes
+from sharded_mde.plan.tables import plan_tables
+
+COMBINE_MODES = ("project", "pad")
+
+
+@dataclass(frozen=True)
+class FieldGroups:
+    """One feature's token groups: (size, rows) by descending size (sizes > 0), its vocabulary and output dim."""
+
+    feature: str
+    num_embeddings: int
+    out_dim: int
+    groups: Tuple[Tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        sizes = [s for s, _ in self.groups]
+        if not sizes or any(s <= 0 for s in sizes) or sizes != sorted(set(sizes), reverse=True):
+            raise ValueError(f"feature {self.feature}: group sizes must be positive and strictly decreasing, got {sizes}")
+        if any(r <= 0 for _, r in self.groups) or sum(r for _, r in self.groups) > self.num_embeddings:
+            raise ValueError(f"feature {self.feature}: group rows {[r for _, r in self.groups]} must be positive and "
+                             f"sum to at most the vocabulary size {self.num_embeddings}")
+        if self.out_dim < sizes[0]:
+            raise ValueError(f"feature {self.feature}: out_dim {self.out_dim} is below its largest group size {sizes[0]}")
+
+    def keys(self) -> List[str]:
+        """The group features of this field, in group order: `<feature>_s<size>`."""
+        return [group_name(self.feature, s) for s, _ in self.groups]
+
+
+def fields_from_dims(dims: DimsFile) -> List[FieldGroups]:
+    """The token groups of every PME table of a dims file that kept any token (out dim = largest size)."""
+    out = []
+    for t in dims.tables:
+        groups = tuple((g.size, g.rows) for g in sorted(t.groups, key=lambda g: -g.size) if g.size and g.rows)
+        if not t.groups:
+            raise ValueError(f"dims file table {t.name}: has no token groups (not a PME result)")
+        if groups:
+            out.extend(FieldGroups(f, t.num_embeddings, groups[0][0], groups) for f in t.features)
+    return out
+
+
+def projection_bytes(field: FieldGroups, combine: str, weight_dtype: str = "fp32", optimizer: str = "adam") -> int:
+    """Bytes of a field's group projections (weights + dense optimizer state); 0 when padding."""
+    if combine == "pad":
+        return 0
+    return sum(table_bytes(field.out_dim, s, weight_dtype, optimizer).total for s, _ in field.groups if s < field.out_dim)
+
+
+class TokenGroupRouter(nn.Module):
+    """Rewrites a KJT of fields into a KJT of token-group features, ids made local to their group.
+
+    Fields without groups and ids of size-0 tokens are dropped; bag order and bag count are kept.
+    """
+
+    def __init__(self, fields: Sequence[FieldGroups]) -> None:
+        super().__init__()
+        self.out_keys: List[str] = [k for f in fields for k in f.keys()]
+        self._feature_index: Dict[str, int] = {f.feature: i for i, f in enumerate(fields)}
+        self._vocab: List[int] = [f.num_embeddings for f in fields]
+        starts, ends, group_of = [], [], []
+        base, g = 0, 0
+        for f in fields:  # one global id space: field bases, then group ranges inside each field
+            off = 0
+            for _, rows in f.groups:
+                starts.append(base + off)
+                ends.append(base + off + rows)
+                group_of.append(g)
+                off += rows
+                g += 1
+            if off < f.num_embeddings:  # size-0 tokens: a range routed nowhere
+                starts.append(base + off)
+                ends.append(base + f.num_embeddings)
+                group_of.append(-1)
+            base += f.num_embeddings
+        self._bases: List[int] = [sum(self._vocab[:i]) for i in range(len(fields))]
+        self.register_buffer("range_start", torch.tensor(starts, dtype=torch.long), persistent=False)
+        self.register_buffer("range_end", torch.tensor(ends, dtype=torch.long), persistent=False)
+        self.register_buffer("range_group", torch.tensor(group_of, dtype=torch.long), persistent=False)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        keys = features.keys()
+        batch = features.stride()
+        values, lengths = features.values(), features.lengths()
+        weights = features.weights_or_none()
+        dev = values.device
+        index = [self._feature_index.get(k, -1) for k in keys]
+        base = torch.tensor([self._bases[i] if i >= 0 else -1 for i in index], dtype=torch.long, device=dev)
+        vocab = torch.tensor([self._vocab[i] if i >= 0 else 0 for i in index], dtype=torch.long, device=dev)
+        bag = torch.repeat_interleave(torch.arange(len(keys) * batch, device=dev), lengths.long())
+        key_of = bag // batch
+        routed = base[key_of] >= 0
+        bad = routed & ((values < 0) | (values >= vocab[key_of]))
+        if bool(bad.any()):
+            k = keys[int(key_of[bad.nonzero()[0, 0]])]
+            raise ValueError(f"token groups: feature {k} has id {int(values[bad][0])} outside its vocabulary "
+                             f"[0, {self._vocab[self._feature_index[k]]})")
+        gid = values.long() + base[key_of]
+        rng = torch.bucketize(gid, self.range_end, right=True)
+        group = torch.where(routed, self.range_group[rng.clamp(max=len(self.range_end) - 1)], -1)
+        keep = group >= 0
+        order_key = group[keep] * batch + bag[keep] % batch
+        order = torch.argsort(order_key, stable=True)
+        new_values = (gid - self.range_start[rng.clamp(max=len(self.range_end) - 1)])[keep][order]
+        new_lengths = torch.bincount(order_key, minlength=len(self.out_keys) * batch).to(lengths.dtype)
+        return KeyedJaggedTensor(
+            keys=self.out_keys,
+            values=new_values.to(values.dtype),
+            lengths=new_lengths,
+            weights=weights[keep][order] if weights is not None else None,
+            stride=batch,
+        )
+
+
+class GroupCombiner(nn.Module):
+    """Sums each field's group outputs after a per-group projection (size < out_dim) or zero padding."""
+
+    def __init__(self, fields: Sequence[FieldGroups], combine: str = "project") -> None:
+        super().__init__()
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"token groups: combine must be one of {COMBINE_MODES}, got {combine!r}")
+        self.combine = combine
+        self.features: List[str] = [f.feature for f in fields]
+        self.out_dims: List[int] = [f.out_dim for f in fields]
+        self.plan: List[List[Tuple[str, int, int]]] = []  # per field: (group key, size, projection index or -1)
+        projections = []
+        for f in fields:
+            entries = []
+            for key, (size, _) in zip(f.keys(), f.groups):
+                p = -1
+                if combine == "project" and size < f.out_dim:
+                    p = len(projections)
+                    projections.append(nn.Linear(size, f.out_dim, bias=False))
+                entries.append((key, size, p))
+            self.plan.append(entries)
+        self.projections = nn.ModuleList(projections)
+
+    def forward(self, pooled: KeyedTensor) -> KeyedTensor:
+        groups = pooled.to_dict()
+        outs = []
+        for entries, out_dim in zip(self.plan, self.out_dims):
+            acc: Optional[torch.Tensor] = None
+            for key, size, p in entries:
+                x = groups[key]
+                if p >= 0:
+                    x = self.projections[p](x)
+                elif size < out_dim:
+                    x = F.pad(x, (0, out_dim - size))
+                acc = x if acc is None else acc + x
+            outs.append(acc)
+        return KeyedTensor.from_tensor_list(self.features, outs)
+
+
+class TokenGroupEBC(nn.Module):
+    """KJT of fields -> KeyedTensor of fields, each field's tokens held in size groups of one plain EBC."""
+
+    def __init__(self, fields: Sequence[FieldGroups], tables: List[EmbeddingBagConfig], combine: str = "project",
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        have = {f for t in tables for f in t.feature_names}
+        need = [k for f in fields for k in f.keys()]
+        if set(need) != have:
+            missing = sorted(set(need) ^ have)
+            raise ValueError(f"token groups: tables and groups disagree on features (first: {missing[0]})")
+        self.fields: List[FieldGroups] = list(fields)
+        self.router = TokenGroupRouter(fields)
+        self.ebc = EmbeddingBagCollection(tables=tables, device=device)
+        self.combiner = GroupCombiner(fields, combine)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self.combiner(self.ebc(self.router(features)))
+
+    def feature_dims(self, features: Sequence[str]) -> Dict[str, int]:
+        """Output width per feature for the head, in `features` order (0 = field without tokens)."""
+        dims = {f.feature: f.out_dim for f in self.fields}
+        return {f: dims.get(f, 0) for f in features}
+
+
+def build_token_group_ebc(dims: DimsFile, full_tables: List[EmbeddingBagConfig], combine: str = "project",
+                          device: Optional[torch.device] = None) -> TokenGroupEBC:
+    """The token-group module of a PME dims file: `plan_tables` group tables + router + combiner."""
+    return TokenGroupEBC(fields_from_dims(dims), plan_tables(dims, full_tables), combine, device)
