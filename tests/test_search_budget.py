@@ -1,0 +1,96 @@
+"""The byte budget: exact legal final selection (property tests) and the dual-ascent controller."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchrec import EmbeddingBagConfig
+
+from sharded_mde.modules.masked_ebc import ColumnGate
+from sharded_mde.plan.dims import load_dims, save_dims, table_bytes
+from sharded_mde.search.budget import BudgetController, budget_bytes, full_bytes, make_dims_file, select_dims
+
+
+def _tables(spec):
+    return [EmbeddingBagConfig(name=f"t_{i}", num_embeddings=r, embedding_dim=d, feature_names=[f"f{i}"])
+            for i, (r, d) in enumerate(spec)]
+
+
+table_specs = st.lists(st.tuples(st.integers(1, 5000), st.sampled_from([4, 8, 16, 32])), min_size=1, max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(spec=table_specs, fraction=st.floats(0.02, 1.0), allow_drop=st.booleans(), optimizer=st.sampled_from(
+    ["rowwise_adagrad", "adagrad", "sgd"]), seed=st.integers(0, 10_000))
+def test_selection_is_legal_fits_the_budget_and_is_within_one_step(spec, fraction, allow_drop, optimizer, seed) -> None:
+    tables = _tables(spec)
+    g = torch.Generator().manual_seed(seed)
+    values = {t.name: torch.randn(t.embedding_dim, generator=g) for t in tables}
+    budget = budget_bytes(tables, fraction, optimizer=optimizer)
+    try:
+        kept = select_dims(values, tables, fraction, allow_drop=allow_drop, optimizer=optimizer)
+    except ValueError as e:  # only when even the smallest legal model is over budget
+        assert not allow_drop and "allow_drop" in str(e)
+        assert sum(table_bytes(t.num_embeddings, 4, optimizer=optimizer).total for t in tables) > budget
+        return
+    dims = {t.name: len(kept[t.name]) for t in tables}
+    total = sum(table_bytes(t.num_embeddings, dims[t.name], optimizer=optimizer).total for t in tables)
+    assert total <= budget
+    for t in tables:
+        d = dims[t.name]
+        assert d % 4 == 0 and d <= t.embedding_dim and (d > 0 or allow_drop)
+        assert len(set(kept[t.name])) == d and all(0 <= c < t.embedding_dim for c in kept[t.name])
+        if d + 4 <= t.embedding_dim:  # no further legal step of any table fits
+            step = table_bytes(t.num_embeddings, d + 4, optimizer=optimizer).total - \
+                table_bytes(t.num_embeddings, d, optimizer=optimizer).total
+            assert budget - total < step
+    dims_file = make_dims_file("ham", tables, kept, fraction, optimizer=optimizer)
+    assert dims_file.kept_bytes == total and dims_file.budget_bytes == budget
+
+
+def test_selection_keeps_the_largest_mask_values() -> None:
+    tables = _tables([(100, 8), (100, 8)])
+    values = {"t_0": torch.tensor([0.9, -0.5, 0.8, 0.7, 0.6, -0.1, -0.2, 0.5]), "t_1": -torch.ones(8)}
+    # budget for exactly one 4-column table: the four largest values of t_0
+    fraction = table_bytes(100, 4).total / full_bytes(tables)
+    kept = select_dims(values, tables, fraction)
+    assert kept == {"t_0": [0, 2, 3, 4], "t_1": []}
+
+
+def test_selection_rounds_dims_and_prefers_value_per_byte() -> None:
+    tables = _tables([(1000, 16), (10, 16)])
+    values = {"t_0": torch.linspace(1, -1, 16), "t_1": torch.linspace(1, -1, 16)}  # 8 positive columns each
+    fraction = 0.31
+    kept = select_dims(values, tables, fraction)
+    assert len(kept["t_0"]) == 4  # 8 kept columns of the big table do not fit 31%; 4 do
+    assert len(kept["t_1"]) == 16  # the small table is cheap: filled to its full dim
+
+
+def test_dims_file_round_trip(tmp_path) -> None:
+    tables = _tables([(50, 8), (70, 16)])
+    d = make_dims_file("ham", tables, {"t_0": [1, 2, 5, 7]}, 0.5, extra={"mask_values": {"t_0": [0.1] * 8}})
+    save_dims(tmp_path / "dims.json", d)
+    back = load_dims(tmp_path / "dims.json", tables)
+    assert back.table("t_1").dim == 0 and back.table("t_0").kept_columns == [1, 2, 5, 7]
+    assert back.kept_bytes == table_bytes(50, 4).total and back.extra["mask_values"]["t_0"][0] == 0.1
+
+
+def test_controller_dual_ascent_and_state_round_trip() -> None:
+    tables = _tables([(100, 8), (300, 8)])
+    gate = ColumnGate(tables)
+    budget = budget_bytes(tables, 0.5)
+    ctl = BudgetController(gate, tables, budget, dual_lr=0.1)
+    assert ctl.kept_bytes() == full_bytes(tables)
+    ctl.on_step_end(None, 1)
+    excess = (full_bytes(tables) - budget) / budget
+    assert ctl.lam == pytest.approx(0.1 * excess) and float(gate.lam) == pytest.approx(ctl.lam)
+    gate.set_kept({"t_0": [0, 1, 2, 3]})  # far below the budget: lambda falls, never below 0
+    for s in range(2, 40):
+        ctl.on_step_end(None, s)
+    assert ctl.lam == 0.0 and ctl.steps[-1]["kept_bytes"] == table_bytes(100, 4).total
+    ctl.on_eval(None, 39, {"auc": 0.7, "logloss": 0.5})
+    other = BudgetController(ColumnGate(tables), tables, budget, dual_lr=0.1)
+    other.load_state_dict(ctl.state_dict())
+    assert other.state_dict() == ctl.state_dict() and other.trace()["evals"][0]["auc"] == 0.7
