@@ -222,16 +222,32 @@ class TrainConfig:
 class SearchConfig:
     """The dimension search (HAM or PME) and its byte budget."""
 
-    method: str = "ham"  # ham | pme
-    budget: float = 0.25  # fraction of the full-dimension embedding bytes
-    epochs: float = 1.0
+    method: str = "ham"  # ham | pme | uniform (the same-bytes baseline)
+    budget: float = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state)
+    epochs: float = 1.0  # supernet training length (replaces train.epochs during the search)
     allow_drop: bool = True  # a table whose columns are all pruned may be dropped
+    # HAM: hard auxiliary masks (docs/ham.md)
+    surrogate: str = "identity"  # straight-through gradient of the 0/1 mask: identity | clipped | sigmoid
+    mask_init: float = 0.05  # initial mask value a (every column starts kept: a > 0)
+    mask_lr: float = 0.005  # the mask's step per update (its Adam learning rate)
+    dual_lr: float = 0.05  # dual ascent step of lambda per update, per unit of relative budget excess
+    ortho_weight: float = 1e-3  # beta of the orthogonal regularity (0 = off)
+    ortho_rows: int = 1024  # batch rows the orthogonal regularity looks at (0 = the whole batch)
+    retrain_warm_start: bool = True  # retrain from the supernet's kept columns (else from scratch)
 
     def validate(self) -> None:
-        if self.method not in ("ham", "pme"):
-            raise ConfigError(f"method: ham or pme, got {self.method!r}")
+        if self.method not in ("ham", "pme", "uniform"):
+            raise ConfigError(f"method: ham, pme or uniform, got {self.method!r}")
         if not 0 < self.budget <= 1:
             raise ConfigError(f"budget: a fraction in (0, 1], got {self.budget}")
+        if self.surrogate not in ("identity", "clipped", "sigmoid"):
+            raise ConfigError(f"surrogate: identity, clipped or sigmoid, got {self.surrogate!r}")
+        if self.epochs <= 0 or self.mask_lr <= 0 or self.dual_lr < 0:
+            raise ConfigError("epochs and mask_lr must be positive and dual_lr >= 0")
+        if self.mask_init <= 0:
+            raise ConfigError(f"mask_init: must be > 0 (every column starts kept), got {self.mask_init}")
+        if self.ortho_weight < 0 or self.ortho_rows < 0:
+            raise ConfigError("ortho_weight and ortho_rows must be >= 0")
 
 
 @dataclass
