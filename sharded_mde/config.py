@@ -272,12 +272,19 @@ class PlanConfig:
 class ExportConfig:
     """Compact export for serving."""
 
-    dtype: str = "fp32"  # fp32 | fp16 | int8 | int4
-    row_alignment: int = 1  # 1 for CPU serving, 16 for TorchRec's GPU default
+    dtype: str = "fp32"  # stored table dtype: fp32 | fp16 | int8 | int4 (FBGEMM fused rows)
+    serve_dtype: str = ""  # dtype the serving model loads the tables as; "" = the stored dtype
+    row_alignment: int = 1  # quantised serving rows: 1 for CPU serving, 16 for TorchRec's GPU default
+    block_rows: int = 65536  # rows per block read, converted and written (bounds export memory)
+    serve_batch_size: int = 4096  # examples per request when scoring a split (serve-check, bench)
 
     def validate(self) -> None:
-        if self.dtype not in ("fp32", "fp16", "int8", "int4"):
-            raise ConfigError(f"dtype: fp32, fp16, int8 or int4, got {self.dtype!r}")
+        for key in ("dtype", "serve_dtype"):
+            value = getattr(self, key)
+            if value not in ("fp32", "fp16", "int8", "int4") and not (key == "serve_dtype" and value == ""):
+                raise ConfigError(f"{key}: fp32, fp16, int8 or int4, got {value!r}")
+        if self.row_alignment < 1 or self.block_rows < 1 or self.serve_batch_size < 1:
+            raise ConfigError("row_alignment, block_rows and serve_batch_size must be >= 1")
 
 
 @dataclass

@@ -1,0 +1,461 @@
+"""Compact export: from a (sharded) training checkpoint to compact table files, head weights and a manifest.
+
+The per-rank checkpoint files are read one at a time (memory-mapped). Every local shard is cut to
+the table's surviving columns in row blocks, multiplied by the HAM hard mask of those columns (the
+mask folded into the weights) and spooled to a scratch piece; then each table is assembled from
+its pieces block by block (row-wise shards are row ranges, column-wise shards column ranges) and
+written in the export dtype. No process ever holds a whole table. The head is rebuilt from the
+checkpoint's dense weights and cut with `slice_inputs` to the same columns, so the export computes
+what the hard-masked (or compact) model computed. Everything is written into a hidden temporary
+directory, the manifest last, which is then renamed onto the output: an export that did not finish
+never looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from tqdm import tqdm
+
+from sharded_mde.config import ExportConfig, ModelConfig
+from sharded_mde.data.vocab import vocab_path
+from sharded_mde.io import atomic_path, read_json
+from sharded_mde.modules.heads import build_head
+from sharded_mde.modules.masked_ebc import ColumnGate
+from sharded_mde.modules.model import feature_dims_of
+from sharded_mde.plan.dims import DimsFile
+from sharded_mde.plan.tables import plan_tables, source_tables
+from sharded_mde.train.checkpoint import COMPLETE, latest_checkpoint
+from sharded_mde.export.manifest import (
+    ExportedFeature, ExportedTable, HeadSpec, Manifest, file_entry, write_manifest, writer_versions)
+from sharded_mde.export.tablefile import check_dim, write_table
+
+_TABLE_KEY = re.compile(r"^(?P<arch>(?:.*\.)?sparse_arch\.)(?:.*\.)?embedding_bags\.(?P<table>[^.]+)\.weight$")
+_GATE = "gate."  # MaskedEmbeddingBagCollection's child that holds the HAM mask
+HEAD_WEIGHTS = "head.arrow"
+
+
+@dataclass
+class _Piece:
+    """Kept columns [k0, k0+m) of table rows [r0, r0+n), spooled as raw float32 rows."""
+
+    r0: int
+    n: int
+    k0: int
+    m: int
+    path: Path
+
+
+@dataclass
+class _TableJob:
+    """One checkpoint table: its config (checkpoint shape), the columns to keep, the folded gate, its pieces."""
+
+    config: EmbeddingBagConfig
+    source: str
+    full_dim: int
+    kept: torch.Tensor
+    gate: Optional[torch.Tensor]
+    pieces: List[_Piece] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- checkpoint reading
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A finished checkpoint directory: `path` itself, its newest `step_*`, or that of `path/checkpoints`."""
+    p = Path(path)
+    if (p / COMPLETE).is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise ValueError(f"{p}: no finished checkpoint (a step_* directory with {COMPLETE}) here or under checkpoints/")
+
+
+def _rank_files(ckpt: Path) -> Tuple[List[Path], Dict[str, Any]]:
+    """The rank<R>.pt files of a finished checkpoint (all must exist) and its COMPLETE marker."""
+    info = read_json(ckpt / COMPLETE, "checkpoint marker")
+    world = info.get("world_size") if isinstance(info, dict) else None
+    if not isinstance(world, int) or world < 1:
+        raise ValueError(f"{ckpt / COMPLETE}: missing a positive world_size")
+    files = [ckpt / f"rank{r}.pt" for r in range(world)]
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"{f}: checkpoint shard missing (the checkpoint was written by {world} ranks)")
+    return files, info
+
+
+def _load_state(path: Path) -> Dict[str, Any]:
+    """The model state of one rank file, memory-mapped so that shards are read only when sliced."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # a damaged file: torch raises several unrelated types
+        raise ValueError(f"{path}: checkpoint shard unreadable ({e.__class__.__name__}: {e})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        raise ValueError(f"{path}: not a training checkpoint (no 'model' state)")
+    return payload["model"]
+
+
+def _shards(value: Any, key: str, path: Path) -> List[Tuple[List[int], torch.Tensor]]:
+    """(offsets, tensor) of the shards of one table entry: a portable sharded tensor or a replicated tensor."""
+    if isinstance(value, torch.Tensor):
+        return [([0, 0], value)]
+    if isinstance(value, dict) and value.get("__sharded__"):
+        return [(list(o), t) for o, t in value["shards"]]
+    raise ValueError(f"{path}: entry {key} is neither a tensor nor a sharded tensor")
+
+
+def _global_size(value: Any) -> Tuple[int, int]:
+    size = value.shape if isinstance(value, torch.Tensor) else value["global_size"]
+    return int(size[0]), int(size[1])
+
+
+# --------------------------------------------------------------------------- what to keep
+
+
+def _known_configs(tables: Sequence[EmbeddingBagConfig], dims: Optional[DimsFile]) -> Dict[str, EmbeddingBagConfig]:
+    """Table configs by name: the full tables, plus the compact (and PME group) tables of the dims file."""
+    known = {t.name: t for t in tables}
+    if dims is not None:
+        known.update({t.name: t for t in plan_tables(dims, list(tables))})
+    return known
+
+
+def _kept_columns(name: str, rows: int, dim: int, dims: Optional[DimsFile]) -> torch.Tensor:
+    """Columns of the checkpoint table to keep: the dims file's kept columns for a supernet table, else all."""
+    if dims is None or name not in {t.name for t in dims.tables}:
+        return torch.arange(dim)
+    entry = dims.table(name)
+    if rows != entry.num_embeddings:
+        raise ValueError(f"table {name}: {rows} rows in the checkpoint but {entry.num_embeddings} in the dims file")
+    if dim == entry.full_dim:
+        return torch.tensor(entry.kept_columns if entry.dim else [], dtype=torch.long)
+    if dim == entry.dim:  # already compact (a retrained model)
+        return torch.arange(dim)
+    raise ValueError(f"table {name}: dim {dim} in the checkpoint is neither the dims file's full_dim "
+                     f"{entry.full_dim} nor its kept dim {entry.dim}")
+
+
+def hard_gates(sparse_state: Mapping[str, Any], tables: Sequence[EmbeddingBagConfig]) -> Optional[Dict[str, torch.Tensor]]:
+    """The HAM supernet's 0/1 column mask per table from the sparse arch's saved state (None: no mask saved)."""
+    gate_state = {k[len(_GATE):]: v for k, v in sparse_state.items() if k.startswith(_GATE)}
+    if not gate_state:
+        return None
+    gate = ColumnGate(tables)
+    try:
+        gate.load_state_dict(gate_state)
+    except RuntimeError as e:
+        raise ValueError(f"the checkpoint's column mask does not fit the config's tables "
+                         f"({str(e).splitlines()[-1].strip()})") from None
+    return {name: (a > 0).float() for name, a in gate.table_values().items()}
+
+
+def _sparse_arch_prefix(state: Mapping[str, Any]) -> str:
+    """The state key prefix of the sparse arch (`model.sparse_arch.`), from its first table."""
+    for key in state:
+        m = _TABLE_KEY.match(key)
+        if m:
+            return m.group("arch")
+    raise ValueError("the checkpoint holds no embedding tables (no '...sparse_arch...embedding_bags.<table>.weight')")
+
+
+def _plan_jobs(
+    state: Mapping[str, Any],
+    tables: Sequence[EmbeddingBagConfig],
+    dims: Optional[DimsFile],
+    gates: Optional[Mapping[str, torch.Tensor]],
+) -> Dict[str, _TableJob]:
+    """One job per table of the checkpoint (from rank 0's state): its shape, kept columns and folded gate."""
+    known = _known_configs(tables, dims)
+    sources = source_tables(list(known.values()), list(tables)) if dims is not None else {}
+    jobs: Dict[str, _TableJob] = {}
+    for key, value in state.items():
+        m = _TABLE_KEY.match(key)
+        if not m:
+            continue
+        name = m.group("table")
+        if name not in known:
+            raise ValueError(f"table {name} of the checkpoint is not a table of the config "
+                             f"(known: {', '.join(sorted(known)[:8])}{', ...' if len(known) > 8 else ''})")
+        rows, dim = _global_size(value)
+        kept = _kept_columns(name, rows, dim, dims)
+        gate = None
+        if gates is not None and name in gates:
+            g = torch.as_tensor(gates[name], dtype=torch.float32)
+            if g.shape != (dim,):
+                raise ValueError(f"table {name}: mask has {tuple(g.shape)} entries, the table has {dim} columns")
+            dropped = torch.ones(dim, dtype=torch.bool)
+            dropped[kept] = False
+            outside = torch.nonzero((g != 0) & dropped).flatten().tolist()
+            if outside:
+                warnings.warn(f"table {name}: the mask keeps columns {outside[:8]} that the dims file drops; "
+                              "the export computes the supernet with those columns masked too", stacklevel=3)
+            gate = g[kept]
+        cfg = dataclasses.replace(known[name], num_embeddings=rows, embedding_dim=dim)
+        jobs[name] = _TableJob(cfg, sources.get(name, name), dim, kept, gate)
+    return jobs
+
+
+# --------------------------------------------------------------------------- pass 1: pieces
+
+
+def _spool_shard(job: _TableJob, offsets: List[int], tensor: torch.Tensor, scratch: Path, block_rows: int) -> None:
+    """Writes this shard's kept columns (gate folded) to a scratch piece, block by block."""
+    r0, c0 = offsets
+    n, width = tensor.shape
+    inside = (job.kept >= c0) & (job.kept < c0 + width)
+    if not bool(inside.any()):
+        return
+    positions = torch.nonzero(inside).flatten()
+    k0, m = int(positions[0]), int(positions.numel())
+    local = job.kept[k0:k0 + m] - c0
+    gate = job.gate[k0:k0 + m] if job.gate is not None else None
+    path = scratch / f"{job.config.name}.r{r0}.k{k0}.f32"
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for r in range(0, n, block_rows):
+            block = tensor[r:r + block_rows].index_select(1, local).float()
+            if gate is not None:
+                block = block * gate
+            f.write(block.contiguous().numpy().tobytes())
+    job.pieces.append(_Piece(r0, n, k0, m, path))
+
+
+def _spool_checkpoint(files: List[Path], first_state: Mapping[str, Any], jobs: Dict[str, _TableJob],
+                      scratch: Path, block_rows: int, progress: bool) -> None:
+    """Pass 1: every rank file in turn, every local shard of every table cut to its kept columns."""
+    for rank, path in enumerate(tqdm(files, desc="export: read shards", unit="rank", disable=not progress)):
+        state = first_state if rank == 0 else _load_state(path)
+        for key, value in state.items():
+            m = _TABLE_KEY.match(key)
+            if not m:
+                continue
+            job = jobs.get(m.group("table"))
+            if job is None:
+                raise ValueError(f"{path}: table {m.group('table')} is not in rank 0's state")
+            if isinstance(value, torch.Tensor) and rank > 0:
+                continue  # a replicated (data-parallel) table: rank 0's copy is used
+            for offsets, tensor in _shards(value, key, path):
+                _spool_shard(job, offsets, tensor, scratch, block_rows)
+        del state
+
+
+# --------------------------------------------------------------------------- pass 2: assembly
+
+
+def _column_ranges(job: _TableJob) -> Dict[Tuple[int, int], List[_Piece]]:
+    """Pieces grouped by kept-column range; checks the ranges tile the kept columns and the rows."""
+    rows, k = job.config.num_embeddings, int(job.kept.numel())
+    ranges: Dict[Tuple[int, int], List[_Piece]] = {}
+    for p in job.pieces:
+        ranges.setdefault((p.k0, p.m), []).append(p)
+    end = 0
+    for (k0, m), pieces in sorted(ranges.items()):
+        if k0 != end:
+            raise ValueError(f"table {job.config.name}: kept columns [{end}, {k0}) are in no checkpoint shard")
+        end = k0 + m
+        at = 0
+        for p in sorted(pieces, key=lambda p: p.r0):
+            if p.r0 != at:
+                raise ValueError(f"table {job.config.name}: rows [{at}, {p.r0}) of kept columns [{k0}, {end}) "
+                                 "are in no checkpoint shard (or are in two)")
+            at = p.r0 + p.n
+        if at != rows:
+            raise ValueError(f"table {job.config.name}: rows [{at}, {rows}) are in no checkpoint shard")
+    if end != k:
+        raise ValueError(f"table {job.config.name}: kept columns [{end}, {k}) are in no checkpoint shard")
+    return ranges
+
+
+def _row_blocks(job: _TableJob, block_rows: int) -> Iterator[torch.Tensor]:
+    """The compact table (n, kept) in row blocks, stitched from its pieces."""
+    rows, k = job.config.num_embeddings, int(job.kept.numel())
+    ranges = _column_ranges(job)
+    maps = {id(p): np.memmap(p.path, dtype=np.float32, mode="r", shape=(p.n, p.m))
+            for pieces in ranges.values() for p in pieces if p.n}
+    for r in range(0, rows, block_rows):
+        stop = min(rows, r + block_rows)
+        block = torch.empty(stop - r, k)
+        for (k0, m), pieces in ranges.items():
+            for p in pieces:
+                lo, hi = max(r, p.r0), min(stop, p.r0 + p.n)
+                if lo < hi:
+                    block[lo - r:hi - r, k0:k0 + m] = torch.from_numpy(np.array(maps[id(p)][lo - p.r0:hi - p.r0]))
+        yield block
+
+
+# --------------------------------------------------------------------------- head
+
+
+def _compact_head(
+    model_cfg: ModelConfig,
+    tables: List[EmbeddingBagConfig],
+    features: Sequence[str],
+    dense_in_features: int,
+    state: Mapping[str, Any],
+    prefix: str,
+    kept: Mapping[str, torch.Tensor],
+) -> Dict[str, torch.Tensor]:
+    """The head's dense weights from the checkpoint, with its embedding inputs cut to the kept columns."""
+    sparse = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    head = build_head(model_cfg.head, sparse, feature_dims_of(tables, list(features)), dense_in_features,
+                      list(model_cfg.dense_arch), list(model_cfg.over_arch), model_cfg.dcn_layers, model_cfg.dcn_rank)
+    wanted = [k for k in head.state_dict() if not k.startswith("sparse_arch.")]
+    missing = [k for k in wanted if prefix + k not in state]
+    if missing:
+        raise ValueError(f"head weight {prefix}{missing[0]} is not in the checkpoint (is model.head "
+                         f"{model_cfg.head!r} the head it was trained with?)")
+    try:
+        head.load_state_dict({k: state[prefix + k] for k in wanted}, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"the checkpoint's head does not fit model config {model_cfg.head!r} "
+                         f"({str(e).splitlines()[-1].strip()})") from None
+    head.slice_inputs(dict(kept))
+    return {k: v.detach().clone() for k, v in head.state_dict().items() if not k.startswith("sparse_arch.")}
+
+
+def write_weights(path: Path, weights: Mapping[str, torch.Tensor]) -> None:
+    """Dense weights as an Arrow file: one row per tensor (name, shape, float32 values)."""
+    for name, t in weights.items():
+        if not t.is_floating_point():
+            raise ValueError(f"head weight {name}: dtype {t.dtype} is not a float")
+    table = pa.table({
+        "name": list(weights),
+        "shape": [list(t.shape) for t in weights.values()],
+        "values": pa.array([t.float().flatten().numpy() for t in weights.values()], type=pa.large_list(pa.float32())),
+    })
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+
+
+# --------------------------------------------------------------------------- the export
+
+
+@contextlib.contextmanager
+def _staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A hidden directory beside `out`, renamed onto it (replacing an old export if allowed) on success."""
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out}: already exists (remove it or pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_vocabulary(data_dir: Optional[Path], feature: str, root: Path) -> Optional[str]:
+    """Copies the data stage's vocabulary of `feature` into the export; None when there is none."""
+    src = vocab_path(data_dir, feature) if data_dir is not None else None
+    if src is None or not src.is_file():
+        return None
+    rel = f"vocab/{feature}.parquet"
+    with atomic_path(root / rel) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+    return rel
+
+
+def export_compact(
+    checkpoint: str | Path,
+    out: str | Path,
+    model_cfg: ModelConfig,
+    features: Sequence[str],
+    dense_in_features: int,
+    tables: Sequence[EmbeddingBagConfig],
+    dims: Optional[DimsFile] = None,
+    gates: Optional[Mapping[str, torch.Tensor]] = None,
+    export_cfg: ExportConfig = ExportConfig(),
+    data_dir: Optional[str | Path] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Writes the compact export of `checkpoint` to `out` and returns its manifest.
+
+    `tables` are the run's full tables (names, features, pooling); the checkpoint's own shapes are
+    used. With `dims`, supernet tables keep the dims file's columns (dims 0: dropped). The HAM mask
+    saved in the checkpoint (or `gates`, per table, one value per column) is folded into the weights.
+    The vocabularies of `data_dir` (the data stage's output) are copied in, so the export serves raw values.
+    """
+    ckpt = resolve_checkpoint(checkpoint)
+    files, info = _rank_files(ckpt)
+    out = Path(out)
+    state = _load_state(files[0])
+    arch = _sparse_arch_prefix(state)
+    sparse_state = {k[len(arch):]: v for k, v in state.items() if k.startswith(arch) and not _TABLE_KEY.match(k)}
+    other = [k for k in sparse_state if not k.startswith(_GATE)]
+    if other:
+        raise ValueError(f"sparse arch state {arch}{other[0]} cannot be exported yet (only plain and HAM-masked "
+                         "embedding bag collections are)")
+    saved_gates = hard_gates(sparse_state, tables)
+    if saved_gates is not None and gates is not None:
+        raise ValueError("the checkpoint holds a column mask; do not pass gates as well")
+    jobs = _plan_jobs(state, tables, dims, gates if gates is not None else saved_gates)
+    for job in jobs.values():
+        check_dim(int(job.kept.numel()), export_cfg.dtype, job.config.name)
+    kept_by_feature = {f: j.kept for j in jobs.values() for f in j.config.feature_names}
+    head_weights = _compact_head(model_cfg, [j.config for j in jobs.values()], features, dense_in_features,
+                                 state, arch[: -len("sparse_arch.")], kept_by_feature)
+
+    with _staging_dir(out, overwrite) as root:
+        scratch = root / ".pieces"
+        scratch.mkdir()
+        _spool_checkpoint(files, state, jobs, scratch, export_cfg.block_rows, progress)
+        del state
+        exported: List[ExportedTable] = []
+        for job in tqdm(list(jobs.values()), desc="export: write tables", unit="table", disable=not progress):
+            k = int(job.kept.numel())
+            if k == 0:
+                continue  # dropped by the search: the head already reads zeros for its features
+            rel = f"tables/{job.config.name}.arrow"
+            write_table(root / rel, k, export_cfg.dtype, _row_blocks(job, export_cfg.block_rows))
+            for p in job.pieces:
+                p.path.unlink()
+            exported.append(ExportedTable(
+                name=job.config.name, features=list(job.config.feature_names), rows=job.config.num_embeddings,
+                dim=k, dtype=export_cfg.dtype, file=rel, source_table=job.source, full_dim=job.full_dim,
+                kept_columns=[int(c) for c in job.kept], pooling=job.config.pooling.value))
+        shutil.rmtree(scratch)
+        write_weights(root / HEAD_WEIGHTS, head_weights)
+        compact_dims = feature_dims_of([t.config() for t in exported], list(features))
+        feats = [ExportedFeature(f, compact_dims[f], [t.name for t in exported if f in t.features],
+                                 _copy_vocabulary(Path(data_dir) if data_dir else None, f, root)) for f in features]
+        listed = [t.file for t in exported] + [HEAD_WEIGHTS] + [f.vocabulary for f in feats if f.vocabulary]
+        manifest = Manifest(
+            tables=exported,
+            features=feats,
+            head=HeadSpec(model_cfg.head, dense_in_features, list(model_cfg.dense_arch), list(model_cfg.over_arch),
+                          model_cfg.dcn_layers, model_cfg.dcn_rank, HEAD_WEIGHTS),
+            files={rel: file_entry(root, rel) for rel in listed},
+            source={"checkpoint": str(ckpt.resolve()), "step": info.get("step"),
+                    "world_size": len(files), "dims_method": dims.method if dims else None,
+                    "masked": saved_gates is not None or gates is not None,
+                    "dropped_tables": [j.config.name for j in jobs.values() if not j.kept.numel()]},
+            writer=writer_versions(),
+        )
+        write_manifest(root, manifest)
+    return manifest

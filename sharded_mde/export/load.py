@@ -1,0 +1,145 @@
+"""Rebuilding the serving model from an export directory alone.
+
+Tables load into a TorchRec `EmbeddingBagCollection` (fp32) or TorchRec's quantised EBC (fp16,
+int8, int4: FBGEMM inference TBEs with fp32 output, rows padded to `row_alignment`). Table files
+are streamed block by block into the module's storage, converting float rows to the serving dtype
+with FBGEMM's row-wise quantiser (the one `quantize_embeddings` uses); int8/int4 exports load as
+they are. Every file is checked against the manifest's sha256 first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import pyarrow as pa
+import torch
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
+from torch import nn
+from torchrec import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import DataType
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+
+from sharded_mde.export.manifest import ExportedTable, Manifest, read_manifest, verify_files
+from sharded_mde.export.serve import ServingModel
+from sharded_mde.export.tablefile import DTYPES, QUANT_BITS, SCALE_BIAS_BYTES, encode, read_blocks, to_float
+from sharded_mde.modules.heads import build_head
+from sharded_mde.modules.model import feature_dims_of
+
+_DATA_TYPE = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8, "int4": DataType.INT4}
+_SPARSE_TYPE = {"fp32": SparseType.FP32, "fp16": SparseType.FP16, "int8": SparseType.INT8, "int4": SparseType.INT4}
+
+
+def _converted_blocks(root: Path, t: ExportedTable, dtype: str) -> Iterator[Tuple[int, torch.Tensor]]:
+    """(first row, rows in `dtype`'s stored form) per block of table `t`."""
+    if t.dtype not in DTYPES:
+        raise ValueError(f"{root / t.file}: unknown dtype {t.dtype!r} in the manifest")
+    if t.dtype != dtype and t.dtype in QUANT_BITS:
+        raise ValueError(f"{root / t.file}: stored as {t.dtype}, which cannot be served as {dtype} "
+                         "(export fp32 or fp16 to choose the serving dtype at load)")
+    for r0, rows in read_blocks(root / t.file, t.rows, t.dim, t.dtype):
+        yield r0, rows if t.dtype == dtype else encode(to_float(rows, t.dim, t.dtype), dtype)
+
+
+@torch.no_grad()
+def _float_ebc(root: Path, manifest: Manifest, device: torch.device) -> EmbeddingBagCollection:
+    """A TorchRec EBC (fp32) filled from the table files."""
+    ebc = EmbeddingBagCollection(tables=[t.config() for t in manifest.tables], device=torch.device("meta"))
+    ebc = ebc.to_empty(device=device)
+    for t in manifest.tables:
+        weight = ebc.embedding_bags[t.name].weight
+        for r0, rows in _converted_blocks(root, t, "fp32"):
+            weight[r0:r0 + rows.shape[0]].copy_(rows.view(torch.float32))
+    return ebc
+
+
+@torch.no_grad()
+def _quant_ebc(root: Path, manifest: Manifest, dtype: str, row_alignment: int,
+               device: torch.device) -> QuantEmbeddingBagCollection:
+    """TorchRec's quantised EBC (FBGEMM inference TBEs) filled from the table files."""
+    by_name = {t.name: t for t in manifest.tables}
+    qebc = QuantEmbeddingBagCollection(
+        [t.config(_DATA_TYPE[dtype]) for t in manifest.tables], is_weighted=False, device=device,
+        output_dtype=torch.float, register_tbes=True, row_alignment=row_alignment)
+    for tbe in qebc.tbes:
+        for spec, (weight, scale_bias) in zip(tbe.embedding_specs, tbe.split_embedding_weights()):
+            data_bytes = weight.shape[1]
+            for r0, rows in _converted_blocks(root, by_name[spec[0]], dtype):
+                n = rows.shape[0]
+                weight[r0:r0 + n].copy_(rows[:, :data_bytes])
+                if scale_bias is not None:  # fused rows end with the fp16 scale and bias
+                    scale_bias[r0:r0 + n].copy_(rows[:, data_bytes:data_bytes + SCALE_BIAS_BYTES])
+    return qebc
+
+
+def load_tables(root: str | Path, manifest: Manifest, dtype: str = "fp32", row_alignment: int = 1,
+                device: torch.device = torch.device("cpu")) -> nn.Module:
+    """The export's tables as an EBC (fp32) or a quantised EBC (fp16, int8, int4)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"serving dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "fp32":
+        return _float_ebc(Path(root), manifest, device)
+    return _quant_ebc(Path(root), manifest, dtype, row_alignment, device)
+
+
+def read_weights(path: Path) -> Dict[str, torch.Tensor]:
+    """The dense weights Arrow file written by the export (name, shape, values per row)."""
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path}: not a readable weights file ({e})") from None
+    if table.column_names != ["name", "shape", "values"]:
+        raise ValueError(f"{path}: columns are {table.column_names}, expected name, shape, values")
+    out = {}
+    for name, shape, values in zip(*(table.column(c).to_pylist() for c in ("name", "shape", "values"))):
+        t = torch.tensor(values, dtype=torch.float32)
+        if t.numel() != torch.Size(shape).numel():
+            raise ValueError(f"{path}: weight {name} has {t.numel()} values for shape {shape}")
+        out[name] = t.view(shape)
+    return out
+
+
+def serving_bytes(manifest: Manifest, dtype: str, row_alignment: int = 1) -> int:
+    """Bytes the serving tables take: rows x FBGEMM's rounded row size (fp32 EBC: rows x dim x 4)."""
+    if dtype == "fp32":
+        return sum(t.rows * t.dim * 4 for t in manifest.tables)
+    return sum(t.rows * rounded_row_size_in_bytes(t.dim, _SPARSE_TYPE[dtype], row_alignment) for t in manifest.tables)
+
+
+def load_export(
+    root: str | Path,
+    dtype: Optional[str] = None,
+    row_alignment: int = 1,
+    device: torch.device = torch.device("cpu"),
+    verify: bool = True,
+) -> ServingModel:
+    """The serving model of an export: its tables as `dtype` (default: as stored) and its head.
+
+    With `verify`, every file's size and sha256 are checked against the manifest first.
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    if verify:
+        verify_files(root, manifest)
+    stored = {t.dtype for t in manifest.tables}
+    dtype = dtype or (stored.pop() if len(stored) == 1 else "fp32")
+    ebc = load_tables(root, manifest, dtype, row_alignment, device)
+    features: List[str] = [f.name for f in manifest.features]
+    h = manifest.head
+    head = build_head(h.kind, ebc, feature_dims_of([t.config() for t in manifest.tables], features),
+                      h.dense_in_features, list(h.dense_arch), list(h.over_arch), h.dcn_layers, h.dcn_rank)
+    weights = read_weights(root / h.weights_file)
+    expected = {k for k in head.state_dict() if not k.startswith("sparse_arch.")}
+    if set(weights) != expected:
+        extra = sorted(set(weights) ^ expected)
+        raise ValueError(f"{root / h.weights_file}: weight {extra[0]} does not match head {h.kind!r} "
+                         "built from the manifest")
+    try:
+        head.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{root / h.weights_file}: weights do not fit the head in the manifest "
+                         f"({str(e).splitlines()[-1].strip()})") from None
+    model = ServingModel(head.to(device))
+    model.eval()
+    return model

@@ -1,0 +1,171 @@
+"""The export manifest: what a compact export holds, checked before anything is loaded from it.
+
+`manifest.json` is written last into the export directory; it lists the tables (rows, dim, dtype,
+kept columns, the full table they came from), the features and which tables feed each (the group
+layout), the head that consumes them, every other file with its size and sha256, and the versions
+that wrote it. A reader refuses a newer `format_version`, a missing or changed file, and (when a
+table is read) a table whose shape disagrees, each with an error that names the file.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from torchrec import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DataType, PoolingType
+
+from sharded_mde.io import atomic_write_json, read_json, sha256_file
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ExportedTable:
+    """One compact table: its file, shape and dtype, and the columns of the full table it keeps."""
+
+    name: str
+    features: List[str]
+    rows: int
+    dim: int
+    dtype: str
+    file: str
+    source_table: str
+    full_dim: int
+    kept_columns: List[int]
+    pooling: str = "SUM"
+
+    def config(self, data_type: DataType = DataType.FP32) -> EmbeddingBagConfig:
+        """The TorchRec table config of this table, with weights of `data_type`."""
+        return EmbeddingBagConfig(name=self.name, num_embeddings=self.rows, embedding_dim=self.dim,
+                                  feature_names=list(self.features), pooling=PoolingType[self.pooling],
+                                  data_type=data_type)
+
+
+@dataclass
+class ExportedFeature:
+    """One sparse feature: its pooled width, the tables (token groups) that feed it, its vocabulary file."""
+
+    name: str
+    dim: int
+    tables: List[str]
+    vocabulary: Optional[str] = None
+
+
+@dataclass
+class HeadSpec:
+    """The dense model around the tables: `modules.heads.build_head` arguments plus its weights file."""
+
+    kind: str
+    dense_in_features: int
+    dense_arch: List[int]
+    over_arch: List[int]
+    dcn_layers: int
+    dcn_rank: int
+    weights_file: str
+
+
+@dataclass
+class Manifest:
+    """Everything a reader needs to rebuild the serving model from the export directory alone."""
+
+    tables: List[ExportedTable]
+    features: List[ExportedFeature]
+    head: HeadSpec
+    files: Dict[str, Dict[str, Any]]  # relative path -> {"bytes", "sha256"}
+    source: Dict[str, Any]
+    writer: Dict[str, str]
+    format_version: int = FORMAT_VERSION
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def table_bytes(self) -> int:
+        """Bytes of the table files on disk."""
+        return sum(self.files[t.file]["bytes"] for t in self.tables)
+
+
+def writer_versions() -> Dict[str, str]:
+    """Versions of the packages that shape the export (sharded_mde, torch, torchrec, fbgemm_gpu, pyarrow)."""
+    import fbgemm_gpu
+    import pyarrow
+    import torch
+    import torchrec
+
+    import sharded_mde
+
+    out = {"sharded_mde": sharded_mde.__version__, "torch": torch.__version__, "pyarrow": pyarrow.__version__}
+    for name, module in (("torchrec", torchrec), ("fbgemm_gpu", fbgemm_gpu)):
+        version = getattr(module, "__version__", None)
+        if version is None:
+            try:
+                version = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                version = "unknown"
+        out[name] = str(version)
+    return out
+
+
+def file_entry(root: Path, rel: str) -> Dict[str, Any]:
+    """Size and sha256 of `root/rel`, as recorded in the manifest."""
+    p = root / rel
+    return {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    """Writes `root/manifest.json` atomically (the last file of an export)."""
+    data = asdict(manifest)
+    atomic_write_json(root / MANIFEST, {"format_version": data.pop("format_version"), **data})
+
+
+def _build(cls: Any, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object")
+    try:
+        return cls(**raw)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Parses `root/manifest.json`; a missing manifest, a newer format or a malformed entry is a ValueError."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{path}: export manifest not found (not an export, or an export that did not finish)")
+    raw = read_json(path, "export manifest")
+    if not isinstance(raw, dict) or not isinstance(raw.get("format_version"), int):
+        raise ValueError(f"{path}: missing integer format_version")
+    version = raw["format_version"]
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: written with export format_version {version}, newer than this reader's "
+                         f"{FORMAT_VERSION} (by sharded_mde {raw.get('writer', {}).get('sharded_mde', '?')}); "
+                         "upgrade sharded_mde to read it")
+    try:
+        tables = [_build(ExportedTable, t, f"{path}: tables[{i}]") for i, t in enumerate(raw["tables"])]
+        features = [_build(ExportedFeature, f, f"{path}: features[{i}]") for i, f in enumerate(raw["features"])]
+        head = _build(HeadSpec, raw["head"], f"{path}: head")
+        rest = {k: raw[k] for k in ("files", "source", "writer")}
+    except KeyError as e:
+        raise ValueError(f"{path}: missing key {e.args[0]!r}") from None
+    unknown = sorted(set(raw) - {"format_version", "tables", "features", "head", "files", "source", "writer", "extra"})
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r}")
+    for t in tables:
+        if t.file not in rest["files"]:
+            raise ValueError(f"{path}: table {t.name}: file {t.file} has no checksum entry")
+    if head.weights_file not in rest["files"]:
+        raise ValueError(f"{path}: head weights file {head.weights_file} has no checksum entry")
+    return Manifest(tables=tables, features=features, head=head, format_version=version,
+                    extra=raw.get("extra", {}), **rest)
+
+
+def verify_files(root: Path, manifest: Manifest) -> None:
+    """Checks every listed file exists with its recorded size and sha256; raises ValueError naming the file."""
+    for rel, entry in manifest.files.items():
+        p = Path(root) / rel
+        if not p.is_file():
+            raise ValueError(f"{p}: listed in the export manifest but missing")
+        if p.stat().st_size != entry["bytes"] or sha256_file(p) != entry["sha256"]:
+            raise ValueError(f"{p}: checksum mismatch (changed since export: expected {entry['bytes']} bytes, "
+                             f"sha256 {entry['sha256'][:12]}...)")
