@@ -219,6 +219,26 @@ class TrainConfig:
 
 
 @dataclass
+class PmeConfig:
+    """PME: token-wise sizes from saliency at initialisation (docs/pme.md)."""
+
+    score_fraction: float = 0.03  # scoring batches, as a fraction of one training epoch's batches
+    sizes: List[int] = field(default_factory=list)  # legal token sizes (multiples of 4; 0 = token pruned); [] = 0, 4, 8, 16, ... and each table's dim
+    combine: str = "project"  # group outputs to the field width: project (a Linear per group) | pad (zeros)
+    init_scale: float = 0.05  # tables start uniform(-s, s) when scored, so that fields' saliencies compare
+
+    def validate(self) -> None:
+        if not 0 < self.score_fraction <= 1:
+            raise ConfigError(f"score_fraction: a fraction in (0, 1], got {self.score_fraction}")
+        if any(s < 0 or s % 4 for s in self.sizes) or len(set(self.sizes)) != len(self.sizes):
+            raise ConfigError(f"sizes: distinct multiples of 4 (0 = pruned token), got {self.sizes}")
+        if self.combine not in ("project", "pad"):
+            raise ConfigError(f"combine: project or pad, got {self.combine!r}")
+        if self.init_scale <= 0:
+            raise ConfigError(f"init_scale: must be > 0, got {self.init_scale}")
+
+
+@dataclass
 class SearchConfig:
     """The dimension search (HAM or PME) and its byte budget."""
 
@@ -234,6 +254,7 @@ class SearchConfig:
     ortho_weight: float = 1e-3  # beta of the orthogonal regularity (0 = off)
     ortho_rows: int = 1024  # batch rows the orthogonal regularity looks at (0 = the whole batch)
     retrain_warm_start: bool = True  # retrain from the supernet's kept columns (else from scratch)
+    pme: PmeConfig = field(default_factory=PmeConfig)  # PME settings (method: pme)
 
     def validate(self) -> None:
         if self.method not in ("ham", "pme", "uniform"):

@@ -1,0 +1,201 @@
+"""PME saliency at initialisation: s_ij = sum over batches of |E_ij * dL/dE_ij|, scored shard by shard.
+
+Fused TBE kernels apply the optimizer inside backward and never expose a table's gradient, so the
+entry gradients are derived from the gradient of the pooled output: with sum pooling,
+dL/dE[i, :] = sum of dL/dpooled over the bags that contain token i. Each rank computes that for
+its own batch (only the head is back-propagated; the tables are never touched), sends each
+token's gradient piece to the rank that holds the token's shard (all_to_all over the shard layout
+of the ShardedTensors, so any sharding works), and the owner adds |E * g| of the global batch
+(mean of the ranks' losses, as DMP trains) into an accumulator the size of its shard.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec import EmbeddingBagConfig
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from tqdm import tqdm
+
+from sharded_mde.train.sharding import unwrap
+
+
+class PooledCapture(nn.Module):
+    """Wraps the sparse module and keeps its last pooled output, so scoring can take dL/dpooled."""
+
+    def __init__(self, ebc: nn.Module) -> None:
+        super().__init__()
+        self.ebc = ebc
+        self.last: Optional[KeyedTensor] = None
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        kt = self.ebc(features)
+        self.last = KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=kt.values())
+        return self.last
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard of a table: its rows [row0, row0 + rows), columns [col0, col0 + cols) and owner rank."""
+
+    table: str
+    row0: int
+    col0: int
+    rows: int
+    cols: int
+    rank: int
+
+
+@dataclass
+class TokenScores:
+    """This rank's saliency accumulators, one per shard it owns, plus every table's global layout."""
+
+    tables: List[EmbeddingBagConfig]
+    layout: List[ShardInfo]  # every shard of every table, the same order on every rank
+    local: Dict[int, torch.Tensor]  # index into layout -> accumulator (rows x cols) of a shard this rank owns
+    batches: int
+    seconds: float
+
+
+def shard_layout(state: Dict[str, object], tables: Sequence[EmbeddingBagConfig], prefix: str) -> List[ShardInfo]:
+    """Every table's shards from the DMP state dict (a replicated, data-parallel table counts as rank 0's)."""
+    out = []
+    for t in tables:
+        w = state[f"{prefix}embedding_bags.{t.name}.weight"]
+        if isinstance(w, ShardedTensor):
+            for m in sorted(w.metadata().shards_metadata, key=lambda m: (m.shard_offsets, m.placement.rank())):
+                out.append(ShardInfo(t.name, m.shard_offsets[0], m.shard_offsets[1], m.shard_sizes[0], m.shard_sizes[1],
+                                     m.placement.rank()))
+        else:
+            out.append(ShardInfo(t.name, 0, 0, t.num_embeddings, t.embedding_dim, 0))
+    return out
+
+
+def local_weights(state: Dict[str, object], layout: List[ShardInfo], prefix: str, rank: int) -> Dict[int, torch.Tensor]:
+    """This rank's weight tensor of each shard it owns, keyed by the shard's index in `layout`."""
+    out = {}
+    for i, s in enumerate(layout):
+        if s.rank != rank:
+            continue
+        w = state[f"{prefix}embedding_bags.{s.table}.weight"]
+        if isinstance(w, ShardedTensor):
+            found = [ls.tensor for ls in w.local_shards() if list(ls.metadata.shard_offsets) == [s.row0, s.col0]]
+            if len(found) != 1:
+                raise RuntimeError(f"table {s.table}: no local shard at offsets {[s.row0, s.col0]} on rank {rank}")
+            out[i] = found[0]
+        else:
+            out[i] = w
+    return out
+
+
+def _token_gradients(kjt: KeyedJaggedTensor, grads: Dict[str, torch.Tensor],
+                     tables: Sequence[EmbeddingBagConfig]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Per table: (unique token ids, dL/dE of each) from the pooled-output gradient of this rank's batch."""
+    jts = kjt.to_dict()
+    out = {}
+    for t in tables:
+        ids, rows = [], []
+        for f in t.feature_names:
+            if f not in jts or f not in grads:
+                continue
+            jt = jts[f]
+            bag = torch.repeat_interleave(torch.arange(jt.lengths().numel(), device=jt.values().device), jt.lengths().long())
+            g = grads[f][bag]
+            w = jt.weights_or_none()
+            rows.append(g * w.unsqueeze(1) if w is not None else g)
+            ids.append(jt.values().long())
+        if not ids:
+            continue
+        u, inv = torch.unique(torch.cat(ids), return_inverse=True)
+        out[t.name] = (u, torch.zeros(len(u), t.embedding_dim, device=u.device).index_add_(0, inv, torch.cat(rows)))
+    return out
+
+
+def _exchange(pieces: List[Tuple[torch.Tensor, torch.Tensor]], layout: List[ShardInfo], rank: int,
+              world: int) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """Sends piece s (local row ids, gradient columns) to shard s's owner; returns what this rank owns."""
+    dev = pieces[0][0].device
+    counts = torch.tensor([len(p[0]) for p in pieces], dtype=torch.long, device=dev)
+    if world == 1:
+        return {i: p for i, p in enumerate(pieces)}
+    every = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(every, counts)
+    owner = [s.rank for s in layout]
+    mine = [i for i, s in enumerate(layout) if s.rank == rank]
+    send_ids = [torch.cat([pieces[i][0] for i in range(len(layout)) if owner[i] == d] or [counts[:0]]) for d in range(world)]
+    send_g = [torch.cat([pieces[i][1].reshape(-1) for i in range(len(layout)) if owner[i] == d]
+                        or [torch.zeros(0, device=dev)]) for d in range(world)]
+    recv_n = [sum(int(every[r][i]) for i in mine) for r in range(world)]
+    recv_e = [sum(int(every[r][i]) * layout[i].cols for i in mine) for r in range(world)]
+    ids = torch.empty(sum(recv_n), dtype=torch.long, device=dev)
+    g = torch.empty(sum(recv_e), device=dev)
+    dist.all_to_all_single(ids, torch.cat(send_ids), recv_n, [len(x) for x in send_ids])
+    dist.all_to_all_single(g, torch.cat(send_g), recv_e, [len(x) for x in send_g])
+    parts: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in mine}
+    pos_n = pos_e = 0
+    for r in range(world):
+        for i in mine:
+            n = int(every[r][i])
+            parts[i].append((ids[pos_n:pos_n + n], g[pos_e:pos_e + n * layout[i].cols].view(n, layout[i].cols)))
+            pos_n += n
+            pos_e += n * layout[i].cols
+    return {i: (torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for i, ps in parts.items()}
+
+
+def score_tokens(
+    dmp: nn.Module,
+    tables: List[EmbeddingBagConfig],
+    batches: Iterable[Batch],
+    num_batches: int,
+    device: torch.device,
+    progress: bool = True,
+) -> TokenScores:
+    """Accumulates |E * dL/dE| over `batches` for the EBC inside `dmp` (wrapped in a PooledCapture)."""
+    captures = [m for m in dmp.modules() if isinstance(m, PooledCapture)]
+    if len(captures) != 1:
+        raise ValueError("PME scoring needs the model's sparse arch wrapped in exactly one PooledCapture")
+    capture = captures[0]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    state = dmp.state_dict()
+    prefix = next(k for k in state if k.endswith(f"embedding_bags.{tables[0].name}.weight"))
+    prefix = prefix[: -len(f"embedding_bags.{tables[0].name}.weight")]
+    layout = shard_layout(state, tables, prefix)
+    weights = local_weights(state, layout, prefix, rank)
+    acc = {i: torch.zeros(w.shape, device=w.device) for i, w in weights.items()}
+    t0 = time.perf_counter()
+    done = 0
+    bar = tqdm(total=num_batches, desc="pme score", unit="batch", disable=not (progress and rank == 0), dynamic_ncols=True)
+    model = unwrap(dmp)  # DDP would wait for parameter gradients that scoring never computes
+    for batch in batches:
+        batch = batch.to(device)
+        loss, _ = model(batch)
+        pooled = capture.last
+        (g,) = torch.autograd.grad(loss, pooled.values())
+        grads = dict(zip(pooled.keys(), torch.split(g, pooled.length_per_key(), dim=1)))
+        per_table = _token_gradients(batch.sparse_features, grads, tables)
+        pieces = []
+        for s in layout:
+            u, gu = per_table.get(s.table, (torch.zeros(0, dtype=torch.long, device=device),
+                                            torch.zeros(0, s.cols + s.col0, device=device)))
+            sel = (u >= s.row0) & (u < s.row0 + s.rows)
+            pieces.append((u[sel] - s.row0, gu[sel, s.col0:s.col0 + s.cols].contiguous()))
+        for i, (ids, gi) in _exchange(pieces, layout, rank, world).items():
+            if not len(ids):
+                continue
+            uu, inv = torch.unique(ids, return_inverse=True)
+            total = torch.zeros(len(uu), gi.shape[1], device=gi.device).index_add_(0, inv, gi) / world
+            acc[i].index_add_(0, uu, (weights[i][uu].detach().to(total.dtype) * total).abs())
+        capture.last = None
+        done += 1
+        bar.update(1)
+        if done >= num_batches:
+            break
+    bar.close()
+    return TokenScores(tables, layout, acc, done, time.perf_counter() - t0)
