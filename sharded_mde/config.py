@@ -278,15 +278,38 @@ class PlanConfig:
     world_size: int = 2
     compute_device: str = "cpu"  # cpu | cuda
     local_world_size: int = 0  # 0 = world_size (one host)
-    hbm_cap_gb: float = 80.0
-    ddr_cap_gb: float = 128.0
+    hbm_cap_gb: float = 80.0  # GiB per rank (the planner's GB)
+    ddr_cap_gb: float = 128.0  # GiB per rank
     batch_size: int = 4096  # per rank, for the planner's I/O estimate
+    tables_preset: str = ""  # YAML list of full tables (configs/tables/); "" = data meta.json + model dims
+    optimizer: str = "rowwise_adagrad"  # table optimizer whose state is counted: rowwise_adagrad | adagrad | adam | sgd
+    storage_reserve: float = 0.15  # fraction of each rank's HBM kept free for dense parts and buffers
+    allow_data_parallel: bool = False  # DP tables are replicated and trained by the dense optimizer
+    # per-table planner constraints, keyed by table name or "*" (all tables): sharding_types,
+    # compute_kernels, min_partition (multiple of 4), pooling_factor
+    constraints: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.world_size < 1:
             raise ConfigError(f"world_size: must be >= 1, got {self.world_size}")
         if self.compute_device not in ("cpu", "cuda"):
             raise ConfigError(f"compute_device: cpu or cuda, got {self.compute_device!r}")
+        if self.local_world_size < 0 or (self.local_world_size and self.world_size % self.local_world_size):
+            raise ConfigError(f"local_world_size: must divide world_size {self.world_size}, got {self.local_world_size}")
+        if self.optimizer not in ("rowwise_adagrad", "adagrad", "adam", "sgd"):
+            raise ConfigError(f"optimizer: rowwise_adagrad, adagrad, adam or sgd, got {self.optimizer!r}")
+        if not 0 <= self.storage_reserve < 1:
+            raise ConfigError(f"storage_reserve: a fraction in [0, 1), got {self.storage_reserve}")
+        if self.hbm_cap_gb < 0 or self.ddr_cap_gb < 0 or self.batch_size < 1:
+            raise ConfigError("hbm_cap_gb and ddr_cap_gb must be >= 0 and batch_size >= 1")
+        allowed = {"sharding_types", "compute_kernels", "min_partition", "pooling_factor"}
+        for table, c in self.constraints.items():
+            unknown = sorted(set(c) - allowed)
+            if unknown:
+                raise ConfigError(f"constraints.{table}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+            mp = c.get("min_partition")
+            if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < 4 or mp % 4):
+                raise ConfigError(f"constraints.{table}.min_partition: a multiple of 4 (FBGEMM column shards), got {mp!r}")
 
 
 @dataclass

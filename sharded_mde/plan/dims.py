@@ -1,0 +1,294 @@
+"""Legal dims, the byte model, and the dims file that every search writes and the planner reads.
+
+The dims file (JSON, `format_version` 1) says, per table, how many columns the search kept (and,
+for PME, how many rows each token group of a size holds). It is validated on load so that a bad
+file fails with one line naming the file and the table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
+
+from sharded_mde.io import atomic_write_json, read_json
+
+FORMAT_VERSION = 1
+DIM_MULTIPLE = 4  # FBGEMM training TBE: every table and every column-wise shard, dim % 4 == 0
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2}
+# optimizer state: (bytes per row, bytes per element) on top of the weights
+OPTIMIZER_BYTES = {"rowwise_adagrad": (4, 0), "adagrad": (0, 4), "adam": (0, 8), "sgd": (0, 0)}
+
+
+def legal_dim(d: int, multiple: int = DIM_MULTIPLE) -> bool:
+    """True if `d` is a dim FBGEMM's training TBE accepts: positive and a multiple of `multiple`."""
+    return isinstance(d, int) and not isinstance(d, bool) and d > 0 and d % multiple == 0
+
+
+def round_to_legal(d: float, multiple: int = DIM_MULTIPLE, mode: str = "up", max_dim: Optional[int] = None) -> int:
+    """Rounds a (real) dim to a legal one, at least `multiple` and at most `max_dim`; d <= 0 gives 0 (dropped)."""
+    if d <= 0:
+        return 0
+    if mode not in ("up", "down", "nearest"):
+        raise ValueError(f"round_to_legal: mode must be up, down or nearest, got {mode!r}")
+    q = d / multiple
+    k = math.ceil(q) if mode == "up" else math.floor(q) if mode == "down" else math.floor(q + 0.5)
+    out = max(multiple, k * multiple)
+    if max_dim is not None:
+        out = min(out, max_dim - max_dim % multiple)
+    return out
+
+
+class TableBytes(NamedTuple):
+    """Raw bytes a table (or shard) holds: weights and optimizer state."""
+
+    weight: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        """Weights plus optimizer state."""
+        return self.weight + self.optimizer
+
+
+def table_bytes(rows: int, dim: int, weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad") -> TableBytes:
+    """Raw bytes of a rows x dim table: fp32 4 B / fp16 2 B per element plus optimizer state (0 when dim is 0)."""
+    if weight_dtype not in WEIGHT_BYTES:
+        raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_BYTES)}, got {weight_dtype!r}")
+    if optimizer not in OPTIMIZER_BYTES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_BYTES)}, got {optimizer!r}")
+    if dim <= 0:
+        return TableBytes(0, 0)
+    per_row, per_elem = OPTIMIZER_BYTES[optimizer]
+    return TableBytes(rows * dim * WEIGHT_BYTES[weight_dtype], rows * (per_row + dim * per_elem))
+
+
+def column_cost(rows: int, weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad") -> int:
+    """Bytes one more column adds to a table that already has columns (what a budget controller prices)."""
+    return table_bytes(rows, 2, weight_dtype, optimizer).total - table_bytes(rows, 1, weight_dtype, optimizer).total
+
+
+# --------------------------------------------------------------------------- the dims file
+
+
+def table_name(feature: str) -> str:
+    """The project's table name for a feature: `t_<feature>`."""
+    return f"t_{feature}"
+
+
+def group_name(name: str, size: int) -> str:
+    """Name of a PME token group of `size` columns: `<table or feature>_s<size>`."""
+    return f"{name}_s{size}"
+
+
+@dataclass
+class TokenGroup:
+    """PME: `rows` tokens of one table that all get `size` columns (a table of its own)."""
+
+    size: int
+    rows: int
+    bytes: int
+
+
+@dataclass
+class TableDims:
+    """One table's search result: its kept dim and columns (HAM) or token groups (PME)."""
+
+    name: str
+    features: List[str]
+    num_embeddings: int
+    full_dim: int
+    dim: int
+    kept_columns: List[int]
+    bytes: int
+    groups: List[TokenGroup] = field(default_factory=list)
+
+
+@dataclass
+class DimsFile:
+    """A whole dims file: per-table results plus the budget and byte model they were computed with."""
+
+    method: str
+    budget_fraction: float
+    budget_bytes: int
+    full_bytes: int
+    kept_bytes: int
+    tables: List[TableDims]
+    weight_dtype: str = "fp32"
+    optimizer: str = "rowwise_adagrad"
+    extra: Dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def table(self, name: str) -> TableDims:
+        """The entry of table `name` (KeyError naming it if absent)."""
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(f"table {name!r} is not in the dims file")
+
+
+def save_dims(path: Union[str, Path], dims: DimsFile) -> None:
+    """Validates `dims` and writes it as JSON atomically."""
+    validate_dims(dims, str(path))
+    out = asdict(dims)
+    out = {"format_version": out.pop("format_version"), **out}
+    atomic_write_json(path, out)
+
+
+def load_dims(path: Union[str, Path], full_tables: Optional[Sequence[Any]] = None) -> DimsFile:
+    """Reads and validates a dims file; with `full_tables` (EmbeddingBagConfigs) also checks it matches them."""
+    where = str(path)
+    raw = read_json(path, "dims file")
+    dims = _from_json(raw, where)
+    if full_tables is not None:
+        check_against_tables(dims, full_tables, where)
+    validate_dims(dims, where)
+    return dims
+
+
+def _need(obj: Dict[str, Any], key: str, tp: Any, where: str) -> Any:
+    if key not in obj:
+        raise ValueError(f"{where}: missing key {key!r}")
+    v = obj[key]
+    if not isinstance(v, tp) or (isinstance(v, bool) and tp is not bool):
+        raise ValueError(f"{where}: {key} has the wrong type ({type(v).__name__} {v!r})")
+    return v
+
+
+def _from_json(raw: Any, where: str) -> DimsFile:
+    """Builds a DimsFile from parsed JSON, checking keys and types."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a dims file is a JSON object, got {type(raw).__name__}")
+    version = _need(raw, "format_version", int, where)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{where}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+    known = {"format_version", "method", "budget_fraction", "budget_bytes", "full_bytes", "kept_bytes",
+             "weight_dtype", "optimizer", "tables", "extra"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}")
+    tables = []
+    for i, t in enumerate(_need(raw, "tables", list, where)):
+        tw = f"{where}: tables[{i}]"
+        if not isinstance(t, dict):
+            raise ValueError(f"{tw}: expected an object")
+        name = _need(t, "name", str, tw)
+        tw = f"{where}: table {name}"
+        unknown = sorted(set(t) - {"name", "features", "num_embeddings", "full_dim", "dim", "kept_columns", "bytes", "groups"})
+        if unknown:
+            raise ValueError(f"{tw}: unknown key {unknown[0]!r}")
+        groups = []
+        for j, g in enumerate(t.get("groups", [])):
+            gw = f"{tw} groups[{j}]"
+            if not isinstance(g, dict) or set(g) != {"size", "rows", "bytes"}:
+                raise ValueError(f"{gw}: expected an object with size, rows and bytes")
+            groups.append(TokenGroup(_need(g, "size", int, gw), _need(g, "rows", int, gw), _need(g, "bytes", int, gw)))
+        features = _need(t, "features", list, tw)
+        kept = _need(t, "kept_columns", list, tw)
+        if not all(isinstance(f, str) for f in features) or not all(isinstance(c, int) and not isinstance(c, bool) for c in kept):
+            raise ValueError(f"{tw}: features must be strings and kept_columns integers")
+        tables.append(TableDims(name=name, features=features, num_embeddings=_need(t, "num_embeddings", int, tw),
+                                full_dim=_need(t, "full_dim", int, tw), dim=_need(t, "dim", int, tw),
+                                kept_columns=kept, bytes=_need(t, "bytes", int, tw), groups=groups))
+    return DimsFile(
+        method=_need(raw, "method", str, where),
+        budget_fraction=float(_need(raw, "budget_fraction", (int, float), where)),
+        budget_bytes=_need(raw, "budget_bytes", int, where),
+        full_bytes=_need(raw, "full_bytes", int, where),
+        kept_bytes=_need(raw, "kept_bytes", int, where),
+        tables=tables,
+        weight_dtype=_need(raw, "weight_dtype", str, where) if "weight_dtype" in raw else "fp32",
+        optimizer=_need(raw, "optimizer", str, where) if "optimizer" in raw else "rowwise_adagrad",
+        extra=_need(raw, "extra", dict, where) if "extra" in raw else {},
+        format_version=version,
+    )
+
+
+def validate_dims(dims: DimsFile, where: str = "dims") -> None:
+    """Checks legal dims, kept columns, token groups and byte totals; raises ValueError naming the table."""
+    if dims.weight_dtype not in WEIGHT_BYTES or dims.optimizer not in OPTIMIZER_BYTES:
+        raise ValueError(f"{where}: weight_dtype/optimizer must be in {sorted(WEIGHT_BYTES)}/{sorted(OPTIMIZER_BYTES)}, "
+                         f"got {dims.weight_dtype!r}/{dims.optimizer!r}")
+    if not 0 < dims.budget_fraction <= 1:
+        raise ValueError(f"{where}: budget_fraction must be in (0, 1], got {dims.budget_fraction}")
+    seen = set()
+    full_total = kept_total = 0
+    for t in dims.tables:
+        tw = f"{where}: table {t.name}"
+        if t.name in seen:
+            raise ValueError(f"{tw}: listed twice")
+        seen.add(t.name)
+        if not t.features:
+            raise ValueError(f"{tw}: needs at least one feature")
+        if t.num_embeddings < 1 or not legal_dim(t.full_dim):
+            raise ValueError(f"{tw}: num_embeddings must be >= 1 and full_dim a multiple of {DIM_MULTIPLE}, "
+                             f"got {t.num_embeddings} x {t.full_dim}")
+        if t.dim != 0 and not legal_dim(t.dim):
+            raise ValueError(f"{tw}: dim {t.dim} is not legal for FBGEMM (a multiple of {DIM_MULTIPLE}, or 0 = dropped)")
+        if t.dim > t.full_dim:
+            raise ValueError(f"{tw}: dim {t.dim} exceeds full_dim {t.full_dim}")
+        _check_columns(t, tw)
+        if t.groups:  # PME: the groups' bytes, plus any remap bytes the search counted
+            expected = _check_groups(t, dims, tw)
+            bad = t.bytes < expected
+        else:
+            expected = table_bytes(t.num_embeddings, t.dim, dims.weight_dtype, dims.optimizer).total
+            bad = t.bytes != expected
+        if bad:
+            raise ValueError(f"{tw}: bytes {t.bytes} do not match the byte model ({expected} for "
+                             f"{dims.weight_dtype} weights and {dims.optimizer} state)")
+        full_total += table_bytes(t.num_embeddings, t.full_dim, dims.weight_dtype, dims.optimizer).total
+        kept_total += t.bytes
+    if dims.full_bytes != full_total:
+        raise ValueError(f"{where}: full_bytes {dims.full_bytes} != {full_total}, the sum over tables at full_dim")
+    if dims.kept_bytes != kept_total:
+        raise ValueError(f"{where}: kept_bytes {dims.kept_bytes} != {kept_total}, the sum of the tables' bytes")
+
+
+def _check_columns(t: TableDims, tw: str) -> None:
+    """kept_columns: strictly increasing indices below full_dim, one per kept column ([] allowed for PME/dropped)."""
+    cols = t.kept_columns
+    if cols and len(cols) != t.dim:
+        raise ValueError(f"{tw}: kept_columns has {len(cols)} entries but dim is {t.dim}")
+    if not cols and t.dim and not t.groups:
+        raise ValueError(f"{tw}: kept_columns is empty but dim is {t.dim}")
+    if any(b <= a for a, b in zip(cols, cols[1:])) or (cols and (cols[0] < 0 or cols[-1] >= t.full_dim)):
+        raise ValueError(f"{tw}: kept_columns must be strictly increasing indices in [0, {t.full_dim})")
+
+
+def _check_groups(t: TableDims, dims: DimsFile, tw: str) -> int:
+    """PME groups: distinct legal sizes (0 = pruned tokens) covering every row; returns their byte sum."""
+    sizes = [g.size for g in t.groups]
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"{tw}: token group sizes repeat: {sizes}")
+    total = 0
+    for g in t.groups:
+        if (g.size != 0 and not legal_dim(g.size)) or g.size > t.full_dim or g.rows < 0:
+            raise ValueError(f"{tw}: token group size {g.size} is not legal (a multiple of {DIM_MULTIPLE} up to "
+                             f"full_dim {t.full_dim}, or 0) or its rows {g.rows} are negative")
+        gb = table_bytes(g.rows, g.size, dims.weight_dtype, dims.optimizer).total
+        if g.bytes != gb:
+            raise ValueError(f"{tw}: token group of size {g.size} has bytes {g.bytes}, the byte model gives {gb}")
+        total += gb
+    if sum(g.rows for g in t.groups) != t.num_embeddings:
+        raise ValueError(f"{tw}: token groups hold {sum(g.rows for g in t.groups)} rows, the table has {t.num_embeddings}")
+    if t.dim != max(sizes):
+        raise ValueError(f"{tw}: dim {t.dim} must be the largest token group size {max(sizes)}")
+    return total
+
+
+def check_against_tables(dims: DimsFile, full_tables: Sequence[Any], where: str = "dims") -> None:
+    """Every dims entry names a full table with the same rows, dim and features, and every full table is listed."""
+    full = {t.name: t for t in full_tables}
+    for t in dims.tables:
+        if t.name not in full:
+            raise ValueError(f"{where}: table {t.name} is not a table of the model (known: {', '.join(sorted(full)[:8])}"
+                             f"{', ...' if len(full) > 8 else ''})")
+        f = full[t.name]
+        if (t.num_embeddings, t.full_dim) != (f.num_embeddings, f.embedding_dim) or list(t.features) != list(f.feature_names):
+            raise ValueError(f"{where}: table {t.name} is {t.num_embeddings} x {t.full_dim} for {t.features} in the dims "
+                             f"file but {f.num_embeddings} x {f.embedding_dim} for {list(f.feature_names)} in the model")
+    missing = [n for n in full if n not in {t.name for t in dims.tables}]
+    if missing:
+        raise ValueError(f"{where}: table {missing[0]} of the model is missing from the dims file")
