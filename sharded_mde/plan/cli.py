@@ -1,0 +1,88 @@
+"""`sharded-mde plan`: shard the full and the compact tables on a topology and report the memory saved."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+from sharded_mde.config import RunConfig, from_dict, load_config, load_yaml, merge, parse_overrides
+from sharded_mde.io import atomic_write_json, atomic_write_text
+from sharded_mde.plan.dims import load_dims, save_dims
+from sharded_mde.plan.report import memory_report, render_console, render_markdown, render_png
+from sharded_mde.plan.rules import RULES, rule_dims
+from sharded_mde.plan.sharding import plan_sharding, save_plan
+from sharded_mde.plan.tables import full_table_configs, plan_tables
+
+
+def register(subparsers: Any) -> None:
+    """Adds the `plan` subcommand."""
+    p = subparsers.add_parser("plan", help="shard full and compact tables on a topology; per-shard memory report",
+                              description=__doc__)
+    p.add_argument("config", nargs="?", help="run config YAML (optional with --tables)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dims", help="dims file written by a search (HAM/PME)")
+    src.add_argument("--rule", choices=RULES, help="make dims by a rule instead (see docs/plan.md)")
+    p.add_argument("--budget", type=float, default=None, help="budget fraction for --rule (default search.budget)")
+    p.add_argument("--alpha", type=float, default=0.3, help="power-law exponent for --rule power_law")
+    p.add_argument("--topology", help="topology preset YAML (configs/topologies/), merged over the plan section")
+    p.add_argument("--tables", help="table preset YAML (configs/tables/), sets plan.tables_preset")
+    p.add_argument("--out", help="output directory (default <run_dir>/plan)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=run_plan)
+
+
+def load_plan_config(args: argparse.Namespace) -> RunConfig:
+    """The run config with the topology preset, table preset and --set overrides applied, in that order."""
+    over: Dict[str, Any] = {}
+    if args.topology:
+        preset = load_yaml(args.topology)
+        if set(preset) != {"plan"}:
+            raise ValueError(f"{args.topology}: a topology preset has one top-level key, plan")
+        over = merge(over, preset)
+    if args.tables:
+        over = merge(over, {"plan": {"tables_preset": args.tables}})
+    over = merge(over, parse_overrides(args.set))
+    return load_config(args.config, over) if args.config else from_dict(RunConfig, over)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Plans full and compact tables, saves both plans and writes the report (console, JSON, markdown, PNG)."""
+    cfg = load_plan_config(args)
+    out = Path(args.out or Path(cfg.run_dir) / "plan")
+    full = full_table_configs(cfg)
+    if args.dims:
+        dims_path = args.dims
+        dims = load_dims(dims_path, full)
+    else:
+        dims = rule_dims(full, args.rule, args.budget if args.budget is not None else cfg.search.budget,
+                         alpha=args.alpha, optimizer=cfg.plan.optimizer)
+        dims_path = str(out / f"dims_{args.rule}.json")
+        save_dims(dims_path, dims)
+    compact = plan_tables(dims, full)
+    start = time.perf_counter()
+    full_planned = plan_sharding(full, cfg.plan)
+    compact_planned = plan_sharding(compact, cfg.plan)
+    seconds = time.perf_counter() - start
+    rep = memory_report(full, compact, cfg.plan, full_planned, compact_planned)
+    rep["source"] = {"dims_file": dims_path, "method": dims.method, "budget_fraction": dims.budget_fraction,
+                     "extra": dims.extra, "planning_seconds": round(seconds, 2)}
+    save_plan(out / "sharding_plan.json", compact_planned[0])
+    save_plan(out / "sharding_plan_full.json", full_planned[0])
+    atomic_write_json(out / "report.json", rep)
+    atomic_write_text(out / "report.md", render_markdown(rep, source_line(rep["source"])))
+    render_png(rep, out / "report.png")
+    print(render_console(rep), end="")
+    print(f"\n{source_line(rep['source'])}\nplanned full + compact in {seconds:.1f} s; wrote {out}/"
+          "{sharding_plan.json, sharding_plan_full.json, report.json, report.md, report.png}")
+    return 0
+
+
+def source_line(source: Dict[str, Any]) -> str:
+    """Where the compact dims came from, said honestly (a search, or a rule with its formula)."""
+    line = f"Dims: `{source['dims_file']}` (method {source['method']}, budget {source['budget_fraction']:g} of the full bytes"
+    if "rule" in source["extra"]:
+        line += f"; a rule, not a search: {source['extra']['rule']}, alpha {source['extra']['alpha']:g}"
+    return line + ")."
+
