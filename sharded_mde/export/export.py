@@ -110,13 +110,23 @@ def _load_state(path: Path) -> Dict[str, Any]:
     return payload["model"]
 
 
-def _shards(value: Any, key: str, path: Path) -> List[Tuple[List[int], torch.Tensor]]:
-    """(offsets, tensor) of the shards of one table entry: a portable sharded tensor or a replicated tensor."""
-    if isinstance(value, torch.Tensor):
-        return [([0, 0], value)]
-    if isinstance(value, dict) and value.get("__sharded__"):
-        return [(list(o), t) for o, t in value["shards"]]
-    raise ValueError(f"{path}: entry {key} is neither a tensor nor a sharded tensor")
+def table_shards(state: Mapping[str, Any], rank: int, path: Path) -> Iterator[Tuple[str, List[int], torch.Tensor]]:
+    """(table, [row, col] offsets, local tensor) of every table shard in one rank's portable state.
+
+    A replicated (data-parallel) table is a plain tensor on every rank; only rank 0's copy is yielded.
+    """
+    for key, value in state.items():
+        m = _TABLE_KEY.match(key)
+        if not m:
+            continue
+        if isinstance(value, torch.Tensor):
+            if rank == 0:
+                yield m.group("table"), [0, 0], value
+        elif isinstance(value, dict) and value.get("__sharded__"):
+            for offsets, tensor in value["shards"]:
+                yield m.group("table"), list(offsets), tensor
+        else:
+            raise ValueError(f"{path}: entry {key} is neither a tensor nor a sharded tensor")
 
 
 def _global_size(value: Any) -> Tuple[int, int]:
@@ -239,17 +249,10 @@ def _spool_checkpoint(files: List[Path], first_state: Mapping[str, Any], jobs: D
     """Pass 1: every rank file in turn, every local shard of every table cut to its kept columns."""
     for rank, path in enumerate(tqdm(files, desc="export: read shards", unit="rank", disable=not progress)):
         state = first_state if rank == 0 else _load_state(path)
-        for key, value in state.items():
-            m = _TABLE_KEY.match(key)
-            if not m:
-                continue
-            job = jobs.get(m.group("table"))
-            if job is None:
-                raise ValueError(f"{path}: table {m.group('table')} is not in rank 0's state")
-            if isinstance(value, torch.Tensor) and rank > 0:
-                continue  # a replicated (data-parallel) table: rank 0's copy is used
-            for offsets, tensor in _shards(value, key, path):
-                _spool_shard(job, offsets, tensor, scratch, block_rows)
+        for table, offsets, tensor in table_shards(state, rank, path):
+            if table not in jobs:
+                raise ValueError(f"{path}: table {table} is not in rank 0's state")
+            _spool_shard(jobs[table], offsets, tensor, scratch, block_rows)
         del state
 
 

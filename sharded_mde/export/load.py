@@ -100,6 +100,14 @@ def read_weights(path: Path) -> Dict[str, torch.Tensor]:
     return out
 
 
+def resolve_dtype(manifest: Manifest, dtype: Optional[str] = None) -> str:
+    """The serving dtype: `dtype` if given, else the dtype the tables are stored in."""
+    if dtype:
+        return dtype
+    stored = sorted({t.dtype for t in manifest.tables})
+    return stored[0] if len(stored) == 1 else "fp32"
+
+
 def serving_bytes(manifest: Manifest, dtype: str, row_alignment: int = 1) -> int:
     """Bytes the serving tables take: rows x FBGEMM's rounded row size (fp32 EBC: rows x dim x 4)."""
     if dtype == "fp32":
@@ -122,9 +130,7 @@ def load_export(
     manifest = read_manifest(root)
     if verify:
         verify_files(root, manifest)
-    stored = {t.dtype for t in manifest.tables}
-    dtype = dtype or (stored.pop() if len(stored) == 1 else "fp32")
-    ebc = load_tables(root, manifest, dtype, row_alignment, device)
+    ebc = load_tables(root, manifest, resolve_dtype(manifest, dtype), row_alignment, device)
     features: List[str] = [f.name for f in manifest.features]
     h = manifest.head
     head = build_head(h.kind, ebc, feature_dims_of([t.config() for t in manifest.tables], features),

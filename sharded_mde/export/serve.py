@@ -63,13 +63,11 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def score(model: nn.Module, requests: Sequence[Request], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """(logits, labels, seconds) over requests already on `device`; only the model calls are timed."""
-    logits, labels = [], []
     _sync(device)
     t0 = time.perf_counter()
-    for dense, sparse, _, _ in requests:
-        logits.append(model(dense, sparse))
+    outputs = [model(dense, sparse) for dense, sparse, _, _ in requests]
     _sync(device)
     seconds = time.perf_counter() - t0
-    for out, (_, _, lab, n) in zip(logits, requests):
-        labels.append(lab[:n].cpu())
-    return torch.cat([o[:r[3]].cpu() for o, r in zip(logits, requests)]), torch.cat(labels), seconds
+    logits = torch.cat([out[:n].cpu() for out, (_, _, _, n) in zip(outputs, requests)])
+    labels = torch.cat([lab[:n].cpu() for _, _, lab, n in requests])
+    return logits, labels, seconds

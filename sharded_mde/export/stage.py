@@ -1,0 +1,87 @@
+"""The export stage from a run config: `export` a checkpoint, and `serve-check` an export on the test split.
+
+Shared by the command line and the pipeline: these functions read the run's data description
+(features, vocabularies, test split) and the config's `export` section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from sharded_mde.bench import machine_info
+from sharded_mde.config import RunConfig
+from sharded_mde.export.export import export_compact
+from sharded_mde.export.load import load_export, resolve_dtype, serving_bytes
+from sharded_mde.export.manifest import MANIFEST, Manifest, read_manifest
+from sharded_mde.export.serve import Request, score, script
+from sharded_mde.plan.dims import load_dims
+from sharded_mde.plan.tables import full_table_configs
+from sharded_mde.train.metrics import classification_metrics
+
+
+def export_stage(cfg: RunConfig, checkpoint: str | Path, out: str | Path, dims_path: Optional[str | Path] = None,
+                 overwrite: bool = False, progress: bool = True) -> Manifest:
+    """Exports `checkpoint` (a step directory, or a directory of them) of this run to `out`."""
+    from sharded_mde.data import DatasetMeta
+
+    meta = DatasetMeta.load(cfg.data.dir)
+    full = full_table_configs(cfg)
+    dims = load_dims(dims_path, full) if dims_path else None
+    return export_compact(checkpoint, out, cfg.model, meta.sparse_features, len(meta.dense_features), full, dims=dims,
+                          export_cfg=cfg.export, data_dir=cfg.data.dir, overwrite=overwrite, progress=progress)
+
+
+def load_requests(data_dir: str | Path, split: str, batch_size: int, device: torch.device,
+                  max_batches: int = 0) -> List[Request]:
+    """The batches of `split` as serving requests on `device` (read before any timing starts)."""
+    from sharded_mde.data import iterate_eval_batches
+
+    out = []
+    for batch, n_valid in iterate_eval_batches(data_dir, split, batch_size, 0, 1, max_batches=max_batches):
+        b = batch.to(device)
+        out.append((b.dense_features, b.sparse_features, b.labels, int(n_valid)))
+    if not out:
+        raise ValueError(f"{data_dir}: split {split!r} has no rows")
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's name, or the CPU model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{machine_info()['cpu']} ({torch.get_num_threads()} threads)"
+
+
+def export_bytes(root: str | Path, manifest: Manifest) -> Dict[str, int]:
+    """Bytes on disk of an export: tables, head weights, vocabularies, manifest."""
+    root = Path(root)
+    vocab = sum(e["bytes"] for rel, e in manifest.files.items() if rel.startswith("vocab/"))
+    return {"tables": manifest.table_bytes(), "head": manifest.files[manifest.head.weights_file]["bytes"],
+            "vocab": vocab, "manifest": (root / MANIFEST).stat().st_size}
+
+
+def serve_check(cfg: RunConfig, export_dir: str | Path, dtype: Optional[str] = None,
+                device: torch.device = torch.device("cpu"), max_batches: int = 0, scripted: bool = True,
+                verify: bool = True) -> Dict[str, Any]:
+    """Scores the test split from the export alone: AUC, log loss, bytes and examples/s of the served model."""
+    manifest = read_manifest(Path(export_dir))
+    dtype = resolve_dtype(manifest, dtype or cfg.export.serve_dtype or None)
+    model = load_export(export_dir, dtype, cfg.export.row_alignment, device, verify=verify)
+    run = script(model) if scripted else model
+    requests = load_requests(cfg.data.dir, "test", cfg.export.serve_batch_size, device, max_batches)
+    score(run, requests[:1], device)  # warm-up
+    logits, labels, seconds = score(run, requests, device)
+    return {
+        **classification_metrics(logits, labels),
+        "dtype": dtype,
+        "row_alignment": cfg.export.row_alignment,
+        "serving_table_bytes": serving_bytes(manifest, dtype, cfg.export.row_alignment),
+        "export_bytes": export_bytes(export_dir, manifest),
+        "examples_per_s": labels.numel() / max(seconds, 1e-9),
+        "batch_size": cfg.export.serve_batch_size,
+        "scripted": scripted,
+        "device": device_name(device),
+    }
