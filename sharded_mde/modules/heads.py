@@ -22,9 +22,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 def _field_embeddings(kt: KeyedTensor, features: List[str], dims: Mapping[str, int], batch: int,
                       like: torch.Tensor) -> List[torch.Tensor]:
-    """Per-feature pooled embeddings in `features` order; zeros (width dims[f]) where a key is absent."""
+    """Per-feature pooled embeddings in `features` order; empty (width 0) for fields without a table.
+
+    Which fields have tables is static (dims[f] == 0 means none), so the head stays symbolically
+    traceable for TorchRec's train pipeline.
+    """
     emb = kt.to_dict()
-    return [emb[f] if f in emb else like.new_zeros(batch, dims[f]) for f in features]
+    return [emb[f] if dims[f] > 0 else like.new_zeros(batch, 0) for f in features]
 
 
 class MixedDimDLRM(nn.Module):
@@ -58,7 +62,7 @@ class MixedDimDLRM(nn.Module):
         kt = self.sparse_arch(sparse_features)
         embs = _field_embeddings(kt, self.features, self.feature_dims, dense.shape[0], dense)
         projected = torch.stack(
-            [self.projections[f](e) if e.shape[1] else dense.new_zeros(dense.shape) for f, e in zip(self.features, embs)],
+            [self.projections[f](e) if self.feature_dims[f] else torch.zeros_like(dense) for f, e in zip(self.features, embs)],
             dim=1,
         )
         return self.over_arch(self.inter_arch(dense, projected))

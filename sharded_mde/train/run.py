@@ -17,7 +17,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.types import ShardingPlan
 
 from sharded_mde.config import PlanConfig, RunConfig
-from sharded_mde.data import DatasetMeta
+from sharded_mde.data.batches import DatasetMeta
 from sharded_mde.io import atomic_write_json
 from sharded_mde.modules.model import RecTrain, build_model
 from sharded_mde.plan.sharding import load_plan, manual_plan, plan_sharding

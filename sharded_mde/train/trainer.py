@@ -21,7 +21,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from sharded_mde.config import TrainConfig
-from sharded_mde.data import iterate_batches, iterate_eval_batches, num_batches
+from sharded_mde.data.batches import iterate_batches, iterate_eval_batches, num_batches
 from sharded_mde.train.checkpoint import latest_checkpoint, load_checkpoint, load_portable, save_checkpoint
 from sharded_mde.train.distributed import DistEnv
 from sharded_mde.train.metrics import classification_metrics
