@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 from sharded_mde.config import RunConfig, from_dict, load_config, load_yaml, merge, parse_overrides
 from sharded_mde.io import atomic_write_json, atomic_write_text
-from sharded_mde.plan.dims import load_dims, save_dims
+from sharded_mde.plan.dims import DimsFile, load_dims, save_dims
 from sharded_mde.plan.report import memory_report, render_console, render_markdown, render_png
 from sharded_mde.plan.rules import RULES, rule_dims
 from sharded_mde.plan.sharding import plan_sharding, save_plan
@@ -47,19 +47,9 @@ def load_plan_config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, over) if args.config else from_dict(RunConfig, over)
 
 
-def run_plan(args: argparse.Namespace) -> int:
-    """Plans full and compact tables, saves both plans and writes the report (console, JSON, markdown, PNG)."""
-    cfg = load_plan_config(args)
-    out = Path(args.out or Path(cfg.run_dir) / "plan")
+def plan_and_report(cfg: RunConfig, dims: DimsFile, dims_path: str, out: Path) -> Dict[str, Any]:
+    """Plans full and compact tables on `cfg.plan`, saves both plans and the report (JSON, markdown, PNG)."""
     full = full_table_configs(cfg)
-    if args.dims:
-        dims_path = args.dims
-        dims = load_dims(dims_path, full)
-    else:
-        dims = rule_dims(full, args.rule, args.budget if args.budget is not None else cfg.search.budget,
-                         alpha=args.alpha, optimizer=cfg.plan.optimizer)
-        dims_path = str(out / f"dims_{args.rule}.json")
-        save_dims(dims_path, dims)
     compact = plan_tables(dims, full)
     start = time.perf_counter()
     full_planned = plan_sharding(full, cfg.plan)
@@ -73,9 +63,26 @@ def run_plan(args: argparse.Namespace) -> int:
     atomic_write_json(out / "report.json", rep)
     atomic_write_text(out / "report.md", render_markdown(rep, source_line(rep["source"])))
     render_png(rep, out / "report.png")
+    return rep
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """`sharded-mde plan`: the report for a dims file (or a rule's dims), printed and written to --out."""
+    cfg = load_plan_config(args)
+    out = Path(args.out or Path(cfg.run_dir) / "plan")
+    full = full_table_configs(cfg)
+    if args.dims:
+        dims_path = args.dims
+        dims = load_dims(dims_path, full)
+    else:
+        dims = rule_dims(full, args.rule, args.budget if args.budget is not None else cfg.search.budget,
+                         alpha=args.alpha, optimizer=cfg.plan.optimizer)
+        dims_path = str(out / f"dims_{args.rule}.json")
+        save_dims(dims_path, dims)
+    rep = plan_and_report(cfg, dims, dims_path, out)
     print(render_console(rep), end="")
-    print(f"\n{source_line(rep['source'])}\nplanned full + compact in {seconds:.1f} s; wrote {out}/"
-          "{sharding_plan.json, sharding_plan_full.json, report.json, report.md, report.png}")
+    print(f"\n{source_line(rep['source'])}\nplanned full + compact in {rep['source']['planning_seconds']:.1f} s; "
+          f"wrote {out}/{{sharding_plan.json, sharding_plan_full.json, report.json, report.md, report.png}}")
     return 0
 
 

@@ -1,0 +1,97 @@
+"""The stages of `sharded-mde run`, each a thin call into the library API of its pipeline stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from sharded_mde.config import RunConfig
+from sharded_mde.pipeline.ledger import StageLedger
+from sharded_mde.pipeline.run import StageFn
+from sharded_mde.train.distributed import DistEnv
+
+
+def stage_data(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+    from sharded_mde.data import prepare
+
+    meta = prepare(cfg.data)
+    return {"data_dir": cfg.data.dir, "rows": dict(meta.rows), "fields": len(meta.sparse_features)}
+
+
+def stage_baseline(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+    from sharded_mde.train.run import train_stage
+
+    _, m = train_stage(cfg, env, "baseline")
+    return {"test": m["test"], "train_seconds": m["train_seconds"], "examples_per_s": m["examples_per_s"]}
+
+
+def stage_search(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+    import time
+
+    from sharded_mde.search.cli import run_search
+
+    t0 = time.perf_counter()
+    dims = run_search(cfg, env)
+    out = {"dims_file": str(Path(cfg.run_dir) / cfg.search.method / "dims.json"), "method": dims.method,
+           "full_bytes": dims.full_bytes, "budget_bytes": dims.budget_bytes, "kept_bytes": dims.kept_bytes,
+           "search_seconds": time.perf_counter() - t0, "dims": {t.name: t.dim for t in dims.tables}}
+    if "planted" in dims.extra:
+        out["planted"] = dims.extra["planted"]
+    return out
+
+
+def _dims_file(ledger: StageLedger) -> str:
+    return ledger.stages["search"]["outputs"]["dims_file"]
+
+
+def stage_plan(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+    from sharded_mde.plan.cli import plan_and_report
+    from sharded_mde.plan.dims import load_dims
+    from sharded_mde.plan.tables import full_table_configs
+
+    dims_path = _dims_file(ledger)
+    out = Path(cfg.run_dir) / "plan"
+    rep = plan_and_report(cfg, load_dims(dims_path, full_table_configs(cfg)), dims_path, out)
+    return {"report": str(out / "report.md"), "png": str(out / "report.png"), "totals": rep["totals"],
+            "plan_file": str(out / "sharding_plan.json")}
+
+
+def stage_retrain(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+    from sharded_mde.search.retrain import run_retrain
+
+    s = run_retrain(cfg, env, _dims_file(ledger), stage="retrain")
+    return {"test": s["test"], "kept_bytes": s["kept_bytes"], "init": s["init"], "train_seconds": s["train_seconds"]}
+
+
+def stage_export(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+    from sharded_mde.export.stage import export_stage
+
+    out = Path(cfg.run_dir) / "export"
+    manifest = export_stage(cfg, Path(cfg.run_dir) / "retrain" / "checkpoints", out, overwrite=True,
+                            progress=cfg.train.progress)
+    return {"export_dir": str(out), "table_bytes": manifest.table_bytes()}
+
+
+def stage_serve_check(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+    from sharded_mde.export.stage import serve_check
+
+    return serve_check(cfg, ledger.stages["export"]["outputs"]["export_dir"])
+
+
+def stage_summary(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+    from sharded_mde.pipeline.summary import write_summary
+
+    return write_summary(cfg, ledger)
+
+
+# (name, function, collective): collective stages run on every rank, the others on rank 0.
+STAGES: List[Tuple[str, StageFn, bool]] = [
+    ("data", stage_data, False),
+    ("baseline", stage_baseline, True),
+    ("search", stage_search, True),
+    ("plan", stage_plan, False),
+    ("retrain", stage_retrain, True),
+    ("export", stage_export, False),
+    ("serve_check", stage_serve_check, False),
+    ("summary", stage_summary, False),
+]

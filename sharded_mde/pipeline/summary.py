@@ -1,0 +1,105 @@
+"""The run summary: one table a newcomer can read, as markdown and JSON, plus an AUC-vs-bytes plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+from sharded_mde.config import RunConfig
+from sharded_mde.io import atomic_write_json, atomic_write_text
+from sharded_mde.pipeline.ledger import StageLedger
+from sharded_mde.plan.report import fmt_bytes
+
+
+def _out(ledger: StageLedger, stage: str) -> Dict[str, Any]:
+    return ledger.stages[stage]["outputs"]
+
+
+def summarise(cfg: RunConfig, ledger: StageLedger) -> Dict[str, Any]:
+    """The figures of a finished run, gathered from every stage's recorded outputs."""
+    base, search, plan = _out(ledger, "baseline"), _out(ledger, "search"), _out(ledger, "plan")
+    retrain, serve = _out(ledger, "retrain"), _out(ledger, "serve_check")
+    seconds = {name: st.get("seconds", 0.0) for name, st in ledger.stages.items()}
+    totals = plan["totals"]
+    doc = {
+        "run_dir": cfg.run_dir,
+        "method": search["method"],
+        "budget_fraction": cfg.search.budget,
+        "models": [
+            {"model": "full-dimension baseline", "auc": base["test"]["auc"], "logloss": base["test"]["logloss"],
+             "embedding_bytes": search["full_bytes"]},
+            {"model": f"compact ({search['method']}, retrained)", "auc": retrain["test"]["auc"],
+             "logloss": retrain["test"]["logloss"], "embedding_bytes": search["kept_bytes"]},
+            {"model": f"served from export ({serve['dtype']})", "auc": serve["auc"], "logloss": serve["logloss"],
+             "embedding_bytes": serve["serving_table_bytes"]},
+        ],
+        "dims": search["dims"],
+        "planted": search.get("planted"),
+        "memory": totals,
+        "topology": f"{cfg.plan.world_size} x {cfg.plan.compute_device}",
+        "serving_examples_per_s": serve["examples_per_s"],
+        "search_seconds": seconds.get("search", 0.0),
+        "total_seconds": sum(seconds.values()),
+        "stage_seconds": seconds,
+        "plots": {"search": str(Path(cfg.run_dir) / search["method"] / "search.png"), "memory": plan["png"],
+                  "auc_vs_bytes": str(Path(cfg.run_dir) / "auc_vs_bytes.png")},
+    }
+    return doc
+
+
+def render_summary(doc: Dict[str, Any]) -> str:
+    """Markdown: models (AUC, log loss, embedding bytes), memory on the topology, time."""
+    lines: List[str] = [f"# sharded_mde run: {doc['run_dir']}", "",
+                        f"Search: **{doc['method']}** at a budget of {doc['budget_fraction']:.0%} of the full embedding bytes "
+                        "(weights + optimizer state).", "",
+                        "| model | test AUC | test logloss | embedding bytes |", "|---|---:|---:|---:|"]
+    for m in doc["models"]:
+        lines.append(f"| {m['model']} | {m['auc']:.4f} | {m['logloss']:.4f} | {fmt_bytes(m['embedding_bytes'])} |")
+    t = doc["memory"]
+    lines += ["", f"Memory on the planned topology ({doc['topology']}), from the sharding plans:", "",
+              "| | full | compact | saving |", "|---|---:|---:|---:|"]
+    lines.append(f"| total (raw weights + optimizer) | {fmt_bytes(t['full']['total'])} | {fmt_bytes(t['compact']['total'])} | "
+                 f"{t['saving_pct']:.1f}% |")
+    lines.append(f"| largest rank | {fmt_bytes(t['max_rank_full'])} | {fmt_bytes(t['max_rank_compact'])} | |")
+    lines.append(f"| imbalance (max/mean rank) | {t['imbalance_full']:.2f} | {t['imbalance_compact']:.2f} | |")
+    kept = ", ".join(f"{k.removeprefix('t_')}:{v}" for k, v in doc["dims"].items())
+    lines += ["", f"Kept dims per table: {kept}"]
+    if doc.get("planted"):
+        lines.append(f"Spearman correlation of kept dims with the planted ranks: {doc['planted']['spearman']:.3f}")
+    lines += ["", f"Search {doc['search_seconds']:.0f} s, whole run {doc['total_seconds']:.0f} s; serving "
+              f"{doc['serving_examples_per_s']:,.0f} examples/s.", "",
+              "Plots: " + ", ".join(f"`{p}`" for p in doc["plots"].values()), ""]
+    return "\n".join(lines)
+
+
+def plot_auc_vs_bytes(doc: Dict[str, Any], path: str | Path) -> None:
+    """Test AUC against embedding bytes for the baseline, the compact model and the served export."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in doc["models"]:
+        ax.scatter(m["embedding_bytes"] / 2**20, m["auc"], s=40)
+        ax.annotate(m["model"], (m["embedding_bytes"] / 2**20, m["auc"]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xlabel("embedding bytes (MiB)")
+    ax.set_ylabel("test AUC")
+    ax.set_title("AUC vs bytes")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(cfg: RunConfig, ledger: StageLedger) -> Dict[str, Any]:
+    """Writes summary.md, summary.json and the AUC-vs-bytes plot; prints the markdown."""
+    doc = summarise(cfg, ledger)
+    root = Path(cfg.run_dir)
+    plot_auc_vs_bytes(doc, doc["plots"]["auc_vs_bytes"])
+    text = render_summary(doc)
+    atomic_write_text(root / "summary.md", text)
+    atomic_write_json(root / "summary.json", doc)
+    print(text, flush=True)
+    return {"summary": str(root / "summary.md")}
