@@ -51,6 +51,33 @@ class _HardMask(torch.autograd.Function):
         return grad * s * (1 - s), None
 
 
+class _MaskColumns(torch.autograd.Function):
+    """values * mask (mask broadcast over rows) with a cache-blocked backward.
+
+    Autograd's own backward reduces grad * values over 4096+ rows in one `sum(0)`, which is several
+    times slower on CPU than summing row blocks that stay in cache; this is most of the mask's cost.
+    """
+
+    BLOCK = 512
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(values, mask)
+        return values * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:  # type: ignore[override]
+        values, mask = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_values = grad * mask if ctx.needs_input_grad[0] else None
+        grad_mask = None
+        if ctx.needs_input_grad[1]:
+            grad_mask = torch.zeros_like(mask)
+            for i in range(0, grad.shape[0], _MaskColumns.BLOCK):
+                grad_mask += (grad[i:i + _MaskColumns.BLOCK] * values[i:i + _MaskColumns.BLOCK]).sum(0)
+        return grad_values, grad_mask
+
+
 def hard_mask(a: torch.Tensor, surrogate: str = "identity") -> torch.Tensor:
     """The 0/1 mask 1[a > 0], differentiable through the straight-through `surrogate`."""
     return _HardMask.apply(a, SURROGATES.index(surrogate))
@@ -160,7 +187,7 @@ class ColumnGate(nn.Module):
         keys, widths, values = kt.keys(), kt.length_per_key(), kt.values()
         lay = self._layout(keys, widths, values.device)
         m = hard_mask(self.values(), self.surrogate)
-        masked = values * m.index_select(0, lay.perm)
+        masked = _MaskColumns.apply(values, m.index_select(0, lay.perm))
         if self.training:
             aux = self.lam * (self.price * m).sum()
             if self.ortho_weight > 0:

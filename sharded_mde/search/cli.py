@@ -1,0 +1,105 @@
+"""`sharded-mde search CONFIG` and `sharded-mde retrain CONFIG --dims FILE` (one process or torchrun).
+
+`search` dispatches on `search.method` through `SEARCHES` (ham, uniform; PME registers "pme"),
+each writing `<run_dir>/<stage>/dims.json` (stage defaults to the method name). `retrain` trains
+the compact model of any dims file whose method has a builder in `retrain.COMPACT_BUILDERS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+from sharded_mde.config import RunConfig
+from sharded_mde.plan.dims import DimsFile
+from sharded_mde.train.cli import add_config_args, load_args_config
+from sharded_mde.train.distributed import DistEnv
+
+
+# The dispatch point: `search.method` -> "module:function" with signature fn(cfg, env, stage, ranks) -> DimsFile.
+# Imported lazily so that `sharded-mde --help` stays fast.
+SEARCHES: Dict[str, str] = {
+    "ham": "sharded_mde.search.ham:run_ham",
+    "uniform": "sharded_mde.search.uniform:run_uniform",
+    "pme": "sharded_mde.search.pme:run_pme",
+}
+
+
+def planted_ranks(cfg: RunConfig) -> Optional[Dict[str, int]]:
+    """Planted rank per feature when the data is synthetic with a ground truth, else None."""
+    from sharded_mde.data.synth import load_ground_truth
+
+    truth = load_ground_truth(Path(cfg.data.dir) / "ground_truth.json")
+    return {f: int(r) for f, r in truth["ranks"].items()} if truth else None
+
+
+def run_search(cfg: RunConfig, env: DistEnv, stage: Optional[str] = None) -> DimsFile:
+    """Runs the search named by `cfg.search.method` in `<run_dir>/<stage or method>/`."""
+    target = SEARCHES.get(cfg.search.method)
+    if target is None:
+        raise ValueError(f"search.method {cfg.search.method!r} is not available (known: {', '.join(SEARCHES)})")
+    module, fn = target.split(":")
+    search: Callable[..., DimsFile] = getattr(importlib.import_module(module), fn)
+    return search(cfg, env, stage or cfg.search.method, planted_ranks(cfg))
+
+
+def _with_data(args: argparse.Namespace, body: Callable[[RunConfig, DistEnv], int]) -> int:
+    """Loads the config, starts the process group, prepares the data on rank 0, runs `body`."""
+    from sharded_mde.data import prepare
+    from sharded_mde.train.distributed import init_distributed, shutdown_distributed
+
+    cfg = load_args_config(args)
+    env = init_distributed()
+    try:
+        if env.is_main:
+            prepare(cfg.data)
+        if env.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return body(cfg, env)
+    finally:
+        shutdown_distributed()
+
+
+def _search(args: argparse.Namespace) -> int:
+    def body(cfg: RunConfig, env: DistEnv) -> int:
+        dims = run_search(cfg, env, args.stage)
+        if env.is_main:
+            out = Path(cfg.run_dir) / (args.stage or cfg.search.method) / "dims.json"
+            summary = {"dims_file": str(out), "method": dims.method, "budget_bytes": dims.budget_bytes,
+                       "kept_bytes": dims.kept_bytes, "kept_fraction": round(dims.kept_bytes / dims.full_bytes, 4),
+                       "dims": {t.name: t.dim for t in dims.tables}}
+            if "planted" in dims.extra:
+                summary["planted_spearman"] = dims.extra["planted"]["spearman"]
+            print(json.dumps(summary, indent=2))
+        return 0
+
+    return _with_data(args, body)
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from sharded_mde.search.retrain import run_retrain
+
+    def body(cfg: RunConfig, env: DistEnv) -> int:
+        summary = run_retrain(cfg, env, args.dims, args.stage)
+        if env.is_main:
+            print(json.dumps({k: summary[k] for k in ("method", "init", "kept_bytes", "budget_bytes", "test")}, indent=2))
+        return 0
+
+    return _with_data(args, body)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="search per-table dims under a byte budget (HAM, uniform baseline)")
+    add_config_args(p)
+    p.add_argument("--stage", default=None, help="stage directory inside run_dir (default: the method name)")
+    p.set_defaults(func=_search)
+    p = sub.add_parser("retrain", help="train the compact model of a dims file (warm start or from scratch)")
+    add_config_args(p)
+    p.add_argument("--dims", required=True, help="dims file written by `sharded-mde search`")
+    p.add_argument("--stage", default=None, help="stage directory inside run_dir (default: retrain_<method>)")
+    p.set_defaults(func=_retrain)

@@ -1,0 +1,117 @@
+"""What a search leaves in its stage directory: dims.json, trace.json and search.png.
+
+The PNG shows the kept dim of every table (with the planted rank when the data is synthetic) and,
+for searches with a trace, the kept bytes against the budget, lambda and validation AUC over the
+search. With planted data the dims file's `extra.planted` also scores the result against the
+ground truth (Spearman correlation of kept dims with planted ranks, dims of rank-0 fields).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+
+from sharded_mde.io import atomic_write_bytes, atomic_write_json
+from sharded_mde.plan.dims import DimsFile, save_dims
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation with average ranks for ties (nan if either side is constant)."""
+    rx, ry = _average_ranks(np.asarray(x, float)), _average_ranks(np.asarray(y, float))
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _average_ranks(v: np.ndarray) -> np.ndarray:
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v))
+    ranks[order] = np.arange(len(v), dtype=float)
+    for value in np.unique(v):
+        tie = v == value
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def planted_agreement(dims: DimsFile, ranks: Mapping[str, int]) -> Dict[str, Any]:
+    """Kept dims against planted ranks per feature: Spearman, and the dims of fields planted at rank 0."""
+    kept = {f: t.dim for t in dims.tables for f in t.features if f in ranks}
+    feats = sorted(kept)
+    rho = spearman(np.array([kept[f] for f in feats]), np.array([ranks[f] for f in feats]))
+    rank0 = {f: kept[f] for f in feats if ranks[f] == 0}
+    return {"spearman": rho, "fields": len(feats), "rank0_dims": rank0,
+            "rank0_at_most_4": all(d <= 4 for d in rank0.values()),
+            "dims_vs_ranks": {f: [kept[f], int(ranks[f])] for f in feats}}
+
+
+def save_search_result(out_dir: str | Path, dims: DimsFile, trace: Optional[Dict[str, Any]] = None,
+                       ranks: Optional[Mapping[str, int]] = None) -> Path:
+    """Writes dims.json (with the planted score when `ranks` is known), trace.json and search.png; returns dims.json."""
+    out = Path(out_dir)
+    if ranks:
+        dims.extra["planted"] = planted_agreement(dims, ranks)
+    if trace is not None:
+        atomic_write_json(out / "trace.json", trace)
+        dims.extra["trace_file"] = "trace.json"
+    save_dims(out / "dims.json", dims)
+    plot_search(out / "search.png", dims, trace, ranks)
+    return out / "dims.json"
+
+
+def plot_search(path: str | Path, dims: DimsFile, trace: Optional[Dict[str, Any]] = None,
+                ranks: Optional[Mapping[str, int]] = None) -> None:
+    """PNG: kept dim per table (planted rank as markers) and, with a trace, the budget over the search."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if trace and trace.get("steps") else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(max(8, 0.38 * len(dims.tables) + 3), 4 * panels), squeeze=False)
+    ax = axes[0][0]
+    x = np.arange(len(dims.tables))
+    ax.bar(x, [t.full_dim for t in dims.tables], color="#dddddd", label="full dim")
+    ax.bar(x, [t.dim for t in dims.tables], color="#3b75af", label="kept dim")
+    if ranks:
+        r = [ranks.get(t.features[0], np.nan) for t in dims.tables]
+        ax.scatter(x, r, color="#d62728", marker="_", s=160, linewidths=2.5, zorder=3, label="planted rank")
+    ax.set_xticks(x, [t.features[0] for t in dims.tables], rotation=90, fontsize=8)
+    ax.set_ylabel("columns")
+    title = (f"{dims.method}: kept {dims.kept_bytes / 2**20:,.1f} MiB of {dims.full_bytes / 2**20:,.1f} MiB "
+             f"(budget {dims.budget_fraction:.0%} = {dims.budget_bytes / 2**20:,.1f} MiB)")
+    planted = dims.extra.get("planted")
+    if planted:
+        title += f"; Spearman vs planted rank {planted['spearman']:.2f}"
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    if panels == 2:
+        _plot_trace(axes[1][0], trace)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _plot_trace(ax: Any, trace: Dict[str, Any]) -> None:
+    """Kept bytes / full bytes and the budget over steps; lambda on a second axis; validation AUC marked."""
+    full = trace["full_bytes"]
+    steps = [s["step"] for s in trace["steps"]]
+    ax.plot(steps, [s["kept_bytes"] / full for s in trace["steps"]], color="#3b75af", label="kept bytes / full")
+    ax.axhline(trace["budget_bytes"] / full, color="#2ca02c", linestyle="--", label="budget")
+    ax.set_xlabel("step")
+    ax.set_ylabel("fraction of full bytes")
+    lam = ax.twinx()
+    lam.plot(steps, [s["lambda"] for s in trace["steps"]], color="#ff7f0e", alpha=0.7, label="lambda")
+    lam.set_ylabel("lambda")
+    for e in trace.get("evals", []):
+        if e.get("auc") is not None:
+            ax.annotate(f"AUC {e['auc']:.4f}", (e["step"], e["kept_bytes"] / full), fontsize=7,
+                        xytext=(0, 8), textcoords="offset points", ha="center")
+    lines = ax.get_legend_handles_labels()
+    more = lam.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper right")
+    ax.set_title("budget over the search", fontsize=10)

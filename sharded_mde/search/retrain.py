@@ -1,0 +1,172 @@
+"""Retraining the compact model of a dims file, warm-started from the supernet or from scratch.
+
+The compact model keeps each table at its kept dim (dropped tables are gone; their fields feed
+zeros) and slices the head's projection / first-layer inputs to the kept columns. A warm start
+reads the supernet's final checkpoint (one portable file per rank, see train/checkpoint.py),
+assembles each table's kept columns from whatever shards hold them, and copies the dense and
+head parameters before slicing them with `slice_inputs`. The supernet's 0/1 mask is folded into
+the kept columns (a column that the legal rounding added but the search had masked starts at
+zero), so before any update the compact model computes what the supernet computes with the mask
+"kept and 1[a > 0]" (the same model the export reproduces).
+
+`COMPACT_BUILDERS` maps a dims file's method to the function that builds its compact model, so
+other searches (PME) plug in their own model without a new command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.distributed import DistributedModelParallel
+
+from sharded_mde.config import RunConfig
+from sharded_mde.export.export import hard_gates
+from sharded_mde.io import atomic_write_json, read_json
+from sharded_mde.modules.heads import find_head
+from sharded_mde.modules.model import RecTrain, build_model
+from sharded_mde.plan.dims import DimsFile, load_dims
+from sharded_mde.plan.tables import full_table_configs, plan_tables
+from sharded_mde.train.checkpoint import COMPLETE, copy_full_into, latest_checkpoint, load_checkpoint
+from sharded_mde.train.distributed import DistEnv
+
+if TYPE_CHECKING:
+    from sharded_mde.data import DatasetMeta
+
+_TABLE_KEY = re.compile(r"(?:^|\.)embedding_bags\.([^.]+)\.weight$")
+_GATE_KEY = "gate.weight"  # MaskedEmbeddingBagCollection's mask parameter
+WarmStart = Callable[[DistributedModelParallel], None]
+CompactBuilder = Callable[[RunConfig, DimsFile, List[EmbeddingBagConfig], "DatasetMeta"],
+                          Tuple[RecTrain, List[EmbeddingBagConfig], Optional[WarmStart]]]
+
+
+def read_supernet(ckpt: str | Path, kept: Dict[str, Sequence[int]]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """(kept columns of each listed table, every replicated dense tensor) from a finished checkpoint.
+
+    `ckpt` is a checkpoint directory or a `checkpoints/` root (its newest finished checkpoint).
+    """
+    d = Path(ckpt)
+    if not (d / COMPLETE).is_file():
+        latest = latest_checkpoint(d)
+        if latest is None:
+            raise FileNotFoundError(f"{d}: no finished supernet checkpoint (run the search first, or retrain from scratch "
+                                    "with --set search.retrain_warm_start=false)")
+        d = latest
+    world = int(read_json(d / COMPLETE, "checkpoint marker")["world_size"])
+    cols = {n: torch.as_tensor(list(c), dtype=torch.long) for n, c in kept.items() if len(c)}
+    out: Dict[str, torch.Tensor] = {}
+    filled: Dict[str, int] = {n: 0 for n in cols}
+    dense: Dict[str, torch.Tensor] = {}
+    for rank in range(world):
+        payload, _ = load_checkpoint(d, rank, world)
+        for key, entry in payload["model"].items():
+            m = _TABLE_KEY.search(key)
+            if m is None:
+                if rank == 0 and isinstance(entry, torch.Tensor):
+                    dense[key] = entry
+                continue
+            name = m.group(1)
+            if name not in cols:
+                continue
+            idx = cols[name]
+            shards = entry["shards"] if isinstance(entry, dict) and entry.get("__sharded__") else [([0, 0], entry)]
+            if isinstance(entry, torch.Tensor) and rank > 0:
+                continue  # a replicated (data-parallel) table: rank 0's copy is the table
+            for (r0, c0), t in shards:
+                if name not in out:
+                    rows = entry["global_size"][0] if isinstance(entry, dict) else t.shape[0]
+                    out[name] = torch.zeros(rows, len(idx), dtype=t.dtype)
+                inside = (idx >= c0) & (idx < c0 + t.shape[1])
+                pos = inside.nonzero().squeeze(1)
+                out[name][r0:r0 + t.shape[0], pos] = t[:, idx[pos] - c0]
+                filled[name] += t.shape[0] * len(pos)
+    for n, idx in cols.items():
+        if n not in out or filled[n] != out[n].shape[0] * len(idx):
+            raise ValueError(f"{d}: the checkpoint does not hold every kept column of table {n}")
+    return out, dense
+
+
+def compact_ham(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
+                meta: "DatasetMeta") -> Tuple[RecTrain, List[EmbeddingBagConfig], Optional[WarmStart]]:
+    """Compact model of a column-kept dims file (HAM, uniform); warm start when configured and a supernet exists."""
+    tables = plan_tables(dims, full)
+    if not tables:
+        raise ValueError("the dims file keeps no table (every table dropped)")
+    ckpt = dims.extra.get("supernet_checkpoints")
+    if not (cfg.search.retrain_warm_start and ckpt):
+        return build_model(cfg.model, tables, meta.sparse_features, len(meta.dense_features)), tables, None
+    kept = {t.name: t.kept_columns for t in dims.tables}
+    weights, dense = read_supernet(ckpt, kept)
+    gate = [k for k in dense if k.endswith(_GATE_KEY)]
+    if gate:  # fold the search's hard mask into the kept columns
+        masks = hard_gates({_GATE_KEY: dense.pop(gate[0])}, full)
+        for name, w in weights.items():
+            w.mul_(masks[name][torch.as_tensor(kept[name], dtype=torch.long)])
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    model = build_model(cfg.model, full, meta.sparse_features, len(meta.dense_features), sparse_arch=ebc)
+    load_dense(model, dense)
+    head = find_head(model)
+    head.slice_inputs({f: torch.as_tensor(t.kept_columns, dtype=torch.long) for t in dims.tables for f in t.features})
+
+    def warm(dmp: DistributedModelParallel) -> None:
+        live = dmp.state_dict()
+        src: Dict[str, Any] = {}
+        for k, v in live.items():
+            m = _TABLE_KEY.search(k)
+            src[k] = weights[m.group(1)] if m else v
+        copy_full_into(live, src)
+
+    return model, tables, warm
+
+
+def load_dense(model: nn.Module, dense: Dict[str, torch.Tensor]) -> None:
+    """Copies the supernet's dense tensors into the model's parameters and buffers of the same name and shape."""
+    state = model.state_dict()
+    missing = [k for k in state if not _TABLE_KEY.search(k) and k not in dense]
+    if missing:
+        raise ValueError(f"supernet checkpoint lacks dense tensor {missing[0]} (different model config?)")
+    with torch.no_grad():
+        for k, v in state.items():
+            if _TABLE_KEY.search(k):
+                continue
+            if dense[k].shape != v.shape:
+                raise ValueError(f"supernet tensor {k} has shape {tuple(dense[k].shape)}, the model {tuple(v.shape)}")
+            v.copy_(dense[k])
+
+
+def _compact_pme(*args: Any) -> Tuple[RecTrain, List[EmbeddingBagConfig], Optional[WarmStart]]:
+    from sharded_mde.search.pme import compact_pme  # imported on use: PME's modules are not needed otherwise
+
+    return compact_pme(*args)
+
+
+COMPACT_BUILDERS: Dict[str, CompactBuilder] = {"ham": compact_ham, "uniform": compact_ham, "pme": _compact_pme}
+
+
+def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Optional[str] = None) -> Dict[str, Any]:
+    """Trains the compact model of `dims_path` in `<run_dir>/<stage>/` and returns its metrics."""
+    from sharded_mde.data import DatasetMeta
+    from sharded_mde.train.run import train_stage
+
+    meta = DatasetMeta.load(cfg.data.dir)
+    full = full_table_configs(cfg)
+    dims = load_dims(dims_path, full)
+    if dims.method not in COMPACT_BUILDERS:
+        raise ValueError(f"{dims_path}: no retrain builder for method {dims.method!r} (known: {', '.join(COMPACT_BUILDERS)})")
+    stage = stage or f"retrain_{dims.method}"
+    model, tables, warm = COMPACT_BUILDERS[dims.method](cfg, dims, full, meta)
+    if dims.extra.get("data_dir"):  # the search renumbered the ids (PME): train on its copy of the data
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(dims.extra["data_dir"])))
+    _, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm)
+    summary = {"dims_file": str(dims_path), "method": dims.method, "init": "warm" if warm else "scratch",
+               "budget_fraction": dims.budget_fraction, "budget_bytes": dims.budget_bytes,
+               "kept_bytes": dims.kept_bytes, "full_bytes": dims.full_bytes, "test": metrics["test"],
+               "valid": metrics["valid"], "steps": metrics["steps"], "train_seconds": metrics["train_seconds"]}
+    if env.is_main:
+        atomic_write_json(Path(cfg.run_dir) / stage / "retrain.json", summary)
+    return summary

@@ -1,0 +1,47 @@
+"""The uniform-dimension baseline: one legal dim for every table, at the search's byte budget.
+
+It takes the smallest legal dim whose bytes reach the budget, so the baseline never has fewer
+bytes than a search result at the same budget (the comparison is conservative for the search).
+Every table keeps its first `dim` columns; it trains from scratch in `retrain`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+from torchrec import EmbeddingBagConfig
+
+from sharded_mde.config import RunConfig
+from sharded_mde.plan.dims import DIM_MULTIPLE, DimsFile, table_bytes
+from sharded_mde.plan.tables import full_table_configs
+from sharded_mde.search.budget import budget_bytes, make_dims_file
+from sharded_mde.search.report import save_search_result
+from sharded_mde.train.distributed import DistEnv
+
+WEIGHT_DTYPE = "fp32"
+
+
+def uniform_dim(tables: Sequence[EmbeddingBagConfig], fraction: float, optimizer: str = "rowwise_adagrad") -> int:
+    """The smallest multiple of 4 whose bytes (every table at min(dim, its full dim)) reach the budget."""
+    budget = budget_bytes(tables, fraction, WEIGHT_DTYPE, optimizer)
+    top = max(t.embedding_dim for t in tables)
+    for d in range(DIM_MULTIPLE, top + 1, DIM_MULTIPLE):
+        if sum(table_bytes(t.num_embeddings, min(d, t.embedding_dim), WEIGHT_DTYPE, optimizer).total for t in tables) >= budget:
+            return d
+    return top
+
+
+def uniform_dims(tables: Sequence[EmbeddingBagConfig], fraction: float, optimizer: str = "rowwise_adagrad") -> DimsFile:
+    """The uniform baseline's dims file (method "uniform")."""
+    d = uniform_dim(tables, fraction, optimizer)
+    kept = {t.name: list(range(min(d, t.embedding_dim))) for t in tables}
+    return make_dims_file("uniform", tables, kept, fraction, WEIGHT_DTYPE, optimizer, {"uniform_dim": d})
+
+
+def run_uniform(cfg: RunConfig, env: DistEnv, stage: str = "uniform", ranks: Optional[Dict[str, int]] = None) -> DimsFile:
+    """Writes the uniform baseline's dims file and PNG to `<run_dir>/<stage>/` (no training)."""
+    dims = uniform_dims(full_table_configs(cfg), cfg.search.budget, cfg.train.embedding_optimizer)
+    if env.is_main:
+        save_search_result(Path(cfg.run_dir) / stage, dims, None, ranks)
+    return dims
