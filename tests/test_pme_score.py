@@ -17,7 +17,7 @@ from dist_utils import run_ranks
 from sharded_mde.config import ModelConfig, TrainConfig
 from sharded_mde.modules.model import build_model
 from sharded_mde.plan.sharding import manual_plan
-from sharded_mde.search.pme_score import PooledCapture, score_tokens
+from sharded_mde.search.pme_score import PooledCapture, calibrate_output_bias, score_tokens
 from sharded_mde.train.checkpoint import copy_full_into
 from sharded_mde.train.sharding import ebc_path, wrap_model
 
@@ -71,7 +71,8 @@ def _check(rank: int, world: int, kind: str) -> None:
     dmp = wrap_model(model, manual_plan(_tables(), kind, world, module_fqn=ebc_path(model)), cfg, torch.device("cpu"))
     copy_full_into(dmp.state_dict(), ref.state_dict())
     before = {k: v for k, v in copy.deepcopy(dmp.state_dict()).items()}
-    scores = score_tokens(dmp, _tables(), (_batch(rank, s) for s in range(10)), BATCHES, torch.device("cpu"), progress=False)
+    scores = score_tokens(dmp, _tables(), (_batch(rank, s) for s in range(10)), BATCHES, torch.device("cpu"),
+                          progress=False, calibrate=False)
     assert scores.batches == BATCHES
     want = _reference(ref, world)
     owned = 0
@@ -98,3 +99,15 @@ def test_single_rank_matches_dense_reference() -> None:
 
 def test_two_ranks_match_dense_reference_tw_rw_cw() -> None:
     run_ranks(_body, ("table_wise", "row_wise", "column_wise"))
+
+
+def test_calibration_puts_the_mean_prediction_at_the_click_rate() -> None:
+    model = _model()
+    batch = _batch(0, 0)
+    batch.labels[:] = 0
+    batch.labels[:2] = 1  # click rate 0.25
+    shift = calibrate_output_bias(model, batch)
+    assert shift != 0
+    with torch.no_grad():
+        _, (_, logits, _) = model(batch)
+    assert abs(float(torch.sigmoid(logits).mean()) - 0.25) < 0.02

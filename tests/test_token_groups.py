@@ -23,10 +23,11 @@ from sharded_mde.plan.sharding import manual_plan
 from sharded_mde.train.checkpoint import copy_full_into
 from sharded_mde.train.sharding import make_optimizer, wrap_model
 
-# field C3 keeps no token (dropped); C2 has size-0 tokens past its groups; C4 is not in the module at all
+# field C3 keeps no token (dropped); C2 has size-0 tokens past its groups; C4 is not in the module at all;
+# C1's reserved ids 0 and 1 sit in its size-4 and size-16 groups, C2's id 0 is a size-0 token
 FIELDS = [
-    FieldGroups("C1", 50, 16, ((16, 10), (8, 15), (4, 25))),
-    FieldGroups("C2", 40, 12, ((12, 5), (4, 20))),
+    FieldGroups("C1", 50, 16, ((16, 10), (8, 15), (4, 25)), reserved=(2, 0)),
+    FieldGroups("C2", 40, 12, ((12, 5), (4, 20)), reserved=(-1, 1)),
     FieldGroups("C5", 30, 8, ((8, 30),)),
 ]
 KEYS = ["C1", "C2", "C4", "C5"]
@@ -55,16 +56,23 @@ def reference(module: TokenGroupEBC, weights: Dict[str, torch.Tensor], kjt: Keye
     out = {}
     for f in module.fields:
         jt = jts[f.feature]
+        # where each id lives, spelled out token by token: reserved ids first, then each group's regular ids
+        place = {k: (g, f.reserved[:k].count(g)) for k, g in enumerate(f.reserved)}
+        tok = len(f.reserved)
+        for g, (_, rows) in enumerate(f.groups):
+            for row in range(f.reserved.count(g), rows):
+                place[tok] = (g, row)
+                tok += 1
         bags = []
         for b in range(kjt.stride()):
             acc = torch.zeros(f.out_dim)
             for tok in jt.values()[jt.offsets()[b]:jt.offsets()[b + 1]].tolist():
-                start = 0
-                for key, (size, rows) in zip(f.keys(), f.groups):
-                    if start <= tok < start + rows:
-                        e = weights[f"ebc.embedding_bags.t_{key}.weight"][tok - start]
-                        acc = acc + (proj[key] @ e if proj[key] is not None else torch.cat([e, e.new_zeros(f.out_dim - size)]))
-                    start += rows
+                g, row = place.get(tok, (-1, 0))
+                if g < 0:
+                    continue
+                key, size = f.keys()[g], f.groups[g][0]
+                e = weights[f"ebc.embedding_bags.t_{key}.weight"][row]
+                acc = acc + (proj[key] @ e if proj[key] is not None else torch.cat([e, e.new_zeros(f.out_dim - size)]))
             bags.append(acc)
         out[f.feature] = torch.stack(bags)
     return out
@@ -88,12 +96,13 @@ def test_projection_count_and_router_drops_pruned_tokens() -> None:
     m = TokenGroupEBC(FIELDS, _tables(FIELDS), "project")
     # the largest group of a field is already out_dim wide: no projection for it
     assert len(m.combiner.projections) == 3
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["C2", "C4"], values=torch.tensor([4, 5, 24, 39, 3]),
-                                              lengths=torch.tensor([2, 2, 1, 0]))
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["C2", "C4"], values=torch.tensor([6, 7, 1, 0, 25, 26, 3]),
+                                              lengths=torch.tensor([2, 4, 1, 0]))
     routed = m.router(kjt).to_dict()
+    # C2: id 0 is a size-0 reserved token, id 1 is row 0 of the size-4 group, ids 2..6 the size-12 group,
+    # ids 7..25 rows 1..19 of the size-4 group, ids 26.. size-0 tokens
     assert routed["C2_s12"].values().tolist() == [4] and routed["C2_s12"].lengths().tolist() == [1, 0]
-    # bag 1 holds 24 (last row of the size-4 group) and 39 (a size-0 token: dropped)
-    assert routed["C2_s4"].values().tolist() == [0, 19] and routed["C2_s4"].lengths().tolist() == [1, 1]
+    assert routed["C2_s4"].values().tolist() == [1, 0, 19] and routed["C2_s4"].lengths().tolist() == [1, 2]
     assert routed["C1_s16"].lengths().tolist() == [0, 0]  # fields absent from the batch give empty bags
     with pytest.raises(ValueError, match="feature C2 has id 40 outside"):
         m.router(KeyedJaggedTensor.from_lengths_sync(keys=["C2"], values=torch.tensor([40]), lengths=torch.tensor([1])))
@@ -101,23 +110,32 @@ def test_projection_count_and_router_drops_pruned_tokens() -> None:
 
 def test_from_dims_file_uses_plan_tables() -> None:
     groups = [TokenGroup(8, 3, table_bytes(3, 8).total), TokenGroup(0, 4, 0), TokenGroup(4, 5, table_bytes(5, 4).total)]
+    extra = {"pme": {"reserved_sizes": {"t_C1": [4, 8]}}}
     full = [EmbeddingBagConfig(name="t_C1", num_embeddings=12, embedding_dim=16, feature_names=["C1"]),
             EmbeddingBagConfig(name="t_C2", num_embeddings=7, embedding_dim=16, feature_names=["C2"])]
     tables = [TableDims("t_C1", ["C1"], 12, 16, 8, [], sum(g.bytes for g in groups), groups),
               TableDims("t_C2", ["C2"], 7, 16, 0, [], 0, [TokenGroup(0, 7, 0)])]
     dims = DimsFile("pme", 0.5, 1, sum(table_bytes(t.num_embeddings, 16).total for t in full),
-                    tables[0].bytes, tables)
-    assert fields_from_dims(dims) == [FieldGroups("C1", 12, 8, ((8, 3), (4, 5)))]
+                    tables[0].bytes, tables, extra=extra)
+    assert fields_from_dims(dims) == [FieldGroups("C1", 12, 8, ((8, 3), (4, 5)), reserved=(1, 0))]
     m = build_token_group_ebc(dims, full, "pad")
     assert [c.name for c in m.ebc.embedding_bag_configs()] == ["t_C1_s8", "t_C1_s4"]
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["C1", "C2"], values=torch.tensor([9, 2, 1]), lengths=torch.tensor([1, 1, 1, 0]))
+    # C1: id 1 -> row 0 of the size-8 group, ids 2, 3 -> rows 1, 2; id 0 -> row 0 of size 4; ids 4..7 -> rows 1..4; 8.. size 0
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["C1", "C2"], values=torch.tensor([9, 3, 0, 1]),
+                                              lengths=torch.tensor([1, 1, 1, 1, 0, 0]))
     out = m(kjt).to_dict()
-    assert list(out) == ["C1"] and out["C1"].shape == (2, 8)
+    assert list(out) == ["C1"] and out["C1"].shape == (3, 8)
     assert float(out["C1"][0].detach().abs().sum()) == 0  # id 9 is a size-0 token
     torch.testing.assert_close(out["C1"][1], m.ebc.embedding_bags["t_C1_s8"].weight[2])
+    torch.testing.assert_close(out["C1"][2], torch.cat([m.ebc.embedding_bags["t_C1_s4"].weight[0], torch.zeros(4)]))
 
 
-def _dist_body(rank: int, world: int, kind: str, combine: str) -> None:
+def _dist_body(rank: int, world: int, kinds: tuple) -> None:
+    for kind in kinds:
+        _check_sharded(rank, world, kind, "project")
+
+
+def _check_sharded(rank: int, world: int, kind: str, combine: str) -> None:
     torch.manual_seed(0)
     tables = _tables(FIELDS)
     model = TokenGroupEBC(FIELDS, tables, combine)
@@ -157,6 +175,5 @@ def _dist_body(rank: int, world: int, kind: str, combine: str) -> None:
     assert int(n) >= len(tables)
 
 
-@pytest.mark.parametrize("kind", ["table_wise", "row_wise"])
-def test_sharded_matches_per_token_reference(kind: str) -> None:
-    run_ranks(_dist_body, kind, "project")
+def test_sharded_matches_per_token_reference_tw_rw() -> None:
+    run_ranks(_dist_body, ("table_wise", "row_wise"))

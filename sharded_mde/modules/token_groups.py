@@ -2,9 +2,10 @@
 
 A field (feature) whose tokens were given different sizes by the PME search holds one TorchRec
 table per (field, size) group. The vocabulary is renumbered group by group (largest size first),
-so a token id says by itself which group it belongs to: ids [0, rows_0) are group 0, the next
-rows_1 ids group 1, ...; ids past the last group are tokens of size 0 (pruned: they contribute
-zero). `TokenGroupEBC` routes each field's ids to its group features in the KJT, runs one plain
+so a token id says by itself which group it belongs to: after the reserved ids (0 missing, 1
+out-of-vocabulary, which keep their ids and are placed by a two-entry table per field), the next
+ids fill group 0, then group 1, ...; ids past the last group are tokens of size 0 (pruned: they
+contribute zero). In each group's table the reserved tokens it holds come first. `TokenGroupEBC` routes each field's ids to its group features in the KJT, runs one plain
 `EmbeddingBagCollection` (sharded by TorchRec's stock sharders under DMP), and sums the groups'
 pooled outputs after a per-group projection (or zero padding) back to one output per field: KJT of
 fields in, KeyedTensor of fields out, like an EBC, so it feeds the same heads as HAM.
@@ -21,7 +22,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from sharded_mde.plan.dims import DimsFile, group_name, table_bytes
+from sharded_mde.plan.dims import DimsFile, group_name
 from sharded_mde.plan.tables import plan_tables
 
 COMBINE_MODES = ("project", "pad")
@@ -29,20 +30,28 @@ COMBINE_MODES = ("project", "pad")
 
 @dataclass(frozen=True)
 class FieldGroups:
-    """One feature's token groups: (size, rows) by descending size (sizes > 0), its vocabulary and output dim."""
+    """One feature's token groups: (size, rows) by descending size (sizes > 0), its vocabulary and output dim.
+
+    `reserved[k]` is the group holding reserved id k (-1: size 0); () when the ids have no reserved prefix.
+    """
 
     feature: str
     num_embeddings: int
     out_dim: int
     groups: Tuple[Tuple[int, int], ...]
+    reserved: Tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         sizes = [s for s, _ in self.groups]
         if not sizes or any(s <= 0 for s in sizes) or sizes != sorted(set(sizes), reverse=True):
             raise ValueError(f"feature {self.feature}: group sizes must be positive and strictly decreasing, got {sizes}")
-        if any(r <= 0 for _, r in self.groups) or sum(r for _, r in self.groups) > self.num_embeddings:
-            raise ValueError(f"feature {self.feature}: group rows {[r for _, r in self.groups]} must be positive and "
-                             f"sum to at most the vocabulary size {self.num_embeddings}")
+        if any(not -1 <= g < len(sizes) for g in self.reserved):
+            raise ValueError(f"feature {self.feature}: reserved ids name groups {list(self.reserved)} of {len(sizes)}")
+        regular = [r - self.reserved.count(g) for g, (_, r) in enumerate(self.groups)]
+        if any(r < 0 for r in regular) or sum(r for _, r in self.groups) <= 0 or \
+                len(self.reserved) + sum(regular) > self.num_embeddings:
+            raise ValueError(f"feature {self.feature}: group rows {[r for _, r in self.groups]} do not fit the "
+                             f"vocabulary of {self.num_embeddings} with reserved ids in groups {list(self.reserved)}")
         if self.out_dim < sizes[0]:
             raise ValueError(f"feature {self.feature}: out_dim {self.out_dim} is below its largest group size {sizes[0]}")
 
@@ -50,24 +59,43 @@ class FieldGroups:
         """The group features of this field, in group order: `<feature>_s<size>`."""
         return [group_name(self.feature, s) for s, _ in self.groups]
 
+    def id_ranges(self) -> List[Tuple[int, int, int, int]]:
+        """(first id, end id, group or -1, row of the first id) covering the vocabulary in id order."""
+        out = []
+        for k, g in enumerate(self.reserved):
+            out.append((k, k + 1, g, self.reserved[:k].count(g)))
+        start = len(self.reserved)
+        for g, (_, rows) in enumerate(self.groups):
+            n_res = self.reserved.count(g)
+            if rows > n_res:
+                out.append((start, start + rows - n_res, g, n_res))
+                start += rows - n_res
+        if start < self.num_embeddings:
+            out.append((start, self.num_embeddings, -1, 0))
+        return out
+
 
 def fields_from_dims(dims: DimsFile) -> List[FieldGroups]:
-    """The token groups of every PME table of a dims file that kept any token (out dim = largest size)."""
+    """The token groups of every PME table of a dims file that kept any token (out dim = largest size).
+
+    The size of each reserved id is read from `extra.pme.reserved_sizes[table]` (absent: no reserved ids).
+    """
+    reserved_sizes = dims.extra.get("pme", {}).get("reserved_sizes", {})
     out = []
     for t in dims.tables:
-        groups = tuple((g.size, g.rows) for g in sorted(t.groups, key=lambda g: -g.size) if g.size and g.rows)
         if not t.groups:
             raise ValueError(f"dims file table {t.name}: has no token groups (not a PME result)")
+        groups = tuple((g.size, g.rows) for g in sorted(t.groups, key=lambda g: -g.size) if g.size and g.rows)
         if groups:
-            out.extend(FieldGroups(f, t.num_embeddings, groups[0][0], groups) for f in t.features)
+            index = {size: i for i, (size, _) in enumerate(groups)}
+            reserved = tuple(index.get(s, -1) for s in reserved_sizes.get(t.name, []))
+            out.extend(FieldGroups(f, t.num_embeddings, groups[0][0], groups, reserved) for f in t.features)
     return out
 
 
-def projection_bytes(field: FieldGroups, combine: str, weight_dtype: str = "fp32", optimizer: str = "adam") -> int:
-    """Bytes of a field's group projections (weights + dense optimizer state); 0 when padding."""
-    if combine == "pad":
-        return 0
-    return sum(table_bytes(field.out_dim, s, weight_dtype, optimizer).total for s, _ in field.groups if s < field.out_dim)
+def router_bytes(field: FieldGroups) -> int:
+    """Bytes of a field's routing table (the id ranges: start, end, group, first row as int64)."""
+    return 4 * 8 * len(field.id_ranges())
 
 
 class TokenGroupRouter(nn.Module):
@@ -81,25 +109,20 @@ class TokenGroupRouter(nn.Module):
         self.out_keys: List[str] = [k for f in fields for k in f.keys()]
         self._feature_index: Dict[str, int] = {f.feature: i for i, f in enumerate(fields)}
         self._vocab: List[int] = [f.num_embeddings for f in fields]
-        starts, ends, group_of = [], [], []
-        base, g = 0, 0
-        for f in fields:  # one global id space: field bases, then group ranges inside each field
-            off = 0
-            for _, rows in f.groups:
-                starts.append(base + off)
-                ends.append(base + off + rows)
-                group_of.append(g)
-                off += rows
-                g += 1
-            if off < f.num_embeddings:  # size-0 tokens: a range routed nowhere
-                starts.append(base + off)
-                ends.append(base + f.num_embeddings)
-                group_of.append(-1)
-            base += f.num_embeddings
         self._bases: List[int] = [sum(self._vocab[:i]) for i in range(len(fields))]
+        starts, ends, group_of, first_row = [], [], [], []
+        group_base = 0
+        for f, base in zip(fields, self._bases):  # one global id space: field bases, then id ranges inside a field
+            for lo, hi, g, row in f.id_ranges():
+                starts.append(base + lo)
+                ends.append(base + hi)
+                group_of.append(group_base + g if g >= 0 else -1)
+                first_row.append(row)
+            group_base += len(f.groups)
         self.register_buffer("range_start", torch.tensor(starts, dtype=torch.long), persistent=False)
         self.register_buffer("range_end", torch.tensor(ends, dtype=torch.long), persistent=False)
         self.register_buffer("range_group", torch.tensor(group_of, dtype=torch.long), persistent=False)
+        self.register_buffer("range_row", torch.tensor(first_row, dtype=torch.long), persistent=False)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = features.keys()
@@ -119,12 +142,12 @@ class TokenGroupRouter(nn.Module):
             raise ValueError(f"token groups: feature {k} has id {int(values[bad][0])} outside its vocabulary "
                              f"[0, {self._vocab[self._feature_index[k]]})")
         gid = values.long() + base[key_of]
-        rng = torch.bucketize(gid, self.range_end, right=True)
-        group = torch.where(routed, self.range_group[rng.clamp(max=len(self.range_end) - 1)], -1)
+        rng = torch.bucketize(gid, self.range_end, right=True).clamp(max=len(self.range_end) - 1)
+        group = torch.where(routed, self.range_group[rng], -1)
         keep = group >= 0
         order_key = group[keep] * batch + bag[keep] % batch
         order = torch.argsort(order_key, stable=True)
-        new_values = (gid - self.range_start[rng.clamp(max=len(self.range_end) - 1)])[keep][order]
+        new_values = (gid - self.range_start[rng] + self.range_row[rng])[keep][order]
         new_lengths = torch.bincount(order_key, minlength=len(self.out_keys) * batch).to(lengths.dtype)
         return KeyedJaggedTensor(
             keys=self.out_keys,
@@ -192,11 +215,6 @@ class TokenGroupEBC(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         return self.combiner(self.ebc(self.router(features)))
-
-    def feature_dims(self, features: Sequence[str]) -> Dict[str, int]:
-        """Output width per feature for the head, in `features` order (0 = field without tokens)."""
-        dims = {f.feature: f.out_dim for f in self.fields}
-        return {f: dims.get(f, 0) for f in features}
 
 
 def build_token_group_ebc(dims: DimsFile, full_tables: List[EmbeddingBagConfig], combine: str = "project",

@@ -11,6 +11,7 @@ of the ShardedTensors, so any sharding works), and the owner adds |E * g| of the
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -149,6 +150,28 @@ def _exchange(pieces: List[Tuple[torch.Tensor, torch.Tensor]], layout: List[Shar
     return {i: (torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for i, ps in parts.items()}
 
 
+@torch.no_grad()
+def calibrate_output_bias(model: nn.Module, batch: Batch) -> float:
+    """Sets the logit layer's bias so that the mean prediction is the batch's click rate (all ranks alike).
+
+    At initialisation the prediction is off the click rate by the same amount for every row, which
+    gives every token, informative or not, a gradient in proportion to its count; with the bias
+    calibrated, a token's gradient measures how its rows' labels depart from the rest.
+    """
+    last = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1]
+    if not last or last[-1].bias is None:
+        raise ValueError("PME bias calibration: the model has no logit layer (a Linear with one output and a bias)")
+    _, (_, logits, labels) = model(batch)
+    stats = torch.stack([logits.float().sum(), labels.float().sum(), torch.tensor(float(labels.numel()), device=logits.device)])
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    mean_logit, ctr = float(stats[0] / stats[2]), float(stats[1] / stats[2])
+    ctr = min(max(ctr, 1e-4), 1 - 1e-4)
+    shift = math.log(ctr / (1 - ctr)) - mean_logit
+    last[-1].bias.add_(shift)
+    return shift
+
+
 def score_tokens(
     dmp: nn.Module,
     tables: List[EmbeddingBagConfig],
@@ -156,8 +179,12 @@ def score_tokens(
     num_batches: int,
     device: torch.device,
     progress: bool = True,
+    calibrate: bool = True,
 ) -> TokenScores:
-    """Accumulates |E * dL/dE| over `batches` for the EBC inside `dmp` (wrapped in a PooledCapture)."""
+    """Accumulates |E * dL/dE| over `batches` for the EBC inside `dmp` (wrapped in a PooledCapture).
+
+    With `calibrate`, the output bias is first set to the click rate of the first batch.
+    """
     captures = [m for m in dmp.modules() if isinstance(m, PooledCapture)]
     if len(captures) != 1:
         raise ValueError("PME scoring needs the model's sparse arch wrapped in exactly one PooledCapture")
@@ -175,6 +202,8 @@ def score_tokens(
     model = unwrap(dmp)  # DDP would wait for parameter gradients that scoring never computes
     for batch in batches:
         batch = batch.to(device)
+        if calibrate and done == 0:
+            calibrate_output_bias(model, batch)
         loss, _ = model(batch)
         pooled = capture.last
         (g,) = torch.autograd.grad(loss, pooled.values())

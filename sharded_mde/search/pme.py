@@ -1,0 +1,163 @@
+"""PME search: token-wise sizes from saliency at initialisation, then one table per (field, size) group.
+
+`run_pme` scores the freshly initialised full model for `search.pme.score_fraction` of an epoch
+(pme_score: |E x dL/dE| per entry, each rank its own shards), keeps the most salient entries under
+the byte budget (pme_select: size = kept count per token, quantised to legal sizes), renumbers
+every field's vocabulary group by group and writes a copy of the data in the new ids (pme_data),
+so the compact model needs no remap at training or serving. `compact_pme` builds that model for
+`retrain`: a `TokenGroupEBC` (one plain EBC of the group tables, sharded by TorchRec's sharders)
+under the run's head. Bytes count the group tables, their optimizer state, the group projections
+(with the dense optimizer's state) and the routing tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+from sharded_mde.config import RunConfig
+from sharded_mde.modules.model import RecTrain, build_model
+from sharded_mde.modules.token_groups import FieldGroups, TokenGroupEBC, fields_from_dims, router_bytes
+from sharded_mde.plan.dims import DimsFile, TableDims, TokenGroup
+from sharded_mde.plan.tables import full_table_configs, plan_tables
+from sharded_mde.search.budget import budget_bytes, full_bytes
+from sharded_mde.search.pme_data import NUM_RESERVED, renumber_data, token_order, token_stats
+from sharded_mde.search.pme_score import PooledCapture, TokenScores, score_tokens
+from sharded_mde.search.pme_select import ByteModel, Selection, default_sizes, histogram_bytes, select_sizes
+from sharded_mde.search.report import save_search_result
+from sharded_mde.train.distributed import DistEnv
+from sharded_mde.train.sharding import wrap_model
+
+WEIGHT_DTYPE = "fp32"  # tables train in fp32
+
+
+def scoring_tables(tables: List[EmbeddingBagConfig], scale: float) -> List[EmbeddingBagConfig]:
+    """The full tables, every one initialised uniform(-scale, scale) so that saliencies compare across fields."""
+    return [dataclasses.replace(t, weight_init_min=-scale, weight_init_max=scale) for t in tables]
+
+
+def build_scorer(cfg: RunConfig, tables: List[EmbeddingBagConfig], features: List[str], dense_in: int) -> RecTrain:
+    """The run's model at initialisation with its EBC wrapped in a PooledCapture (EBC on the meta device)."""
+    torch.manual_seed(cfg.train.seed)  # the same dense initialisation on every rank
+    ebc = EmbeddingBagCollection(tables=scoring_tables(tables, cfg.search.pme.init_scale), device=torch.device("meta"))
+    return build_model(cfg.model, tables, features, dense_in, sparse_arch=PooledCapture(ebc))
+
+
+def score_run(cfg: RunConfig, env: DistEnv, tables: List[EmbeddingBagConfig]) -> Tuple[TokenScores, Dict[str, float]]:
+    """Scores the run's training data from the start of epoch 0 for `score_fraction` of an epoch."""
+    from sharded_mde.data import DatasetMeta, iterate_batches, num_batches
+    from sharded_mde.train.run import sharding_plan
+
+    t0 = time.perf_counter()
+    meta = DatasetMeta.load(cfg.data.dir)
+    model = build_scorer(cfg, tables, meta.sparse_features, len(meta.dense_features))
+    dmp = wrap_model(model, sharding_plan(model, tables, cfg, env), cfg.train, env.device)
+    epoch = num_batches(cfg.data.dir, "train", cfg.train.batch_size, env.world_size)
+    n = max(1, round(cfg.search.pme.score_fraction * epoch))
+    setup = time.perf_counter() - t0
+    batches = iterate_batches(cfg.data.dir, "train", cfg.train.batch_size, rank=env.rank, world_size=env.world_size,
+                              seed=cfg.train.seed, epoch=0)
+    scores = score_tokens(dmp, tables, batches, n, env.device, cfg.train.progress)
+    return scores, {"setup_seconds": setup, "score_seconds": scores.seconds, "score_batches": scores.batches,
+                    "epoch_batches": epoch}
+
+
+def routing_reserve(tables: List[EmbeddingBagConfig], sizes: List[int]) -> int:
+    """An upper bound on the routing tables' bytes, taken off the budget before selection."""
+    return sum(len(t.feature_names) * 32 * (NUM_RESERVED + len(default_sizes(t.embedding_dim, sizes)) + 1) for t in tables)
+
+
+def table_result(t: EmbeddingBagConfig, sizes: np.ndarray, legal: List[int], model: ByteModel) -> Tuple[TableDims, List[int]]:
+    """One table's dims entry (groups, bytes with projections and routing) and the size of each reserved id."""
+    hist = [int((sizes == s).sum()) for s in legal]
+    groups = [TokenGroup(s, n, model.group(n, s)) for s, n in zip(legal, hist) if n]
+    dim = max(g.size for g in groups)
+    reserved = [int(s) for s in sizes[:NUM_RESERVED]]
+    nbytes = histogram_bytes(hist, legal, len(t.feature_names), model)
+    if dim:
+        pos = [(s, n) for s, n in sorted(zip(legal, hist), reverse=True) if s and n]
+        index = {s: i for i, (s, _) in enumerate(pos)}
+        field = FieldGroups(t.feature_names[0], t.num_embeddings, dim, tuple(pos), tuple(index.get(s, -1) for s in reserved))
+        nbytes += len(t.feature_names) * router_bytes(field)
+    return TableDims(name=t.name, features=list(t.feature_names), num_embeddings=t.num_embeddings, full_dim=t.embedding_dim,
+                     dim=dim, kept_columns=[], bytes=nbytes, groups=groups), reserved
+
+
+def make_pme_dims(cfg: RunConfig, tables: List[EmbeddingBagConfig], sel: Selection, model: ByteModel,
+                  extra: Dict[str, Any]) -> DimsFile:
+    """The dims file of a selection: per table its token groups, bytes and reserved-id sizes."""
+    optimizer = cfg.train.embedding_optimizer
+    entries, reserved = [], {}
+    for t in tables:
+        entry, reserved[t.name] = table_result(t, sel.sizes[t.name].numpy(), sel.legal[t.name], model)
+        entries.append(entry)
+    extra = {**extra, "pme": {**extra.get("pme", {}), "reserved_sizes": reserved}}
+    return DimsFile(method="pme", budget_fraction=cfg.search.budget,
+                    budget_bytes=budget_bytes(tables, cfg.search.budget, WEIGHT_DTYPE, optimizer),
+                    full_bytes=full_bytes(tables, WEIGHT_DTYPE, optimizer), kept_bytes=sum(e.bytes for e in entries),
+                    tables=entries, weight_dtype=WEIGHT_DTYPE, optimizer=optimizer, extra=extra)
+
+
+def run_pme(cfg: RunConfig, env: DistEnv, stage: str = "pme", ranks: Optional[Dict[str, int]] = None) -> DimsFile:
+    """Scores, selects and renumbers; writes `<run_dir>/<stage>/` dims.json, search.png, stats and renumbered data."""
+    pme = cfg.search.pme
+    tables = full_table_configs(cfg)
+    out = Path(cfg.run_dir) / stage
+    t_start = time.perf_counter()
+    scores, timing = score_run(cfg, env, tables)
+    optimizer = cfg.train.embedding_optimizer
+    model = ByteModel(WEIGHT_DTYPE, optimizer, cfg.train.dense_optimizer, pme.combine)
+    budget = budget_bytes(tables, cfg.search.budget, WEIGHT_DTYPE, optimizer)
+    t0 = time.perf_counter()
+    sel = select_sizes(scores, budget - routing_reserve(tables, pme.sizes), model, pme.sizes)
+    timing["select_seconds"] = time.perf_counter() - t0
+    dims = None
+    if env.is_main:
+        t0 = time.perf_counter()
+        order = {t.name: token_order(sel.sizes[t.name].numpy()) for t in tables}
+        data_dir = out / "data"
+        renumber_data(cfg.data.dir, data_dir, {f: order[t.name] for t in tables for f in t.feature_names})
+        timing["renumber_seconds"] = time.perf_counter() - t0
+        timing["search_seconds"] = time.perf_counter() - t_start
+        extra = {
+            "data_dir": str(data_dir),
+            "search": {"budget": cfg.search.budget, **dataclasses.asdict(pme)},
+            "pme": {"tau": sel.tau, "selected_bytes": sel.bytes, "timing": timing,
+                    "tokens": token_stats(cfg.data.dir, tables, sel.sizes)},
+        }
+        dims = make_pme_dims(cfg, tables, sel, model, extra)
+        if dims.kept_bytes > dims.budget_bytes:
+            raise RuntimeError(f"PME kept {dims.kept_bytes} B over the budget {dims.budget_bytes} B")
+        save_search_result(out, dims, None, ranks)
+    if env.world_size > 1:
+        box = [dims]
+        dist.broadcast_object_list(box, src=0)
+        dims = box[0]
+    return dims
+
+
+def compact_pme(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
+                meta: Any) -> Tuple[RecTrain, List[EmbeddingBagConfig], None]:
+    """The compact model of a PME dims file: TokenGroupEBC (group tables on the meta device) under the run's head.
+
+    It reads ids renumbered group by group, i.e. the data copy named by the dims file's `extra.data_dir`.
+    """
+    fields = fields_from_dims(dims)
+    if not fields:
+        raise ValueError("the dims file keeps no token of any field")
+    tables = plan_tables(dims, full)
+    combine = dims.extra.get("search", {}).get("combine", cfg.search.pme.combine)  # what the bytes were counted for
+    sparse = TokenGroupEBC(fields, tables, combine, device=torch.device("meta"))
+    widths = {f.feature: f.out_dim for f in fields}
+    head_tables = [dataclasses.replace(t, embedding_dim=widths[t.feature_names[0]]) for t in full
+                   if t.feature_names[0] in widths]
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, head_tables, meta.sparse_features, len(meta.dense_features), sparse_arch=sparse)
+    return model, tables, None

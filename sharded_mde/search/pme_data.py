@@ -1,0 +1,139 @@
+"""PME's vocabulary renumbering and the per-token statistics of a selection.
+
+Each field's ids are renumbered group by group (largest size first, then by old id, so by
+frequency), the reserved ids (0 missing, 1 out-of-vocabulary) keeping theirs: the renumbered
+vocabulary is all serving needs, with no remap. `renumber_data` writes a copy of the processed
+data directory in the new ids (splits and vocabularies) for retraining. `token_stats` relates the
+chosen sizes to token frequency and, on planted data, to each token's planted capacity.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torchrec import EmbeddingBagConfig
+
+from sharded_mde.data.vocab import NUM_RESERVED, vocab_path
+from sharded_mde.io import atomic_path, read_json
+
+
+def token_order(sizes: np.ndarray) -> np.ndarray:
+    """New id of every old id: reserved ids fixed, then by descending size, then by old id."""
+    sizes = np.asarray(sizes)
+    r = min(NUM_RESERVED, len(sizes))
+    regular = np.arange(r, len(sizes))
+    order = regular[np.lexsort((regular, -sizes[r:]))]
+    new = np.empty(len(sizes), dtype=np.int64)
+    new[:r] = np.arange(r)
+    new[order] = np.arange(r, len(sizes))
+    return new
+
+
+def renumber_data(src: str | Path, dst: str | Path, new_ids: Mapping[str, np.ndarray]) -> None:
+    """Copies a processed data directory with every listed field's ids (data and vocabulary) renumbered."""
+    src, dst = Path(src), Path(dst)
+    fields = set(new_ids)
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = path.relative_to(src)
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if rel.parts[0] == "vocab" and path.suffix == ".parquet" and path.stem in fields:
+            _renumber_vocab(path, target, new_ids[path.stem])
+        elif path.suffix == ".parquet":
+            table = pq.read_table(str(path))
+            for f in fields & set(table.column_names):  # a split: one id column per field
+                table = _set_ids(table, f, new_ids[f][table.column(f).to_numpy().astype(np.int64)])
+            if {"field", "id"} <= set(table.column_names):  # per-token facts (planted capacities): (field, id) rows
+                ids = table.column("id").to_numpy().astype(np.int64).copy()
+                field_col = table.column("field").to_numpy(zero_copy_only=False)
+                for f in fields:
+                    rows = field_col == f
+                    ids[rows] = new_ids[f][ids[rows]]
+                table = _set_ids(table, "id", ids)
+            with atomic_path(target) as tmp:
+                pq.write_table(table, str(tmp))
+        else:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(path, tmp)
+
+
+def _set_ids(table: pa.Table, column: str, ids: np.ndarray) -> pa.Table:
+    """`table` with `column` replaced by `ids`, in the column's own integer type."""
+    col = table.column(column)
+    return table.set_column(table.column_names.index(column), column, pa.array(ids.astype(col.type.to_pandas_dtype())))
+
+
+def _renumber_vocab(path: Path, target: Path, new: np.ndarray) -> None:
+    """A vocabulary file's rows reordered so that file order is again id order (2, 3, ...)."""
+    table = pq.read_table(str(path))
+    old = table.column("id").to_numpy().astype(np.int64)
+    order = np.argsort(new[old], kind="stable")
+    table = _set_ids(table.take(pa.array(order)), "id", np.sort(new[old]))
+    with atomic_path(target) as tmp:
+        pq.write_table(table, str(tmp))
+
+
+def _average_ranks(v: np.ndarray) -> np.ndarray:
+    """Ranks 0.. with ties sharing their average rank, in O(n log n)."""
+    order = np.argsort(v, kind="stable")
+    sv = v[order]
+    first = np.r_[True, sv[1:] != sv[:-1]]
+    group = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(v)]
+    ranks = np.empty(len(v))
+    ranks[order] = ((starts + ends - 1) / 2)[group]
+    return ranks
+
+
+def rank_correlation(x: np.ndarray, y: np.ndarray) -> Optional[float]:
+    """Spearman's rho (average ranks for ties); None when either side is constant."""
+    rx, ry = _average_ranks(np.asarray(x, float)), _average_ranks(np.asarray(y, float))
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _capacities(data_dir: Path) -> Optional[pa.Table]:
+    """The planted per-token capacity table (field, id, capacity, ...) of synthetic data, or None."""
+    truth_path = data_dir / "ground_truth.json"
+    if not truth_path.is_file():
+        return None
+    name = read_json(truth_path, "synthetic ground truth").get("token_capacity_file")
+    return pq.read_table(str(data_dir / name)) if name and (data_dir / name).is_file() else None
+
+
+def token_stats(data_dir: str | Path, tables: List[EmbeddingBagConfig], sizes: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """Per field: tokens per size, and Spearman of size with frequency (vocabulary count) and planted capacity.
+
+    Both correlations run over the vocabulary's tokens (ids 2..), reserved ids excluded.
+    """
+    data_dir = Path(data_dir)
+    caps = _capacities(data_dir)
+    out: Dict[str, Any] = {}
+    for t in tables:
+        s = sizes[t.name].numpy()
+        for f in t.feature_names:
+            vocab = pq.read_table(str(vocab_path(data_dir, f)), columns=["id", "count"])
+            ids = vocab.column("id").to_numpy().astype(np.int64)
+            entry: Dict[str, Any] = {
+                "tokens_per_size": {int(k): int(n) for k, n in zip(*np.unique(s, return_counts=True))},
+                "reserved_sizes": [int(x) for x in s[:NUM_RESERVED]],
+                "spearman_frequency": rank_correlation(s[ids], vocab.column("count").to_numpy()),
+            }
+            if caps is not None:
+                mine = caps.filter(pc.equal(caps.column("field"), f))
+                cid = mine.column("id").to_numpy().astype(np.int64)
+                keep = cid >= NUM_RESERVED  # values the vocabulary kept (others share the OOV id)
+                cap = mine.column("capacity").to_numpy()[keep]
+                entry["spearman_capacity"] = rank_correlation(s[cid[keep]], cap)
+                entry["mean_size_by_capacity"] = {int(c): float(s[cid[keep]][cap == c].mean()) for c in np.unique(cap)}
+            out[f] = entry
+    return out

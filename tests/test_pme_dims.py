@@ -1,0 +1,116 @@
+"""PME dims file: valid, under budget, and its bytes are exactly what the compact module holds.
+
+Also the renumbering: reserved ids fixed, groups contiguous by descending size, vocabulary files
+rewritten in id order, and the module reading renumbered ids equals the selection's sizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+
+from sharded_mde.config import RunConfig, SearchConfig
+from sharded_mde.modules.token_groups import build_token_group_ebc
+from sharded_mde.plan.dims import load_dims, save_dims
+from sharded_mde.plan.tables import plan_tables
+from sharded_mde.search.budget import budget_bytes
+from sharded_mde.search.pme import WEIGHT_DTYPE, make_pme_dims, routing_reserve
+from sharded_mde.search.pme_data import rank_correlation, renumber_data, token_order
+from sharded_mde.search.pme_score import ShardInfo, TokenScores
+from sharded_mde.search.pme_select import ByteModel, select_sizes
+
+TABLES = [EmbeddingBagConfig(name="t_A", num_embeddings=600, embedding_dim=16, feature_names=["A"]),
+          EmbeddingBagConfig(name="t_B", num_embeddings=450, embedding_dim=8, feature_names=["B"]),
+          EmbeddingBagConfig(name="t_N", num_embeddings=200, embedding_dim=16, feature_names=["N"])]
+
+
+def _scores() -> TokenScores:
+    g = torch.Generator().manual_seed(0)
+    local = {}
+    for i, t in enumerate(TABLES):
+        s = torch.rand(t.num_embeddings, t.embedding_dim, generator=g) / torch.arange(1, t.num_embeddings + 1)[:, None]
+        local[i] = s * (1e-4 if t.name == "t_N" else 1.0)  # a noise field: nothing salient
+    layout = [ShardInfo(t.name, 0, 0, t.num_embeddings, t.embedding_dim, 0) for t in TABLES]
+    return TokenScores(TABLES, layout, local, 1, 0.0)
+
+
+def _module_bytes(module, optimizer_row_bytes: int = 4, adam_bytes: int = 8) -> int:
+    """What the built module really holds: group tables + row-wise state, projections + Adam state, routing."""
+    n = 0
+    for c in module.ebc.embedding_bag_configs():
+        n += c.num_embeddings * (c.embedding_dim * 4 + optimizer_row_bytes)
+    n += sum(p.numel() * (4 + adam_bytes) for p in module.combiner.parameters())
+    n += sum(b.numel() * b.element_size() for b in module.router.buffers())
+    return n
+
+
+@pytest.mark.parametrize("combine,budget", [("project", 0.1), ("project", 0.4), ("pad", 0.25)])
+def test_dims_bytes_are_the_module_bytes(tmp_path: Path, combine: str, budget: float) -> None:
+    cfg = RunConfig(search=SearchConfig(method="pme", budget=budget))
+    cfg.search.pme.combine = combine
+    model = ByteModel(WEIGHT_DTYPE, cfg.train.embedding_optimizer, cfg.train.dense_optimizer, combine)
+    b = budget_bytes(TABLES, budget, WEIGHT_DTYPE, cfg.train.embedding_optimizer)
+    sel = select_sizes(_scores(), b - routing_reserve(TABLES, []), model)
+    dims = make_pme_dims(cfg, TABLES, sel, model, {"search": {"combine": combine}})
+    save_dims(tmp_path / "dims.json", dims)
+    dims = load_dims(tmp_path / "dims.json", TABLES)
+    assert dims.kept_bytes <= dims.budget_bytes == b
+    assert dims.kept_bytes > 0.7 * b
+    assert dims.table("t_N").dim < dims.table("t_A").dim  # the noise field gets less
+    module = build_token_group_ebc(dims, TABLES, combine)
+    assert _module_bytes(module) == dims.kept_bytes
+    assert [c.name for c in plan_tables(dims, TABLES)] == [c.name for c in module.ebc.embedding_bag_configs()]
+
+
+def test_renumbered_ids_reach_each_tokens_own_size(tmp_path: Path) -> None:
+    cfg = RunConfig(search=SearchConfig(method="pme", budget=0.3))
+    model = ByteModel(combine="pad")
+    sel = select_sizes(_scores(), budget_bytes(TABLES, 0.3) - routing_reserve(TABLES, []), model)
+    dims = make_pme_dims(cfg, TABLES, sel, model, {"search": {"combine": "pad"}})
+    module = build_token_group_ebc(dims, TABLES, "pad")
+    with torch.no_grad():
+        for p in module.ebc.parameters():
+            p.fill_(1.0)  # a token's pooled output then counts its size in non-zero columns
+    for t in TABLES:
+        sizes = sel.sizes[t.name]
+        new = torch.as_tensor(token_order(sizes.numpy()))
+        f = t.feature_names[0]
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f], values=new, lengths=torch.ones(t.num_embeddings, dtype=torch.long))
+        out = module(kjt).to_dict()
+        got = (out[f] != 0).sum(1) if f in out else torch.zeros(t.num_embeddings, dtype=torch.long)
+        assert torch.equal(got, sizes.long()), t.name
+
+
+def test_token_order_and_vocab_renumbering(tmp_path: Path) -> None:
+    sizes = np.array([4, 0, 8, 4, 0, 16, 8])
+    new = token_order(sizes)
+    assert new.tolist() == [0, 1, 3, 5, 6, 2, 4]
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "vocab").mkdir(parents=True)
+    pq.write_table(pa.table({"value": ["a", "b", "c", "d", "e"], "id": pa.array([2, 3, 4, 5, 6], pa.int32()),
+                             "count": [50, 40, 30, 20, 10]}), src / "vocab" / "A.parquet")
+    pq.write_table(pa.table({"label": [1.0, 0.0], "A": pa.array([2, 5], pa.int32()), "B": pa.array([3, 3], pa.int32())}),
+                   src / "train.parquet")
+    (src / "meta.json").write_text("{}")
+    renumber_data(src, dst, {"A": new})
+    vocab = pq.read_table(dst / "vocab" / "A.parquet")
+    assert vocab.column("id").to_pylist() == [2, 3, 4, 5, 6]
+    # old id 5 (value d, size 16) is now 2; old 2 (a, size 8) is 3; old 6 (e, 8) is 4; old 3 (b, 4) is 5; old 4 (c, 0) is 6
+    assert vocab.column("value").to_pylist() == ["d", "a", "e", "b", "c"]
+    train = pq.read_table(dst / "train.parquet")
+    assert train.column("A").to_pylist() == [3, 2] and train.column("B").to_pylist() == [3, 3]
+    assert train.schema.field("A").type == pa.int32()
+    assert (dst / "meta.json").read_text() == "{}"
+
+
+def test_rank_correlation() -> None:
+    assert rank_correlation(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1.0)
+    assert rank_correlation(np.array([4, 4, 8, 16]), np.array([1, 2, 3, 4])) == pytest.approx(0.9486833)
+    assert rank_correlation(np.array([1, 1, 1]), np.array([1, 2, 3])) is None
+
