@@ -61,11 +61,16 @@ class _Piece:
 
 @dataclass
 class _TableJob:
-    """One checkpoint table: its config (checkpoint shape), the columns to keep, the folded gate, its pieces."""
+    """One checkpoint table: its config (checkpoint shape), the columns to keep, the folded gate, its pieces.
+
+    `full_dim` and `source_columns` say which columns of the search's full table the export holds
+    (for a retrained compact table: the dims file's kept columns, while `kept` is all of its columns).
+    """
 
     config: EmbeddingBagConfig
     source: str
     full_dim: int
+    source_columns: List[int]
     kept: torch.Tensor
     gate: Optional[torch.Tensor]
     pieces: List[_Piece] = field(default_factory=list)
@@ -145,17 +150,22 @@ def _known_configs(tables: Sequence[EmbeddingBagConfig], dims: Optional[DimsFile
     return known
 
 
-def _kept_columns(name: str, rows: int, dim: int, dims: Optional[DimsFile]) -> torch.Tensor:
-    """Columns of the checkpoint table to keep: the dims file's kept columns for a supernet table, else all."""
+def _kept_columns(name: str, rows: int, dim: int, dims: Optional[DimsFile]) -> Tuple[torch.Tensor, int, List[int]]:
+    """(columns of the checkpoint table to keep, full dim, those columns in the full table).
+
+    A supernet table keeps the dims file's kept columns; a compact table (at the kept dim) and any
+    table without a dims entry keep all their columns.
+    """
     if dims is None or name not in {t.name for t in dims.tables}:
-        return torch.arange(dim)
+        return torch.arange(dim), dim, list(range(dim))
     entry = dims.table(name)
     if rows != entry.num_embeddings:
         raise ValueError(f"table {name}: {rows} rows in the checkpoint but {entry.num_embeddings} in the dims file")
+    columns = list(entry.kept_columns) if entry.dim else []
     if dim == entry.full_dim:
-        return torch.tensor(entry.kept_columns if entry.dim else [], dtype=torch.long)
+        return torch.tensor(columns, dtype=torch.long), dim, columns
     if dim == entry.dim:  # already compact (a retrained model)
-        return torch.arange(dim)
+        return torch.arange(dim), entry.full_dim, columns
     raise ValueError(f"table {name}: dim {dim} in the checkpoint is neither the dims file's full_dim "
                      f"{entry.full_dim} nor its kept dim {entry.dim}")
 
@@ -202,7 +212,7 @@ def _plan_jobs(
             raise ValueError(f"table {name} of the checkpoint is not a table of the config "
                              f"(known: {', '.join(sorted(known)[:8])}{', ...' if len(known) > 8 else ''})")
         rows, dim = _global_size(value)
-        kept = _kept_columns(name, rows, dim, dims)
+        kept, full_dim, source_columns = _kept_columns(name, rows, dim, dims)
         gate = None
         if gates is not None and name in gates:
             g = torch.as_tensor(gates[name], dtype=torch.float32)
@@ -216,7 +226,7 @@ def _plan_jobs(
                               "the export computes the supernet with those columns masked too", stacklevel=3)
             gate = g[kept]
         cfg = dataclasses.replace(known[name], num_embeddings=rows, embedding_dim=dim)
-        jobs[name] = _TableJob(cfg, sources.get(name, name), dim, kept, gate)
+        jobs[name] = _TableJob(cfg, sources.get(name, name), full_dim, source_columns, kept, gate)
     return jobs
 
 
@@ -441,7 +451,7 @@ def export_compact(
             exported.append(ExportedTable(
                 name=job.config.name, features=list(job.config.feature_names), rows=job.config.num_embeddings,
                 dim=k, dtype=export_cfg.dtype, file=rel, source_table=job.source, full_dim=job.full_dim,
-                kept_columns=[int(c) for c in job.kept], pooling=job.config.pooling.value))
+                kept_columns=job.source_columns, pooling=job.config.pooling.value))
         shutil.rmtree(scratch)
         write_weights(root / HEAD_WEIGHTS, head_weights)
         compact_dims = feature_dims_of([t.config() for t in exported], list(features))
@@ -457,7 +467,7 @@ def export_compact(
             source={"checkpoint": str(ckpt.resolve()), "step": info.get("step"),
                     "world_size": len(files), "dims_method": dims.method if dims else None,
                     "masked": saved_gates is not None or gates is not None,
-                    "dropped_tables": [j.config.name for j in jobs.values() if not j.kept.numel()]},
+                    "dropped_tables": [t.name for t in tables if t.name not in {e.source_table for e in exported}]},
             writer=writer_versions(),
         )
         write_manifest(root, manifest)
