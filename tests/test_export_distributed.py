@@ -169,6 +169,12 @@ def test_export_of_supernet_scores_like_the_hard_masked_supernet(trained: Path, 
     assert '"masked": true' in manifest and '"t_C4"' in manifest  # t_C4 is dropped, listed as such
     tables = {t.name: t for t in load_export(tmp_path / "ham").head.sparse_arch.embedding_bag_configs()}
     assert {n: t.embedding_dim for n, t in tables.items()} == {n: len(c) for n, c in KEPT.items() if c}
+    # a dims file that drops a column the mask keeps: the export warns (it masks that column too)
+    dims = _dims()
+    dims.table("t_C2").kept_columns = [0, 2, 4, 7]
+    with pytest.warns(UserWarning, match=r"table t_C2: the mask keeps columns \[1\] that the dims file drops"):
+        export_compact(ckpt, tmp_path / "warn", _model_cfg("dlrm"), FEATURES, N_DENSE, _tables(), dims=dims,
+                       progress=False)
     # A plain model cut by the dims file alone equals that model with the other columns zeroed.
     for name, head, _ in MODELS[:2]:
         ckpt = trained / kind / name / "checkpoints"

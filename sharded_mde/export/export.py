@@ -401,7 +401,6 @@ def export_compact(
     dense_in_features: int,
     tables: Sequence[EmbeddingBagConfig],
     dims: Optional[DimsFile] = None,
-    gates: Optional[Mapping[str, torch.Tensor]] = None,
     export_cfg: ExportConfig = ExportConfig(),
     data_dir: Optional[str | Path] = None,
     overwrite: bool = False,
@@ -411,7 +410,7 @@ def export_compact(
 
     `tables` are the run's full tables (names, features, pooling); the checkpoint's own shapes are
     used. With `dims`, supernet tables keep the dims file's columns (dims 0: dropped). The HAM mask
-    saved in the checkpoint (or `gates`, per table, one value per column) is folded into the weights.
+    saved in the checkpoint is folded into the weights.
     The vocabularies of `data_dir` (the data stage's output) are copied in, so the export serves raw values.
     """
     ckpt = resolve_checkpoint(checkpoint)
@@ -424,10 +423,8 @@ def export_compact(
     if other:
         raise ValueError(f"sparse arch state {arch}{other[0]} cannot be exported yet (only plain and HAM-masked "
                          "embedding bag collections are)")
-    saved_gates = hard_gates(sparse_state, tables)
-    if saved_gates is not None and gates is not None:
-        raise ValueError("the checkpoint holds a column mask; do not pass gates as well")
-    jobs = _plan_jobs(state, tables, dims, gates if gates is not None else saved_gates)
+    gates = hard_gates(sparse_state, tables)
+    jobs = _plan_jobs(state, tables, dims, gates)
     for job in jobs.values():
         check_dim(int(job.kept.numel()), export_cfg.dtype, job.config.name)
     kept_by_feature = {f: j.kept for j in jobs.values() for f in j.config.feature_names}
@@ -466,7 +463,7 @@ def export_compact(
             files={rel: file_entry(root, rel) for rel in listed},
             source={"checkpoint": str(ckpt.resolve()), "step": info.get("step"),
                     "world_size": len(files), "dims_method": dims.method if dims else None,
-                    "masked": saved_gates is not None or gates is not None,
+                    "masked": gates is not None,
                     "dropped_tables": [t.name for t in tables if t.name not in {e.source_table for e in exported}]},
             writer=writer_versions(),
         )
