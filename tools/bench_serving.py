@@ -69,15 +69,18 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--max-batches", type=int, default=0, help="use only this many batches of the split (0 = all)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--eager", action="store_true", help="time the eager modules instead of TorchScript")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", help="results JSON (default: RUN_DIR/bench_serving.json)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, parse_overrides(args.overrides))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     requests = load_requests(cfg.data.dir, "test", cfg.export.serve_batch_size, device, args.max_batches)
     exports = {"compact": Path(args.compact), "full": Path(args.full)}
     results: Dict[str, Any] = {"device": device_name(device), "batch_size": cfg.export.serve_batch_size,
                                "row_alignment": cfg.export.row_alignment, "repeats": args.repeats,
-                               "scripted": not args.eager, "dtypes": {}}
+                               "scripted": not args.eager, "threads": torch.get_num_threads(), "dtypes": {}}
     for dtype in args.dtypes.split(","):
         r = bench_dtype(exports, dtype, requests, device, args.repeats, cfg.export.row_alignment, not args.eager)
         results["dtypes"][dtype] = r
