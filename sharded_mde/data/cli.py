@@ -1,0 +1,86 @@
+"""`sharded-mde data synth|convert|prepare`: the data stage's commands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from sharded_mde.config import DataConfig, load_config, parse_overrides
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `data` with its own subcommands."""
+    p = subparsers.add_parser("data", help="synthetic data, conversion to Parquet, vocabularies and splits")
+    sub = p.add_subparsers(dest="data_command", required=True)
+
+    s = sub.add_parser("synth", help="write planted synthetic data (Criteo TSV or Parquet) and its ground truth")
+    s.add_argument("config", nargs="?", help="run config whose data.synth_* settings to use")
+    s.add_argument("--out", help="output file (.tsv/.parquet) or directory (default: <data.dir>/raw)")
+    s.add_argument("--rows", type=int, help="rows to generate (data.synth_rows)")
+    s.add_argument("--seed", type=int, help="generator seed (data.synth_seed)")
+    s.add_argument("--format", choices=["tsv", "parquet"], default="tsv")
+    s.add_argument("--tail-capacity", action="store_true", default=None,
+                   help="tail tokens carry fewer informative coordinates (data.synth_tail_capacity)")
+    _common(s, config=True)
+    s.set_defaults(func=_synth)
+
+    c = sub.add_parser("convert", help="raw Criteo TSV / Avazu CSV -> Parquet shards (no vocabulary)")
+    c.add_argument("--format", choices=["criteo_tsv", "avazu_csv"], required=True)
+    c.add_argument("--out", required=True, help="output directory for part-*.parquet")
+    c.add_argument("--strict", action="store_true", help="a malformed line is an error instead of skipped")
+    c.add_argument("files", nargs="+", help="input files (gzip is detected; glob patterns allowed)")
+    _common(c, config=False)
+    c.set_defaults(func=_convert)
+
+    r = sub.add_parser("prepare", help="vocabularies and train/valid/test Parquet splits in data.dir")
+    r.add_argument("config", help="run config (YAML)")
+    _common(r, config=True)
+    r.set_defaults(func=_prepare)
+
+
+def _common(p: argparse.ArgumentParser, config: bool) -> None:
+    if config:
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set data.min_count=5")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def _data_config(args: argparse.Namespace) -> DataConfig:
+    return load_config(args.config, parse_overrides(args.overrides)).data if args.config else DataConfig()
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from sharded_mde.data.synth import SynthSpec, generate, synth_paths
+
+    cfg = _data_config(args)
+    if args.out is None and not args.config:
+        raise ValueError("give --out FILE_OR_DIR or a CONFIG (which writes to <data.dir>/raw)")
+    spec = dataclasses.replace(SynthSpec.from_config(cfg), **{k: v for k, v in {
+        "rows": args.rows, "seed": args.seed, "tail_capacity": args.tail_capacity}.items() if v is not None})
+    out = Path(args.out) if args.out else Path(cfg.dir) / "raw"
+    truth = generate(spec, out, args.format, cfg.split, cfg.split_by)
+    data_path, truth_path = synth_paths(out, args.format)
+    print(json.dumps({"data": str(data_path), "ground_truth": str(truth_path), "rows": spec.rows,
+                      "teacher_test_auc": round(truth["teacher"]["test_auc"], 4),
+                      "ctr": round(truth["teacher"]["ctr"], 4), "ranks": truth["ranks"]}))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from sharded_mde.data.convert import convert
+
+    summary = convert(args.format, args.files, Path(args.out), strict=args.strict)
+    print(json.dumps({k: summary[k] for k in ("rows", "skipped_lines")} | {"out": args.out,
+                                                                            "parts": len(summary["parts"])}))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from sharded_mde.data.prepare import prepare
+
+    meta = prepare(_data_config(args))
+    print(json.dumps({"dir": meta.dir, "rows": meta.rows, "skipped_lines": meta.skipped_lines,
+                      "num_embeddings": meta.num_embeddings}))
+    return 0

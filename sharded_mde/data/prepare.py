@@ -1,0 +1,179 @@
+"""`prepare`: raw files (or the synthetic generator) -> vocabularies and Parquet train/valid/test splits.
+
+Two streaming passes: the first counts values and builds the vocabularies, the second maps
+values to ids and writes the splits in parts. Every file is written atomically and meta.json
+last, so an interrupted run never leaves a directory that looks complete; a rerun with the same
+config returns at once, and one interrupted after the vocabularies reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from sharded_mde.config import DataConfig
+from sharded_mde.data.encode import Encoder
+from sharded_mde.data.meta import FORMAT_VERSION, META_FILE, DatasetMeta
+from sharded_mde.data.parts import PartWriter
+from sharded_mde.data.readers import DataWarning, SourceReader, expand_paths
+from sharded_mde.data.splits import SPLITS, assign_splits
+from sharded_mde.data.synth import SynthSpec, generate, load_ground_truth, synth_paths
+from sharded_mde.data.vocab import ValueCounter, Vocabulary, build_vocab, save_vocab
+from sharded_mde.io import atomic_path, atomic_write_json, read_json
+
+VOCAB_DONE = "vocab/_complete.json"
+
+
+def _sources(cfg: DataConfig, out: Path) -> Tuple[str, List[Path], Dict]:
+    """(reader format, input files, identity of the inputs for the fingerprint)."""
+    if cfg.format == "synth":
+        spec = SynthSpec.from_config(cfg)
+        data, _ = synth_paths(out / "raw", "parquet")
+        return "parquet", [data], {"synth": spec.fingerprint()}
+    files = expand_paths(cfg.paths, cfg.format)
+    ident = []
+    for p in files:
+        try:
+            st = p.stat()
+        except OSError:
+            raise ValueError(f"{p}: file not found") from None
+        ident.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return cfg.format, files, {"files": ident}
+
+
+def fingerprint(cfg: DataConfig, inputs: Dict) -> str:
+    """Digest of everything that determines the processed data (not the output directory)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "dir" and not (k.startswith("synth_"))}
+    blob = json.dumps({"format_version": FORMAT_VERSION, "config": settings, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _limited(tables: Iterable[pa.Table], max_rows: int) -> Iterator[pa.Table]:
+    """The tables, cut after `max_rows` rows in total (0 = no limit)."""
+    seen = 0
+    for t in tables:
+        if max_rows and seen + t.num_rows >= max_rows:
+            yield t.slice(0, max_rows - seen)
+            return
+        seen += t.num_rows
+        yield t
+
+
+def _clear(out: Path, keep_vocab: bool) -> None:
+    """Removes meta.json first (the directory stops looking complete), then stale outputs."""
+    (out / META_FILE).unlink(missing_ok=True)
+    for d in [*SPLITS, *([] if keep_vocab else ["vocab"])]:
+        shutil.rmtree(out / d, ignore_errors=True)
+
+
+def _build_vocabs(cfg: DataConfig, fmt: str, files: List[Path], out: Path, fp: str,
+                  progress: bool) -> Tuple[Dict[str, Vocabulary], int, int]:
+    """Pass 1: counts values, writes vocab/<field>.parquet; returns (vocabs, rows, skipped lines)."""
+    reader = SourceReader(fmt, [str(p) for p in files], strict=cfg.strict)
+    counter = ValueCounter(reader.schema.sparse)
+    rows = 0
+    with tqdm(desc="prepare: counting values", unit=" rows", disable=not progress) as bar:
+        for table in _limited(reader, cfg.max_rows):
+            counter.update(table)
+            rows += table.num_rows
+            bar.update(table.num_rows)
+    vocabs = {}
+    for f in reader.schema.sparse:
+        table = build_vocab(counter.counts(f), cfg.min_count, cfg.max_vocab)
+        save_vocab(out, f, table)
+        vocabs[f] = Vocabulary(table.column("value").combine_chunks())
+    atomic_write_json(out / VOCAB_DONE, {"fingerprint": fp, "rows": rows, "skipped_lines": reader.skipped})
+    return vocabs, rows, reader.skipped
+
+
+def prepare(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
+    """Builds (or finds up to date) the processed data directory `cfg.dir` and returns its metadata."""
+    out = Path(cfg.dir)
+    fmt, files, inputs = _sources(cfg, out)
+    fp = fingerprint(cfg, inputs)
+    if (out / META_FILE).exists():
+        try:
+            meta = DatasetMeta.load(out)
+            if meta.fingerprint == fp:
+                return meta
+        except ValueError:
+            pass
+    done = read_json(out / VOCAB_DONE, "vocabulary marker") if (out / VOCAB_DONE).exists() else {}
+    resume = done.get("fingerprint") == fp
+    _clear(out, keep_vocab=resume)
+    truth = _ensure_synth(cfg, out, progress) if cfg.format == "synth" else None
+    reader = SourceReader(fmt, [str(p) for p in files], strict=cfg.strict)
+    schema = reader.schema
+    if resume:
+        vocabs = {f: Vocabulary.load(out, f) for f in schema.sparse}
+        total, skipped = int(done["rows"]), int(done["skipped_lines"])
+    else:
+        vocabs, total, skipped = _build_vocabs(cfg, fmt, files, out, fp, progress)
+    encoder = Encoder(schema, vocabs)
+    writers = {s: PartWriter(out, f"{s}/") for s in SPLITS}
+    row = 0
+    with warnings.catch_warnings(), tqdm(total=total, desc="prepare: writing splits", unit=" rows",
+                                         disable=not progress) as bar:
+        warnings.simplefilter("ignore", DataWarning)  # already reported by the counting pass
+        for table in _limited(reader, cfg.max_rows):
+            n = table.num_rows
+            split = assign_splits(np.arange(row, row + n), total, cfg.split, cfg.split_by)
+            encoded = encoder.encode(table)
+            for i, s in enumerate(SPLITS):
+                writers[s].add(encoded.filter(pa.array(split == i)))
+            row += n
+            bar.update(n)
+    parts = {s: w.close() for s, w in writers.items()}
+    meta = DatasetMeta(
+        dense_features=list(schema.dense), sparse_features=list(schema.sparse),
+        num_embeddings={f: v.num_embeddings for f, v in vocabs.items()},
+        rows={s: sum(n for _, n in parts[s]) for s in SPLITS}, skipped_lines=skipped,
+        source=[str(p.resolve()) for p in files], fingerprint=fp, parts=parts,
+        config={k: v for k, v in asdict(cfg).items()})
+    if truth is not None:
+        _copy_ground_truth(truth, out, vocabs)
+    meta.save(out)
+    if cfg.format == "synth":  # regenerated on demand; a stray raw copy would look like data to other tools
+        shutil.rmtree(out / "raw", ignore_errors=True)
+    meta.dir = str(out)
+    return meta
+
+
+def _ensure_synth(cfg: DataConfig, out: Path, progress: bool) -> Dict:
+    """Generates the synthetic raw data into <dir>/raw unless a complete matching copy is there."""
+    spec = SynthSpec.from_config(cfg)
+    _, truth_path = synth_paths(out / "raw", "parquet")
+    truth = load_ground_truth(truth_path)
+    if truth is None or truth.get("fingerprint") != spec.fingerprint() or truth.get("split") != list(cfg.split) \
+            or truth.get("split_by") != cfg.split_by:
+        truth = generate(spec, out / "raw", "parquet", cfg.split, cfg.split_by, progress=progress)
+    return truth
+
+
+def _copy_ground_truth(truth: Dict, out: Path, vocabs: Dict[str, Vocabulary]) -> None:
+    """ground_truth.json beside the data; per-token capacities gain the vocabulary id of each value."""
+    truth = dict(truth)
+    cap_name = truth.pop("token_capacity_file", None)
+    truth.pop("data_file", None)
+    if cap_name:
+        caps = pq.read_table(out / "raw" / cap_name)
+        ids = np.empty(caps.num_rows, dtype=np.int32)
+        field_col = caps.column("field")
+        for f, vocab in vocabs.items():
+            rows = np.flatnonzero(pc.equal(field_col, f).to_numpy(zero_copy_only=False))
+            ids[rows] = vocab.encode(caps.column("value").take(pa.array(rows)))
+        with atomic_path(out / "token_capacity.parquet") as tmp:
+            pq.write_table(caps.append_column("id", pa.array(ids)), tmp)
+        truth["token_capacity_file"] = "token_capacity.parquet"
+    atomic_write_json(out / "ground_truth.json", truth)
