@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from sharded_mde.config import RunConfig
+from sharded_mde.data.synth import load_ground_truth
 from sharded_mde.io import atomic_write_json, atomic_write_text
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.plan.report import fmt_bytes
@@ -44,6 +45,11 @@ def summarise(cfg: RunConfig, ledger: StageLedger) -> Dict[str, Any]:
         "plots": {"search": str(Path(cfg.run_dir) / search["method"] / "search.png"), "memory": plan["png"],
                   "auc_vs_bytes": str(Path(cfg.run_dir) / "auc_vs_bytes.png")},
     }
+    truth = load_ground_truth(Path(cfg.data.dir) / "ground_truth.json")
+    if truth:  # planted data: the teacher's own test AUC is the ceiling to compare with
+        t = truth["teacher"]
+        doc["models"].insert(0, {"model": "teacher (planted ground truth)", "auc": t["test_auc"],
+                                 "logloss": t["test_logloss"], "embedding_bytes": None})
     return doc
 
 
@@ -80,7 +86,7 @@ def plot_auc_vs_bytes(doc: Dict[str, Any], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in doc["models"]:
+    for m in [m for m in doc["models"] if m["embedding_bytes"] is not None]:
         ax.scatter(m["embedding_bytes"] / 2**20, m["auc"], s=40)
         ax.annotate(m["model"], (m["embedding_bytes"] / 2**20, m["auc"]), fontsize=8, xytext=(4, 4),
                     textcoords="offset points")
