@@ -226,6 +226,7 @@ class PmeConfig:
     sizes: List[int] = field(default_factory=list)  # legal token sizes (multiples of 4; 0 = token pruned); [] = 0, 4, 8, 16, ... and each table's dim
     combine: str = "project"  # group outputs to the field width: project (a Linear per group) | pad (zeros)
     init_scale: float = 0.05  # tables start uniform(-s, s) when scored, so that fields' saliencies compare
+    accumulate: str = "gradient"  # gradient: |E x sum of batch gradients| | saliency: sum of batch |E x gradient|
 
     def validate(self) -> None:
         if not 0 < self.score_fraction <= 1:
@@ -236,6 +237,8 @@ class PmeConfig:
             raise ConfigError(f"combine: project or pad, got {self.combine!r}")
         if self.init_scale <= 0:
             raise ConfigError(f"init_scale: must be > 0, got {self.init_scale}")
+        if self.accumulate not in ("gradient", "saliency"):
+            raise ConfigError(f"accumulate: gradient or saliency, got {self.accumulate!r}")
 
 
 @dataclass

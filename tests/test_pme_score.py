@@ -46,8 +46,9 @@ def _model():
                        sparse_arch=PooledCapture(EmbeddingBagCollection(tables=_tables())))
 
 
-def _reference(ref, world: int):
-    """Dense saliency of the unsharded model: sum over global batches of |E * d(mean rank loss)/dE|."""
+def _reference(ref, world: int, accumulate: str):
+    """Dense saliency of the unsharded model from the gradients of the mean rank loss of each global batch:
+    sum_b |E * g_b| ("saliency") or |E * sum_b g_b| ("gradient")."""
     names = [f"model.sparse_arch.ebc.embedding_bags.t_{f}.weight" for f, _, _ in TABLES]
     params = dict(ref.named_parameters())
     out = {n: torch.zeros_like(params[n]) for n in names}
@@ -55,8 +56,8 @@ def _reference(ref, world: int):
         loss = sum(ref(_batch(r, step))[0] for r in range(world)) / world
         grads = torch.autograd.grad(loss, [params[n] for n in names])
         for n, g in zip(names, grads):
-            out[n] += (params[n].detach() * g).abs()
-    return out
+            out[n] += (params[n].detach() * g).abs() if accumulate == "saliency" else g
+    return out if accumulate == "saliency" else {n: (params[n].detach() * g).abs() for n, g in out.items()}
 
 
 def _body(rank: int, world: int, kinds: tuple) -> None:
@@ -71,20 +72,21 @@ def _check(rank: int, world: int, kind: str) -> None:
     dmp = wrap_model(model, manual_plan(_tables(), kind, world, module_fqn=ebc_path(model)), cfg, torch.device("cpu"))
     copy_full_into(dmp.state_dict(), ref.state_dict())
     before = {k: v for k, v in copy.deepcopy(dmp.state_dict()).items()}
-    scores = score_tokens(dmp, _tables(), (_batch(rank, s) for s in range(10)), BATCHES, torch.device("cpu"),
-                          progress=False, calibrate=False)
-    assert scores.batches == BATCHES
-    want = _reference(ref, world)
-    owned = 0
-    for i, acc in scores.local.items():
-        s = scores.layout[i]
-        full = want[f"model.sparse_arch.ebc.embedding_bags.{s.table}.weight"]
-        torch.testing.assert_close(acc, full[s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols], rtol=1e-4, atol=1e-7)
-        owned += 1
-    assert owned == sum(1 for s in scores.layout if s.rank == rank)
-    total = torch.tensor([sum(float(a.sum()) for a in scores.local.values())])
-    dist.all_reduce(total)
-    assert float(total) > 0
+    for accumulate in ("saliency", "gradient"):
+        scores = score_tokens(dmp, _tables(), (_batch(rank, s) for s in range(10)), BATCHES, torch.device("cpu"),
+                              progress=False, calibrate=False, accumulate=accumulate)
+        assert scores.batches == BATCHES
+        want = _reference(ref, world, accumulate)
+        owned = 0
+        for i, acc in scores.local.items():
+            s = scores.layout[i]
+            full = want[f"model.sparse_arch.ebc.embedding_bags.{s.table}.weight"]
+            torch.testing.assert_close(acc, full[s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols], rtol=1e-4, atol=1e-7)
+            owned += 1
+        assert owned == sum(1 for s in scores.layout if s.rank == rank)
+        total = torch.tensor([sum(float(a.sum()) for a in scores.local.values())])
+        dist.all_reduce(total)
+        assert float(total) > 0
     after = dmp.state_dict()
     for k, v in before.items():  # scoring never updates the tables (nor anything else)
         a, b = (after[k].local_shards(), v.local_shards()) if hasattr(v, "local_shards") else ([after[k]], [v])

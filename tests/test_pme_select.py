@@ -49,8 +49,8 @@ def _layout(kind: str, world: int) -> List[ShardInfo]:
     return out
 
 
-def _bytes_of(sizes: Dict[str, torch.Tensor], legal: Dict[str, List[int]]) -> int:
-    return sum(histogram_bytes([int((sizes[t.name] == s).sum()) for s in legal[t.name]], legal[t.name], 1, MODEL)
+def _bytes_of(sizes: Dict[str, torch.Tensor], legal: Dict[str, List[int]], model: ByteModel = MODEL) -> int:
+    return sum(histogram_bytes([int((sizes[t.name] == s).sum()) for s in legal[t.name]], legal[t.name], 1, model)
                for t in TABLES)
 
 
@@ -93,6 +93,22 @@ def test_threshold_fits_budget_and_sizes_are_nearest_legal(budget: float) -> Non
         assert int(sel.sizes[t.name][-5:].max()) == 0  # never seen: the smallest size
         head, tail = sel.sizes[t.name][:10].float().mean(), sel.sizes[t.name][10:].float().mean()
         assert head > tail
+
+
+def test_budget_left_after_every_salient_entry_raises_the_smallest_size() -> None:
+    scores = _scores(_layout("table_wise", 1), 0)
+    for acc in scores.local.values():
+        acc[10:] = 0  # only the first 10 tokens of each table were seen
+    full_bytes = sum(MODEL.group(t.num_embeddings, t.embedding_dim) for t in TABLES)
+    pad = ByteModel(combine="pad")
+    sel = select_sizes(scores, int(0.6 * full_bytes), pad)
+    assert sel.tau == 0.0 and sel.floor == 4
+    assert sel.bytes == _bytes_of(sel.sizes, sel.legal, pad) <= sel.budget_bytes
+    for t in TABLES:
+        assert int(sel.sizes[t.name][10:].max()) == int(sel.sizes[t.name][10:].min()) == 4
+        assert int(sel.sizes[t.name][:10].min()) == t.embedding_dim  # every entry of a seen token is salient
+    raised = {t.name: torch.where(sel.sizes[t.name] == 4, 8, sel.sizes[t.name]) for t in TABLES}
+    assert _bytes_of(raised, sel.legal, pad) > sel.budget_bytes  # the next floor would not fit
 
 
 def test_infeasible_budget_names_the_floor() -> None:

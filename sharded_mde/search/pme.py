@@ -28,7 +28,7 @@ from sharded_mde.modules.token_groups import FieldGroups, TokenGroupEBC, fields_
 from sharded_mde.plan.dims import DimsFile, TableDims, TokenGroup
 from sharded_mde.plan.tables import full_table_configs, plan_tables
 from sharded_mde.search.budget import budget_bytes, full_bytes
-from sharded_mde.search.pme_data import NUM_RESERVED, renumber_data, token_order, token_stats
+from sharded_mde.search.pme_data import NUM_RESERVED, renumber_data, scoring_batches, token_order, token_stats
 from sharded_mde.search.pme_score import PooledCapture, TokenScores, score_tokens
 from sharded_mde.search.pme_select import ByteModel, Selection, default_sizes, histogram_bytes, select_sizes
 from sharded_mde.search.report import save_search_result
@@ -52,7 +52,7 @@ def build_scorer(cfg: RunConfig, tables: List[EmbeddingBagConfig], features: Lis
 
 def score_run(cfg: RunConfig, env: DistEnv, tables: List[EmbeddingBagConfig]) -> Tuple[TokenScores, Dict[str, float]]:
     """Scores the run's training data from the start of epoch 0 for `score_fraction` of an epoch."""
-    from sharded_mde.data import DatasetMeta, iterate_batches, num_batches
+    from sharded_mde.data import DatasetMeta, num_batches
     from sharded_mde.train.run import sharding_plan
 
     t0 = time.perf_counter()
@@ -62,9 +62,9 @@ def score_run(cfg: RunConfig, env: DistEnv, tables: List[EmbeddingBagConfig]) ->
     epoch = num_batches(cfg.data.dir, "train", cfg.train.batch_size, env.world_size)
     n = max(1, round(cfg.search.pme.score_fraction * epoch))
     setup = time.perf_counter() - t0
-    batches = iterate_batches(cfg.data.dir, "train", cfg.train.batch_size, rank=env.rank, world_size=env.world_size,
-                              seed=cfg.train.seed, epoch=0)
-    scores = score_tokens(dmp, tables, batches, n, env.device, cfg.train.progress)
+    batches = scoring_batches(cfg.data.dir, cfg.train.batch_size, n, env.rank, env.world_size)
+    scores = score_tokens(dmp, tables, batches, n, env.device, cfg.train.progress,
+                          accumulate=cfg.search.pme.accumulate)
     return scores, {"setup_seconds": setup, "score_seconds": scores.seconds, "score_batches": scores.batches,
                     "epoch_batches": epoch}
 
@@ -129,7 +129,7 @@ def run_pme(cfg: RunConfig, env: DistEnv, stage: str = "pme", ranks: Optional[Di
         extra = {
             "data_dir": str(data_dir),
             "search": {"budget": cfg.search.budget, **dataclasses.asdict(pme)},
-            "pme": {"tau": sel.tau, "selected_bytes": sel.bytes, "timing": timing,
+            "pme": {"tau": sel.tau, "floor_size": sel.floor, "selected_bytes": sel.bytes, "timing": timing,
                     "tokens": token_stats(cfg.data.dir, tables, sel.sizes)},
         }
         dims = make_pme_dims(cfg, tables, sel, model, extra)

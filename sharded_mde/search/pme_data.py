@@ -5,13 +5,14 @@ frequency), the reserved ids (0 missing, 1 out-of-vocabulary) keeping theirs: th
 vocabulary is all serving needs, with no remap. `renumber_data` writes a copy of the processed
 data directory in the new ids (splits and vocabularies) for retraining. `token_stats` relates the
 chosen sizes to token frequency and, on planted data, to each token's planted capacity.
+`scoring_batches` reads only the rows that scoring looks at (a training epoch loads them all).
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -19,9 +20,45 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torchrec import EmbeddingBagConfig
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from sharded_mde.data.meta import DatasetMeta
+from sharded_mde.data.readers import LABEL
 from sharded_mde.data.vocab import NUM_RESERVED, vocab_path
 from sharded_mde.io import atomic_path, read_json
+
+
+def scoring_batches(data_dir: str | Path, batch_size: int, num_batches: int, rank: int = 0,
+                    world_size: int = 1) -> Iterator[Batch]:
+    """`num_batches` batches of consecutive training rows for this rank, from the start of the train split.
+
+    Rank r reads rows [r m, (r + 1) m), m = num_batches x batch_size, and only the parts holding them.
+    """
+    meta = DatasetMeta.load(data_dir)
+    m = num_batches * batch_size
+    start, stop = rank * m, (rank + 1) * m
+    if world_size * m > meta.rows["train"]:
+        raise ValueError(f"{data_dir}: scoring needs {world_size * m} training rows, the train split has {meta.rows['train']}")
+    columns = [LABEL] + meta.dense_features + meta.sparse_features
+    parts, offset = [], 0
+    for path, n in meta.split_parts("train"):
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            parts.append(pq.read_table(str(path), columns=columns).slice(lo - offset, hi - lo))
+        offset += n
+    table = pa.concat_tables(parts)
+    keys = list(meta.sparse_features)
+    for b in range(num_batches):
+        t = table.slice(b * batch_size, batch_size)
+        dense = np.stack([t.column(c).to_numpy() for c in meta.dense_features], axis=1).astype(np.float32) \
+            if meta.dense_features else np.zeros((batch_size, 0), np.float32)
+        ids = np.stack([t.column(c).to_numpy().astype(np.int64) for c in keys])
+        yield Batch(dense_features=torch.from_numpy(dense),
+                    sparse_features=KeyedJaggedTensor(keys=keys, values=torch.from_numpy(ids.reshape(-1)),
+                                                      lengths=torch.ones(len(keys) * batch_size, dtype=torch.int32),
+                                                      stride=batch_size),
+                    labels=torch.from_numpy(t.column(LABEL).to_numpy().astype(np.float32)))
 
 
 def token_order(sizes: np.ndarray) -> np.ndarray:

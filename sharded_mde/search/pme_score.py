@@ -1,12 +1,13 @@
-"""PME saliency at initialisation: s_ij = sum over batches of |E_ij * dL/dE_ij|, scored shard by shard.
+"""PME saliency at initialisation: s_ij = |E_ij * dL/dE_ij| over the scored batches, shard by shard.
 
 Fused TBE kernels apply the optimizer inside backward and never expose a table's gradient, so the
 entry gradients are derived from the gradient of the pooled output: with sum pooling,
 dL/dE[i, :] = sum of dL/dpooled over the bags that contain token i. Each rank computes that for
 its own batch (only the head is back-propagated; the tables are never touched), sends each
 token's gradient piece to the rank that holds the token's shard (all_to_all over the shard layout
-of the ShardedTensors, so any sharding works), and the owner adds |E * g| of the global batch
-(mean of the ranks' losses, as DMP trains) into an accumulator the size of its shard.
+of the ShardedTensors, so any sharding works), and the owner accumulates the global batch's
+gradient (mean of the ranks' losses, as DMP trains) into a tensor the size of its shard: either
+the gradient itself, scored |E * sum| at the end (default), or |E * g| batch by batch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from tqdm import tqdm
 
 from sharded_mde.train.sharding import unwrap
+
+
+ACCUMULATE_MODES = ("gradient", "saliency")
 
 
 class PooledCapture(nn.Module):
@@ -180,11 +184,17 @@ def score_tokens(
     device: torch.device,
     progress: bool = True,
     calibrate: bool = True,
+    accumulate: str = "gradient",
 ) -> TokenScores:
     """Accumulates |E * dL/dE| over `batches` for the EBC inside `dmp` (wrapped in a PooledCapture).
 
     With `calibrate`, the output bias is first set to the click rate of the first batch.
+    `accumulate`: "gradient" sums dL/dE over the batches and scores |E * sum| once (the gradient of
+    the whole scored window: rows' noise cancels, a token's consistent pull adds up); "saliency"
+    sums |E * dL/dE| batch by batch.
     """
+    if accumulate not in ACCUMULATE_MODES:
+        raise ValueError(f"PME scoring: accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
     captures = [m for m in dmp.modules() if isinstance(m, PooledCapture)]
     if len(captures) != 1:
         raise ValueError("PME scoring needs the model's sparse arch wrapped in exactly one PooledCapture")
@@ -220,11 +230,16 @@ def score_tokens(
                 continue
             uu, inv = torch.unique(ids, return_inverse=True)
             total = torch.zeros(len(uu), gi.shape[1], device=gi.device).index_add_(0, inv, gi) / world
-            acc[i].index_add_(0, uu, (weights[i][uu].detach().to(total.dtype) * total).abs())
+            if accumulate == "saliency":
+                total = (weights[i][uu].detach().to(total.dtype) * total).abs()
+            acc[i].index_add_(0, uu, total)
         capture.last = None
         done += 1
         bar.update(1)
         if done >= num_batches:
             break
     bar.close()
+    if accumulate == "gradient":
+        for i, a in acc.items():
+            a.mul_(weights[i].detach().to(a.dtype)).abs_()
     return TokenScores(tables, layout, acc, done, time.perf_counter() - t0)
