@@ -67,8 +67,8 @@ def stage_export(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str,
     from sharded_mde.export.stage import export_stage
 
     out = Path(cfg.run_dir) / "export"
-    manifest = export_stage(cfg, Path(cfg.run_dir) / "retrain" / "checkpoints", out, overwrite=True,
-                            progress=cfg.train.progress)
+    manifest = export_stage(cfg, Path(cfg.run_dir) / "retrain" / "checkpoints", out, dims_path=_dims_file(ledger),
+                            overwrite=True, progress=cfg.train.progress)
     return {"export_dir": str(out), "table_bytes": manifest.table_bytes()}
 
 
