@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import argparse
 
-from sharded_mde.train.cli import add_config_args, load_args_config
+from typing import TYPE_CHECKING
+
+from sharded_mde.config import RunConfig
+from sharded_mde.train.cli import add_config_args, run_with_data
+
+if TYPE_CHECKING:
+    from sharded_mde.train.distributed import DistEnv
 
 
 def _run(args: argparse.Namespace) -> int:
     from sharded_mde.pipeline.run import run_pipeline
     from sharded_mde.pipeline.stages import STAGES
-    from sharded_mde.train.distributed import init_distributed, shutdown_distributed
 
-    cfg = load_args_config(args)
-    env = init_distributed()
-    try:
+    def body(cfg: RunConfig, env: DistEnv) -> int:
         run_pipeline(cfg, env, STAGES)
-    finally:
-        shutdown_distributed()
-    return 0
+        return 0
+
+    # The pipeline's own data stage prepares the data (and is recorded in the ledger).
+    return run_with_data(args, body, prepare_data=False)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 
 from sharded_mde.config import RunConfig
 from sharded_mde.plan.dims import DimsFile
-from sharded_mde.train.cli import add_config_args, load_args_config
+from sharded_mde.train.cli import add_config_args, run_with_data
 from sharded_mde.train.distributed import DistEnv
 
 
@@ -46,25 +46,6 @@ def run_search(cfg: RunConfig, env: DistEnv, stage: Optional[str] = None) -> Dim
     return search(cfg, env, stage or cfg.search.method, planted_ranks(cfg))
 
 
-def _with_data(args: argparse.Namespace, body: Callable[[RunConfig, DistEnv], int]) -> int:
-    """Loads the config, starts the process group, prepares the data on rank 0, runs `body`."""
-    from sharded_mde.data import prepare
-    from sharded_mde.train.distributed import init_distributed, shutdown_distributed
-
-    cfg = load_args_config(args)
-    env = init_distributed()
-    try:
-        if env.is_main:
-            prepare(cfg.data)
-        if env.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-        return body(cfg, env)
-    finally:
-        shutdown_distributed()
-
-
 def _search(args: argparse.Namespace) -> int:
     def body(cfg: RunConfig, env: DistEnv) -> int:
         dims = run_search(cfg, env, args.stage)
@@ -78,7 +59,7 @@ def _search(args: argparse.Namespace) -> int:
             print(json.dumps(summary, indent=2))
         return 0
 
-    return _with_data(args, body)
+    return run_with_data(args, body)
 
 
 def _retrain(args: argparse.Namespace) -> int:
@@ -90,7 +71,7 @@ def _retrain(args: argparse.Namespace) -> int:
             print(json.dumps({k: summary[k] for k in ("method", "init", "kept_bytes", "budget_bytes", "test")}, indent=2))
         return 0
 
-    return _with_data(args, body)
+    return run_with_data(args, body)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING, Callable
 
-from sharded_mde.config import load_config, parse_overrides
+from sharded_mde.config import RunConfig, load_config, parse_overrides
+
+if TYPE_CHECKING:
+    from sharded_mde.train.distributed import DistEnv
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -16,32 +20,42 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
-def load_args_config(args: argparse.Namespace):
+def load_args_config(args: argparse.Namespace) -> RunConfig:
     """The RunConfig named by the command line, with overrides applied."""
     return load_config(args.config, parse_overrides(args.overrides))
 
 
-def _train(args: argparse.Namespace) -> int:
+def run_with_data(args: argparse.Namespace, body: Callable[[RunConfig, DistEnv], int], prepare_data: bool = True) -> int:
+    """Loads the config, starts the process group, prepares the data on rank 0, then runs `body` on every rank."""
     from sharded_mde.data import prepare
     from sharded_mde.train.distributed import init_distributed, shutdown_distributed
-    from sharded_mde.train.run import train_stage
 
     cfg = load_args_config(args)
     env = init_distributed()
     try:
-        if env.is_main:
-            prepare(cfg.data)
-        if env.world_size > 1:
-            import torch.distributed as dist
+        if prepare_data:
+            if env.is_main:
+                prepare(cfg.data)
+            if env.world_size > 1:
+                import torch.distributed as dist
 
-            dist.barrier()
+                dist.barrier()
+        return body(cfg, env)
+    finally:
+        shutdown_distributed()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sharded_mde.train.run import train_stage
+
+    def body(cfg: RunConfig, env: DistEnv) -> int:
         _, metrics = train_stage(cfg, env, args.stage)
         if env.is_main:
             print(json.dumps({"stage": args.stage, "test": metrics["test"],
                               "examples_per_s": round(metrics["examples_per_s"])}, indent=2))
-    finally:
-        shutdown_distributed()
-    return 0
+        return 0
+
+    return run_with_data(args, body)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
