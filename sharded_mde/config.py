@@ -117,6 +117,8 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: config is not UTF-8 text (byte {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -79,6 +79,8 @@ def read_json(path: PathLike, what: str = "file") -> Any:
         raise ValueError(f"{p}: {what} not found") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{p} line {e.lineno}: {what} is not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: {what} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ValueError(f"{p}: cannot read {what} ({e.strerror or e})") from None
 

@@ -263,6 +263,8 @@ def load_plan(path: Union[str, Path], tables: Sequence[EmbeddingBagConfig], worl
     seen: Dict[str, str] = {}
     plan: Dict[str, EmbeddingModuleShardingPlan] = {}
     for fqn, entries in raw["modules"].items():
+        if not isinstance(entries, dict):
+            raise PlanningError(f"{where}: module {fqn}: expected an object mapping table names to shardings")
         module_plan = EmbeddingModuleShardingPlan()
         for name, e in entries.items():
             tw = f"{where}: table {name}"
@@ -289,16 +291,22 @@ def _parameter_sharding(e: Any, shape: Tuple[int, int], world_size: Optional[int
         raise PlanningError(f"{tw}: ranks {ranks} are not ranks of a world of {world_size}")
     spec = None
     if e.get("shards") is not None:
+        if not isinstance(e["shards"], list) or not all(isinstance(s, dict) for s in e["shards"]):
+            raise PlanningError(f"{tw}: shards must be a list of objects with offsets, sizes and placement")
         metas = []
         for s in e["shards"]:
             off, size = s.get("offsets"), s.get("sizes")
             if (not isinstance(off, list) or not isinstance(size, list) or len(off) != 2 or len(size) != 2
+                    or not all(type(x) is int for x in off + size)
                     or any(o < 0 for o in off) or any(z < 0 for z in size)
                     or off[0] + size[0] > shape[0] or off[1] + size[1] > shape[1]):
                 raise PlanningError(f"{tw}: shard {off} + {size} does not lie inside the table's {shape[0]} x {shape[1]}")
             if e["compute_kernel"] != EmbeddingComputeKernel.DENSE.value and size[1] % DIM_MULTIPLE:
                 raise PlanningError(f"{tw}: a {size[1]}-column shard is illegal for FBGEMM (multiple of {DIM_MULTIPLE})")
-            metas.append(ShardMetadata(shard_offsets=off, shard_sizes=size, placement=s.get("placement")))
+            try:
+                metas.append(ShardMetadata(shard_offsets=off, shard_sizes=size, placement=s.get("placement")))
+            except (ValueError, TypeError) as err:
+                raise PlanningError(f"{tw}: shard placement {s.get('placement')!r}: {err}") from None
         if sum(m.shard_sizes[0] * m.shard_sizes[1] for m in metas) != shape[0] * shape[1] or _overlap(metas):
             raise PlanningError(f"{tw}: the shards do not tile the table's {shape[0]} x {shape[1]} (wrong dim or rows?)")
         spec = EnumerableShardingSpec(metas)
