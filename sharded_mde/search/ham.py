@@ -58,6 +58,7 @@ def run_ham(cfg: RunConfig, env: DistEnv, stage: str = "ham", ranks: Optional[Di
     meta = DatasetMeta.load(cfg.data.dir)
     tables = full_table_configs(cfg)
     optimizer = cfg.train.embedding_optimizer
+    torch.manual_seed(cfg.train.seed)  # the same initialisation in every run (and on every rank)
     model = build_supernet(cfg, tables, meta.sparse_features, len(meta.dense_features))
     gate = find_gate(model)
     controller = BudgetController(gate, tables, budget_bytes(tables, cfg.search.budget, WEIGHT_DTYPE, optimizer),

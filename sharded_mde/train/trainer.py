@@ -106,6 +106,8 @@ class Trainer:
         if d is None:
             return False
         payload, _ = load_checkpoint(d, self.env.rank, self.env.world_size)
+        self.optimizer.init_state()  # a fresh Adam has no state yet and KeyedOptimizer will not load into that
+        self.optimizer.zero_grad(set_to_none=True)
         self.dmp.load_state_dict(load_portable(self.dmp.state_dict(), payload["model"]))
         self.optimizer.load_state_dict(load_portable(self.optimizer.state_dict(), payload["optimizer"]))
         self.step = int(payload["step"])

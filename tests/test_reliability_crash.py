@@ -1,0 +1,81 @@
+"""Crash safety: a search killed with SIGKILL mid-training resumes and gives the uninterrupted dims."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from sharded_mde.train.checkpoint import COMPLETE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp: Path) -> Path:
+    """A tiny synth run: 6 fields, 18 search steps, a checkpoint every 3 steps."""
+    cfg = {
+        "run_dir": str(tmp / "run"),
+        "data": {"format": "synth", "dir": str(tmp / "data"), "synth_rows": 6000, "synth_vocab_max": 500,
+                 "synth_num_sparse": 6, "synth_seed": 0},
+        "model": {"embedding_dim": 8, "dense_arch": [16, 8], "over_arch": [16, 1]},
+        "train": {"batch_size": 256, "epochs": 1, "checkpoint_every": 3, "sharding": "table_wise"},
+        "search": {"method": "ham", "budget": 0.5, "epochs": 1},
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _search(config: Path, stage: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "sharded_mde.cli", "search", str(config), "--stage", stage],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+
+
+def _result(run: Path, stage: str) -> dict:
+    """The parts of a dims file that must not depend on an interruption (not timings or paths)."""
+    raw = json.loads((run / stage / "dims.json").read_text())
+    extra = raw.get("extra", {})
+    return {"tables": raw["tables"], "kept_bytes": raw["kept_bytes"], "mask_values": extra.get("mask_values"),
+            "supernet_test": extra.get("supernet_test")}
+
+
+def test_sigkill_during_search_resumes_to_the_same_dims(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    run = tmp_path / "run"
+    _finish(_search(config, "reference"))  # also prepares the data
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    kill_after = rng.choice([3, 6, 9])  # the newest finished checkpoint when the kill lands
+    extra_delay = rng.uniform(0.0, 0.1)  # somewhere between two checkpoints (or inside a save)
+    ckpts = run / "killed" / "checkpoints"
+    proc = _search(config, "killed")
+    deadline = time.monotonic() + 240
+    while not (ckpts / f"step_{kill_after:09d}" / COMPLETE).is_file():
+        assert proc.poll() is None, f"search finished before the kill (seed {seed})"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    time.sleep(extra_delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"not killed mid-search (seed {seed})"
+    assert not (run / "killed" / "dims.json").exists(), f"killed after the search had finished (seed {seed})"
+
+    _finish(_search(config, "killed"))
+    assert _result(run, "killed") == _result(run, "reference"), (
+        f"resumed search differs from the uninterrupted one (seed {seed}, killed after step {kill_after} "
+        f"+ {extra_delay:.2f}s)")
+
