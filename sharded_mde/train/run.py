@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import torch
 from torch import nn
 from torchrec import EmbeddingBagConfig
 from torchrec.distributed import DistributedModelParallel
@@ -55,6 +56,7 @@ def train_stage(
     meta = DatasetMeta.load(cfg.data.dir)
     tables = tables if tables is not None else full_table_configs(cfg)
     if model is None:
+        torch.manual_seed(cfg.train.seed)  # the same initialisation in every run (and on every rank)
         model = build_model(cfg.model, tables, meta.sparse_features, len(meta.dense_features))
     out = Path(cfg.run_dir) / stage
     dmp = wrap_model(model, sharding_plan(model, tables, cfg, env), cfg.train, env.device)
