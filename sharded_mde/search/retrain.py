@@ -159,6 +159,7 @@ def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Opti
     if dims.method not in COMPACT_BUILDERS:
         raise ValueError(f"{dims_path}: no retrain builder for method {dims.method!r} (known: {', '.join(COMPACT_BUILDERS)})")
     stage = stage or f"retrain_{dims.method}"
+    torch.manual_seed(cfg.train.seed)  # a from-scratch compact model starts the same in every run
     model, tables, warm = COMPACT_BUILDERS[dims.method](cfg, dims, full, meta)
     if dims.extra.get("data_dir"):  # the search renumbered the ids (PME): train on its copy of the data
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(dims.extra["data_dir"])))

@@ -55,10 +55,11 @@ def train_stage(
     """Trains `model` (default: the full-dimension model) in `<run_dir>/<stage>/` and scores the test split."""
     meta = DatasetMeta.load(cfg.data.dir)
     tables = tables if tables is not None else full_table_configs(cfg)
+    torch.manual_seed(cfg.train.seed)  # the same initialisation in every run (and on every rank)
     if model is None:
-        torch.manual_seed(cfg.train.seed)  # the same initialisation in every run (and on every rank)
         model = build_model(cfg.model, tables, meta.sparse_features, len(meta.dense_features))
     out = Path(cfg.run_dir) / stage
+    torch.manual_seed(cfg.train.seed + 1)  # tables are materialised by DMP from the meta device: seeded too
     dmp = wrap_model(model, sharding_plan(model, tables, cfg, env), cfg.train, env.device)
     trainer = Trainer(dmp, cfg.train, env, cfg.data.dir, out / "checkpoints", callbacks)
     if not trainer.try_resume() and warm_start is not None:
