@@ -254,9 +254,14 @@ class SearchConfig:
     # HAM: hard auxiliary masks (docs/ham.md)
     surrogate: str = "identity"  # straight-through gradient of the 0/1 mask: identity | clipped | sigmoid
     mask_init: float = 0.05  # initial mask value a (every column starts kept: a > 0)
-    mask_lr: float = 0.005  # the mask's step per update (its Adam learning rate)
-    dual_lr: float = 0.05  # dual ascent step of lambda per update, per unit of relative budget excess
-    ortho_weight: float = 1e-3  # beta of the orthogonal regularity (0 = off)
+    mask_lr: float = 0.005  # the mask's learning rate (a moves about this much per step at lambda = 1)
+    dual_lr: float = 0.1  # dual ascent rate: lambda changes by at most a factor exp(dual_lr) per step
+    dual_tol: float = 0.02  # kept-bytes error (fraction of the full bytes) at which that rate is reached
+    lambda_init: float = 0.1  # lambda when pruning starts (dimensionless: see docs/ham.md)
+    warmup: float = 0.3  # fraction of the search before pruning starts (lambda = 0, the mask does not move)
+    prune: float = 0.5  # fraction over which the kept-bytes target declines (cubic) to the budget
+    uniform_price: float = 0.0  # share of the penalty that prices every column alike (0 = bytes only)
+    ortho_weight: float = 0.1  # beta of the orthogonal regularity on the mean squared column correlation (0 = off)
     ortho_rows: int = 1024  # batch rows the orthogonal regularity looks at (0 = the whole batch)
     retrain_warm_start: bool = True  # retrain from the supernet's kept columns (else from scratch)
     pme: PmeConfig = field(default_factory=PmeConfig)  # PME settings (method: pme)
@@ -268,8 +273,12 @@ class SearchConfig:
             raise ConfigError(f"budget: a fraction in (0, 1], got {self.budget}")
         if self.surrogate not in ("identity", "clipped", "sigmoid"):
             raise ConfigError(f"surrogate: identity, clipped or sigmoid, got {self.surrogate!r}")
-        if self.epochs <= 0 or self.mask_lr <= 0 or self.dual_lr < 0:
-            raise ConfigError("epochs and mask_lr must be positive and dual_lr >= 0")
+        if self.epochs <= 0 or self.mask_lr <= 0 or self.dual_lr < 0 or self.dual_tol <= 0 or self.lambda_init <= 0:
+            raise ConfigError("epochs, mask_lr, dual_tol and lambda_init must be positive and dual_lr >= 0")
+        if self.warmup < 0 or self.prune < 0 or self.warmup + self.prune > 1:
+            raise ConfigError(f"warmup and prune: fractions with warmup + prune <= 1, got {self.warmup}, {self.prune}")
+        if not 0 <= self.uniform_price <= 1:
+            raise ConfigError(f"uniform_price: a fraction in [0, 1], got {self.uniform_price}")
         if self.mask_init <= 0:
             raise ConfigError(f"mask_init: must be > 0 (every column starts kept), got {self.mask_init}")
         if self.ortho_weight < 0 or self.ortho_rows < 0:

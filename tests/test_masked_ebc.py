@@ -7,7 +7,7 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from sharded_mde.modules.masked_ebc import ColumnGate, MaskedEmbeddingBagCollection, hard_mask
+from sharded_mde.modules.masked_ebc import ColumnGate, MaskedEmbeddingBagCollection, surrogate_grad
 from sharded_mde.plan.dims import column_cost, table_bytes
 
 SPEC = [("a", 30, 8), ("b", 20, 4), ("c", 25, 8)]
@@ -64,36 +64,62 @@ def test_gate_applies_mask_by_key_whatever_the_key_order() -> None:
 
 @pytest.mark.parametrize("surrogate", ["identity", "clipped", "sigmoid"])
 def test_surrogate_gradients(surrogate: str) -> None:
-    a = torch.tensor([-2.0, -0.5, 0.3, 1.5], requires_grad=True)
-    m = hard_mask(a, surrogate)
-    assert m.tolist() == [0.0, 0.0, 1.0, 1.0]
-    (m * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
-    up = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    s = torch.sigmoid(a.detach())
-    want = {"identity": up, "clipped": up * torch.tensor([0.0, 1.0, 1.0, 0.0]), "sigmoid": up * s * (1 - s)}[surrogate]
-    torch.testing.assert_close(a.grad, want)
+    u = torch.tensor([-2.0, -0.5, 0.0, 1.0, 1.5])
+    s = torch.sigmoid(u)
+    want = {"identity": torch.ones(5), "clipped": torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]),
+            "sigmoid": 4 * s * (1 - s)}[surrogate]
+    torch.testing.assert_close(surrogate_grad(u, surrogate), want)
 
 
-def test_penalty_is_lambda_times_kept_column_bytes_over_full_bytes() -> None:
-    m = _masked(mask_init=0.1, lr_scale=2.0)
-    m.gate.set_kept({"t_a": [0, 1], "t_c": range(8)})
-    m.gate.set_lambda(3.0)
+def test_backward_records_the_mask_gradient_of_every_column() -> None:
+    m = _masked()
+    kept = {"t_a": [0, 3], "t_c": [1, 2, 3, 4, 7]}  # t_b fully pruned: its gradient must still be recorded
+    m.gate.set_kept(kept)
     m.train()
-    m(_kjt())
-    full = sum(table_bytes(r, d).total for _, r, d in SPEC)
-    want = 3.0 * (2 * column_cost(30) + 8 * column_cost(25)) / full
-    torch.testing.assert_close(m.auxiliary_loss(), torch.tensor(want, dtype=torch.float32))
-    m.auxiliary_loss().backward()
-    # identity surrogate: d penalty / d a = lambda * price, and a = weight * lr_scale
-    price = torch.tensor([column_cost(r) / full for _, r, d in SPEC for _ in range(d)])
-    torch.testing.assert_close(m.gate.weight.grad, 3.0 * price * 2.0)
+    kt = m.ebc(_kjt(b=9))
+    pooled = kt.values().detach()
+    out = m.gate(kt)
+    w = torch.randn(out.values().shape, generator=torch.Generator().manual_seed(3))
+    (out.values() * w).sum().backward()
+    # dL/dm_j = sum over rows of dL/dout_j * pooled_j, gathered into table order by key
+    per_col = (w * pooled).sum(0)
+    want = torch.cat([per_col[o:o + d] for o, d in zip([0, 8, 12], [8, 4, 8])])  # keys a, b, c = table order
+    torch.testing.assert_close(m.gate.reduce_grad(), want, rtol=1e-5, atol=1e-6)
+    assert m.gate.grad_sum.abs().max() == 0  # reset by reduce_grad
+    grad_a = m.ebc.embedding_bags["t_a"].weight.grad
+    assert grad_a[:, [1, 2, 4, 5, 6, 7]].abs().max() == 0 and grad_a[:, [0, 3]].abs().max() > 0
+    assert m.ebc.embedding_bags["t_b"].weight.grad.abs().max() == 0
     m.eval()
-    m(_kjt())
-    assert m.auxiliary_loss() is None
+    m.gate(m.ebc(_kjt())).values().sum().backward()
+    assert m.gate.grad_sum.abs().max() == 0 and m.auxiliary_loss() is None
+
+
+def test_update_is_scaled_gradient_plus_byte_price() -> None:
+    gate = ColumnGate(_tables(), mask_init=0.1)
+    full = sum(table_bytes(r, d).total for _, r, d in SPEC)
+    price = torch.tensor([column_cost(r) / full for _, r, d in SPEC for _ in range(d)])
+    price = price / price.mean()
+    torch.testing.assert_close(gate.price, price)
+    g = torch.randn(20, generator=torch.Generator().manual_seed(0))
+    gate.update(g, lam=5.0, lr=0.01, move=False)  # statistics only
+    assert torch.equal(gate.weight, torch.full((20,), 0.1))
+    gate.update(g, lam=2.0, lr=0.01)
+    mom = 0.1 * g * 0.9 + 0.1 * g  # EMA after two identical gradients
+    rms = ((0.01 * (g * g).mean() * 0.99 + 0.01 * (g * g).mean()) / (1 - 0.99 ** 2)).sqrt()
+    torch.testing.assert_close(gate.weight, 0.1 - 0.01 * (mom / rms + 2.0 * price))
+    clipped = ColumnGate(_tables(), mask_init=0.1, surrogate="clipped")  # |a / mask_init| > 1 does not move
+    clipped.weight.copy_(torch.tensor([0.3, 0.05] + [-0.05] * 18))
+    clipped.update(g, lam=1.0, lr=0.01)
+    assert clipped.weight[0] == 0.3 and clipped.weight[1] != 0.05
+
+
+def test_price_mixes_a_uniform_share() -> None:
+    gate = ColumnGate(_tables(), uniform_price=1.0)
+    torch.testing.assert_close(gate.price, torch.ones(20))
 
 
 def test_kept_counts_and_values_follow_set_kept() -> None:
-    gate = ColumnGate(_tables(), lr_scale=0.5)
+    gate = ColumnGate(_tables())
     gate.set_kept({"t_a": [0, 4], "t_b": [0, 1, 2, 3]}, magnitude=0.2)
     assert gate.kept_counts().tolist() == [2, 4, 0]
     vals = gate.table_values()
@@ -124,7 +150,8 @@ def test_orthogonal_regularity_matches_a_per_table_reference() -> None:
         gate.train()
         gate(kt)
         sub = {f: v[:rows] if rows else v for f, v in x.items()}
-        torch.testing.assert_close(gate.auxiliary_loss(), 0.5 * _naive_ortho(sub, kept), rtol=1e-4, atol=1e-5)
+        pairs = sum(d * (d - 1) for _, _, d in SPEC)
+        torch.testing.assert_close(gate.auxiliary_loss(), 0.5 * _naive_ortho(sub, kept) / pairs, rtol=1e-4, atol=1e-6)
     # all tables of one width take the reshape path; the value must agree with the reference too
     same = [EmbeddingBagConfig(name=f"t_{f}", num_embeddings=10, embedding_dim=4, feature_names=[f]) for f in "xy"]
     gate = ColumnGate(same, ortho_weight=1.0)
@@ -132,8 +159,8 @@ def test_orthogonal_regularity_matches_a_per_table_reference() -> None:
     x = {f: torch.randn(7, 4) + torch.randn(7, 1) for f in "xy"}
     gate.train()
     gate(KeyedTensor(keys=["x", "y"], length_per_key=[4, 4], values=torch.cat([x["x"], x["y"]], 1)))
-    torch.testing.assert_close(gate.auxiliary_loss(), _naive_ortho(x, {"x": [0, 1, 3], "y": [0, 1, 2, 3]}),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gate.auxiliary_loss(), _naive_ortho(x, {"x": [0, 1, 3], "y": [0, 1, 2, 3]}) / 24,
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_orthogonal_regularity_trains_the_tables_not_the_mask() -> None:
@@ -141,7 +168,7 @@ def test_orthogonal_regularity_trains_the_tables_not_the_mask() -> None:
     m.train()
     m(_kjt(b=16))
     m.auxiliary_loss().backward()
-    assert m.gate.weight.grad.abs().max() == 0  # lambda is 0: only the regularity, which does not touch the mask
+    assert m.gate.reduce_grad().abs().max() == 0  # the regularity does not reach the mask
     assert m.ebc.embedding_bags["t_a"].weight.grad.abs().sum() > 0
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,7 +13,8 @@ from torchrec import EmbeddingBagConfig
 
 from sharded_mde.modules.masked_ebc import ColumnGate
 from sharded_mde.plan.dims import load_dims, save_dims, table_bytes
-from sharded_mde.search.budget import BudgetController, budget_bytes, full_bytes, make_dims_file, select_dims
+from sharded_mde.search.budget import (BudgetController, budget_bytes, full_bytes, make_dims_file, select_dims,
+                                       target_bytes)
 
 
 def _tables(spec):
@@ -77,20 +81,31 @@ def test_dims_file_round_trip(tmp_path) -> None:
     assert back.kept_bytes == table_bytes(50, 4).total and back.extra["mask_values"]["t_0"][0] == 0.1
 
 
-def test_controller_dual_ascent_and_state_round_trip() -> None:
+def test_controller_dual_ascent_mask_steps_and_state_round_trip() -> None:
     tables = _tables([(100, 8), (300, 8)])
-    gate = ColumnGate(tables)
+    gate = ColumnGate(tables, mask_init=0.05)
     budget = budget_bytes(tables, 0.5)
-    ctl = BudgetController(gate, tables, budget, dual_lr=0.1)
+    ctl = BudgetController(gate, tables, budget, dual_lr=0.1, warmup=0.2, prune=0.5, lambda_init=1e-3, tol=0.02,
+                           mask_lr=0.01)
+    trainer = SimpleNamespace(total_steps=100)
     assert ctl.kept_bytes() == full_bytes(tables)
-    ctl.on_step_end(None, 1)
-    excess = (full_bytes(tables) - budget) / budget
-    assert ctl.lam == pytest.approx(0.1 * excess) and float(gate.lam) == pytest.approx(ctl.lam)
-    gate.set_kept({"t_0": [0, 1, 2, 3]})  # far below the budget: lambda falls, never below 0
-    for s in range(2, 40):
-        ctl.on_step_end(None, s)
-    assert ctl.lam == 0.0 and ctl.steps[-1]["kept_bytes"] == table_bytes(100, 4).total
-    ctl.on_eval(None, 39, {"auc": 0.7, "logloss": 0.5})
+    for s in range(1, 20):  # warm-up: no penalty, the mask does not move (its statistics do)
+        gate.grad_sum.fill_(0.5)
+        ctl.on_step_end(trainer, s)
+        assert ctl.lam == 0.0 and torch.equal(gate.weight, torch.full((16,), 0.05))
+    assert int(gate.updates) == 19 and gate.grad_sum.abs().max() == 0
+    ctl.on_step_end(trainer, 20)  # pruning starts: the target is still the full bytes, kept == target
+    assert ctl.lam == pytest.approx(1e-3) and ctl.steps[-1]["target"] == full_bytes(tables)
+    assert (gate.weight < 0.05).all()  # the (positive) loss gradient and the price push every column down
+    ctl.on_step_end(trainer, 45)  # target halfway down: kept is far above it, lambda grows by exp(dual_lr)
+    assert ctl.lam == pytest.approx(1e-3 * math.exp(0.1))
+    assert ctl.steps[-1]["target"] == pytest.approx(target_bytes(0.45, full_bytes(tables), budget, 0.2, 0.5), abs=1)
+    gate.set_kept({"t_0": [0, 1, 2, 3]}, magnitude=5.0)  # far below the budget: lambda falls, stays positive
+    for s in range(46, 90):
+        ctl.on_step_end(trainer, s)
+    assert 0 < ctl.lam < 1e-3 * math.exp(-0.1 * 40) and ctl.steps[-1]["kept_bytes"] == table_bytes(100, 4).total
+    assert ctl.steps[-1]["target"] == budget
+    ctl.on_eval(trainer, 89, {"auc": 0.7, "logloss": 0.5})
     other = BudgetController(ColumnGate(tables), tables, budget, dual_lr=0.1)
     other.load_state_dict(ctl.state_dict())
     assert other.state_dict() == ctl.state_dict() and other.trace()["evals"][0]["auc"] == 0.7

@@ -3,16 +3,22 @@
 `MaskedEmbeddingBagCollection` is KJT in, KeyedTensor out, like an EBC. It owns the EBC as its
 child `.ebc` (DistributedModelParallel shards it with TorchRec's stock sharder) and a
 `ColumnGate` holding one mask vector a_t per table, concatenated in table order. The gate is
-a small dense module: DMP replicates it with DDP, and TorchRec's pipeline tracer treats it as a
+a small dense module that every rank holds whole, and TorchRec's pipeline tracer treats it as a
 leaf. Masking pooled column j of a table equals masking the table's column j because sum and
 mean pooling are linear per column. Sharded EBCs may reorder the output keys, so the mask is
 gathered into the output's key order on each call; the index is cached per key order.
 
-Forward: m = 1[a > 0]; backward: a straight-through surrogate dm/da (identity, clipped |a| <= 1
-or sigmoid'). Training also leaves `auxiliary_loss()` (added by `RecTrain`): the byte penalty
-lambda * sum_tj price_t m_tj, where price_t is the bytes of one column of table t over the full
-model's bytes, and the orthogonal regularity beta * sum_t ||C_t - I||_F^2 of the batch's pooled
-kept columns (centred and L2-normalised). lambda is set by the search's budget controller.
+Forward: m = 1[a > 0]. In training, the backward of the masking hands dL/dm (of every column,
+kept or not) to the gate, and the search's controller applies the HAM step once per update
+(`update`): a <- a - lr * g(a) * (dL/dm / rms + lambda * price), g the straight-through surrogate
+(identity, clipped or sigmoid', on a / mask_init), dL/dm averaged over ranks and steps and
+measured in units of its running RMS, price_t the bytes of one column of table t relative to the
+mean column (optionally mixed with a share `uniform_price` of a uniform price). This is the
+gradient of loss + lambda * sum_tj price_t m_tj with a dedicated, scale-free mask optimizer; the
+mask is a buffer, so DDP and the dense optimizer leave it alone. `auxiliary_loss()` (added by
+`RecTrain`) is the orthogonal regularity beta * sum_t ||C_t - I||_F^2 / P of the batch's pooled
+kept columns (centred and L2-normalised; P the number of off-diagonal column pairs at full dims,
+so beta weighs a mean squared correlation).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -30,57 +37,44 @@ from sharded_mde.plan.dims import column_cost, table_bytes
 SURROGATES = ("identity", "clipped", "sigmoid")
 
 
-class _HardMask(torch.autograd.Function):
-    """m = 1[a > 0] forward; dm/da = g(a) backward for the chosen surrogate g."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, surrogate: int) -> torch.Tensor:  # type: ignore[override]
-        ctx.surrogate = surrogate
-        if surrogate:
-            ctx.save_for_backward(a)
-        return (a > 0).to(a.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:  # type: ignore[override]
-        if ctx.surrogate == 0:  # identity
-            return grad, None
-        (a,) = ctx.saved_tensors
-        if ctx.surrogate == 1:  # clipped: hardtanh'
-            return grad * (a.abs() <= 1).to(grad.dtype), None
-        s = torch.sigmoid(a)
-        return grad * s * (1 - s), None
+def surrogate_grad(u: torch.Tensor, surrogate: str = "identity") -> torch.Tensor:
+    """dm/da of the straight-through estimator at u = a / mask_init: 1, 1[|u| <= 1], or 4 sigmoid'(u)."""
+    if surrogate == "identity":
+        return torch.ones_like(u)
+    if surrogate == "clipped":
+        return (u.abs() <= 1).to(u.dtype)
+    if surrogate == "sigmoid":
+        s = torch.sigmoid(u)
+        return 4 * s * (1 - s)
+    raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
 
 
 class _MaskColumns(torch.autograd.Function):
-    """values * mask (mask broadcast over rows) with a cache-blocked backward.
+    """values * mask (the mask broadcast over rows); backward also hands dL/dmask to the gate.
 
-    Autograd's own backward reduces grad * values over 4096+ rows in one `sum(0)`, which is several
-    times slower on CPU than summing row blocks that stay in cache; this is most of the mask's cost.
+    The mask gradient is summed over row blocks that stay in cache: autograd's own broadcast
+    backward reduces grad * values over all rows in one `sum(0)`, several times slower on CPU.
     """
 
     BLOCK = 512
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(values, mask)
+    def forward(ctx, values: torch.Tensor, mask: torch.Tensor, gate: Optional["ColumnGate"],  # type: ignore[override]
+                perm: torch.Tensor) -> torch.Tensor:
+        ctx.gate, ctx.perm = gate, perm
+        ctx.save_for_backward(values if gate is not None else None, mask)
         return values * mask
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         values, mask = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_values = grad * mask if ctx.needs_input_grad[0] else None
-        grad_mask = None
-        if ctx.needs_input_grad[1]:
+        if ctx.gate is not None:
             grad_mask = torch.zeros_like(mask)
             for i in range(0, grad.shape[0], _MaskColumns.BLOCK):
                 grad_mask += (grad[i:i + _MaskColumns.BLOCK] * values[i:i + _MaskColumns.BLOCK]).sum(0)
-        return grad_values, grad_mask
-
-
-def hard_mask(a: torch.Tensor, surrogate: str = "identity") -> torch.Tensor:
-    """The 0/1 mask 1[a > 0], differentiable through the straight-through `surrogate`."""
-    return _HardMask.apply(a, SURROGATES.index(surrogate))
+            ctx.gate.grad_sum.index_add_(0, ctx.perm, grad_mask)
+        return grad * mask, None, None, None
 
 
 @dataclass(frozen=True)
@@ -89,27 +83,31 @@ class _Layout:
 
     perm: torch.Tensor  # (sum of output widths,) -> index into the table-ordered mask
     blocks: Tuple[Tuple[int, Optional[torch.Tensor]], ...]  # (dim, (F_d, dim) column index or None = all columns)
+    pairs: int  # off-diagonal column pairs over all output keys (the regularity's normaliser)
 
 
 class ColumnGate(nn.Module):
-    """Hard column mask over a pooled KeyedTensor, plus the search's penalty and orthogonal regularity."""
+    """Hard column mask over a pooled KeyedTensor, its HAM update rule, and the orthogonal regularity."""
+
+    MOMENTUM = 0.9  # EMA of the mask gradient (averages the batch noise)
+    SCALE_DECAY = 0.99  # EMA of the mean squared mask gradient (the loss side's unit)
 
     def __init__(
         self,
         tables: Sequence[EmbeddingBagConfig],
         surrogate: str = "identity",
         mask_init: float = 0.05,
-        lr_scale: float = 1.0,
         ortho_weight: float = 0.0,
         ortho_rows: int = 0,
         weight_dtype: str = "fp32",
         optimizer: str = "rowwise_adagrad",
+        uniform_price: float = 0.0,
     ) -> None:
         super().__init__()
         if surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
         self.surrogate = surrogate
-        self.lr_scale = float(lr_scale)
+        self.mask_init = float(mask_init)
         self.ortho_weight = float(ortho_weight)
         self.ortho_rows = int(ortho_rows)
         self.table_names: List[str] = [t.name for t in tables]
@@ -117,23 +115,29 @@ class ColumnGate(nn.Module):
         self.offsets: List[int] = [sum(self.dims[:i]) for i in range(len(self.dims))]
         self._feature_table: Dict[str, int] = {f: i for i, t in enumerate(tables) for f in t.feature_names}
         full = sum(table_bytes(t.num_embeddings, t.embedding_dim, weight_dtype, optimizer).total for t in tables)
-        price = torch.cat([torch.full((t.embedding_dim,), column_cost(t.num_embeddings, weight_dtype, optimizer) / full)
-                           for t in tables])
-        # The parameter is a / lr_scale: under Adam the step of a is then lr_scale * lr (the mask's own rate).
-        self.weight = nn.Parameter(torch.full((sum(self.dims),), mask_init / self.lr_scale))
-        self.register_buffer("price", price, persistent=False)
-        self.register_buffer("lam", torch.zeros(()), persistent=False)
+        cols = sum(self.dims)
+        price = torch.cat([torch.full((t.embedding_dim,), (1 - uniform_price) * column_cost(
+            t.num_embeddings, weight_dtype, optimizer) / full + uniform_price / cols) for t in tables])
+        # The mask is a buffer, not a parameter: the search's controller updates it (`update`), so
+        # neither DDP nor the dense optimizer touch it; it is saved and restored with the model.
+        self.register_buffer("weight", torch.full((cols,), self.mask_init))
+        self.register_buffer("momentum", torch.zeros(cols))
+        self.register_buffer("grad_sq", torch.zeros(()))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("price", price / price.mean(), persistent=False)  # mean 1
+        self.register_buffer("grad_sum", torch.zeros(cols), persistent=False)  # dL/dm since the last reduce_grad
+        self.collect_grad = True  # training forwards record dL/dm in grad_sum
         self._layouts: Dict[Tuple[str, ...], _Layout] = {}
         self._aux: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ mask values
     def values(self) -> torch.Tensor:
         """The mask vector a (all tables, table order); column j of table t is kept iff a > 0."""
-        return self.weight * self.lr_scale
+        return self.weight
 
     def table_values(self) -> Dict[str, torch.Tensor]:
         """a_t per table (detached, on the CPU)."""
-        a = self.values().detach().cpu()
+        a = self.weight.detach().cpu()
         return {n: a[o:o + d] for n, o, d in zip(self.table_names, self.offsets, self.dims)}
 
     def kept_counts(self) -> torch.Tensor:
@@ -149,11 +153,35 @@ class ColumnGate(nn.Module):
             i = self.table_names.index(name)
             idx = torch.as_tensor(list(cols), dtype=torch.long, device=a.device)
             a[self.offsets[i] + idx] = magnitude
-        self.weight.copy_(a / self.lr_scale)
+        self.weight.copy_(a)
 
-    def set_lambda(self, lam: float | torch.Tensor) -> None:
-        """Sets the penalty weight lambda (the budget controller's dual variable)."""
-        self.lam.fill_(float(lam))
+    # ------------------------------------------------------------------ the HAM update
+    @torch.no_grad()
+    def reduce_grad(self) -> torch.Tensor:
+        """dL/dm of the mean loss over ranks since the last call (all-reduced; the accumulator is reset)."""
+        g = self.grad_sum.clone()
+        self.grad_sum.zero_()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(g)
+            g /= dist.get_world_size()
+        return g
+
+    @torch.no_grad()
+    def update(self, grad: torch.Tensor, lam: float, lr: float, move: bool = True) -> None:
+        """One step a <- a - lr * g(a) * (EMA(dL/dm) / rms(dL/dm) + lam * price) (price: mean 1).
+
+        The loss side is measured in units of the mask gradient's running RMS, so lambda is
+        dimensionless: at lambda = 1 a column of average price whose loss gradient is zero moves
+        down by lr per step. With `move` false only the running statistics advance (warm-up).
+        """
+        self.momentum.mul_(self.MOMENTUM).add_(grad, alpha=1 - self.MOMENTUM)
+        self.grad_sq.mul_(self.SCALE_DECAY).add_((grad * grad).mean(), alpha=1 - self.SCALE_DECAY)
+        self.updates += 1
+        if not move:
+            return
+        rms = (self.grad_sq / (1 - self.SCALE_DECAY ** self.updates.double()).float()).sqrt().clamp_min(1e-12)
+        step = self.momentum / rms + lam * self.price
+        self.weight.sub_(lr * surrogate_grad(self.weight / self.mask_init, self.surrogate) * step)
 
     # ------------------------------------------------------------------ forward
     def _layout(self, keys: List[str], widths: List[int], device: torch.device) -> _Layout:
@@ -178,27 +206,26 @@ class ColumnGate(nn.Module):
         for d, cols in by_dim.items():
             contiguous = len(by_dim) == 1  # one width: the whole row reshapes to (B, F, d)
             blocks.append((d, None if contiguous else torch.tensor(cols, dtype=torch.long, device=device)))
-        lay = _Layout(torch.tensor(perm, dtype=torch.long, device=device), tuple(blocks))
+        pairs = max(1, sum(w * (w - 1) for w in widths))
+        lay = _Layout(torch.tensor(perm, dtype=torch.long, device=device), tuple(blocks), pairs)
         self._layouts[key] = lay
         return lay
 
     def forward(self, kt: KeyedTensor) -> KeyedTensor:
-        """The pooled embeddings with pruned columns zeroed; in training also computes the auxiliary loss."""
+        """The pooled embeddings with pruned columns zeroed; in training also records dL/dm and the regularity."""
         keys, widths, values = kt.keys(), kt.length_per_key(), kt.values()
         lay = self._layout(keys, widths, values.device)
-        m = hard_mask(self.values(), self.surrogate)
-        masked = _MaskColumns.apply(values, m.index_select(0, lay.perm))
-        if self.training:
-            aux = self.lam * (self.price * m).sum()
-            if self.ortho_weight > 0:
-                aux = aux + self.ortho_weight * self._ortho(values, m.detach().index_select(0, lay.perm), lay)
-            self._aux = aux
-        else:
-            self._aux = None
+        mk = (self.weight > 0).to(values.dtype).index_select(0, lay.perm)
+        collect = self.training and self.collect_grad
+        masked = _MaskColumns.apply(values, mk, self if collect else None, lay.perm)
+        self._aux = None
+        if self.training and self.ortho_weight > 0:
+            self._aux = self.ortho_weight * self._ortho(values, mk, lay)
         return KeyedTensor(keys=keys, length_per_key=widths, values=masked, key_dim=1)
 
     def _ortho(self, values: torch.Tensor, mk: torch.Tensor, lay: _Layout) -> torch.Tensor:
-        """sum over fields of ||C - I||^2 off the diagonal: C the correlation of the kept pooled columns."""
+        """Mean squared correlation between distinct kept pooled columns of a field (sum of ||C - I||^2
+        off the diagonal over fields, over the number of such column pairs at full dims)."""
         x = values[: self.ortho_rows] if self.ortho_rows else values
         x = x * mk  # pruned columns are zero, so they add nothing (and get no gradient)
         total = x.new_zeros(())
@@ -208,10 +235,10 @@ class ColumnGate(nn.Module):
             xb = xb / xb.norm(dim=0, keepdim=True).clamp_min(1e-6)
             c = torch.einsum("bfi,bfj->fij", xb, xb)
             total = total + (c * c).sum() - (c.diagonal(dim1=1, dim2=2) ** 2).sum()
-        return total
+        return total / lay.pairs
 
     def auxiliary_loss(self) -> Optional[torch.Tensor]:
-        """Penalty + orthogonal regularity of the latest training forward (None in eval)."""
+        """The orthogonal regularity of the latest training forward (None in eval or when off)."""
         return self._aux
 
 
@@ -233,7 +260,7 @@ class MaskedEmbeddingBagCollection(nn.Module):
         return self.gate(self.ebc(features))
 
     def auxiliary_loss(self) -> Optional[torch.Tensor]:
-        """The gate's penalty + orthogonal regularity (RecTrain adds it to the loss)."""
+        """The gate's orthogonal regularity (RecTrain adds it to the loss)."""
         return self.gate.auxiliary_loss()
 
 

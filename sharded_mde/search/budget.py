@@ -2,7 +2,8 @@
 
 During the search, `BudgetController` (a trainer callback) reads the hard mask after every step,
 prices the kept columns with the project's byte model (weights plus optimizer state), and moves
-the penalty weight lambda by dual ascent: lambda <- max(0, lambda + dual_lr * (kept - B) / B).
+the penalty weight lambda by dual ascent so that the kept bytes follow a gradual target from the
+full bytes (after a warm-up) down to the budget B.
 At the end, `select_dims` meets the budget exactly with legal dims: it floors every table's kept
 count to a multiple of 4, removes 4-column steps with the least mask value per byte while over
 the budget, then adds the steps with the most value per byte while one still fits, so the kept
@@ -100,22 +101,44 @@ def select_dims(values: Mapping[str, torch.Tensor], tables: Sequence[EmbeddingBa
     return {t.name: sorted(order[t.name][:dims[t.name]].tolist()) for t in tables}
 
 
+def target_bytes(progress: float, full: int, budget: int, warmup: float, prune: float) -> float:
+    """The kept-bytes target at `progress` (0..1) of the search: full until `warmup`, then a cubic
+    decline to the budget over the next `prune` fraction, then the budget (gradual pruning)."""
+    if progress < warmup:
+        return float(full)
+    x = min(1.0, (progress - warmup) / prune) if prune > 0 else 1.0
+    return budget + (full - budget) * (1.0 - x) ** 3
+
+
 class BudgetController:
-    """Trainer callback: dual ascent on the gate's lambda towards the byte budget, with a trace."""
+    """Trainer callback: the HAM mask step after every update, with lambda steered to the budget.
+
+    After each optimizer step it takes the mask gradient (averaged over ranks), moves lambda by a
+    dual ascent on log(lambda) with a bounded rate, lambda <- lambda * exp(dual_lr * clip((kept -
+    target) / (tol * full), -1, 1)), and applies `ColumnGate.update`. The log-space step changes
+    lambda by at most a factor exp(dual_lr) per step, so the lag of the masks (mask_init / mask_lr
+    steps to cross zero) cannot make it overshoot by orders of magnitude. During warm-up lambda is 0
+    and the mask does not move (the supernet's embeddings first become useful: a random column is
+    noise, which the mask would learn to cut); lambda starts at `lambda_init` after it.
+    """
 
     def __init__(self, gate: ColumnGate, tables: Sequence[EmbeddingBagConfig], budget: int, dual_lr: float,
-                 weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad") -> None:
+                 weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad", warmup: float = 0.2,
+                 prune: float = 0.5, lambda_init: float = 0.1, tol: float = 0.02, mask_lr: float = 0.005) -> None:
         if [t.name for t in tables] != gate.table_names:
             raise ValueError("BudgetController: tables must be the gate's tables, in the same order")
         self.gate = gate
         self.tables = list(tables)
         self.budget = int(budget)
+        self.full = full_bytes(tables, weight_dtype, optimizer)
         self.dual_lr = float(dual_lr)
         self.weight_dtype = weight_dtype
         self.optimizer = optimizer
+        self.warmup, self.prune, self.lambda_init, self.tol = float(warmup), float(prune), float(lambda_init), float(tol)
+        self.mask_lr = float(mask_lr)
         self.lam = 0.0
-        self.steps: List[Dict[str, float]] = []  # per step: step, kept_bytes, lambda
-        self.evals: List[Dict[str, float]] = []  # per evaluation: the same plus validation metrics
+        self.steps: List[Dict[str, float]] = []  # per step: step, kept_bytes, target, lambda
+        self.evals: List[Dict[str, float]] = []  # per evaluation: kept bytes, lambda and validation metrics
 
     def kept_bytes(self) -> int:
         """Bytes of the tables at the gate's current kept-column counts (byte model of the dims file)."""
@@ -124,11 +147,18 @@ class BudgetController:
                    for t, k in zip(self.tables, counts))
 
     def on_step_end(self, trainer: Any, step: int) -> None:
-        """One dual ascent step on lambda from the kept bytes after this update."""
+        """After each optimizer step: update lambda from the kept bytes, then take one HAM step on the mask."""
+        grad = self.gate.reduce_grad()
         kept = self.kept_bytes()
-        self.lam = max(0.0, self.lam + self.dual_lr * (kept - self.budget) / self.budget)
-        self.gate.set_lambda(self.lam)
-        self.steps.append({"step": step, "kept_bytes": kept, "lambda": self.lam})
+        progress = step / max(1, trainer.total_steps)
+        target = target_bytes(progress, self.full, self.budget, self.warmup, self.prune)
+        pruning = progress >= self.warmup
+        if pruning:
+            err = max(-1.0, min(1.0, (kept - target) / (self.tol * self.full)))
+            start = self.lam if self.lam > 0 else self.lambda_init
+            self.lam = max(1e-12, start * math.exp(self.dual_lr * err))
+        self.gate.update(grad, self.lam, self.mask_lr, move=pruning)
+        self.steps.append({"step": step, "kept_bytes": kept, "target": round(target), "lambda": self.lam})
 
     def on_eval(self, trainer: Any, step: int, metrics: Dict[str, float]) -> None:
         """Records kept bytes, lambda and the validation metrics of this evaluation."""
@@ -140,13 +170,13 @@ class BudgetController:
         return {"lam": self.lam, "steps": list(self.steps), "evals": list(self.evals)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restores lambda (also into the gate) and the trace."""
+        """Restores lambda and the trace (the mask and its statistics come back with the model state)."""
         self.lam = float(state["lam"])
         self.steps = list(state["steps"])
         self.evals = list(state["evals"])
-        self.gate.set_lambda(self.lam)
 
     def trace(self) -> Dict[str, Any]:
         """The search trace as written to trace.json."""
-        return {"budget_bytes": self.budget, "full_bytes": full_bytes(self.tables, self.weight_dtype, self.optimizer),
-                "dual_lr": self.dual_lr, "steps": self.steps, "evals": self.evals}
+        return {"budget_bytes": self.budget, "full_bytes": self.full, "dual_lr": self.dual_lr, "warmup": self.warmup,
+                "prune": self.prune, "lambda_init": self.lambda_init, "tol": self.tol, "steps": self.steps,
+                "evals": self.evals}

@@ -1,8 +1,9 @@
 """HAM search: train the hard-masked supernet under the budget controller, then select legal dims.
 
 The supernet is the run's model with a `MaskedEmbeddingBagCollection` as its sparse arch, trained
-by the ordinary trainer (DMP, fused table optimizer, Adam for dense parameters and masks) for
-`search.epochs`; `BudgetController` steers lambda after every step; `select_dims` turns the
+by the ordinary trainer (DMP, fused table optimizer, Adam for dense parameters) for
+`search.epochs`; `BudgetController` takes the mask step and steers lambda after every optimizer
+step; `select_dims` turns the
 final mask values into kept columns that meet the byte budget exactly. The final checkpoint stays
 in `<stage>/checkpoints` for retraining with a warm start.
 """
@@ -10,14 +11,13 @@ in `<stage>/checkpoints` for retraining with a warm start.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from sharded_mde.config import RunConfig, SearchConfig, TrainConfig
+from sharded_mde.config import RunConfig
 from sharded_mde.modules.masked_ebc import MaskedEmbeddingBagCollection, find_gate
 from sharded_mde.modules.model import RecTrain, build_model
 from sharded_mde.plan.dims import DimsFile
@@ -29,24 +29,13 @@ from sharded_mde.train.distributed import DistEnv
 WEIGHT_DTYPE = "fp32"  # tables train in fp32
 
 
-def mask_lr_scale(search: SearchConfig, train: TrainConfig) -> float:
-    """The gate's parameter scale that makes the dense optimizer step the mask by `search.mask_lr`.
-
-    Adam's step does not depend on the gradient's scale, so a = s * w moves by s * dense_lr; plain
-    SGD multiplies the step by s twice (gradient and parameterisation).
-    """
-    ratio = search.mask_lr / train.dense_lr
-    return ratio if train.dense_optimizer == "adam" else math.sqrt(ratio)
-
-
 def build_supernet(cfg: RunConfig, tables: List, features: List[str], dense_in: int,
                    device: torch.device = torch.device("meta")) -> RecTrain:
     """The run's model over a MaskedEmbeddingBagCollection of the full tables (EBC on `device`)."""
     s = cfg.search
     masked = MaskedEmbeddingBagCollection(
-        tables, device=device, surrogate=s.surrogate, mask_init=s.mask_init, lr_scale=mask_lr_scale(s, cfg.train),
-        ortho_weight=s.ortho_weight, ortho_rows=s.ortho_rows, weight_dtype=WEIGHT_DTYPE,
-        optimizer=cfg.train.embedding_optimizer)
+        tables, device=device, surrogate=s.surrogate, mask_init=s.mask_init, ortho_weight=s.ortho_weight, ortho_rows=s.ortho_rows, weight_dtype=WEIGHT_DTYPE,
+        optimizer=cfg.train.embedding_optimizer, uniform_price=s.uniform_price)
     return build_model(cfg.model, tables, features, dense_in, sparse_arch=masked, device=device)
 
 
@@ -61,8 +50,9 @@ def run_ham(cfg: RunConfig, env: DistEnv, stage: str = "ham", ranks: Optional[Di
     torch.manual_seed(cfg.train.seed)  # the same initialisation in every run (and on every rank)
     model = build_supernet(cfg, tables, meta.sparse_features, len(meta.dense_features))
     gate = find_gate(model)
-    controller = BudgetController(gate, tables, budget_bytes(tables, cfg.search.budget, WEIGHT_DTYPE, optimizer),
-                                  cfg.search.dual_lr, WEIGHT_DTYPE, optimizer)
+    s = cfg.search
+    controller = BudgetController(gate, tables, budget_bytes(tables, s.budget, WEIGHT_DTYPE, optimizer), s.dual_lr,
+                                  WEIGHT_DTYPE, optimizer, s.warmup, s.prune, s.lambda_init, s.dual_tol, s.mask_lr)
     search_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfg.search.epochs))
     t0 = time.perf_counter()
     _, metrics = train_stage(search_cfg, env, stage, model=model, tables=tables, callbacks=[controller])

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from sharded_mde.data import DatasetMeta
 
 _TABLE_KEY = re.compile(r"(?:^|\.)embedding_bags\.([^.]+)\.weight$")
-_GATE_KEY = "gate.weight"  # MaskedEmbeddingBagCollection's mask parameter
+_GATE = "gate."  # MaskedEmbeddingBagCollection's child holding the mask (and its statistics)
 WarmStart = Callable[[DistributedModelParallel], None]
 CompactBuilder = Callable[[RunConfig, DimsFile, List[EmbeddingBagConfig], "DatasetMeta"],
                           Tuple[RecTrain, List[EmbeddingBagConfig], Optional[WarmStart]]]
@@ -102,9 +102,9 @@ def compact_ham(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
         return build_model(cfg.model, tables, meta.sparse_features, len(meta.dense_features)), tables, None
     kept = {t.name: t.kept_columns for t in dims.tables}
     weights, dense = read_supernet(ckpt, kept)
-    gate = [k for k in dense if k.endswith(_GATE_KEY)]
+    gate = {_GATE + f".{k}".split(f".{_GATE}", 1)[1]: dense.pop(k) for k in list(dense) if f".{_GATE}" in f".{k}"}
     if gate:  # fold the search's hard mask into the kept columns
-        masks = hard_gates({_GATE_KEY: dense.pop(gate[0])}, full)
+        masks = hard_gates(gate, full)
         for name, w in weights.items():
             w.mul_(masks[name][torch.as_tensor(kept[name], dtype=torch.long)])
     ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
