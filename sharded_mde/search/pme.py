@@ -149,6 +149,14 @@ def compact_pme(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
 
     It reads ids renumbered group by group, i.e. the data copy named by the dims file's `extra.data_dir`.
     """
+    from sharded_mde.data import DatasetMeta
+
+    copy = dims.extra.get("data_dir")
+    if not copy:
+        raise ValueError("PME dims file without extra.data_dir (the renumbered data written by the search)")
+    if DatasetMeta.load(copy).fingerprint != DatasetMeta.load(cfg.data.dir).fingerprint:
+        raise ValueError(f"{copy}: renumbered from other data than {cfg.data.dir} (it was prepared again since "
+                         "the search); run the PME search again")
     fields = fields_from_dims(dims)
     if not fields:
         raise ValueError("the dims file keeps no token of any field")
