@@ -28,7 +28,8 @@ from sharded_mde.modules.token_groups import FieldGroups, TokenGroupEBC, fields_
 from sharded_mde.plan.dims import DimsFile, TableDims, TokenGroup
 from sharded_mde.plan.tables import full_table_configs, plan_tables
 from sharded_mde.search.budget import budget_bytes, full_bytes
-from sharded_mde.search.pme_data import NUM_RESERVED, renumber_data, scoring_batches, token_order, token_stats
+from sharded_mde.search.pme_data import (NUM_RESERVED, plot_token_sizes, renumber_data, scoring_batches, token_order,
+                                         token_stats)
 from sharded_mde.search.pme_score import PooledCapture, TokenScores, score_tokens
 from sharded_mde.search.pme_select import ByteModel, Selection, default_sizes, histogram_bytes, select_sizes
 from sharded_mde.search.report import save_search_result
@@ -136,6 +137,7 @@ def run_pme(cfg: RunConfig, env: DistEnv, stage: str = "pme", ranks: Optional[Di
         if dims.kept_bytes > dims.budget_bytes:
             raise RuntimeError(f"PME kept {dims.kept_bytes} B over the budget {dims.budget_bytes} B")
         save_search_result(out, dims, None, ranks)
+        plot_token_sizes(out / "pme_sizes.png", extra["pme"]["tokens"], ranks)
     if env.world_size > 1:
         box = [dims]
         dist.broadcast_object_list(box, src=0)

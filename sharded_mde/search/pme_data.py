@@ -6,10 +6,12 @@ vocabulary is all serving needs, with no remap. `renumber_data` writes a copy of
 data directory in the new ids (splits and vocabularies) for retraining. `token_stats` relates the
 chosen sizes to token frequency and, on planted data, to each token's planted capacity.
 `scoring_batches` reads only the rows that scoring looks at (a training epoch loads them all).
+`plot_token_sizes` draws the share of each field's tokens and traffic at each size.
 """
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
@@ -26,7 +28,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from sharded_mde.data.meta import DatasetMeta
 from sharded_mde.data.readers import LABEL
 from sharded_mde.data.vocab import NUM_RESERVED, vocab_path
-from sharded_mde.io import atomic_path, read_json
+from sharded_mde.io import atomic_path, atomic_write_bytes, read_json
 
 
 def scoring_batches(data_dir: str | Path, batch_size: int, num_batches: int, rank: int = 0,
@@ -164,6 +166,8 @@ def token_stats(data_dir: str | Path, tables: List[EmbeddingBagConfig], sizes: M
                 "tokens_per_size": {int(k): int(n) for k, n in zip(*np.unique(s, return_counts=True))},
                 "reserved_sizes": [int(x) for x in s[:NUM_RESERVED]],
                 "spearman_frequency": rank_correlation(s[ids], vocab.column("count").to_numpy()),
+                "traffic_mean_size": float((s[ids] * vocab.column("count").to_numpy()).sum()
+                                           / max(1, vocab.column("count").to_numpy().sum())),
             }
             if caps is not None:
                 mine = caps.filter(pc.equal(caps.column("field"), f))
@@ -174,3 +178,40 @@ def token_stats(data_dir: str | Path, tables: List[EmbeddingBagConfig], sizes: M
                 entry["mean_size_by_capacity"] = {int(c): float(s[cid[keep]][cap == c].mean()) for c in np.unique(cap)}
             out[f] = entry
     return out
+
+
+def plot_token_sizes(path: str | Path, stats: Mapping[str, Any], ranks: Optional[Mapping[str, int]] = None) -> None:
+    """PNG: per field, the share of tokens at each size (bars) and the traffic-weighted mean size (dots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fields = list(stats)
+    sizes = sorted({int(k) for v in stats.values() for k in v["tokens_per_size"]})
+    fig, ax = plt.subplots(figsize=(max(8, 0.38 * len(fields) + 3), 4.5))
+    bottom = np.zeros(len(fields))
+    cmap = plt.get_cmap("viridis", len(sizes))
+    for i, size in enumerate(sizes):
+        share = np.array([stats[f]["tokens_per_size"].get(size, stats[f]["tokens_per_size"].get(str(size), 0))
+                          / max(1, sum(stats[f]["tokens_per_size"].values())) for f in fields])
+        ax.bar(np.arange(len(fields)), share, bottom=bottom, color=cmap(i), label=f"size {size}")
+        bottom += share
+    ax.set_ylabel("share of the field's tokens")
+    ax.set_xticks(np.arange(len(fields)), fields, rotation=90)
+    twin = ax.twinx()
+    twin.plot(np.arange(len(fields)), [stats[f]["traffic_mean_size"] for f in fields], "o", color="#d62728",
+              label="traffic-weighted mean size")
+    if ranks:
+        twin.plot(np.arange(len(fields)), [ranks.get(f, np.nan) for f in fields], "_", color="black", markersize=14,
+                  label="planted rank")
+    twin.set_ylabel("columns")
+    handles = ax.get_legend_handles_labels()
+    extra = twin.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=7, loc="upper left", ncol=2)
+    ax.set_title("PME token sizes per field")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
