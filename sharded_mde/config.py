@@ -145,6 +145,7 @@ class DataConfig:
     min_count: int = 1  # values seen fewer times share the out-of-vocabulary id
     max_vocab: int = 0  # 0 = unlimited; else keep at most this many values per field
     split: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/valid/test
+    split_by: str = "hash"  # hash (of the row index) | sequential (contiguous blocks, time-ordered logs)
     strict: bool = False  # True: a malformed line is an error; False: skipped, counted, warned
     max_rows: int = 0  # 0 = all rows
     # synthetic generator (format: synth)
@@ -165,6 +166,8 @@ class DataConfig:
             raise ConfigError(f"split: three non-negative fractions summing to 1, got {self.split}")
         if self.min_count < 1:
             raise ConfigError(f"min_count: must be >= 1, got {self.min_count}")
+        if self.split_by not in ("hash", "sequential"):
+            raise ConfigError(f"split_by: hash or sequential, got {self.split_by!r}")
 
 
 @dataclass

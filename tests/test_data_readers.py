@@ -186,7 +186,7 @@ def test_prepare_criteo_layout_idempotence_and_reuse(tmp_path):
     assert meta2.fingerprint != meta.fingerprint and meta2.num_embeddings["C26"] == 150 + 2 > meta.num_embeddings["C26"]
     # the saved vocabularies encode serving-time rows identically
     enc = Encoder.load(out)
-    first = read_all(SourceReader("criteo_tsv", [str(path)])).slice(0, 5)
+    first = raw.slice(0, 5)
     assert enc.encode(first).column("C7").to_pylist() == Vocabulary.load(out, "C7").encode(first.column("C7")).tolist()
 
 

@@ -10,29 +10,29 @@ import pyarrow.parquet as pq
 import pytest
 
 from sharded_mde.config import DataConfig
-from sharded_mde.data import SourceReader, SynthSpec, Teacher, generate, prepare
+from sharded_mde.data import SourceReader, Teacher, generate, prepare
 from sharded_mde.data.synth import default_ranks
 
-SMALL = dict(rows=6000, vocab_min=20, vocab_max=2000)
+SMALL = dict(synth_rows=6000, synth_vocab_min=20, synth_vocab_max=2000)
 
 
 def test_deterministic_by_seed(tmp_path):
-    a = generate(SynthSpec(**SMALL, seed=3), tmp_path / "a", "tsv", progress=False)
-    b = generate(SynthSpec(**SMALL, seed=3), tmp_path / "b", "tsv", progress=False)
-    c = generate(SynthSpec(**SMALL, seed=4), tmp_path / "c", "tsv", progress=False)
+    a = generate(DataConfig(**SMALL, synth_seed=3), tmp_path / "a", "tsv", progress=False)
+    b = generate(DataConfig(**SMALL, synth_seed=3), tmp_path / "b", "tsv", progress=False)
+    c = generate(DataConfig(**SMALL, synth_seed=4), tmp_path / "c", "tsv", progress=False)
     assert (tmp_path / "a" / "synth.tsv").read_bytes() == (tmp_path / "b" / "synth.tsv").read_bytes()
     assert (tmp_path / "a" / "synth.tsv").read_bytes() != (tmp_path / "c" / "synth.tsv").read_bytes()
     assert a == b and a["ranks"] != c["ranks"]
 
 
 def test_tsv_is_criteo_format_with_ground_truth(tmp_path):
-    truth = generate(SynthSpec(**SMALL), tmp_path, "tsv", progress=False)
+    truth = generate(DataConfig(**SMALL), tmp_path, "tsv", progress=False)
     on_disk = json.loads((tmp_path / "ground_truth.json").read_text())
     assert on_disk["ranks"] == truth["ranks"] and on_disk["data_file"] == "synth.tsv"
     first = (tmp_path / "synth.tsv").read_text().splitlines()[0].split("\t")
     assert len(first) == 40 and first[0] in ("0", "1")
     table = next(iter(SourceReader("criteo_tsv", [str(tmp_path / "synth.tsv")])))
-    assert table.num_rows == SMALL["rows"]
+    assert table.num_rows == SMALL["synth_rows"]
     hexes = table.column("C3").drop_null().to_pylist()
     assert all(len(h) == 8 and int(h, 16) >= 0 for h in hexes[:100])
     assert sum(table.column(f"I{j}").null_count for j in range(1, 14)) > 0  # some empty dense values
@@ -49,8 +49,7 @@ def test_tsv_is_criteo_format_with_ground_truth(tmp_path):
 
 
 def test_explicit_ranks_and_rank_zero_fields_are_noise():
-    spec = SynthSpec(**SMALL, num_sparse=4, num_dense=2, ranks=(0, 3, 8, 0))
-    teacher = Teacher(spec)
+    teacher = Teacher(DataConfig(**SMALL, synth_num_sparse=4, synth_num_dense=2, synth_ranks=[0, 3, 8, 0]))
     assert teacher.ranks == [0, 3, 8, 0]
     rng = np.random.default_rng(0)
     labels, tokens, dense, logit = teacher.sample(rng, 500)
@@ -61,7 +60,7 @@ def test_explicit_ranks_and_rank_zero_fields_are_noise():
     shuffled[:, 2] = rng.permutation(tokens[:, 2])
     assert not np.allclose(teacher.logit(shuffled, dense), logit, atol=1e-3)
     with pytest.raises(ValueError, match="synth_ranks"):
-        Teacher(SynthSpec(**SMALL, num_sparse=4, ranks=(1, 2)))
+        Teacher(DataConfig(**SMALL, synth_num_sparse=4, synth_ranks=[1, 2]))
 
 
 def test_teacher_quality_and_rank_structure():
@@ -69,7 +68,7 @@ def test_teacher_quality_and_rank_structure():
     from sharded_mde.train.metrics import auc
     import torch
 
-    teacher = Teacher(SynthSpec(rows=1))
+    teacher = Teacher(DataConfig(synth_rows=1))
     labels, tokens, dense, logit = teacher.sample(np.random.default_rng(1), 60_000)
     full = auc(torch.from_numpy(logit), torch.from_numpy(labels.astype(np.float32)))
     assert 0.74 < full < 0.82 and 0.2 < labels.mean() < 0.3

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--out", help="output file (.tsv/.parquet) or directory (default: <data.dir>/raw)")
     s.add_argument("--rows", type=int, help="rows to generate (data.synth_rows)")
     s.add_argument("--seed", type=int, help="generator seed (data.synth_seed)")
-    s.add_argument("--format", choices=["tsv", "parquet"], default="tsv")
+    s.add_argument("--format", choices=["tsv", "parquet"],
+                   help="tsv (Criteo format; default with --out) or parquet (default into <data.dir>/raw, "
+                        "where `data prepare` picks it up and removes it once the splits are written)")
     s.add_argument("--tail-capacity", action="store_true", default=None,
                    help="tail tokens carry fewer informative coordinates (data.synth_tail_capacity)")
     _common(s, config=True)
@@ -52,17 +54,18 @@ def _data_config(args: argparse.Namespace) -> DataConfig:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from sharded_mde.data.synth import SynthSpec, generate, synth_paths
+    from sharded_mde.data.synth import generate, synth_paths
 
-    cfg = _data_config(args)
     if args.out is None and not args.config:
         raise ValueError("give --out FILE_OR_DIR or a CONFIG (which writes to <data.dir>/raw)")
-    spec = dataclasses.replace(SynthSpec.from_config(cfg), **{k: v for k, v in {
-        "rows": args.rows, "seed": args.seed, "tail_capacity": args.tail_capacity}.items() if v is not None})
+    cfg = dataclasses.replace(_data_config(args), **{k: v for k, v in {
+        "synth_rows": args.rows, "synth_seed": args.seed, "synth_tail_capacity": args.tail_capacity}.items()
+        if v is not None})
     out = Path(args.out) if args.out else Path(cfg.dir) / "raw"
-    truth = generate(spec, out, args.format, cfg.split, cfg.split_by)
-    data_path, truth_path = synth_paths(out, args.format)
-    print(json.dumps({"data": str(data_path), "ground_truth": str(truth_path), "rows": spec.rows,
+    fmt = args.format or ("tsv" if args.out else "parquet")
+    truth = generate(cfg, out, fmt)
+    data_path, truth_path = synth_paths(out, fmt)
+    print(json.dumps({"data": str(data_path), "ground_truth": str(truth_path), "rows": cfg.synth_rows,
                       "teacher_test_auc": round(truth["teacher"]["test_auc"], 4),
                       "ctr": round(truth["teacher"]["ctr"], 4), "ranks": truth["ranks"]}))
     return 0

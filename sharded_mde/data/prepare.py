@@ -28,7 +28,7 @@ from sharded_mde.data.meta import FORMAT_VERSION, META_FILE, DatasetMeta
 from sharded_mde.data.parts import PartWriter
 from sharded_mde.data.readers import DataWarning, SourceReader, expand_paths
 from sharded_mde.data.splits import SPLITS, assign_splits
-from sharded_mde.data.synth import SynthSpec, generate, load_ground_truth, synth_paths
+from sharded_mde.data.synth import generate, load_ground_truth, synth_fingerprint, synth_paths
 from sharded_mde.data.vocab import ValueCounter, Vocabulary, build_vocab, save_vocab
 from sharded_mde.io import atomic_path, atomic_write_json, read_json
 
@@ -38,9 +38,8 @@ VOCAB_DONE = "vocab/_complete.json"
 def _sources(cfg: DataConfig, out: Path) -> Tuple[str, List[Path], Dict]:
     """(reader format, input files, identity of the inputs for the fingerprint)."""
     if cfg.format == "synth":
-        spec = SynthSpec.from_config(cfg)
         data, _ = synth_paths(out / "raw", "parquet")
-        return "parquet", [data], {"synth": spec.fingerprint()}
+        return "parquet", [data], {"synth": synth_fingerprint(cfg)}
     files = expand_paths(cfg.paths, cfg.format)
     ident = []
     for p in files:
@@ -152,12 +151,11 @@ def prepare(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
 
 def _ensure_synth(cfg: DataConfig, out: Path, progress: bool) -> Dict:
     """Generates the synthetic raw data into <dir>/raw unless a complete matching copy is there."""
-    spec = SynthSpec.from_config(cfg)
     _, truth_path = synth_paths(out / "raw", "parquet")
     truth = load_ground_truth(truth_path)
-    if truth is None or truth.get("fingerprint") != spec.fingerprint() or truth.get("split") != list(cfg.split) \
+    if truth is None or truth.get("fingerprint") != synth_fingerprint(cfg) or truth.get("split") != list(cfg.split) \
             or truth.get("split_by") != cfg.split_by:
-        truth = generate(spec, out / "raw", "parquet", cfg.split, cfg.split_by, progress=progress)
+        truth = generate(cfg, out / "raw", "parquet", progress=progress)
     return truth
 
 
