@@ -210,3 +210,24 @@ def test_prepare_sequential_split_and_max_rows(tmp_path):
     assert meta.rows == {"train": 60, "valid": 20, "test": 20}
     test = pq.read_table(tmp_path / "o" / meta.parts["test"][0][0])
     assert test.column("label").to_pylist() == [1.0 if i % 3 == 0 else 0.0 for i in range(81, 101)]
+
+
+def test_failed_prepare_never_looks_complete_and_resume_reuses_vocab(tmp_path):
+    good = write_criteo(tmp_path / "good.tsv", 120)
+    out = tmp_path / "o"
+    cfg = DataConfig(format="criteo_tsv", paths=[str(good)], dir=str(out))
+    meta = prepare(cfg, progress=False)
+    # a later run that fails (strict, bad line) removes meta.json before it starts writing
+    bad = write_criteo(tmp_path / "bad.tsv", 120, {60: "0\t1"})
+    with pytest.raises(ValueError, match=r"bad\.tsv line 60"):
+        prepare(DataConfig(format="criteo_tsv", paths=[str(bad)], dir=str(out), strict=True), progress=False)
+    assert not (out / "meta.json").exists()
+    with pytest.raises(ValueError, match="meta.json: not found"):
+        DatasetMeta.load(out)
+    # interrupted after the vocabulary pass: the rerun keeps the vocabularies and rebuilds the splits
+    prepare(cfg, progress=False)
+    stamp = (out / "vocab" / "C1.parquet").stat().st_mtime_ns
+    (out / "meta.json").unlink()
+    again = prepare(cfg, progress=False)
+    assert (out / "vocab" / "C1.parquet").stat().st_mtime_ns == stamp
+    assert again.rows == meta.rows and again.fingerprint == meta.fingerprint
