@@ -94,22 +94,34 @@ def test_backward_records_the_mask_gradient_of_every_column() -> None:
     assert m.gate.grad_sum.abs().max() == 0 and m.auxiliary_loss() is None
 
 
-def test_update_is_scaled_gradient_plus_byte_price() -> None:
+def test_update_is_the_discrete_gradient_plus_byte_price() -> None:
     gate = ColumnGate(_tables(), mask_init=0.1)
     full = sum(table_bytes(r, d).total for _, r, d in SPEC)
     price = torch.tensor([column_cost(r) / full for _, r, d in SPEC for _ in range(d)])
     price = price / price.mean()
     torch.testing.assert_close(gate.price, price)
-    g = torch.randn(20, generator=torch.Generator().manual_seed(0))
-    gate.update(g, lam=5.0, lr=0.01, move=False)  # statistics only
-    assert torch.equal(gate.weight, torch.full((20,), 0.1))
-    gate.update(g, lam=2.0, lr=0.01)
-    mom = 0.1 * g * 0.9 + 0.1 * g  # EMA after two identical gradients
-    rms = ((0.01 * (g * g).mean() * 0.99 + 0.01 * (g * g).mean()) / (1 - 0.99 ** 2)).sqrt()
-    torch.testing.assert_close(gate.weight, 0.1 - 0.01 * (mom / rms + 2.0 * price))
+    gate.weight[:5] = -0.1  # five pruned columns
+    g1, g2 = (torch.randn(20, generator=torch.Generator().manual_seed(i)) for i in (0, 1))
+    gate.update(g1, lam=5.0, lr=0.01, batch_size=64, move=False)  # statistics only
+    assert torch.equal(gate.weight[5:], torch.full((15,), 0.1))
+    before = gate.weight.clone()
+    gate.update(g2, lam=2.0, lr=0.01, batch_size=64)
+    mom = 0.1 * g1 * 0.9 + 0.1 * g2
+    fisher = 64 * (0.01 * g1 * g1 * 0.99 + 0.01 * g2 * g2) / (1 - 0.99 ** 2)
+    m = (before > 0).float()
+    d = (mom + (0.5 - m) * fisher) / (fisher.mean() / 2)
+    torch.testing.assert_close(gate.weight, before - 0.01 * (d + 2.0 * price))
+    # a kept column with zero mean gradient but a large curvature is worth keeping: it moves up
+    imp = ColumnGate(_tables(), mask_init=0.1)
+    for i in range(50):
+        g = torch.zeros(20)
+        g[0] = 1.0 if i % 2 else -1.0
+        g[1:] = 0.01 * (1.0 if i % 2 else -1.0)
+        imp.update(g, lam=0.5, lr=0.01, batch_size=64)
+    assert imp.weight[0] > 0.1 and (imp.weight[1:] < 0.1).all()
     clipped = ColumnGate(_tables(), mask_init=0.1, surrogate="clipped")  # |a / mask_init| > 1 does not move
     clipped.weight.copy_(torch.tensor([0.3, 0.05] + [-0.05] * 18))
-    clipped.update(g, lam=1.0, lr=0.01)
+    clipped.update(g1, lam=1.0, lr=0.01, batch_size=64)
     assert clipped.weight[0] == 0.3 and clipped.weight[1] != 0.05
 
 

@@ -77,7 +77,7 @@ def _one_plan(rank: int, world: int, kind: str, surrogate: str) -> None:
         loss.backward()
         opt.step()
         grad = gate.reduce_grad()  # all-reduced over the ranks
-        gate.update(grad, lam=2.0, lr=0.01)
+        gate.update(grad, lam=2.0, lr=0.01, batch_size=B * world)
         ref_loss = sum(ref(_batch(r, step))[0] for r in range(world)) / world
         for o in ref_opts:
             o.zero_grad()
@@ -85,7 +85,7 @@ def _one_plan(rank: int, world: int, kind: str, surrogate: str) -> None:
         for o in ref_opts:
             o.step()
         ref_grad = ref_gate.reduce_grad()  # the mean loss's gradient (the same on every rank)
-        ref_gate.update(ref_grad, lam=2.0, lr=0.01)
+        ref_gate.update(ref_grad, lam=2.0, lr=0.01, batch_size=B * world)
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
         assert torch.allclose(mean_loss / world, ref_loss.detach(), rtol=1e-5, atol=1e-6), (kind, step)

@@ -25,6 +25,7 @@ from torchrec.datasets.utils import Batch
 
 from sharded_mde.config import ModelConfig, RunConfig, SearchConfig, TrainConfig
 from sharded_mde.io import atomic_write_json
+from sharded_mde.modules.masked_ebc import find_gate
 from sharded_mde.modules.model import build_model
 from sharded_mde.plan.sharding import manual_plan
 from sharded_mde.search.ham import build_supernet
@@ -84,11 +85,15 @@ def main() -> None:
         opts[name] = make_optimizer(models[name], tcfg)
     batches = _batches(tables, args.batch, n_dense, args.steps, env.device)
 
+    gates = {n: find_gate(m) for n, m in models.items() if variants[n] is not None}
+
     def step(name: str, b: Batch) -> None:
         loss, _ = models[name](b)
         opts[name].zero_grad()
         loss.backward()
         opts[name].step()
+        if name in gates:  # the search's per-step mask work: gradient all-reduce and the HAM step
+            gates[name].update(gates[name].reduce_grad(), lam=1.0, lr=search.mask_lr, batch_size=args.batch)
 
     def sync() -> None:
         if env.device.type == "cuda":

@@ -10,15 +10,15 @@ gathered into the output's key order on each call; the index is cached per key o
 
 Forward: m = 1[a > 0]. In training, the backward of the masking hands dL/dm (of every column,
 kept or not) to the gate, and the search's controller applies the HAM step once per update
-(`update`): a <- a - lr * g(a) * (dL/dm / rms + lambda * price), g the straight-through surrogate
-(identity, clipped or sigmoid', on a / mask_init), dL/dm averaged over ranks and steps and
-measured in units of its running RMS, price_t the bytes of one column of table t relative to the
-mean column (optionally mixed with a share `uniform_price` of a uniform price). This is the
-gradient of loss + lambda * sum_tj price_t m_tj with a dedicated, scale-free mask optimizer; the
-mask is a buffer, so DDP and the dense optimizer leave it alone. `auxiliary_loss()` (added by
-`RecTrain`) is the orthogonal regularity beta * sum_t ||C_t - I||_F^2 / P of the batch's pooled
-kept columns (centred and L2-normalised; P the number of off-diagonal column pairs at full dims,
-so beta weighs a mean squared correlation).
+(`update`): a <- a - lr * g(a) * (D + lambda * price), g the straight-through surrogate (identity,
+clipped or sigmoid', on a / mask_init), D the discrete gradient L(m_j = 1) - L(m_j = 0) from the
+averaged dL/dm and its empirical-Fisher curvature (`discrete_grad`), price_t the bytes of one
+column of table t relative to the mean column (optionally mixed with a share `uniform_price` of a
+uniform price). This is a gradient method on loss + lambda * sum_tj price_t m_tj in the discrete
+space with a dedicated, scale-free mask optimizer; the mask is a buffer, so DDP and the dense
+optimizer leave it alone. `auxiliary_loss()` (added by `RecTrain`) is the orthogonal regularity
+beta * sum_t ||C_t - I||_F^2 / P of the batch's pooled kept columns (centred and L2-normalised;
+P the number of off-diagonal column pairs at full dims, so beta weighs a mean squared correlation).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class ColumnGate(nn.Module):
     """Hard column mask over a pooled KeyedTensor, its HAM update rule, and the orthogonal regularity."""
 
     MOMENTUM = 0.9  # EMA of the mask gradient (averages the batch noise)
-    SCALE_DECAY = 0.99  # EMA of the mean squared mask gradient (the loss side's unit)
+    FISHER_DECAY = 0.99  # EMA of the squared mask gradient (the curvature estimate)
 
     def __init__(
         self,
@@ -122,7 +122,7 @@ class ColumnGate(nn.Module):
         # neither DDP nor the dense optimizer touch it; it is saved and restored with the model.
         self.register_buffer("weight", torch.full((cols,), self.mask_init))
         self.register_buffer("momentum", torch.zeros(cols))
-        self.register_buffer("grad_sq", torch.zeros(()))
+        self.register_buffer("grad_sq", torch.zeros(cols))
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("price", price / price.mean(), persistent=False)  # mean 1
         self.register_buffer("grad_sum", torch.zeros(cols), persistent=False)  # dL/dm since the last reduce_grad
@@ -167,21 +167,34 @@ class ColumnGate(nn.Module):
         return g
 
     @torch.no_grad()
-    def update(self, grad: torch.Tensor, lam: float, lr: float, move: bool = True) -> None:
-        """One step a <- a - lr * g(a) * (EMA(dL/dm) / rms(dL/dm) + lam * price) (price: mean 1).
+    def discrete_grad(self, batch_size: int) -> torch.Tensor:
+        """L(m_j = 1) - L(m_j = 0) per column, to second order, in units of the mean column importance.
 
-        The loss side is measured in units of the mask gradient's running RMS, so lambda is
-        dimensionless: at lambda = 1 a column of average price whose loss gradient is zero moves
-        down by lr per step. With `move` false only the running statistics advance (warm-up).
+        The first-order straight-through gradient g = dL/dm is blind where it matters most: at a
+        kept column the layers after it have adapted, so E[g] is about 0 whatever the column is
+        worth. The second-order term supplies the worth: with the empirical Fisher as the curvature,
+        H_jj = batch_size * E[g_j^2] (the per-example gradient's second moment), and
+        L(1) - L(0) = g + (1/2 - m) H. It is divided by the mean of H / 2, so lambda is
+        dimensionless: at lambda = 1 a column of average importance and average price is balanced.
+        """
+        fisher = batch_size * self.grad_sq / (1 - self.FISHER_DECAY ** max(1, int(self.updates)))
+        m = (self.weight > 0).to(fisher.dtype)
+        unit = (fisher.mean() / 2).clamp_min(1e-20)
+        return (self.momentum + (0.5 - m) * fisher) / unit
+
+    @torch.no_grad()
+    def update(self, grad: torch.Tensor, lam: float, lr: float, batch_size: int, move: bool = True) -> None:
+        """One HAM step: a <- a - lr * g(a) * (discrete_grad + lam * price) (price: mean 1).
+
+        `grad` is dL/dm of one (global) batch of `batch_size` rows. With `move` false only the
+        running statistics advance (the search's warm-up).
         """
         self.momentum.mul_(self.MOMENTUM).add_(grad, alpha=1 - self.MOMENTUM)
-        self.grad_sq.mul_(self.SCALE_DECAY).add_((grad * grad).mean(), alpha=1 - self.SCALE_DECAY)
+        self.grad_sq.mul_(self.FISHER_DECAY).add_(grad * grad, alpha=1 - self.FISHER_DECAY)
         self.updates += 1
-        if not move:
-            return
-        rms = (self.grad_sq / (1 - self.SCALE_DECAY ** self.updates.double()).float()).sqrt().clamp_min(1e-12)
-        step = self.momentum / rms + lam * self.price
-        self.weight.sub_(lr * surrogate_grad(self.weight / self.mask_init, self.surrogate) * step)
+        if move:
+            step = self.discrete_grad(batch_size) + lam * self.price
+            self.weight.sub_(lr * surrogate_grad(self.weight / self.mask_init, self.surrogate) * step)
 
     # ------------------------------------------------------------------ forward
     def _layout(self, keys: List[str], widths: List[int], device: torch.device) -> _Layout:

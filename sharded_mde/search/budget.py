@@ -124,7 +124,8 @@ class BudgetController:
 
     def __init__(self, gate: ColumnGate, tables: Sequence[EmbeddingBagConfig], budget: int, dual_lr: float,
                  weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad", warmup: float = 0.2,
-                 prune: float = 0.5, lambda_init: float = 0.1, tol: float = 0.02, mask_lr: float = 0.005) -> None:
+                 prune: float = 0.5, lambda_init: float = 0.1, tol: float = 0.02, mask_lr: float = 0.005,
+                 batch_size: int = 1) -> None:
         if [t.name for t in tables] != gate.table_names:
             raise ValueError("BudgetController: tables must be the gate's tables, in the same order")
         self.gate = gate
@@ -136,6 +137,7 @@ class BudgetController:
         self.optimizer = optimizer
         self.warmup, self.prune, self.lambda_init, self.tol = float(warmup), float(prune), float(lambda_init), float(tol)
         self.mask_lr = float(mask_lr)
+        self.batch_size = int(batch_size)  # global rows per step (the Fisher estimate's scale)
         self.lam = 0.0
         self.steps: List[Dict[str, float]] = []  # per step: step, kept_bytes, target, lambda
         self.evals: List[Dict[str, float]] = []  # per evaluation: kept bytes, lambda and validation metrics
@@ -157,7 +159,7 @@ class BudgetController:
             err = max(-1.0, min(1.0, (kept - target) / (self.tol * self.full)))
             start = self.lam if self.lam > 0 else self.lambda_init
             self.lam = max(1e-12, start * math.exp(self.dual_lr * err))
-        self.gate.update(grad, self.lam, self.mask_lr, move=pruning)
+        self.gate.update(grad, self.lam, self.mask_lr, self.batch_size, move=pruning)
         self.steps.append({"step": step, "kept_bytes": kept, "target": round(target), "lambda": self.lam})
 
     def on_eval(self, trainer: Any, step: int, metrics: Dict[str, float]) -> None:

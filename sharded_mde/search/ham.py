@@ -48,11 +48,13 @@ def run_ham(cfg: RunConfig, env: DistEnv, stage: str = "ham", ranks: Optional[Di
     tables = full_table_configs(cfg)
     optimizer = cfg.train.embedding_optimizer
     torch.manual_seed(cfg.train.seed)  # the same initialisation in every run (and on every rank)
+    torch.manual_seed(cfg.train.seed)  # the same supernet in every run
     model = build_supernet(cfg, tables, meta.sparse_features, len(meta.dense_features))
     gate = find_gate(model)
     s = cfg.search
     controller = BudgetController(gate, tables, budget_bytes(tables, s.budget, WEIGHT_DTYPE, optimizer), s.dual_lr,
-                                  WEIGHT_DTYPE, optimizer, s.warmup, s.prune, s.lambda_init, s.dual_tol, s.mask_lr)
+                                  WEIGHT_DTYPE, optimizer, s.warmup, s.prune, s.lambda_init, s.dual_tol, s.mask_lr,
+                                  cfg.train.batch_size * env.world_size)
     search_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfg.search.epochs))
     t0 = time.perf_counter()
     _, metrics = train_stage(search_cfg, env, stage, model=model, tables=tables, callbacks=[controller])
