@@ -21,7 +21,7 @@ from sharded_mde.data import prepare
 
 
 def _train(config: str, run_dir: str, overrides: list[str], nproc: int) -> dict:
-    sets = [f"--set=run_dir={run_dir}", "--set=train.progress=false", "--set=train.checkpoint_every=0", *overrides]
+    sets = [f"--set=run_dir={run_dir}", "--set=train.progress=false", "--set=train.checkpoint_every=0", *[f"--set={o}" for o in overrides]]
     cli = [sys.executable, "-m", "sharded_mde.cli", "train", config, *sets]
     if nproc > 1:
         cli = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
