@@ -74,6 +74,7 @@ def train_stage(
         "history": result.history,
         "steps": result.steps,
         "examples_per_s": result.examples_per_s,
+        "steady_examples_per_s": result.steady_examples_per_s,
         "train_seconds": result.train_seconds,
         "wall_seconds": time.perf_counter() - t0,
         "world_size": env.world_size,

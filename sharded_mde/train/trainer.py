@@ -27,6 +27,8 @@ from sharded_mde.train.distributed import DistEnv
 from sharded_mde.train.metrics import classification_metrics
 from sharded_mde.train.sharding import make_optimizer
 
+WARMUP_STEPS = 10  # steps of each fit() left out of the steady-state throughput
+
 
 class Callback(Protocol):
     """Hooks a search uses to steer training (e.g. the budget controller) and to checkpoint itself."""
@@ -49,6 +51,7 @@ class TrainResult:
     train_seconds: float
     valid: Dict[str, float] = field(default_factory=dict)
     history: List[Dict[str, float]] = field(default_factory=list)
+    steady_examples_per_s: float = 0.0
 
 
 class Trainer:
@@ -147,19 +150,26 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not (self.cfg.progress and self.env.is_main), dynamic_ncols=True)
         examples, seconds = 0, 0.0
+        steady_examples, steady_seconds, done = 0, 0.0, 0
         for boundary in self._boundaries():
             if boundary <= self.step:
                 continue
             self.dmp.train()
             it = self._train_batches(self.step, boundary)
-            t0 = time.perf_counter()
+            t0 = t_prev = time.perf_counter()
             while True:
                 try:
                     loss, logits, _ = self.pipeline.progress(it)
                 except StopIteration:
                     break
+                now = time.perf_counter()
                 self.step += 1
+                done += 1
                 examples += logits.numel() * self.env.world_size
+                if done > WARMUP_STEPS:  # steady state: no first-step allocation or kernel set-up
+                    steady_examples += logits.numel() * self.env.world_size
+                    steady_seconds += now - t_prev
+                t_prev = now
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.step)
                 if self.step % 10 == 0 or self.step == boundary:
@@ -178,7 +188,8 @@ class Trainer:
             self.save()
         bar.close()
         valid = self.history[-1] if self.history else {}
-        return TrainResult(self.step, examples / max(seconds, 1e-9), seconds, valid, self.history)
+        steady = steady_examples / steady_seconds if steady_seconds > 0 else examples / max(seconds, 1e-9)
+        return TrainResult(self.step, examples / max(seconds, 1e-9), seconds, valid, self.history, steady)
 
     def _is_eval_point(self, step: int) -> bool:
         e = self.cfg.eval_every
