@@ -21,6 +21,7 @@ STAGE_CLIS = [
     "sharded_mde.plan.cli",
     "sharded_mde.export.cli",
     "sharded_mde.pipeline.cli",
+    "sharded_mde.bench.cli",
 ]
 
 

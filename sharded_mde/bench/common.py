@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark tools in tools/: machine description, medians, saving results."""
+"""Shared helpers of the benchmarks (`sharded-mde bench`, tools/): machine description, medians, saving results."""
 
 from __future__ import annotations
 

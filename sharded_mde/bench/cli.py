@@ -1,0 +1,72 @@
+"""`sharded-mde bench quality CONFIG` and `sharded-mde bench speed CONFIG` (one process or torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sharded_mde.config import RunConfig
+from sharded_mde.train.cli import add_config_args, run_with_data
+from sharded_mde.train.distributed import DistEnv
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from sharded_mde.bench.quality import BENCH_DIR, check_methods, copy_results, parse_budgets, run_quality
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    budgets = parse_budgets(args.budgets)
+    check_methods(methods)  # before the process group, the data or any training
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: must be at least 1")
+
+    def body(cfg: RunConfig, env: DistEnv) -> int:
+        doc = run_quality(cfg, env, methods, budgets, args.seeds)
+        if env.is_main:
+            out = Path(cfg.run_dir) / BENCH_DIR
+            if args.out:
+                copy_results(doc, args.out)
+            print((out / "results.md").read_text(), flush=True)
+            print(json.dumps({"results": str(out / "results.json"), "table": str(out / "results.md"),
+                              "png": str(out / "auc_vs_bytes.png"), "copied_to": args.out}, indent=2))
+        return 0
+
+    return run_with_data(args, body)
+
+
+def _speed(args: argparse.Namespace) -> int:
+    from sharded_mde.bench.speed import print_speed, run_speed
+
+    def body(cfg: RunConfig, env: DistEnv) -> int:
+        out = Path(args.out) if args.out else Path(cfg.run_dir) / "bench_speed.json"
+        doc = run_speed(cfg, env, out, dims_path=args.dims, repeats=args.repeats, steps=args.steps,
+                        full_export=args.full_export, compact_export=args.compact_export, tbe_batch=args.tbe_batch)
+        if env.is_main:
+            print_speed(doc)
+            print(json.dumps({"saved": str(out), "machine": doc["machine"]}, indent=2))
+        return 0
+
+    return run_with_data(args, body)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: search quality over methods x budgets x seeds, and speed ratios")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    q = bench.add_parser("quality", help="every method at every budget on the same data, over seeds (resumable)")
+    add_config_args(q)
+    q.add_argument("--budgets", default="0.1,0.25,0.5", help="byte budgets, fractions of the full model, comma-separated")
+    q.add_argument("--seeds", type=int, default=3, help="train.seed 0..N-1 (baseline, search and retrain each)")
+    q.add_argument("--methods", default="ham,uniform,power_law,magnitude,saliency,pme",
+                   help="search methods (search.method values), comma-separated")
+    q.add_argument("--out", help="also copy the markdown table to this file (and the JSON next to it, .json)")
+    q.set_defaults(func=_quality)
+    s = bench.add_parser("speed", help="step time plain vs masked vs compact, serving full vs compact, TBE on CUDA")
+    add_config_args(s)
+    s.add_argument("--dims", help="dims file of the compact model (default: the uniform dims at search.budget)")
+    s.add_argument("--repeats", type=int, default=5, help="timed rounds (training) / passes (serving)")
+    s.add_argument("--steps", type=int, default=10, help="training batches per round")
+    s.add_argument("--full-export", help="export of the full model to serve (default: one of a fresh model)")
+    s.add_argument("--compact-export", help="export of the compact model to serve (default: one of a fresh model)")
+    s.add_argument("--tbe-batch", type=int, default=16384, help="batch size of the FBGEMM TBE timing (CUDA only)")
+    s.add_argument("--out", help="results JSON (default: RUN_DIR/bench_speed.json)")
+    s.set_defaults(func=_speed)
