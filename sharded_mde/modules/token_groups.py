@@ -93,6 +93,11 @@ def fields_from_dims(dims: DimsFile) -> List[FieldGroups]:
     return out
 
 
+def combine_of(dims: DimsFile, default: str = "project") -> str:
+    """The combine mode a PME dims file's bytes were counted for (its search config), else `default`."""
+    return dims.extra.get("search", {}).get("combine", default)
+
+
 def router_bytes(field: FieldGroups) -> int:
     """Bytes of a field's routing table (the id ranges: start, end, group, first row as int64)."""
     return 4 * 8 * len(field.id_ranges())
@@ -159,7 +164,11 @@ class TokenGroupRouter(nn.Module):
 
 
 class GroupCombiner(nn.Module):
-    """Sums each field's group outputs after a per-group projection (size < out_dim) or zero padding."""
+    """Sums each field's group outputs after a per-group projection (size < out_dim) or zero padding.
+
+    Scriptable (the export serves it under TorchScript): projections are applied by iterating the
+    ModuleList, which TorchScript unrolls, never by a variable index.
+    """
 
     def __init__(self, fields: Sequence[FieldGroups], combine: str = "project") -> None:
         super().__init__()
@@ -169,6 +178,7 @@ class GroupCombiner(nn.Module):
         self.features: List[str] = [f.feature for f in fields]
         self.out_dims: List[int] = [f.out_dim for f in fields]
         self.plan: List[List[Tuple[str, int, int]]] = []  # per field: (group key, size, projection index or -1)
+        self.projected_keys: List[str] = []  # the group key each projection reads
         projections = []
         for f in fields:
             entries = []
@@ -177,22 +187,28 @@ class GroupCombiner(nn.Module):
                 if combine == "project" and size < f.out_dim:
                     p = len(projections)
                     projections.append(nn.Linear(size, f.out_dim, bias=False))
+                    self.projected_keys.append(key)
                 entries.append((key, size, p))
             self.plan.append(entries)
         self.projections = nn.ModuleList(projections)
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
         groups = pooled.to_dict()
-        outs = []
+        projected: Dict[str, torch.Tensor] = {}
+        for i, projection in enumerate(self.projections):
+            key = self.projected_keys[i]
+            projected[key] = projection(groups[key])
+        outs: List[torch.Tensor] = []
         for entries, out_dim in zip(self.plan, self.out_dims):
-            acc: Optional[torch.Tensor] = None
+            parts: List[torch.Tensor] = []
             for key, size, p in entries:
-                x = groups[key]
-                if p >= 0:
-                    x = self.projections[p](x)
-                elif size < out_dim:
-                    x = F.pad(x, (0, out_dim - size))
-                acc = x if acc is None else acc + x
+                x = projected[key] if p >= 0 else groups[key]
+                if p < 0 and size < out_dim:
+                    x = F.pad(x, [0, out_dim - size])
+                parts.append(x)
+            acc = parts[0]
+            for x in parts[1:]:
+                acc = acc + x
             outs.append(acc)
         return KeyedTensor.from_tensor_list(self.features, outs)
 
@@ -201,7 +217,8 @@ class TokenGroupEBC(nn.Module):
     """KJT of fields -> KeyedTensor of fields, each field's tokens held in size groups of one plain EBC."""
 
     def __init__(self, fields: Sequence[FieldGroups], tables: List[EmbeddingBagConfig], combine: str = "project",
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, ebc: Optional[nn.Module] = None) -> None:
+        """`ebc`: an already filled module over `tables` (the export's float or quantised EBC); default a new EBC."""
         super().__init__()
         have = {f for t in tables for f in t.feature_names}
         need = [k for f in fields for k in f.keys()]
@@ -210,7 +227,7 @@ class TokenGroupEBC(nn.Module):
             raise ValueError(f"token groups: tables and groups disagree on features (first: {missing[0]})")
         self.fields: List[FieldGroups] = list(fields)
         self.router = TokenGroupRouter(fields)
-        self.ebc = EmbeddingBagCollection(tables=tables, device=device)
+        self.ebc = ebc if ebc is not None else EmbeddingBagCollection(tables=tables, device=device)
         self.combiner = GroupCombiner(fields, combine)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:

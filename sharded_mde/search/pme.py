@@ -24,7 +24,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 from sharded_mde.config import RunConfig
 from sharded_mde.modules.model import RecTrain, build_model
-from sharded_mde.modules.token_groups import FieldGroups, TokenGroupEBC, fields_from_dims, router_bytes
+from sharded_mde.modules.token_groups import FieldGroups, TokenGroupEBC, combine_of, fields_from_dims, router_bytes
 from sharded_mde.plan.dims import DimsFile, TableDims, TokenGroup
 from sharded_mde.plan.tables import full_table_configs, plan_tables
 from sharded_mde.search.budget import budget_bytes, full_bytes
@@ -163,8 +163,7 @@ def compact_pme(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
     if not fields:
         raise ValueError("the dims file keeps no token of any field")
     tables = plan_tables(dims, full)
-    combine = dims.extra.get("search", {}).get("combine", cfg.search.pme.combine)  # what the bytes were counted for
-    sparse = TokenGroupEBC(fields, tables, combine, device=torch.device("meta"))
+    sparse = TokenGroupEBC(fields, tables, combine_of(dims, cfg.search.pme.combine), device=torch.device("meta"))
     widths = {f.feature: f.out_dim for f in fields}
     head_tables = [dataclasses.replace(t, embedding_dim=widths[t.feature_names[0]]) for t in full
                    if t.feature_names[0] in widths]
