@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import pyarrow as pa
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torch import nn
+from torchrec import EmbeddingBagConfig
 from tqdm import tqdm
 
 from sharded_mde.config import ExportConfig, ModelConfig
@@ -36,9 +36,12 @@ from sharded_mde.io import atomic_path, read_json
 from sharded_mde.modules.heads import build_head
 from sharded_mde.modules.masked_ebc import ColumnGate
 from sharded_mde.modules.model import feature_dims_of
+from sharded_mde.modules.token_groups import combine_of, fields_from_dims
 from sharded_mde.plan.dims import DimsFile
 from sharded_mde.plan.tables import plan_tables, source_tables
 from sharded_mde.train.checkpoint import COMPLETE, latest_checkpoint
+from sharded_mde.export.arrowfile import write_weights
+from sharded_mde.export.groups import COMBINER, write_token_groups
 from sharded_mde.export.manifest import (
     ExportedFeature, ExportedTable, HeadSpec, Manifest, file_entry, write_manifest, writer_versions)
 from sharded_mde.export.tablefile import check_dim, write_table
@@ -315,43 +318,27 @@ def _row_blocks(job: _TableJob, block_rows: int) -> Iterator[torch.Tensor]:
 
 def _compact_head(
     model_cfg: ModelConfig,
-    tables: List[EmbeddingBagConfig],
-    features: Sequence[str],
+    feature_dims: Dict[str, int],
     dense_in_features: int,
     state: Mapping[str, Any],
     prefix: str,
     kept: Mapping[str, torch.Tensor],
 ) -> Dict[str, torch.Tensor]:
-    """The head's dense weights from the checkpoint, with its embedding inputs cut to the kept columns."""
-    sparse = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-    head = build_head(model_cfg.head, sparse, feature_dims_of(tables, list(features)), dense_in_features,
-                      list(model_cfg.dense_arch), list(model_cfg.over_arch), model_cfg.dcn_layers, model_cfg.dcn_rank)
-    wanted = [k for k in head.state_dict() if not k.startswith("sparse_arch.")]
+    """The head's dense weights from the checkpoint (fields of `feature_dims` wide), inputs cut to the kept columns."""
+    head = build_head(model_cfg.head, nn.Module(), feature_dims, dense_in_features, list(model_cfg.dense_arch),
+                      list(model_cfg.over_arch), model_cfg.dcn_layers, model_cfg.dcn_rank)
+    wanted = list(head.state_dict())
     missing = [k for k in wanted if prefix + k not in state]
     if missing:
         raise ValueError(f"head weight {prefix}{missing[0]} is not in the checkpoint (is model.head "
                          f"{model_cfg.head!r} the head it was trained with?)")
     try:
-        head.load_state_dict({k: state[prefix + k] for k in wanted}, strict=False)
+        head.load_state_dict({k: state[prefix + k] for k in wanted})
     except RuntimeError as e:
         raise ValueError(f"the checkpoint's head does not fit model config {model_cfg.head!r} "
                          f"({str(e).splitlines()[-1].strip()})") from None
     head.slice_inputs(dict(kept))
-    return {k: v.detach().clone() for k, v in head.state_dict().items() if not k.startswith("sparse_arch.")}
-
-
-def write_weights(path: Path, weights: Mapping[str, torch.Tensor]) -> None:
-    """Dense weights as an Arrow file: one row per tensor (name, shape, float32 values)."""
-    for name, t in weights.items():
-        if not t.is_floating_point():
-            raise ValueError(f"head weight {name}: dtype {t.dtype} is not a float")
-    table = pa.table({
-        "name": list(weights),
-        "shape": [list(t.shape) for t in weights.values()],
-        "values": pa.array([t.float().flatten().numpy() for t in weights.values()], type=pa.large_list(pa.float32())),
-    })
-    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table)
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- the export
@@ -410,8 +397,10 @@ def export_compact(
 
     `tables` are the run's full tables (names, features, pooling); the checkpoint's own shapes are
     used. With `dims`, supernet tables keep the dims file's columns (dims 0: dropped). The HAM mask
-    saved in the checkpoint is folded into the weights.
-    The vocabularies of `data_dir` (the data stage's output) are copied in, so the export serves raw values.
+    saved in the checkpoint is folded into the weights. With a PME dims file, the checkpoint is the
+    token-group model: its group tables, the remap of its ids and its group projections are exported.
+    The vocabularies of `data_dir` (the data stage's output, for PME the search's renumbered copy)
+    are copied in, so the export serves raw values.
     """
     ckpt = resolve_checkpoint(checkpoint)
     files, info = _rank_files(ckpt)
@@ -419,17 +408,24 @@ def export_compact(
     state = _load_state(files[0])
     arch = _sparse_arch_prefix(state)
     sparse_state = {k[len(arch):]: v for k, v in state.items() if k.startswith(arch) and not _TABLE_KEY.match(k)}
-    other = [k for k in sparse_state if not k.startswith(_GATE)]
+    fields = fields_from_dims(dims) if dims is not None and any(t.groups for t in dims.tables) else None
+    other = [k for k in sparse_state if not k.startswith(_GATE) and not (fields is not None and k.startswith(COMBINER))]
     if other:
-        raise ValueError(f"sparse arch state {arch}{other[0]} cannot be exported yet (only plain and HAM-masked "
-                         "embedding bag collections are)")
+        raise ValueError(f"sparse arch state {arch}{other[0]} cannot be exported (only plain and HAM-masked embedding "
+                         "bag collections, and token-group modules with their PME dims file, can)")
     gates = hard_gates(sparse_state, tables)
     jobs = _plan_jobs(state, tables, dims, gates)
     for job in jobs.values():
         check_dim(int(job.kept.numel()), export_cfg.dtype, job.config.name)
-    kept_by_feature = {f: j.kept for j in jobs.values() for f in j.config.feature_names}
-    head_weights = _compact_head(model_cfg, [j.config for j in jobs.values()], features, dense_in_features,
-                                 state, arch[: -len("sparse_arch.")], kept_by_feature)
+    if fields is None:
+        kept_by_feature = {f: j.kept for j in jobs.values() for f in j.config.feature_names}
+        head_dims = feature_dims_of([j.config for j in jobs.values()], list(features))
+    else:  # the head reads each field at its groups' common width: nothing to cut
+        kept_by_feature = {}
+        head_dims = {**{f: 0 for f in features}, **{g.feature: g.out_dim for g in fields}}
+    inputs = {g.feature: set(g.keys()) for g in fields or []}  # the table features that feed a field
+    head_weights = _compact_head(model_cfg, head_dims, dense_in_features, state, arch[: -len("sparse_arch.")],
+                                 kept_by_feature)
 
     with _staging_dir(out, overwrite) as root:
         scratch = root / ".pieces"
@@ -451,10 +447,14 @@ def export_compact(
                 kept_columns=job.source_columns, pooling=job.config.pooling.value))
         shutil.rmtree(scratch)
         write_weights(root / HEAD_WEIGHTS, head_weights)
-        compact_dims = feature_dims_of([t.config() for t in exported], list(features))
-        feats = [ExportedFeature(f, compact_dims[f], [t.name for t in exported if f in t.features],
+        groups = None
+        if fields is not None:
+            groups = write_token_groups(root, fields, combine_of(dims), sparse_state, [t.config() for t in exported])
+        compact_dims = head_dims if fields is not None else feature_dims_of([t.config() for t in exported], list(features))
+        feats = [ExportedFeature(f, compact_dims[f], [t.name for t in exported if inputs.get(f, {f}) & set(t.features)],
                                  _copy_vocabulary(Path(data_dir) if data_dir else None, f, root)) for f in features]
-        listed = [t.file for t in exported] + [HEAD_WEIGHTS] + [f.vocabulary for f in feats if f.vocabulary]
+        listed = [t.file for t in exported] + [HEAD_WEIGHTS] + [f.vocabulary for f in feats if f.vocabulary] + \
+            (groups.files() if groups else [])
         manifest = Manifest(
             tables=exported,
             features=feats,
@@ -463,9 +463,11 @@ def export_compact(
             files={rel: file_entry(root, rel) for rel in listed},
             source={"checkpoint": str(ckpt.resolve()), "step": info.get("step"),
                     "world_size": len(files), "dims_method": dims.method if dims else None,
+                    "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
                     "masked": gates is not None,
                     "dropped_tables": [t.name for t in tables if t.name not in {e.source_table for e in exported}]},
             writer=writer_versions(),
+            token_groups=groups,
         )
         write_manifest(root, manifest)
     return manifest

@@ -4,15 +4,16 @@ Tables load into a TorchRec `EmbeddingBagCollection` (fp32) or TorchRec's quanti
 int8, int4: FBGEMM inference TBEs with fp32 output, rows padded to `row_alignment`). Table files
 are streamed block by block into the module's storage, converting float rows to the serving dtype
 with FBGEMM's row-wise quantiser (the one `quantize_embeddings` uses); int8/int4 exports load as
-they are. Every file is checked against the manifest's sha256 first.
+they are. A PME export's group tables load the same way, inside its token-group module (remap,
+per-group lookup, projection, sum: `export.groups`). Every file is checked against the manifest's
+sha256 first.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
-import pyarrow as pa
 import torch
 from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
@@ -21,11 +22,12 @@ from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import DataType
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
+from sharded_mde.export.arrowfile import read_weights
+from sharded_mde.export.groups import serving_token_groups, token_group_bytes
 from sharded_mde.export.manifest import ExportedTable, Manifest, read_manifest, verify_files
 from sharded_mde.export.serve import ServingModel
 from sharded_mde.export.tablefile import DTYPES, QUANT_BITS, SCALE_BIAS_BYTES, encode, read_blocks, to_float
 from sharded_mde.modules.heads import build_head
-from sharded_mde.modules.model import feature_dims_of
 
 _DATA_TYPE = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8, "int4": DataType.INT4}
 _SPARSE_TYPE = {"fp32": SparseType.FP32, "fp16": SparseType.FP16, "int8": SparseType.INT8, "int4": SparseType.INT4}
@@ -83,23 +85,6 @@ def load_tables(root: str | Path, manifest: Manifest, dtype: str = "fp32", row_a
     return _quant_ebc(Path(root), manifest, dtype, row_alignment, device)
 
 
-def read_weights(path: Path) -> Dict[str, torch.Tensor]:
-    """The dense weights Arrow file written by the export (name, shape, values per row)."""
-    try:
-        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ValueError(f"{path}: not a readable weights file ({e})") from None
-    if table.column_names != ["name", "shape", "values"]:
-        raise ValueError(f"{path}: columns are {table.column_names}, expected name, shape, values")
-    out = {}
-    for name, shape, values in zip(*(table.column(c).to_pylist() for c in ("name", "shape", "values"))):
-        t = torch.tensor(values, dtype=torch.float32)
-        if t.numel() != torch.Size(shape).numel():
-            raise ValueError(f"{path}: weight {name} has {t.numel()} values for shape {shape}")
-        out[name] = t.view(shape)
-    return out
-
-
 def resolve_dtype(manifest: Manifest, dtype: Optional[str] = None) -> str:
     """The serving dtype: `dtype` if given, else the dtype the tables are stored in."""
     if dtype:
@@ -109,10 +94,16 @@ def resolve_dtype(manifest: Manifest, dtype: Optional[str] = None) -> str:
 
 
 def serving_bytes(manifest: Manifest, dtype: str, row_alignment: int = 1) -> int:
-    """Bytes the serving tables take: rows x FBGEMM's rounded row size (fp32 EBC: rows x dim x 4)."""
+    """Bytes the serving tables take: rows x FBGEMM's rounded row size (fp32 EBC: rows x dim x 4).
+
+    For token groups, the remap and the (fp32) group projections are counted too.
+    """
     if dtype == "fp32":
-        return sum(t.rows * t.dim * 4 for t in manifest.tables)
-    return sum(t.rows * rounded_row_size_in_bytes(t.dim, _SPARSE_TYPE[dtype], row_alignment) for t in manifest.tables)
+        tables = sum(t.rows * t.dim * 4 for t in manifest.tables)
+    else:
+        tables = sum(t.rows * rounded_row_size_in_bytes(t.dim, _SPARSE_TYPE[dtype], row_alignment)
+                     for t in manifest.tables)
+    return tables + token_group_bytes(manifest)
 
 
 def load_export(
@@ -131,9 +122,9 @@ def load_export(
     if verify:
         verify_files(root, manifest)
     ebc = load_tables(root, manifest, resolve_dtype(manifest, dtype), row_alignment, device)
-    features: List[str] = [f.name for f in manifest.features]
+    sparse = ebc if manifest.token_groups is None else serving_token_groups(root, manifest, ebc)
     h = manifest.head
-    head = build_head(h.kind, ebc, feature_dims_of([t.config() for t in manifest.tables], features),
+    head = build_head(h.kind, sparse, {f.name: f.dim for f in manifest.features},
                       h.dense_in_features, list(h.dense_arch), list(h.over_arch), h.dcn_layers, h.dcn_rank)
     weights = read_weights(root / h.weights_file)
     expected = {k for k in head.state_dict() if not k.startswith("sparse_arch.")}

@@ -2,8 +2,8 @@
 
 `manifest.json` is written last into the export directory; it lists the tables (rows, dim, dtype,
 kept columns, the full table they came from), the features and which tables feed each (the group
-layout), the head that consumes them, every other file with its size and sha256, and the versions
-that wrote it. A reader refuses a newer `format_version`, a missing or changed file, and (when a
+layout), for PME the token groups (remap and projection files), the head that consumes them,
+every other file with its size and sha256, and the versions that wrote it. A reader refuses a newer `format_version`, a missing or changed file, and (when a
 table is read) a table whose shape disagrees, each with an error that names the file.
 """
 
@@ -56,6 +56,24 @@ class ExportedFeature:
 
 
 @dataclass
+class ExportedTokenGroups:
+    """PME token groups: each field's groups (`FieldGroups` as a mapping), the remap and projection files, the combine mode.
+
+    The remap file holds, per field, the id ranges that route a (renumbered) vocabulary id to its
+    group table and row; the projections file the weights of the group projections.
+    """
+
+    combine: str
+    fields: List[Dict[str, Any]]
+    remap_file: str
+    projections_file: str
+
+    def files(self) -> List[str]:
+        """The files this section names."""
+        return [self.remap_file, self.projections_file]
+
+
+@dataclass
 class HeadSpec:
     """The dense model around the tables: `modules.heads.build_head` arguments plus its weights file."""
 
@@ -80,6 +98,7 @@ class Manifest:
     writer: Dict[str, str]
     format_version: int = FORMAT_VERSION
     extra: Dict[str, Any] = field(default_factory=dict)
+    token_groups: Optional[ExportedTokenGroups] = None  # PME exports only
 
     def table_bytes(self) -> int:
         """Bytes of the table files on disk."""
@@ -114,8 +133,10 @@ def file_entry(root: Path, rel: str) -> Dict[str, Any]:
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    """Writes `root/manifest.json` atomically (the last file of an export)."""
+    """Writes `root/manifest.json` atomically (the last file of an export); `token_groups` only when present."""
     data = asdict(manifest)
+    if data["token_groups"] is None:
+        del data["token_groups"]
     atomic_write_json(root / MANIFEST, {"format_version": data.pop("format_version"), **data})
 
 
@@ -145,10 +166,12 @@ def read_manifest(root: Path) -> Manifest:
         tables = [_build(ExportedTable, t, f"{path}: tables[{i}]") for i, t in enumerate(raw["tables"])]
         features = [_build(ExportedFeature, f, f"{path}: features[{i}]") for i, f in enumerate(raw["features"])]
         head = _build(HeadSpec, raw["head"], f"{path}: head")
+        groups = _build(ExportedTokenGroups, raw["token_groups"], f"{path}: token_groups") if "token_groups" in raw else None
         rest = {k: raw[k] for k in ("files", "source", "writer")}
     except KeyError as e:
         raise ValueError(f"{path}: missing key {e.args[0]!r}") from None
-    unknown = sorted(set(raw) - {"format_version", "tables", "features", "head", "files", "source", "writer", "extra"})
+    unknown = sorted(set(raw) - {"format_version", "tables", "features", "head", "files", "source", "writer", "extra",
+                                 "token_groups"})
     if unknown:
         raise ValueError(f"{path}: unknown key {unknown[0]!r}")
     for t in tables:
@@ -156,8 +179,11 @@ def read_manifest(root: Path) -> Manifest:
             raise ValueError(f"{path}: table {t.name}: file {t.file} has no checksum entry")
     if head.weights_file not in rest["files"]:
         raise ValueError(f"{path}: head weights file {head.weights_file} has no checksum entry")
+    for rel in groups.files() if groups else []:
+        if rel not in rest["files"]:
+            raise ValueError(f"{path}: token groups file {rel} has no checksum entry")
     return Manifest(tables=tables, features=features, head=head, format_version=version,
-                    extra=raw.get("extra", {}), **rest)
+                    extra=raw.get("extra", {}), token_groups=groups, **rest)
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from sharded_mde.modules.token_groups import GroupCombiner, TokenGroupRouter
+
 
 class ServingModel(nn.Module):
     """Logits (B,) of a mixed-dimension DLRM or DCN head over an EBC or a quantised EBC."""
@@ -26,11 +28,16 @@ class ServingModel(nn.Module):
         return self.head(dense_features, sparse_features).squeeze(-1)
 
 
+# Modules the fx trace keeps whole (TorchScript compiles them as they are): the PME token-group router
+# rewrites the KJT with data-dependent checks, and the combiner sums groups per field.
+LEAF_MODULES = [TokenGroupRouter.__name__, GroupCombiner.__name__]
+
+
 def script(model: ServingModel) -> torch.jit.ScriptModule:
     """TorchRec's fx trace of the serving model, then TorchScript (the form C++ serving loads)."""
     from torchrec.fx import symbolic_trace
 
-    return torch.jit.script(symbolic_trace(model))
+    return torch.jit.script(symbolic_trace(model, leaf_modules=LEAF_MODULES))
 
 
 Request = Tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor, int]  # dense, sparse, labels, valid rows

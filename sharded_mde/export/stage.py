@@ -24,14 +24,18 @@ from sharded_mde.train.metrics import classification_metrics
 
 def export_stage(cfg: RunConfig, checkpoint: str | Path, out: str | Path, dims_path: Optional[str | Path] = None,
                  overwrite: bool = False, progress: bool = True) -> Manifest:
-    """Exports `checkpoint` (a step directory, or a directory of them) of this run to `out`."""
+    """Exports `checkpoint` (a step directory, or a directory of them) of this run to `out`.
+
+    A dims file that names its own data (PME's renumbered copy) gives the vocabularies to ship.
+    """
     from sharded_mde.data import DatasetMeta
 
     meta = DatasetMeta.load(cfg.data.dir)
     full = full_table_configs(cfg)
     dims = load_dims(dims_path, full) if dims_path else None
+    data_dir = (dims.extra.get("data_dir") if dims else None) or cfg.data.dir
     return export_compact(checkpoint, out, cfg.model, meta.sparse_features, len(meta.dense_features), full, dims=dims,
-                          export_cfg=cfg.export, data_dir=cfg.data.dir, overwrite=overwrite, progress=progress)
+                          export_cfg=cfg.export, data_dir=data_dir, overwrite=overwrite, progress=progress)
 
 
 def load_requests(data_dir: str | Path, split: str, batch_size: int, device: torch.device,
@@ -56,22 +60,29 @@ def device_name(device: torch.device) -> str:
 
 
 def export_bytes(root: str | Path, manifest: Manifest) -> Dict[str, int]:
-    """Bytes on disk of an export: tables, head weights, vocabularies, manifest."""
+    """Bytes on disk of an export: tables, head weights, vocabularies, manifest, and PME's remap and projections."""
     root = Path(root)
     vocab = sum(e["bytes"] for rel, e in manifest.files.items() if rel.startswith("vocab/"))
+    groups = manifest.token_groups
     return {"tables": manifest.table_bytes(), "head": manifest.files[manifest.head.weights_file]["bytes"],
-            "vocab": vocab, "manifest": (root / MANIFEST).stat().st_size}
+            "vocab": vocab, "manifest": (root / MANIFEST).stat().st_size,
+            "remap": manifest.files[groups.remap_file]["bytes"] if groups else 0,
+            "projections": manifest.files[groups.projections_file]["bytes"] if groups else 0}
 
 
 def serve_check(cfg: RunConfig, export_dir: str | Path, dtype: Optional[str] = None,
                 device: torch.device = torch.device("cpu"), max_batches: int = 0, scripted: bool = True,
                 verify: bool = True) -> Dict[str, Any]:
-    """Scores the test split from the export alone: AUC, log loss, bytes and examples/s of the served model."""
+    """Scores the test split from the export alone: AUC, log loss, bytes and examples/s of the served model.
+
+    The test split is read from the data the export's vocabularies came from (PME: the renumbered copy).
+    """
     manifest = read_manifest(Path(export_dir))
     dtype = resolve_dtype(manifest, dtype or cfg.export.serve_dtype or None)
     model = load_export(export_dir, dtype, cfg.export.row_alignment, device, verify=verify)
     run = script(model) if scripted else model
-    requests = load_requests(cfg.data.dir, "test", cfg.export.serve_batch_size, device, max_batches)
+    data_dir = manifest.source.get("data_dir") or cfg.data.dir
+    requests = load_requests(data_dir, "test", cfg.export.serve_batch_size, device, max_batches)
     score(run, requests[:1], device)  # warm-up
     logits, labels, seconds = score(run, requests, device)
     return {
@@ -80,6 +91,7 @@ def serve_check(cfg: RunConfig, export_dir: str | Path, dtype: Optional[str] = N
         "row_alignment": cfg.export.row_alignment,
         "serving_table_bytes": serving_bytes(manifest, dtype, cfg.export.row_alignment),
         "export_bytes": export_bytes(export_dir, manifest),
+        "data_dir": str(data_dir),
         "examples_per_s": labels.numel() / max(seconds, 1e-9),
         "batch_size": cfg.export.serve_batch_size,
         "scripted": scripted,

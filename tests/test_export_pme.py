@@ -1,0 +1,150 @@
+"""Export of a PME token-group model trained on 2 gloo ranks: served outputs equal the trained model's.
+
+A tiny planted data set is searched (method pme) and retrained on 2 ranks (row-wise shards); the
+export of the retrain's sharded checkpoint is served from its files alone (group tables, remap,
+projections, head) and must give the trained model's test logits and AUC; a damaged remap is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+import yaml
+
+from dist_utils import run_ranks
+from sharded_mde.config import load_config
+from sharded_mde.data import DatasetMeta, iterate_eval_batches, prepare
+from sharded_mde.export import load_export, read_manifest, serving_bytes
+from sharded_mde.export.arrowfile import read_arrow, write_arrow
+from sharded_mde.export.groups import REMAP_FILE
+from sharded_mde.export.stage import export_bytes, export_stage, serve_check
+from sharded_mde.io import atomic_torch_save, read_json
+from sharded_mde.modules.token_groups import fields_from_dims, router_bytes
+from sharded_mde.plan.dims import load_dims
+from sharded_mde.plan.tables import full_table_configs
+from sharded_mde.train.distributed import init_distributed
+
+WORLD = 2
+
+
+def _search_retrain_predict(rank: int, world: int, config: str) -> None:
+    from sharded_mde.search.cli import run_search
+    from sharded_mde.search.pme import compact_pme
+    from sharded_mde.search.retrain import run_retrain
+    from sharded_mde.train.run import train_stage
+
+    cfg = load_config(config)
+    env = init_distributed(prefer_cuda=False)
+    dims = run_search(cfg, env)
+    run_retrain(cfg, env, Path(cfg.run_dir) / "pme" / "dims.json", stage="retrain")
+    # The trained model's own test logits: the retrained model resumed from its final checkpoint, sharded as trained.
+    model, tables, _ = compact_pme(cfg, dims, full_table_configs(cfg), DatasetMeta.load(cfg.data.dir))
+    ids = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=dims.extra["data_dir"]))
+    trainer, _ = train_stage(ids, env, "retrain", model=model, tables=tables)
+    logits, _ = trainer.predict("test")
+    if rank == 0:
+        atomic_torch_save(Path(cfg.run_dir) / "trained_test_logits.pt", logits)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    d = tmp_path_factory.mktemp("export_pme")
+    config = d / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(d / "run"),
+        "data": {"dir": str(d / "data"), "synth_rows": 6000, "synth_num_sparse": 4, "synth_num_dense": 3,
+                 "synth_vocab_min": 30, "synth_vocab_max": 800, "synth_tail_capacity": True},
+        "model": {"embedding_dim": 16, "dense_arch": [8, 8], "over_arch": [8, 1]},
+        "train": {"batch_size": 256, "epochs": 1, "checkpoint_every": 0, "sharding": "row_wise", "progress": False},
+        "search": {"method": "pme", "budget": 0.3, "pme": {"score_fraction": 0.25}},
+        "export": {"serve_batch_size": 512},
+    }))
+    cfg = load_config(config)
+    prepare(cfg.data, progress=False)
+    run_ranks(_search_retrain_predict, str(config), world_size=WORLD)
+    run = Path(cfg.run_dir)
+    out = run / "export"
+    export_stage(cfg, run / "retrain" / "checkpoints", out, dims_path=run / "pme" / "dims.json", progress=False)
+    return cfg, out
+
+
+def test_served_model_equals_the_trained_model(exported) -> None:
+    cfg, out = exported
+    run = Path(cfg.run_dir)
+    dims = load_dims(run / "pme" / "dims.json", full_table_configs(cfg))
+    manifest = read_manifest(out)
+    # every (field, size) group is its own table at its size, fed into its field
+    fields = fields_from_dims(dims)
+    assert any(len(f.groups) > 1 for f in fields)
+    tables = {t.name: (t.rows, t.dim) for t in manifest.tables}
+    assert sorted(tables.values()) == sorted((rows, size) for f in fields for size, rows in f.groups)
+    feeds = {f.name: f.tables for f in manifest.features}
+    assert all(len(feeds[f.feature]) == len(f.groups) for f in fields)
+    assert manifest.source["world_size"] == WORLD and manifest.source["data_dir"] == str(Path(dims.extra["data_dir"]).resolve())
+
+    # fp32 served logits equal the sharded trained model's on the whole test split (rows in the ranks' gather order)
+    data_dir = dims.extra["data_dir"]
+    model = load_export(out)
+    served = []
+    with torch.no_grad():
+        for r in range(WORLD):
+            for batch, n in iterate_eval_batches(data_dir, "test", cfg.train.batch_size, r, WORLD):
+                served.append(model(batch.dense_features, batch.sparse_features)[:n])
+    served = torch.cat(served)
+    trained = torch.load(run / "trained_test_logits.pt")
+    assert served.shape == trained.shape and served.numel() == DatasetMeta.load(data_dir).rows["test"]
+    assert float((served - trained).abs().max()) < 1e-5
+
+    # serve-check (TorchScript, reading the renumbered test split) gives the retrain's test AUC
+    retrain = read_json(run / "retrain" / "retrain.json", "retrain summary")
+    check = serve_check(cfg, out)
+    assert check["scripted"] and check["data_dir"] == manifest.source["data_dir"]
+    assert check["auc"] == pytest.approx(retrain["test"]["auc"], abs=1e-6)
+    # bytes include the remap and every projection
+    sizes = export_bytes(out, manifest)
+    assert sizes["remap"] > 0 and sizes["projections"] > 0
+    projections = sum(f.out_dim * s for f in fields for s, _ in f.groups if s < f.out_dim)
+    assert check["serving_table_bytes"] == sum(r * c * 4 for r, c in tables.values()) + \
+        sum(router_bytes(f) for f in fields) + 4 * projections
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp16", 2e-2), ("int8", 5e-2)])
+def test_quantised_serving_of_token_groups(exported, dtype: str, tol: float) -> None:
+    cfg, out = exported
+    fp32, quant = load_export(out), load_export(out, dtype=dtype)
+    requests = [b for b, _ in iterate_eval_batches(read_manifest(out).source["data_dir"], "test", 512, 0, 1)]
+    with torch.no_grad():
+        for b in requests:
+            want = fp32(b.dense_features, b.sparse_features)
+            assert float((quant(b.dense_features, b.sparse_features) - want).abs().max()) < tol
+    manifest = read_manifest(out)
+    assert serving_bytes(manifest, dtype) < serving_bytes(manifest, "fp32")
+
+
+def test_damaged_remap_is_refused_naming_it(exported, tmp_path: Path) -> None:
+    _, out = exported
+    altered = tmp_path / "altered"
+    shutil.copytree(out, altered)
+    remap = read_arrow(altered / REMAP_FILE, "remap file", ["feature", "start", "end", "table", "row"])
+    rows = remap.column("row").to_pylist()
+    i = next(k for k, t in enumerate(remap.column("table").to_pylist()) if t)
+    rows[i] += 1
+    write_arrow(altered / REMAP_FILE, remap.set_column(4, "row", pa.array(rows, type=pa.int64())))
+    with pytest.raises(ValueError, match=rf"altered/{REMAP_FILE}: checksum mismatch"):
+        load_export(altered)
+    with pytest.raises(ValueError, match=rf"altered/{REMAP_FILE}: remap range {i} is .* but the manifest's token groups"):
+        load_export(altered, verify=False)
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(out, truncated)
+    data = (truncated / REMAP_FILE).read_bytes()
+    (truncated / REMAP_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"truncated/{REMAP_FILE}: checksum mismatch"):
+        load_export(truncated)
+    with pytest.raises(ValueError, match=rf"truncated/{REMAP_FILE}: not a readable remap file"):
+        load_export(truncated, verify=False)
