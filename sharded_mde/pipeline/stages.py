@@ -35,7 +35,13 @@ def stage_search(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str,
     out = {"dims_file": str(Path(cfg.run_dir) / cfg.search.method / "dims.json"), "method": dims.method,
            "full_bytes": dims.full_bytes, "budget_bytes": dims.budget_bytes, "kept_bytes": dims.kept_bytes,
            "search_seconds": time.perf_counter() - t0, "dims": {t.name: t.dim for t in dims.tables}}
-    if "planted" in dims.extra:
+    if dims.method == "pme":  # token-wise sizes: tokens per size of every field; planted data: size vs capacity
+        tokens = dims.extra["pme"]["tokens"]
+        out["token_sizes"] = {f: v["tokens_per_size"] for f, v in tokens.items()}
+        caps = [v["spearman_capacity"] for v in tokens.values() if v.get("spearman_capacity") is not None]
+        if caps:
+            out["planted"] = {"spearman_capacity_mean": sum(caps) / len(caps)}
+    elif "planted" in dims.extra:
         out["planted"] = dims.extra["planted"]
     return out
 

@@ -22,6 +22,7 @@ def summarise(cfg: RunConfig, ledger: StageLedger) -> Dict[str, Any]:
     retrain, serve = _out(ledger, "retrain"), _out(ledger, "serve_check")
     seconds = {name: st.get("seconds", 0.0) for name, st in ledger.stages.items()}
     totals = plan["totals"]
+    groups = " + projections + remap" if search["method"] == "pme" else ""  # PME's bytes count them too
     doc = {
         "run_dir": cfg.run_dir,
         "method": search["method"],
@@ -29,12 +30,13 @@ def summarise(cfg: RunConfig, ledger: StageLedger) -> Dict[str, Any]:
         "models": [
             {"model": "full-dimension baseline (tables + optimizer state)", "auc": base["test"]["auc"], "logloss": base["test"]["logloss"],
              "embedding_bytes": search["full_bytes"]},
-            {"model": f"compact, {search['method']} + retrain (tables + optimizer state)", "auc": retrain["test"]["auc"],
+            {"model": f"compact, {search['method']} + retrain (tables + optimizer state{groups})", "auc": retrain["test"]["auc"],
              "logloss": retrain["test"]["logloss"], "embedding_bytes": search["kept_bytes"]},
-            {"model": f"served from the export ({serve['dtype']} tables)", "auc": serve["auc"], "logloss": serve["logloss"],
+            {"model": f"served from the export ({serve['dtype']} tables{groups})", "auc": serve["auc"], "logloss": serve["logloss"],
              "embedding_bytes": serve["serving_table_bytes"]},
         ],
         "dims": search["dims"],
+        "token_sizes": search.get("token_sizes"),
         "planted": search.get("planted"),
         "memory": totals,
         "topology": f"{cfg.plan.world_size} x {cfg.plan.compute_device}",
@@ -68,10 +70,19 @@ def render_summary(doc: Dict[str, Any]) -> str:
                  f"{t['saving_pct']:.1f}% |")
     lines.append(f"| largest rank | {fmt_bytes(t['max_rank_full'])} | {fmt_bytes(t['max_rank_compact'])} | |")
     lines.append(f"| imbalance (max/mean rank) | {t['imbalance_full']:.2f} | {t['imbalance_compact']:.2f} | |")
-    kept = ", ".join(f"{k.removeprefix('t_')}:{v}" for k, v in doc["dims"].items())
-    lines += ["", f"Kept dims per table: {kept}"]
-    if doc.get("planted"):
-        lines.append(f"Spearman correlation of kept dims with the planted ranks: {doc['planted']['spearman']:.3f}")
+    if doc.get("token_sizes"):
+        sizes = "; ".join(f"{f} " + " ".join(f"{s}:{n}" for s, n in sorted(v.items(), key=lambda kv: -int(kv[0])))
+                          for f, v in doc["token_sizes"].items())
+        lines += ["", f"Tokens per size (size:tokens) per field: {sizes}"]
+    else:
+        kept = ", ".join(f"{k.removeprefix('t_')}:{v}" for k, v in doc["dims"].items())
+        lines += ["", f"Kept dims per table: {kept}"]
+    planted = doc.get("planted") or {}
+    if "spearman" in planted:
+        lines.append(f"Spearman correlation of kept dims with the planted ranks: {planted['spearman']:.3f}")
+    if "spearman_capacity_mean" in planted:
+        lines.append("Spearman correlation of token size with planted capacity (mean over fields): "
+                     f"{planted['spearman_capacity_mean']:.3f}")
     lines += ["", f"Search {doc['search_seconds']:.0f} s, whole run {doc['total_seconds']:.0f} s; serving "
               f"{doc['serving_examples_per_s']:,.0f} examples/s.", "",
               "Plots: " + ", ".join(f"`{p}`" for p in doc["plots"].values()), ""]
