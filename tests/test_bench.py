@@ -1,0 +1,100 @@
+"""`sharded-mde bench quality` (methods x budgets x seeds, resumable) and `sharded-mde bench speed` on tiny planted data."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sharded_mde.cli import main
+
+METHODS, BUDGETS, SEEDS = ["ham", "uniform"], [0.25, 0.5], 2
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("bench")
+    path = d / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "run_dir": str(d / "run"),
+        "data": {"format": "synth", "dir": str(d / "data"), "synth_rows": 3000, "synth_num_sparse": 4,
+                 "synth_num_dense": 3, "synth_vocab_min": 20, "synth_vocab_max": 300},
+        "model": {"embedding_dim": 8, "dense_arch": [8, 8], "over_arch": [8, 1]},
+        "train": {"batch_size": 256, "epochs": 1, "checkpoint_every": 0, "sharding": "table_wise", "progress": False},
+        "search": {"epochs": 1},
+        "export": {"serve_batch_size": 256},
+    }))
+    return path
+
+
+def _finished_files(root: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for name in ("dims.json", "retrain.json", "metrics.json") for p in root.rglob(name)}
+
+
+def test_quality_every_cell_then_a_rerun_skips_them(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["bench", "quality", str(config), "--methods", ",".join(METHODS), "--budgets", ",".join(map(str, BUDGETS)),
+            "--seeds", str(SEEDS), "--out", str(tmp_path / "docs" / "quality.md")]
+    assert main(args) == 0
+    out = Path(yaml.safe_load(config.read_text())["run_dir"]) / "bench_quality"
+    doc = json.loads((out / "results.json").read_text())
+    cells = {(r["seed"], r["method"], r["budget"]) for r in doc["records"]}
+    assert len(doc["records"]) == 8 and cells == set(itertools.product(range(SEEDS), METHODS, BUDGETS))
+    assert [b["seed"] for b in doc["baselines"]] == [0, 1]
+    full = doc["baselines"][0]["bytes"]
+    for r in doc["records"]:
+        assert 0 < r["test_auc"] < 1 and r["test_logloss"] > 0
+        assert r["kept_fraction"] == pytest.approx(r["kept_bytes"] / full) and r["kept_bytes"] < full
+        assert r["search_seconds"] > 0 and r["retrain_seconds"] > 0
+        if r["method"] == "ham":  # HAM meets its budget exactly (uniform rounds its one dim up)
+            assert r["kept_bytes"] <= r["budget_bytes"]
+    # the seeds differ (train.seed reaches the baseline), the data and splits do not
+    assert doc["baselines"][0]["test_auc"] != doc["baselines"][1]["test_auc"]
+    table = (out / "results.md").read_text()
+    for m, b in itertools.product(METHODS, BUDGETS):
+        assert sum(line.startswith(f"| {m} | {b:g} |") for line in table.splitlines()) == 1
+    assert sum(line.startswith("| full | 1 |") for line in table.splitlines()) == 1
+    assert (out / "auc_vs_bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "docs" / "quality.md").read_text() == table
+    assert json.loads((tmp_path / "docs" / "quality.json").read_text())["records"] == doc["records"]
+
+    before = _finished_files(out)
+    assert len([p for p in before if p.name == "retrain.json"]) == 8
+    capsys.readouterr()
+    assert main(args) == 0  # every cell finished: nothing trains again
+    assert _finished_files(out) == before
+    assert "skipped" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["records"] == doc["records"]
+
+
+def test_quality_unknown_method_fails_before_any_work(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "never"
+    assert main(["bench", "quality", str(config), "--methods", "ham,no_such_method", "--seeds", "1",
+                 "--set", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'no_such_method'" in err
+    assert not run_dir.exists()
+
+
+def test_speed_reports_ratios_and_skips_tbe_without_cuda(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "speed.json"
+    assert main(["bench", "speed", str(config), "--repeats", "2", "--steps", "3", "--out", str(out),
+                 "--set", f"run_dir={tmp_path / 'speed_run'}", "--set", "search.budget=0.5"]) == 0
+    doc = json.loads(out.read_text())
+    r = doc["results"]
+    assert doc["machine"]["cores"] and r["device"]
+    assert r["search_overhead"]["ratio"] > 0 and r["search_overhead"]["steps"] == 6
+    assert r["train_step"]["ratio"] > 0 and 0 < r["bytes_ratio"] < 1
+    for dtype in ("fp32", "int8"):
+        s = r["serving"]["dtypes"][dtype]
+        assert s["ratio_median"] > 0 and 0 < s["bytes_ratio"] < 1
+        assert s["compact"]["rows"] == s["full"]["rows"] > 0
+    printed = capsys.readouterr().out
+    if torch.cuda.is_available():
+        assert r["tbe"]["status"] == "measured" and r["tbe"]["forward_ratio"] > 0
+    else:
+        assert r["tbe"]["status"] == "skipped" and "tbe: skipped" in printed
+        assert "forward_ms" not in json.dumps(r["tbe"])
