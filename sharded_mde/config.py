@@ -246,11 +246,14 @@ class PmeConfig:
             raise ConfigError(f"accumulate: gradient or saliency, got {self.accumulate!r}")
 
 
+SEARCH_METHODS = ("ham", "pme", "uniform", "power_law", "magnitude", "saliency")
+
+
 @dataclass
 class SearchConfig:
     """The dimension search (HAM or PME) and its byte budget."""
 
-    method: str = "ham"  # ham | pme | uniform (the same-bytes baseline)
+    method: str = "ham"  # ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md)
     budget: float = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state)
     epochs: float = 1.0  # supernet training length (replaces train.epochs during the search)
     allow_drop: bool = True  # a table whose columns are all pruned may be dropped
@@ -266,12 +269,14 @@ class SearchConfig:
     uniform_price: float = 0.0  # share of the penalty that prices every column alike (0 = bytes only)
     ortho_weight: float = 0.1  # beta of the orthogonal regularity on the mean squared column correlation (0 = off)
     ortho_rows: int = 1024  # batch rows the orthogonal regularity looks at (0 = the whole batch)
-    retrain_warm_start: bool = True  # retrain from the supernet's kept columns (else from scratch)
+    retrain_warm_start: bool = True  # retrain from the supernet's (magnitude, saliency: the baseline's) kept columns
+    power_law_alpha: float = 0.3  # power_law: dim proportional to rows ** -alpha
+    saliency_batches: int = 20  # saliency: training batches the column saliency is summed over
     pme: PmeConfig = field(default_factory=PmeConfig)  # PME settings (method: pme)
 
     def validate(self) -> None:
-        if self.method not in ("ham", "pme", "uniform"):
-            raise ConfigError(f"method: ham, pme or uniform, got {self.method!r}")
+        if self.method not in SEARCH_METHODS:
+            raise ConfigError(f"method: one of {', '.join(SEARCH_METHODS)}, got {self.method!r}")
         if not 0 < self.budget <= 1:
             raise ConfigError(f"budget: a fraction in (0, 1], got {self.budget}")
         if self.surrogate not in ("identity", "clipped", "sigmoid"):
@@ -286,6 +291,10 @@ class SearchConfig:
             raise ConfigError(f"mask_init: must be > 0 (every column starts kept), got {self.mask_init}")
         if self.ortho_weight < 0 or self.ortho_rows < 0:
             raise ConfigError("ortho_weight and ortho_rows must be >= 0")
+        if self.power_law_alpha < 0:
+            raise ConfigError(f"power_law_alpha: must be >= 0, got {self.power_law_alpha}")
+        if self.saliency_batches < 1:
+            raise ConfigError(f"saliency_batches: must be >= 1, got {self.saliency_batches}")
 
 
 @dataclass

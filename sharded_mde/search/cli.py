@@ -1,8 +1,9 @@
 """`sharded-mde search CONFIG` and `sharded-mde retrain CONFIG --dims FILE` (one process or torchrun).
 
-`search` dispatches on `search.method` through `SEARCHES` (ham, uniform; PME registers "pme"),
-each writing `<run_dir>/<stage>/dims.json` (stage defaults to the method name). `retrain` trains
-the compact model of any dims file whose method has a builder in `retrain.COMPACT_BUILDERS`.
+`search` dispatches on `search.method` through `SEARCHES` (ham, pme, and the baselines uniform,
+power_law, magnitude, saliency: docs/baselines.md), each writing `<run_dir>/<stage>/dims.json`
+(stage defaults to the method name). `retrain` trains the compact model of any dims file whose
+method has a builder in `retrain.COMPACT_BUILDERS`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ SEARCHES: Dict[str, str] = {
     "ham": "sharded_mde.search.ham:run_ham",
     "uniform": "sharded_mde.search.uniform:run_uniform",
     "pme": "sharded_mde.search.pme:run_pme",
+    "power_law": "sharded_mde.search.power_law:run_power_law",
+    "magnitude": "sharded_mde.search.magnitude:run_magnitude",
+    "saliency": "sharded_mde.search.saliency:run_saliency",
 }
 
 
@@ -75,7 +79,7 @@ def _retrain(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="search per-table dims under a byte budget (HAM, uniform baseline)")
+    p = sub.add_parser("search", help="search per-table dims under a byte budget (HAM, PME, baselines)")
     add_config_args(p)
     p.add_argument("--stage", default=None, help="stage directory inside run_dir (default: the method name)")
     p.set_defaults(func=_search)

@@ -93,7 +93,7 @@ def read_supernet(ckpt: str | Path, kept: Dict[str, Sequence[int]]) -> Tuple[Dic
 
 def compact_ham(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
                 meta: "DatasetMeta") -> Tuple[RecTrain, List[EmbeddingBagConfig], Optional[WarmStart]]:
-    """Compact model of a column-kept dims file (HAM, uniform); warm start when configured and a supernet exists."""
+    """Compact model of a column-kept dims file (HAM, baselines); warm start when configured and a checkpoint is named."""
     tables = plan_tables(dims, full)
     if not tables:
         raise ValueError("the dims file keeps no table (every table dropped)")
@@ -112,6 +112,11 @@ def compact_ham(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
     load_dense(model, dense)
     head = find_head(model)
     head.slice_inputs({f: torch.as_tensor(t.kept_columns, dtype=torch.long) for t in dims.tables for f in t.features})
+    return model, tables, table_warm_start(weights)
+
+
+def table_warm_start(weights: Dict[str, torch.Tensor]) -> WarmStart:
+    """A warm start that copies whole tables (by name) into a DMP's (sharded) tables, leaving the rest as it is."""
 
     def warm(dmp: DistributedModelParallel) -> None:
         live = dmp.state_dict()
@@ -121,7 +126,7 @@ def compact_ham(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
             src[k] = weights[m.group(1)] if m else v
         copy_full_into(live, src)
 
-    return model, tables, warm
+    return warm
 
 
 def load_dense(model: nn.Module, dense: Dict[str, torch.Tensor]) -> None:
@@ -145,7 +150,11 @@ def _compact_pme(*args: Any) -> Tuple[RecTrain, List[EmbeddingBagConfig], Option
     return compact_pme(*args)
 
 
-COMPACT_BUILDERS: Dict[str, CompactBuilder] = {"ham": compact_ham, "uniform": compact_ham, "pme": _compact_pme}
+# power_law trains from scratch (no checkpoint in its dims file); magnitude and saliency name the
+# full-dimension baseline's checkpoints, so compact_ham warm-starts from its kept columns.
+COMPACT_BUILDERS: Dict[str, CompactBuilder] = {"ham": compact_ham, "uniform": compact_ham, "pme": _compact_pme,
+                                               "power_law": compact_ham, "magnitude": compact_ham,
+                                               "saliency": compact_ham}
 
 
 def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Optional[str] = None) -> Dict[str, Any]:
