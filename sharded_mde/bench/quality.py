@@ -62,8 +62,8 @@ def seed_config(cfg: RunConfig, seed: int) -> RunConfig:
 
 
 def _baseline(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
-    from sharded_mde.search.budget import full_bytes
     from sharded_mde.plan.tables import full_table_configs
+    from sharded_mde.search.budget import full_bytes
     from sharded_mde.train.run import train_stage
 
     _, m = train_stage(cfg, env, "baseline")
