@@ -10,6 +10,8 @@ from typing import List
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
@@ -20,7 +22,7 @@ from sharded_mde.modules.model import build_model
 from sharded_mde.plan.dims import DimsFile, legal_dim, load_dims, table_bytes
 from sharded_mde.plan.sharding import manual_plan
 from sharded_mde.plan.tables import full_table_configs
-from sharded_mde.search.budget import select_dims
+from sharded_mde.search.budget import budget_bytes, select_dims
 from sharded_mde.search.magnitude import column_norms
 from sharded_mde.search.pme_score import PooledCapture
 from sharded_mde.search.power_law import power_law_dims
@@ -68,6 +70,24 @@ def test_power_law_meets_the_budget_with_first_columns(fraction: float, optimize
     assert all(a.dim >= b.dim for a, b in zip(by_rows, by_rows[1:]))  # more rows, fewer columns
     assert all(t.dim >= 4 and t.kept_columns == list(range(t.dim)) for t in dims.tables)
     assert by_rows[0].dim > by_rows[-1].dim or fraction == 0.9
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.integers(1, 10**7), min_size=1, max_size=8), dims=st.lists(st.sampled_from([4, 8, 16, 64, 128]),
+       min_size=8, max_size=8), fraction=st.floats(0.01, 1.0), alpha=st.floats(0.0, 1.0),
+       optimizer=st.sampled_from(["rowwise_adagrad", "adagrad", "sgd"]))
+def test_power_law_meets_any_feasible_budget(rows, dims, fraction, alpha, optimizer) -> None:
+    tables = [EmbeddingBagConfig(name=f"t{i}", num_embeddings=r, embedding_dim=d, feature_names=[f"f{i}"])
+              for i, (r, d) in enumerate(zip(rows, dims))]
+    try:
+        result = power_law_dims(tables, fraction, alpha, optimizer)
+    except ValueError as e:  # only when every table at 4 columns is already over the budget
+        assert "below" in str(e)
+        assert sum(table_bytes(t.num_embeddings, 4, "fp32", optimizer).total for t in tables) > \
+            budget_bytes(tables, fraction, "fp32", optimizer)
+        return
+    assert_meets_budget(result)
+    assert all(t.dim >= 4 and t.kept_columns == list(range(t.dim)) for t in result.tables)
 
 
 def test_power_law_with_alpha_zero_is_one_dim_for_all() -> None:

@@ -93,6 +93,9 @@ def run_saliency(cfg: RunConfig, env: DistEnv, stage: str = "saliency",
     tables = full_table_configs(cfg)
     dmp = trained_scorer(cfg, env, tables, meta.sparse_features, len(meta.dense_features), ckpt)
     n = min(cfg.search.saliency_batches, num_batches(cfg.data.dir, "train", cfg.train.batch_size, env.world_size))
+    if n < 1:
+        raise ValueError(f"{cfg.data.dir}: the train split has no full batch of {cfg.train.batch_size} rows per rank "
+                         "to score saliency on (lower train.batch_size)")
     batches = scoring_batches(cfg.data.dir, cfg.train.batch_size, n, env.rank, env.world_size)
     scores = column_saliency(dmp, tables, batches, n, env.device, cfg.train.progress)
     return save_scored_dims("saliency", cfg, env, stage, scores, ckpt, ranks,
