@@ -37,6 +37,9 @@ def _quality(args: argparse.Namespace) -> int:
 def _speed(args: argparse.Namespace) -> int:
     from sharded_mde.bench.speed import print_speed, run_speed
 
+    if min(args.repeats, args.steps, args.tbe_batch) < 1:
+        raise ValueError("--repeats, --steps and --tbe-batch must be at least 1")
+
     def body(cfg: RunConfig, env: DistEnv) -> int:
         out = Path(args.out) if args.out else Path(cfg.run_dir) / "bench_speed.json"
         doc = run_speed(cfg, env, out, dims_path=args.dims, repeats=args.repeats, steps=args.steps,

@@ -100,7 +100,11 @@ def run_quality(cfg: RunConfig, env: DistEnv, methods: Sequence[str], budgets: S
     stages: Dict[int, Dict[str, Any]] = {}
     for seed, method, budget in tqdm(cells, desc="bench quality", unit="cell", disable=not env.is_main):
         todo = [("baseline", _baseline, True)] if method is None else _cell_stages(method, budget)
-        stages[seed] = run_pipeline(seed_config(cfg, seed), env, todo)
+        try:
+            stages[seed] = run_pipeline(seed_config(cfg, seed), env, todo)
+        except ValueError as e:  # name the cell (the finished ones stay recorded: fix and rerun)
+            cell = "baseline" if method is None else f"{method} at budget {budget:g}"
+            raise ValueError(f"seed {seed}, {cell}: {e}") from e
     if not env.is_main:
         return None
     doc = collect_results(stages, methods, budgets)
