@@ -32,7 +32,7 @@ def write_weights(path: Path, weights: Mapping[str, torch.Tensor]) -> None:
     """Dense weights as an Arrow file: one row per tensor (name, shape, float32 values)."""
     for name, t in weights.items():
         if not t.is_floating_point():
-            raise ValueError(f"head weight {name}: dtype {t.dtype} is not a float")
+            raise ValueError(f"{path}: weight {name}: dtype {t.dtype} is not a float")
     write_arrow(path, pa.table({
         "name": pa.array(list(weights), type=pa.string()),
         "shape": pa.array([list(t.shape) for t in weights.values()], type=pa.list_(pa.int64())),
