@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any, Dict
 
 import torch
 import torch.distributed as dist
@@ -36,13 +37,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _restart_scoped_store() -> Dict[str, Any]:
+    """init_process_group arguments that give each torchrun restart of a one-node job its own store keys.
+
+    torchrun (torch >= 2.5) keeps one TCPStore for every restart of a job and the process group's
+    keys are not scoped by attempt, so a restarted rank can read the gloo/NCCL address of a peer
+    from the failed attempt and fail with "Connection refused" or hang (pytorch/pytorch#135712;
+    3 of 6 restarts here). One agent gives all its ranks the same TORCHELASTIC_RESTART_COUNT, so on
+    one node that count scopes the keys; across nodes counts can differ, so nothing changes there
+    (launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, docs/reliability.md).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    world = os.environ["WORLD_SIZE"]
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or \
+            os.environ.get("LOCAL_WORLD_SIZE") != world:
+        return {}
+    rank = int(os.environ["RANK"])
+    store, _, _ = next(dist.rendezvous("env://", rank, int(world)))
+    return {"store": dist.PrefixStore(f"sharded_mde/attempt_{attempt}", store), "rank": rank, "world_size": int(world)}
+
+
 def init_distributed(prefer_cuda: bool = True) -> DistEnv:
     """Initialises (or reuses) the default process group: NCCL on GPUs, gloo on CPU."""
     use_cuda = prefer_cuda and torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, **_restart_scoped_store())
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
