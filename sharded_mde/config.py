@@ -269,7 +269,8 @@ class SearchConfig:
     uniform_price: float = 0.0  # share of the penalty that prices every column alike (0 = bytes only)
     ortho_weight: float = 0.1  # beta of the orthogonal regularity on the mean squared column correlation (0 = off)
     ortho_rows: int = 1024  # batch rows the orthogonal regularity looks at (0 = the whole batch)
-    retrain_warm_start: bool = True  # retrain from the supernet's (magnitude, saliency: the baseline's) kept columns
+    retrain_warm_start: bool = False  # retrain from the supernet's kept columns (else from scratch; docs/ham.md: warm
+    # start is a second pass of the tables over the same rows, which overfits one-epoch CTR data)
     power_law_alpha: float = 0.3  # power_law: dim proportional to rows ** -alpha
     saliency_batches: int = 20  # saliency: training batches the column saliency is summed over
     pme: PmeConfig = field(default_factory=PmeConfig)  # PME settings (method: pme)

@@ -234,7 +234,8 @@ def test_baselines_end_to_end_under_budget_and_retrain_warm(config: Path) -> Non
         assert (run / "baseline" / "metrics.json").stat().st_mtime == baseline_mtime  # saliency reused the baseline
         assert found["saliency"].extra["saliency_batches"] == 4
         assert "supernet_checkpoints" not in found["power_law"].extra
-        short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=0.3))
+        short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=0.3),
+                                    search=dataclasses.replace(cfg.search, retrain_warm_start=True))
         summary = run_retrain(short, env, run / "magnitude" / "dims.json")
         assert summary["init"] == "warm" and 0.5 < summary["test"]["auc"] <= 1
         assert json.loads((run / "retrain_magnitude" / "retrain.json").read_text())["method"] == "magnitude"

@@ -1,6 +1,6 @@
 """HAM ablation: orthogonal regularity on/off and the straight-through surrogates, one table in docs/.
 
-Each variant is a `sharded-mde search` (stage `abl_<variant>`) followed by a warm-started
+Each variant is a `sharded-mde search` (stage `abl_<variant>`) followed by a
 `sharded-mde retrain` (stage `abl_<variant>_retrain`) of the same config; finished stages are
 reused, so an interrupted ablation continues where it stopped. The markdown table reports the
 planted-rank agreement, the kept bytes, the supernet's last validation AUC and the retrained
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-from sharded_mde.config import load_config
+from sharded_mde.config import load_config, parse_overrides
 from sharded_mde.io import atomic_write_text, read_json
 
 VARIANTS: Dict[str, List[str]] = {
@@ -41,14 +41,9 @@ def _run(cmd: List[str]) -> None:
 
 def run_variant(config: str, name: str, sets: List[str], common: List[str]) -> Dict[str, Any]:
     """Search + retrain of one variant (skipping finished stages); its row of the table."""
-    cfg = load_config(config)
-    slug = _slug(name)
-    stage = f"abl_{slug}"
+    stage = f"abl_{_slug(name)}"
     overrides = [x for s in common + sets for x in ("--set", s)]
-    run_dir = Path(load_config(config, None).run_dir)
-    for s in common:
-        if s.startswith("run_dir="):
-            run_dir = Path(s.split("=", 1)[1])
+    run_dir = Path(load_config(config, parse_overrides(common)).run_dir)
     dims_path = run_dir / stage / "dims.json"
     exe = [sys.executable, "-m", "sharded_mde.cli"]
     if not dims_path.exists():
@@ -59,12 +54,11 @@ def run_variant(config: str, name: str, sets: List[str], common: List[str]) -> D
     dims, trace, rt = read_json(dims_path), read_json(run_dir / stage / "trace.json"), read_json(retrain)
     planted = dims["extra"].get("planted", {})
     evals = [e for e in trace["evals"] if e.get("auc") is not None]
-    del cfg
     return {
         "variant": name, "overrides": " ".join(sets),
         "spearman": planted.get("spearman"), "rank0_ok": planted.get("rank0_at_most_4"),
         "kept_fraction": dims["kept_bytes"] / dims["full_bytes"],
-        "supernet_valid_auc": evals[-1]["auc"] if evals else None,
+        "supernet_valid_auc": evals[-1]["auc"] if evals else float("nan"),
         "retrain_test_auc": rt["test"]["auc"], "retrain_test_logloss": rt["test"]["logloss"],
         "dims": {t["name"]: t["dim"] for t in dims["tables"]},
     }
@@ -75,7 +69,7 @@ def render(rows: List[Dict[str, Any]], config: str, common: List[str]) -> str:
     lines = [
         "# HAM ablation", "",
         f"Produced by `python tools/ablation_ham.py {config}{''.join(' --set ' + s for s in common)}` "
-        "(search, then warm-started retrain, per variant).", "",
+        "(search, then retrain, per variant).", "",
         "| variant | Spearman (kept dims vs planted ranks) | rank-0 fields <= 4 columns | kept bytes / full "
         "| supernet valid AUC | retrained test AUC | retrained test logloss |",
         "|---|---|---|---|---|---|---|",
