@@ -144,6 +144,26 @@ def test_vocab_order_ties_min_count_and_max_vocab():
     assert v.encode(["a", None, "c", "b", "zzz"]).tolist() == [3, 0, 1, 2, 1] and v.num_embeddings == 5
 
 
+def test_value_counter_merges_geometrically_and_counts_exactly(monkeypatch):
+    """Many distinct values: partial counts are merged O(log n) times, not once per block, and stay exact."""
+    import collections
+
+    from sharded_mde.data import vocab as vocab_mod
+
+    monkeypatch.setattr(vocab_mod, "_MERGE_ROWS", 10)
+    merges = []
+    real_merge = ValueCounter._merge
+    monkeypatch.setattr(ValueCounter, "_merge", lambda self, f: (merges.append(f), real_merge(self, f)))
+    counter, expected = ValueCounter(["f"]), collections.Counter()
+    for block in range(200):
+        values = [f"v{block * 10 + i}" for i in range(10)] + ["common"]
+        expected.update(values)
+        counter.update(pa.table({"f": pa.array(values, pa.string())}))
+    assert len(merges) <= 12  # 200 blocks of fresh values: the merged table doubles between merges
+    got = counter.counts("f")
+    assert dict(zip(got.column("value").to_pylist(), got.column("count").to_pylist())) == dict(expected)
+
+
 def test_prepare_criteo_layout_idempotence_and_reuse(tmp_path):
     path = write_criteo(tmp_path / "raw.tsv", 400, {50: "1\t2"})
     cfg = DataConfig(format="criteo_tsv", paths=[str(path)], dir=str(tmp_path / "out"), min_count=3)

@@ -21,7 +21,7 @@ from sharded_mde.io import atomic_path
 MISSING_ID = 0
 OOV_ID = 1
 NUM_RESERVED = 2
-_MERGE_ROWS = 4_000_000  # merge partial counts once they hold this many (value, count) rows
+_MERGE_ROWS = 4_000_000  # merge partial counts once the unmerged ones hold this many (value, count) rows
 
 
 class ValueCounter:
@@ -30,7 +30,8 @@ class ValueCounter:
     def __init__(self, fields: Sequence[str]) -> None:
         self.fields = list(fields)
         self._parts: Dict[str, List[pa.Table]] = {f: [] for f in self.fields}
-        self._rows: Dict[str, int] = {f: 0 for f in self.fields}
+        self._pending: Dict[str, int] = {f: 0 for f in self.fields}  # rows not yet merged
+        self._merged: Dict[str, int] = {f: 0 for f in self.fields}  # rows of the merged table
 
     def update(self, table: pa.Table) -> None:
         """Adds the non-null values of every field of `table`."""
@@ -38,14 +39,16 @@ class ValueCounter:
             vc = pc.value_counts(pc.drop_null(table.column(f)))
             part = pa.table({"value": vc.field("values"), "count": vc.field("counts").cast(pa.int64())})
             self._parts[f].append(part)
-            self._rows[f] += part.num_rows
-            if self._rows[f] > _MERGE_ROWS:
+            self._pending[f] += part.num_rows
+            # Merge only when the new parts outgrow the merged table as well: a field with many
+            # distinct values would otherwise re-merge all of its counts on every block (quadratic).
+            if self._pending[f] > max(_MERGE_ROWS, self._merged[f]):
                 self._merge(f)
 
     def _merge(self, f: str) -> None:
         merged = pa.concat_tables(self._parts[f]).group_by("value").aggregate([("count", "sum")])
         self._parts[f] = [merged.rename_columns(["value", "count"])]
-        self._rows[f] = self._parts[f][0].num_rows
+        self._pending[f], self._merged[f] = 0, self._parts[f][0].num_rows
 
     def counts(self, field: str) -> pa.Table:
         """(value, count) of every distinct value of `field` seen so far."""
