@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Dict
 
 import torch
@@ -24,10 +25,20 @@ class DistEnv:
     local_rank: int
     device: torch.device
     backend: str
+    local_world_size: int = 1  # ranks on this host (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def process_group_timeout() -> timedelta:
+    """How long a collective waits: 2 h unless SHARDED_MDE_PG_TIMEOUT_S says otherwise.
+
+    In `sharded-mde run`, rank 0 alone prepares the data, exports and serve-checks while the
+    other ranks wait at a barrier; NCCL's default of 10 minutes would abort a large run there.
+    """
+    return timedelta(seconds=float(os.environ.get("SHARDED_MDE_PG_TIMEOUT_S", 7200)))
 
 
 def free_port() -> int:
@@ -63,13 +74,14 @@ def init_distributed(prefer_cuda: bool = True) -> DistEnv:
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend, **_restart_scoped_store())
+            dist.init_process_group(backend=backend, timeout=process_group_timeout(), **_restart_scoped_store())
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-            dist.init_process_group(backend=backend, rank=0, world_size=1)
+            dist.init_process_group(backend=backend, rank=0, world_size=1, timeout=process_group_timeout())
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -77,8 +89,8 @@ def init_distributed(prefer_cuda: bool = True) -> DistEnv:
         device = torch.device("cpu")
         if world > 1 and "OMP_NUM_THREADS" not in os.environ:
             # 2 processes x all cores oversubscribe the CPU (3-8x slower measured here).
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    return DistEnv(rank, world, local_rank, device, dist.get_backend())
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return DistEnv(rank, world, local_rank, device, dist.get_backend(), local_world)
 
 
 def shutdown_distributed() -> None:

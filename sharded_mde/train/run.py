@@ -38,7 +38,7 @@ def sharding_plan(model: nn.Module, tables: List[EmbeddingBagConfig], cfg: RunCo
     if cfg.train.sharding != "planner":
         return manual_plan(tables, cfg.train.sharding, env.world_size, device_type=env.device.type, module_fqn=path)
     here = PlanConfig(world_size=env.world_size, compute_device=env.device.type,
-                      local_world_size=env.world_size, batch_size=cfg.train.batch_size)
+                      local_world_size=env.local_world_size, batch_size=cfg.train.batch_size)
     plan, _ = plan_sharding(tables, here, optimizer=cfg.train.embedding_optimizer, module_fqn=path)
     return plan
 
