@@ -1,4 +1,4 @@
-"""Crash safety: a search killed with SIGKILL mid-training resumes and gives the uninterrupted dims."""
+"""Crash safety: `sharded-mde run` killed with SIGKILL during its search resumes and gives the uninterrupted dims."""
 
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ def _config(tmp: Path) -> Path:
     return path
 
 
-def _search(config: Path, stage: str) -> subprocess.Popen:
+def _run(config: Path, run_dir: Path) -> subprocess.Popen:
+    """The whole pipeline (data, baseline, search, plan, retrain, export, serve-check) in `run_dir`."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "sharded_mde.cli", "search", str(config), "--stage", stage],
+    return subprocess.Popen([sys.executable, "-m", "sharded_mde.cli", "run", str(config), "--set", f"run_dir={run_dir}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -44,25 +45,26 @@ def _finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, out
 
 
-def _result(run: Path, stage: str) -> dict:
-    """The parts of a dims file that must not depend on an interruption (not timings or paths)."""
-    raw = json.loads((run / stage / "dims.json").read_text())
+def _result(run: Path) -> dict:
+    """What must not depend on an interruption (not timings or paths): the dims file and the compact model's test."""
+    raw = json.loads((run / "ham" / "dims.json").read_text())
     extra = raw.get("extra", {})
     return {"tables": raw["tables"], "kept_bytes": raw["kept_bytes"], "mask_values": extra.get("mask_values"),
-            "supernet_test": extra.get("supernet_test")}
+            "supernet_test": extra.get("supernet_test"),
+            "retrain_test": json.loads((run / "retrain" / "metrics.json").read_text())["test"]}
 
 
-def test_sigkill_during_search_resumes_to_the_same_dims(tmp_path: Path) -> None:
+def test_sigkill_of_run_during_search_resumes_to_the_same_dims(tmp_path: Path) -> None:
     config = _config(tmp_path)
-    run = tmp_path / "run"
-    _finish(_search(config, "reference"))  # also prepares the data
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    _finish(_run(config, reference))  # also prepares the data
 
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     kill_after = rng.choice([3, 6, 9])  # the newest finished checkpoint when the kill lands
     extra_delay = rng.uniform(0.0, 0.1)  # somewhere between two checkpoints (or inside a save)
-    ckpts = run / "killed" / "checkpoints"
-    proc = _search(config, "killed")
+    ckpts = killed / "ham" / "checkpoints"
+    proc = _run(config, killed)
     deadline = time.monotonic() + 240
     while not (ckpts / f"step_{kill_after:09d}" / COMPLETE).is_file():
         assert proc.poll() is None, f"search finished before the kill (seed {seed})"
@@ -72,10 +74,10 @@ def test_sigkill_during_search_resumes_to_the_same_dims(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL, f"not killed mid-search (seed {seed})"
-    assert not (run / "killed" / "dims.json").exists(), f"killed after the search had finished (seed {seed})"
+    assert not (killed / "ham" / "dims.json").exists(), f"killed after the search had finished (seed {seed})"
 
-    _finish(_search(config, "killed"))
-    assert _result(run, "killed") == _result(run, "reference"), (
+    _finish(_run(config, killed))
+    assert _result(killed) == _result(reference), (
         f"resumed search differs from the uninterrupted one (seed {seed}, killed after step {kill_after} "
         f"+ {extra_delay:.2f}s)")
 
