@@ -1,16 +1,28 @@
-"""Runs a test body on N real gloo ranks (torch.multiprocessing spawn, OMP_NUM_THREADS=1)."""
+"""Distributed test helpers: a body on N gloo ranks, random batches, a sharded model beside its unsharded reference."""
 
 from __future__ import annotations
 
+import copy
 import os
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.datasets.utils import Batch
+from torchrec.distributed import DistributedModelParallel
+from torchrec.optim import RowWiseAdagrad
 
+from sharded_mde.config import TrainConfig
+from sharded_mde.plan.sharding import manual_plan
+from sharded_mde.train.checkpoint import copy_full_into
 from sharded_mde.train.distributed import free_port
+from sharded_mde.train.sharding import ebc_path, make_optimizer, wrap_model
+
+Spec = Sequence[Tuple[str, int, int]]  # (feature, rows, dim) of each test table
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, errors: Any) -> None:
@@ -38,3 +50,68 @@ def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:
     except Exception as e:
         detail = errors.get() if not errors.empty() else str(e)
         raise AssertionError(detail) from None
+
+
+def table_configs(spec: Spec) -> List[EmbeddingBagConfig]:
+    """One table `t_<feature>` per (feature, rows, dim) of `spec`: the small tables the tests shard."""
+    return [EmbeddingBagConfig(name=f"t_{f}", num_embeddings=r, embedding_dim=d, feature_names=[f]) for f, r, d in spec]
+
+
+def random_batch(spec: Spec, batch_size: int, n_dense: int, seed: int, max_bag: int = 2, seen: float = 1.0) -> Batch:
+    """A batch drawn from `seed` alone: bags of 0..max_bag ids among each table's first `seen` share of rows."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, max_bag + 1, (len(spec) * batch_size,), generator=g, dtype=torch.int32)
+    values = torch.cat([torch.randint(0, int(r * seen), (int(lengths[i * batch_size:(i + 1) * batch_size].sum()),),
+                                      generator=g) for i, (_, r, _) in enumerate(spec)])
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f for f, _, _ in spec], values=values, lengths=lengths)
+    return Batch(dense_features=torch.randn(batch_size, n_dense, generator=g), sparse_features=kjt,
+                 labels=torch.randint(0, 2, (batch_size,), generator=g).float())
+
+
+def shard_with_reference(model: nn.Module, tables: Sequence[EmbeddingBagConfig], kind: str, world: int,
+                         tcfg: TrainConfig) -> Tuple[DistributedModelParallel, nn.Module]:
+    """(`model` under DMP with every table sharded `kind`, an unsharded copy holding the same weights)."""
+    ref = copy.deepcopy(model)
+    dmp = wrap_model(model, manual_plan(tables, kind, world, module_fqn=ebc_path(model)), tcfg, torch.device("cpu"))
+    copy_full_into(dmp.state_dict(), ref.state_dict())
+    return dmp, ref
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch) -> torch.Tensor:
+    """One optimizer step of a RecTrain-style model (returns (loss, ...)) on `batch`; returns the loss."""
+    loss, _ = model(batch)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _reference_optimizers(ref: nn.Module, tcfg: TrainConfig) -> List[torch.optim.Optimizer]:
+    """Unsharded optimizers doing what make_optimizer's fused (row-wise) Adagrad and dense Adam do."""
+    if tcfg.embedding_optimizer not in ("adagrad", "rowwise_adagrad") or tcfg.dense_optimizer != "adam":
+        raise ValueError(f"no reference optimizer for {tcfg.embedding_optimizer}/{tcfg.dense_optimizer}")
+    emb = [p for n, p in ref.named_parameters() if "embedding_bags" in n]
+    dense = [p for n, p in ref.named_parameters() if "embedding_bags" not in n]
+    table = RowWiseAdagrad if tcfg.embedding_optimizer == "rowwise_adagrad" else torch.optim.Adagrad
+    return [table(emb, lr=tcfg.embedding_lr, eps=1e-8), torch.optim.Adam(dense, lr=tcfg.dense_lr)]
+
+
+def train_in_lockstep(dmp: DistributedModelParallel, ref: nn.Module, tcfg: TrainConfig,
+                      batch: Callable[[int, int], Batch], rank: int, world: int, steps: int) -> Iterator[int]:
+    """Trains `dmp` on `batch(rank, step)` and `ref` on the mean loss of every rank's batch, yielding each step.
+
+    Asserts after every step that the ranks' mean loss equals the reference loss (rtol 1e-5, atol 1e-6).
+    """
+    opt, ref_opts = make_optimizer(dmp, tcfg), _reference_optimizers(ref, tcfg)
+    for step in range(steps):
+        mean_loss = train_step(dmp, opt, batch(rank, step)).detach().clone()
+        ref_loss = sum(ref(batch(r, step))[0] for r in range(world)) / world
+        for o in ref_opts:
+            o.zero_grad()
+        ref_loss.backward()
+        for o in ref_opts:
+            o.step()
+        dist.all_reduce(mean_loss)
+        mean_loss /= world
+        assert torch.allclose(mean_loss, ref_loss.detach(), rtol=1e-5, atol=1e-6), (step, mean_loss, ref_loss)
+        yield step

@@ -12,10 +12,9 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
-from dist_utils import run_ranks
+from dist_utils import random_batch, run_ranks, table_configs, train_step
 from sharded_mde.config import ModelConfig, TrainConfig
 from sharded_mde.export import export_compact, load_export
 from sharded_mde.io import atomic_torch_save
@@ -40,30 +39,20 @@ MASK_ON = {**KEPT, "t_C1": KEPT["t_C1"][:-1], "t_C3": KEPT["t_C3"][:-1]}
 MODELS = [("dlrm", "dlrm", False), ("dcn", "dcn", False), ("ham", "dlrm", True)]
 
 
-def _tables() -> List[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=f"t_{f}", num_embeddings=r, embedding_dim=d, feature_names=[f]) for f, r, d in SPEC]
-
-
 def _model_cfg(head: str) -> ModelConfig:
     return ModelConfig(head=head, dense_arch=[8, 8], over_arch=[16, 1], dcn_rank=4)
 
 
 def _batch(seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(0, 4, (len(SPEC) * B,), generator=g, dtype=torch.int32)
-    values = torch.cat([torch.randint(0, r, (int(lengths[i * B:(i + 1) * B].sum()),), generator=g)
-                        for i, (_, r, _) in enumerate(SPEC)])
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=FEATURES, values=values, lengths=lengths)
-    return Batch(dense_features=torch.randn(B, N_DENSE, generator=g), sparse_features=kjt,
-                 labels=torch.randint(0, 2, (B,), generator=g).float())
+    return random_batch(SPEC, B, N_DENSE, seed, max_bag=3)
 
 
 def _build(head: str, masked: bool, device: torch.device):
     sparse = None
     if masked:
-        sparse = MaskedEmbeddingBagCollection(_tables(), device=device, mask_init=-1.0)
+        sparse = MaskedEmbeddingBagCollection(table_configs(SPEC), device=device, mask_init=-1.0)
         sparse.gate.set_kept(MASK_ON)
-    return build_model(_model_cfg(head), _tables(), FEATURES, N_DENSE, sparse_arch=sparse, device=device)
+    return build_model(_model_cfg(head), table_configs(SPEC), FEATURES, N_DENSE, sparse_arch=sparse, device=device)
 
 
 def _train(rank: int, world: int, root: str) -> None:
@@ -72,14 +61,11 @@ def _train(rank: int, world: int, root: str) -> None:
         for name, head, masked in MODELS:
             torch.manual_seed(0)
             model = _build(head, masked, torch.device("meta"))
-            plan = manual_plan(_tables(), kind, world, module_fqn=ebc_path(model), device_type="cpu")
+            plan = manual_plan(table_configs(SPEC), kind, world, module_fqn=ebc_path(model), device_type="cpu")
             dmp = wrap_model(model, plan, tcfg, torch.device("cpu"))
             opt = make_optimizer(dmp, tcfg)
             for step in range(STEPS):
-                loss, _ = dmp(_batch(100 * step + rank))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                train_step(dmp, opt, _batch(100 * step + rank))
             dmp.eval()
             with torch.no_grad():
                 _, (_, logits, _) = dmp(_batch(999 + rank))
@@ -134,7 +120,7 @@ def _dims() -> DimsFile:
 
 
 def _serve(ckpt: Path, out: Path, head: str, dims: Optional[DimsFile] = None) -> torch.Tensor:
-    export_compact(ckpt, out, _model_cfg(head), FEATURES, N_DENSE, _tables(), dims=dims, progress=False)
+    export_compact(ckpt, out, _model_cfg(head), FEATURES, N_DENSE, table_configs(SPEC), dims=dims, progress=False)
     model = load_export(out)
     b = _batch(999)
     with torch.no_grad():
@@ -173,7 +159,7 @@ def test_export_of_supernet_scores_like_the_hard_masked_supernet(trained: Path, 
     dims = _dims()
     dims.table("t_C2").kept_columns = [0, 2, 4, 7]
     with pytest.warns(UserWarning, match=r"table t_C2: the mask keeps columns \[1\] that the dims file drops"):
-        export_compact(ckpt, tmp_path / "warn", _model_cfg("dlrm"), FEATURES, N_DENSE, _tables(), dims=dims,
+        export_compact(ckpt, tmp_path / "warn", _model_cfg("dlrm"), FEATURES, N_DENSE, table_configs(SPEC), dims=dims,
                        progress=False)
     # A plain model cut by the dims file alone equals that model with the other columns zeroed.
     for name, head, _ in MODELS[:2]:

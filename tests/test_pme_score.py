@@ -10,40 +10,27 @@ import copy
 
 import torch
 import torch.distributed as dist
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection
 from torchrec.datasets.utils import Batch
 
-from dist_utils import run_ranks
+from dist_utils import random_batch, run_ranks, shard_with_reference, table_configs
 from sharded_mde.config import ModelConfig, TrainConfig
 from sharded_mde.modules.model import build_model
-from sharded_mde.plan.sharding import manual_plan
 from sharded_mde.search.pme_score import PooledCapture, calibrate_output_bias, score_tokens
-from sharded_mde.train.checkpoint import copy_full_into
-from sharded_mde.train.sharding import ebc_path, wrap_model
 
 FEATURES = ["C1", "C2", "C3"]
 TABLES = [("C1", 30, 8), ("C2", 20, 16), ("C3", 25, 8)]
 N_DENSE, B, BATCHES = 3, 8, 3
 
 
-def _tables():
-    return [EmbeddingBagConfig(name=f"t_{f}", num_embeddings=r, embedding_dim=d, feature_names=[f]) for f, r, d in TABLES]
-
-
 def _batch(rank: int, step: int) -> Batch:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    lengths = torch.randint(0, 3, (len(TABLES) * B,), generator=g, dtype=torch.int32)
-    values = torch.cat([torch.randint(0, r // 2, (int(lengths[i * B:(i + 1) * B].sum()),), generator=g)
-                        for i, (_, r, _) in enumerate(TABLES)])  # upper half of each table never seen
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=FEATURES, values=values, lengths=lengths)
-    return Batch(dense_features=torch.randn(B, N_DENSE, generator=g), sparse_features=kjt,
-                 labels=torch.randint(0, 2, (B,), generator=g).float())
+    return random_batch(TABLES, B, N_DENSE, seed=1000 * step + rank, seen=0.5)  # upper half of each table never seen
 
 
 def _model():
     torch.manual_seed(0)
-    return build_model(ModelConfig(dense_arch=[8, 8], over_arch=[8, 1]), _tables(), FEATURES, N_DENSE,
-                       sparse_arch=PooledCapture(EmbeddingBagCollection(tables=_tables())))
+    return build_model(ModelConfig(dense_arch=[8, 8], over_arch=[8, 1]), table_configs(TABLES), FEATURES, N_DENSE,
+                       sparse_arch=PooledCapture(EmbeddingBagCollection(tables=table_configs(TABLES))))
 
 
 def _reference(ref, world: int, accumulate: str):
@@ -66,15 +53,12 @@ def _body(rank: int, world: int, kinds: tuple) -> None:
 
 
 def _check(rank: int, world: int, kind: str) -> None:
-    model = _model()
-    ref = copy.deepcopy(model)
     cfg = TrainConfig(embedding_optimizer="sgd", embedding_lr=1.0)
-    dmp = wrap_model(model, manual_plan(_tables(), kind, world, module_fqn=ebc_path(model)), cfg, torch.device("cpu"))
-    copy_full_into(dmp.state_dict(), ref.state_dict())
+    dmp, ref = shard_with_reference(_model(), table_configs(TABLES), kind, world, cfg)
     before = {k: v for k, v in copy.deepcopy(dmp.state_dict()).items()}
     for accumulate in ("saliency", "gradient"):
-        scores = score_tokens(dmp, _tables(), (_batch(rank, s) for s in range(10)), BATCHES, torch.device("cpu"),
-                              progress=False, calibrate=False, accumulate=accumulate)
+        scores = score_tokens(dmp, table_configs(TABLES), (_batch(rank, s) for s in range(10)), BATCHES,
+                              torch.device("cpu"), progress=False, calibrate=False, accumulate=accumulate)
         assert scores.batches == BATCHES
         want = _reference(ref, world, accumulate)
         owned = 0

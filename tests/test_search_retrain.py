@@ -6,10 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
-from dist_utils import run_ranks
+from dist_utils import random_batch, run_ranks, table_configs, train_step
 from sharded_mde.config import ModelConfig, RunConfig, SearchConfig, TrainConfig
 from sharded_mde.modules.masked_ebc import MaskedEmbeddingBagCollection, find_gate
 from sharded_mde.modules.model import build_model
@@ -26,37 +25,25 @@ KEPT = {"t_C1": [0, 3, 5, 6, 9, 10, 11, 15], "t_C2": [], "t_C3": [1, 2, 4, 7, 8,
 N_DENSE, B = 4, 12
 
 
-def _tables():
-    return [EmbeddingBagConfig(name=f"t_{f}", num_embeddings=r, embedding_dim=d, feature_names=[f]) for f, r, d in TABLES]
-
-
 def _batch(rank: int, step: int) -> Batch:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    lengths = torch.randint(0, 3, (len(TABLES) * B,), generator=g, dtype=torch.int32)
-    values = torch.cat([torch.randint(0, r, (int(lengths[i * B:(i + 1) * B].sum()),), generator=g)
-                        for i, (_, r, _) in enumerate(TABLES)])
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=FEATURES, values=values, lengths=lengths)
-    return Batch(dense_features=torch.randn(B, N_DENSE, generator=g), sparse_features=kjt,
-                 labels=torch.randint(0, 2, (B,), generator=g).float())
+    return random_batch(TABLES, B, N_DENSE, seed=1000 * step + rank)
 
 
 def _body(rank: int, world: int, head: str, super_kind: str, compact_kind: str, ckpt: str) -> None:
     torch.manual_seed(0)
     mcfg = ModelConfig(head=head, dense_arch=[8, 8], over_arch=[16, 1], dcn_rank=4)
     tcfg = TrainConfig(embedding_optimizer="adagrad", embedding_lr=0.1, dense_optimizer="adam", dense_lr=0.01)
-    masked = MaskedEmbeddingBagCollection(_tables(), device=torch.device("meta"), ortho_weight=0.01)
-    supernet = build_model(mcfg, _tables(), FEATURES, N_DENSE, sparse_arch=masked, device=torch.device("meta"))
-    dmp = wrap_model(supernet, manual_plan(_tables(), super_kind, world, module_fqn=ebc_path(supernet)), tcfg,
+    full = table_configs(TABLES)
+    masked = MaskedEmbeddingBagCollection(full, device=torch.device("meta"), ortho_weight=0.01)
+    supernet = build_model(mcfg, full, FEATURES, N_DENSE, sparse_arch=masked, device=torch.device("meta"))
+    dmp = wrap_model(supernet, manual_plan(full, super_kind, world, module_fqn=ebc_path(supernet)), tcfg,
                      torch.device("cpu"))
     gate = find_gate(dmp)
     with torch.no_grad():  # some kept columns end masked (a <= 0): the warm start must fold them to zero
         gate.weight.copy_(torch.randn(gate.weight.shape, generator=torch.Generator().manual_seed(2)))
     opt = make_optimizer(dmp, tcfg)
     for step in range(3):  # move every weight away from its initial value
-        loss, _ = dmp(_batch(rank, step))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(dmp, opt, _batch(rank, step))
     save_checkpoint(ckpt, 3, rank, world, {"model": dmp.state_dict()}, {})
     a = gate.table_values()
     final = {n: [c for c in cols if a[n][c] > 0] for n, cols in KEPT.items()}
@@ -66,10 +53,10 @@ def _body(rank: int, world: int, head: str, super_kind: str, compact_kind: str, 
     with torch.no_grad():
         want = dmp(_batch(rank, 99))[1][1]
 
-    dims = make_dims_file("ham", _tables(), KEPT, 1.0, optimizer="adagrad", extra={"supernet_checkpoints": ckpt})
+    dims = make_dims_file("ham", full, KEPT, 1.0, optimizer="adagrad", extra={"supernet_checkpoints": ckpt})
     cfg = RunConfig(model=mcfg, train=tcfg, search=SearchConfig(retrain_warm_start=True))
     meta = SimpleNamespace(sparse_features=FEATURES, dense_features=[f"I{i}" for i in range(N_DENSE)])
-    model, tables, warm = compact_ham(cfg, dims, _tables(), meta)
+    model, tables, warm = compact_ham(cfg, dims, full, meta)
     assert [(t.name, t.embedding_dim) for t in tables] == [(n, len(c)) for n, c in KEPT.items() if c]
     compact = wrap_model(model, manual_plan(tables, compact_kind, world, module_fqn=ebc_path(model)), tcfg,
                          torch.device("cpu"))

@@ -6,20 +6,17 @@ optimizer step (fused SGD on the group tables, SGD on the projections).
 
 from __future__ import annotations
 
-import copy
 from typing import Dict, List
 
 import pytest
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
-from dist_utils import run_ranks
+from dist_utils import run_ranks, shard_with_reference
 from sharded_mde.config import TrainConfig
 from sharded_mde.modules.token_groups import FieldGroups, TokenGroupEBC, build_token_group_ebc, fields_from_dims
 from sharded_mde.plan.dims import DimsFile, TableDims, TokenGroup, group_name, table_bytes
-from sharded_mde.plan.sharding import manual_plan
-from sharded_mde.train.checkpoint import copy_full_into
-from sharded_mde.train.sharding import make_optimizer, wrap_model
+from sharded_mde.train.sharding import make_optimizer
 
 # field C3 keeps no token (dropped); C2 has size-0 tokens past its groups; C4 is not in the module at all;
 # C1's reserved ids 0 and 1 sit in its size-4 and size-16 groups, C2's id 0 is a size-0 token
@@ -136,12 +133,8 @@ def _dist_body(rank: int, world: int, kinds: tuple) -> None:
 def _check_sharded(rank: int, world: int, kind: str, combine: str) -> None:
     torch.manual_seed(0)
     tables = _tables(FIELDS)
-    model = TokenGroupEBC(FIELDS, tables, combine)
-    ref = copy.deepcopy(model)
     cfg = TrainConfig(embedding_optimizer="sgd", embedding_lr=0.5, dense_optimizer="sgd", dense_lr=0.5)
-    plan = manual_plan(tables, kind, world, module_fqn="ebc")
-    dmp = wrap_model(model, plan, cfg, torch.device("cpu"))
-    copy_full_into(dmp.state_dict(), ref.state_dict())
+    dmp, ref = shard_with_reference(TokenGroupEBC(FIELDS, tables, combine), tables, kind, world, cfg)
     opt = make_optimizer(dmp, cfg)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     for step in range(2):
