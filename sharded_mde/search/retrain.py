@@ -26,7 +26,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed import DistributedModelParallel
 
 from sharded_mde.config import RunConfig
-from sharded_mde.export.export import hard_gates
+from sharded_mde.export.export import hard_gates, table_shards
 from sharded_mde.io import atomic_write_json, read_json
 from sharded_mde.modules.heads import find_head
 from sharded_mde.modules.model import RecTrain, build_model
@@ -63,28 +63,24 @@ def read_supernet(ckpt: str | Path, kept: Dict[str, Sequence[int]]) -> Tuple[Dic
     filled: Dict[str, int] = {n: 0 for n in cols}
     dense: Dict[str, torch.Tensor] = {}
     for rank in range(world):
-        payload, _ = load_checkpoint(d, rank, world)
-        for key, entry in payload["model"].items():
+        state = load_checkpoint(d, rank, world)[0]["model"]
+        rows: Dict[str, int] = {}  # each table's full row count
+        for key, entry in state.items():
             m = _TABLE_KEY.search(key)
-            if m is None:
-                if rank == 0 and isinstance(entry, torch.Tensor):
-                    dense[key] = entry
-                continue
-            name = m.group(1)
+            if m is not None:
+                rows[m.group(1)] = entry["global_size"][0] if isinstance(entry, dict) else entry.shape[0]
+            elif rank == 0 and isinstance(entry, torch.Tensor):
+                dense[key] = entry
+        for name, (r0, c0), t in table_shards(state, rank, d / f"rank{rank}.pt"):
             if name not in cols:
                 continue
             idx = cols[name]
-            shards = entry["shards"] if isinstance(entry, dict) and entry.get("__sharded__") else [([0, 0], entry)]
-            if isinstance(entry, torch.Tensor) and rank > 0:
-                continue  # a replicated (data-parallel) table: rank 0's copy is the table
-            for (r0, c0), t in shards:
-                if name not in out:
-                    rows = entry["global_size"][0] if isinstance(entry, dict) else t.shape[0]
-                    out[name] = torch.zeros(rows, len(idx), dtype=t.dtype)
-                inside = (idx >= c0) & (idx < c0 + t.shape[1])
-                pos = inside.nonzero().squeeze(1)
-                out[name][r0:r0 + t.shape[0], pos] = t[:, idx[pos] - c0]
-                filled[name] += t.shape[0] * len(pos)
+            if name not in out:
+                out[name] = torch.zeros(rows[name], len(idx), dtype=t.dtype)
+            inside = (idx >= c0) & (idx < c0 + t.shape[1])
+            pos = inside.nonzero().squeeze(1)
+            out[name][r0:r0 + t.shape[0], pos] = t[:, idx[pos] - c0]
+            filled[name] += t.shape[0] * len(pos)
     for n, idx in cols.items():
         if n not in out or filled[n] != out[n].shape[0] * len(idx):
             raise ValueError(f"{d}: the checkpoint does not hold every kept column of table {n}")
