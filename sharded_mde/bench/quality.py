@@ -12,7 +12,6 @@ against kept bytes with the Pareto front are written to `<run_dir>/bench_quality
 from __future__ import annotations
 
 import dataclasses
-import io
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -20,9 +19,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from tqdm import tqdm
 
 from sharded_mde.config import RunConfig
-from sharded_mde.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from sharded_mde.io import atomic_write_json, atomic_write_text
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.pipeline.run import StageFn, run_pipeline
+from sharded_mde.plots import pyplot, save_png
 from sharded_mde.train.distributed import DistEnv
 
 DEFAULT_METHODS = ("ham", "uniform", "power_law", "magnitude", "saliency", "pme")
@@ -188,10 +188,7 @@ def results_markdown(doc: Dict[str, Any]) -> str:
 
 def plot_quality(doc: Dict[str, Any], path: str | Path) -> None:
     """PNG: mean test AUC against mean bytes per method (std error bars), the full model, the Pareto front."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = doc["summary"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -211,11 +208,7 @@ def plot_quality(doc: Dict[str, Any], path: str | Path) -> None:
     ax.set_title(f"test AUC vs bytes (mean ± std over {doc['seeds']} seed(s))", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def copy_results(doc: Dict[str, Any], out_md: str | Path) -> None:

@@ -16,10 +16,10 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DataType
 
 from sharded_mde.config import PlanConfig
-from sharded_mde.io import atomic_path
 from sharded_mde.plan.dims import table_bytes
 from sharded_mde.plan.sharding import GiB, check_constraint_keys, plan_sharding
 from sharded_mde.plan.tables import source_tables
+from sharded_mde.plots import pyplot, save_png
 
 Planned = Tuple[ShardingPlan, List[ShardingOption]]
 DTYPES = {DataType.FP32: "fp32", DataType.FP16: "fp16"}
@@ -213,10 +213,7 @@ def render_markdown(rep: Dict[str, Any], source: str = "") -> str:
 
 def render_png(rep: Dict[str, Any], path: Union[str, Path]) -> None:
     """Per-rank bars, full vs compact raw bytes, with the planner's estimate marked; written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tier = rep["topology"]["tier"]
     ranks = [r["rank"] for r in rep["ranks"]]
@@ -233,7 +230,4 @@ def render_png(rep: Dict[str, Any], path: Union[str, Path]) -> None:
     ax.set_xlabel("rank")
     ax.set_ylabel("GiB per rank")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)

@@ -11,7 +11,6 @@ chosen sizes to token frequency and, on planted data, to each token's planted ca
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
@@ -28,7 +27,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from sharded_mde.data.meta import DatasetMeta
 from sharded_mde.data.readers import LABEL
 from sharded_mde.data.vocab import NUM_RESERVED, vocab_path
-from sharded_mde.io import atomic_path, atomic_write_bytes, read_json
+from sharded_mde.io import atomic_path, read_json
+from sharded_mde.plots import pyplot, save_png
 
 
 def scoring_batches(data_dir: str | Path, batch_size: int, num_batches: int, rank: int = 0,
@@ -182,10 +182,7 @@ def token_stats(data_dir: str | Path, tables: List[EmbeddingBagConfig], sizes: M
 
 def plot_token_sizes(path: str | Path, stats: Mapping[str, Any], ranks: Optional[Mapping[str, int]] = None) -> None:
     """PNG: per field, the share of tokens at each size (bars) and the traffic-weighted mean size (dots)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fields = list(stats)
     sizes = sorted({int(k) for v in stats.values() for k in v["tokens_per_size"]})
@@ -210,8 +207,4 @@ def plot_token_sizes(path: str | Path, stats: Mapping[str, Any], ranks: Optional
     extra = twin.get_legend_handles_labels()
     ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=7, loc="upper left", ncol=2)
     ax.set_title("PME token sizes per field")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)

@@ -8,14 +8,14 @@ ground truth (Spearman correlation of kept dims with planted ranks, dims of rank
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from sharded_mde.io import atomic_write_bytes, atomic_write_json
+from sharded_mde.io import atomic_write_json
 from sharded_mde.plan.dims import DimsFile, save_dims
+from sharded_mde.plots import pyplot, save_png
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -64,10 +64,7 @@ def save_search_result(out_dir: str | Path, dims: DimsFile, trace: Optional[Dict
 def plot_search(path: str | Path, dims: DimsFile, trace: Optional[Dict[str, Any]] = None,
                 ranks: Optional[Mapping[str, int]] = None) -> None:
     """PNG: kept dim per table (planted rank as markers) and, with a trace, the budget over the search."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = 2 if trace and trace.get("steps") else 1
     fig, axes = plt.subplots(panels, 1, figsize=(max(8, 0.38 * len(dims.tables) + 3), 4 * panels), squeeze=False)
@@ -89,11 +86,7 @@ def plot_search(path: str | Path, dims: DimsFile, trace: Optional[Dict[str, Any]
     ax.legend(fontsize=8, loc="upper right")
     if panels == 2:
         _plot_trace(axes[1][0], trace)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def _plot_trace(ax: Any, trace: Dict[str, Any]) -> None:
