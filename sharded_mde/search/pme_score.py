@@ -45,6 +45,14 @@ class PooledCapture(nn.Module):
         self.last = KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=kt.values())
         return self.last
 
+    @staticmethod
+    def find(model: nn.Module, scorer: str) -> "PooledCapture":
+        """The one PooledCapture inside `model`; `scorer` names who needs it in the error."""
+        captures = [m for m in model.modules() if isinstance(m, PooledCapture)]
+        if len(captures) != 1:
+            raise ValueError(f"{scorer} needs the model's sparse arch wrapped in exactly one PooledCapture")
+        return captures[0]
+
 
 @dataclass(frozen=True)
 class ShardInfo:
@@ -195,10 +203,7 @@ def score_tokens(
     """
     if accumulate not in ACCUMULATE_MODES:
         raise ValueError(f"PME scoring: accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
-    captures = [m for m in dmp.modules() if isinstance(m, PooledCapture)]
-    if len(captures) != 1:
-        raise ValueError("PME scoring needs the model's sparse arch wrapped in exactly one PooledCapture")
-    capture = captures[0]
+    capture = PooledCapture.find(dmp, "PME scoring")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     state = dmp.state_dict()
     prefix = next(k for k in state if k.endswith(f"embedding_bags.{tables[0].name}.weight"))

@@ -39,10 +39,7 @@ def column_saliency(model: nn.Module, tables: List[EmbeddingBagConfig], batches:
 
     `model` (a RecTrain, DMP-wrapped or not) must hold its sparse arch in exactly one PooledCapture.
     """
-    captures = [m for m in model.modules() if isinstance(m, PooledCapture)]
-    if len(captures) != 1:
-        raise ValueError("saliency scoring needs the model's sparse arch wrapped in exactly one PooledCapture")
-    capture = captures[0]
+    capture = PooledCapture.find(model, "saliency scoring")
     world = dist.get_world_size() if dist.is_initialized() else 1
     net = unwrap(model)  # DDP would wait for parameter gradients that scoring never computes
     acc = torch.zeros(sum(t.embedding_dim for t in tables), dtype=torch.float64, device=device)
