@@ -11,7 +11,7 @@ to the kept columns, which makes the compact model compute exactly what the hard
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,7 +31,26 @@ def _field_embeddings(kt: KeyedTensor, features: List[str], dims: Mapping[str, i
     return [emb[f] if dims[f] > 0 else like.new_zeros(batch, 0) for f in features]
 
 
-class MixedDimDLRM(nn.Module):
+class _MixedDimHead(nn.Module):
+    """What both heads share: the sparse arch, each field's embedding width and TorchRec's DenseArch."""
+
+    def __init__(self, sparse_arch: nn.Module, feature_dims: Dict[str, int], dense_in_features: int,
+                 dense_arch_layer_sizes: List[int]) -> None:
+        super().__init__()
+        self.sparse_arch = sparse_arch
+        self.features: List[str] = list(feature_dims)
+        self.feature_dims: Dict[str, int] = dict(feature_dims)
+        self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
+
+    def _dense_and_fields(self, dense_features: torch.Tensor,
+                          sparse_features: KeyedJaggedTensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(dense arch output, per-field pooled embeddings in `features` order)."""
+        dense = self.dense_arch(dense_features)
+        kt = self.sparse_arch(sparse_features)
+        return dense, _field_embeddings(kt, self.features, self.feature_dims, dense.shape[0], dense)
+
+
+class MixedDimDLRM(_MixedDimHead):
     """DLRM over per-field embeddings of any width: Linear(d_f -> D) per field, then DLRM arches."""
 
     def __init__(
@@ -42,12 +61,8 @@ class MixedDimDLRM(nn.Module):
         dense_arch_layer_sizes: List[int],
         over_arch_layer_sizes: List[int],
     ) -> None:
-        super().__init__()
-        self.sparse_arch = sparse_arch
-        self.features: List[str] = list(feature_dims)
-        self.feature_dims: Dict[str, int] = dict(feature_dims)
+        super().__init__(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes)
         d = dense_arch_layer_sizes[-1]
-        self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
         # No bias: a zero (pruned or dropped) field embedding must project to zero.
         self.projections = nn.ModuleDict(
             {f: nn.Linear(max(dim, 1), d, bias=False) for f, dim in self.feature_dims.items()}
@@ -58,9 +73,7 @@ class MixedDimDLRM(nn.Module):
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Logits of shape (B, 1)."""
-        dense = self.dense_arch(dense_features)
-        kt = self.sparse_arch(sparse_features)
-        embs = _field_embeddings(kt, self.features, self.feature_dims, dense.shape[0], dense)
+        dense, embs = self._dense_and_fields(dense_features, sparse_features)
         projected = torch.stack(
             [self.projections[f](e) if self.feature_dims[f] else torch.zeros_like(dense) for f, e in zip(self.features, embs)],
             dim=1,
@@ -80,7 +93,7 @@ class MixedDimDLRM(nn.Module):
             self.feature_dims[f] = len(idx)
 
 
-class MixedDimDCN(nn.Module):
+class MixedDimDCN(_MixedDimHead):
     """DCN-v2 style head: LowRankCrossNet over [dense arch output, concatenated field embeddings]."""
 
     def __init__(
@@ -93,21 +106,15 @@ class MixedDimDCN(nn.Module):
         num_layers: int = 2,
         low_rank: int = 16,
     ) -> None:
-        super().__init__()
-        self.sparse_arch = sparse_arch
-        self.features: List[str] = list(feature_dims)
-        self.feature_dims: Dict[str, int] = dict(feature_dims)
+        super().__init__(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes)
         self.dense_dim = dense_arch_layer_sizes[-1]
-        self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
         width = self.dense_dim + sum(self.feature_dims.values())
         self.crossnet = LowRankCrossNet(in_features=width, num_layers=num_layers, low_rank=low_rank)
         self.over_arch = OverArch(width, over_arch_layer_sizes)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Logits of shape (B, 1)."""
-        dense = self.dense_arch(dense_features)
-        kt = self.sparse_arch(sparse_features)
-        embs = _field_embeddings(kt, self.features, self.feature_dims, dense.shape[0], dense)
+        dense, embs = self._dense_and_fields(dense_features, sparse_features)
         return self.over_arch(self.crossnet(torch.cat([dense] + embs, dim=1)))
 
     @torch.no_grad()
