@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from sharded_mde.config import ExportConfig, ModelConfig
 from sharded_mde.data.vocab import vocab_path
-from sharded_mde.io import atomic_path, read_json
+from sharded_mde.io import atomic_path, fsync_dir, read_json
 from sharded_mde.modules.heads import build_head
 from sharded_mde.modules.masked_ebc import ColumnGate
 from sharded_mde.modules.model import feature_dims_of
@@ -358,11 +358,7 @@ def _staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / out.name)
         os.replace(tmp, out)
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -10,6 +10,7 @@ from sharded_mde.data.synth import load_ground_truth
 from sharded_mde.io import atomic_write_json, atomic_write_text
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.plan.report import fmt_bytes
+from sharded_mde.plots import pyplot, save_png
 
 
 def _out(ledger: StageLedger, stage: str) -> Dict[str, Any]:
@@ -91,12 +92,7 @@ def render_summary(doc: Dict[str, Any]) -> str:
 
 def plot_auc_vs_bytes(doc: Dict[str, Any], path: str | Path) -> None:
     """Test AUC against embedding bytes for the baseline, the compact model and the served export."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for m in [m for m in doc["models"] if m["embedding_bytes"] is not None]:
         ax.scatter(m["embedding_bytes"] / 2**20, m["auc"], s=40)
         ax.annotate(m["model"], (m["embedding_bytes"] / 2**20, m["auc"]), fontsize=8, xytext=(4, 4),
@@ -105,9 +101,7 @@ def plot_auc_vs_bytes(doc: Dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("test AUC")
     ax.set_title("AUC vs bytes")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_summary(cfg: RunConfig, ledger: StageLedger) -> Dict[str, Any]:
