@@ -70,6 +70,19 @@ def test_quality_every_cell_then_a_rerun_skips_them(config: Path, tmp_path: Path
     assert json.loads((out / "results.json").read_text())["records"] == doc["records"]
 
 
+def test_quality_records_an_infeasible_budget_and_goes_on(config: Path, tmp_path: Path) -> None:
+    """power_law keeps every table at >= 4 columns: at 5% of the bytes it cannot fit; the other cells still run."""
+    run_dir = tmp_path / "infeasible"
+    args = ["bench", "quality", str(config), "--methods", "power_law,uniform", "--budgets", "0.05,0.9", "--seeds", "1",
+            "--set", f"run_dir={run_dir}"]
+    assert main(args) == 0
+    doc = json.loads((run_dir / "bench_quality" / "results.json").read_text())
+    assert {(r["method"], r["budget"]) for r in doc["records"]} == {("power_law", 0.9), ("uniform", 0.05), ("uniform", 0.9)}
+    assert list(doc["infeasible"]) == ["power_law at 0.05"] and "below every table at dim 4" in doc["infeasible"]["power_law at 0.05"]
+    assert not (run_dir / "bench_quality" / "seed0" / "retrain_power_law_b0.05").exists()
+    assert "- Not feasible: power_law at 0.05" in (run_dir / "bench_quality" / "results.md").read_text()
+
+
 def test_quality_unknown_method_fails_before_any_work(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "never"
     assert main(["bench", "quality", str(config), "--methods", "ham,no_such_method", "--seeds", "1",

@@ -22,6 +22,7 @@ from sharded_mde.config import RunConfig
 from sharded_mde.io import atomic_write_json, atomic_write_text
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.pipeline.run import StageFn, run_pipeline
+from sharded_mde.plan.dims import InfeasibleBudget
 from sharded_mde.plots import pyplot, save_png
 from sharded_mde.train.distributed import DistEnv
 
@@ -79,13 +80,18 @@ def _cell_stages(method: str, budget: float) -> List[Tuple[str, StageFn, bool]]:
         from sharded_mde.search.cli import run_search
 
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, method=method, budget=budget))
-        dims = run_search(cfg, env, stage)
+        try:
+            dims = run_search(cfg, env, stage)
+        except InfeasibleBudget as e:  # a result of the comparison (recorded, not retrained), not a failure
+            return {"infeasible": str(e)}
         return {"dims_file": str(Path(cfg.run_dir) / stage / "dims.json"), "method": dims.method,
                 "full_bytes": dims.full_bytes, "budget_bytes": dims.budget_bytes, "kept_bytes": dims.kept_bytes}
 
     def retrain(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
         from sharded_mde.search.retrain import run_retrain
 
+        if "infeasible" in ledger.stages[stage]["outputs"]:
+            return {"infeasible": ledger.stages[stage]["outputs"]["infeasible"]}
         s = run_retrain(cfg, env, ledger.stages[stage]["outputs"]["dims_file"], f"retrain_{stage}")
         return {"test": s["test"], "init": s["init"], "train_seconds": s["train_seconds"]}
 
@@ -117,7 +123,7 @@ def run_quality(cfg: RunConfig, env: DistEnv, methods: Sequence[str], budgets: S
 
 def collect_results(stages: Dict[int, Dict[str, Any]], methods: Sequence[str], budgets: Sequence[float]) -> Dict[str, Any]:
     """{"baselines": one per seed, "records": one per seed x method x budget} from the seeds' ledgers."""
-    baselines, records = [], []
+    baselines, records, infeasible = [], [], {}
     for seed, done in sorted(stages.items()):
         b = done["baseline"]
         baselines.append({"seed": seed, "test_auc": b["outputs"]["test"]["auc"],
@@ -127,6 +133,9 @@ def collect_results(stages: Dict[int, Dict[str, Any]], methods: Sequence[str], b
             for budget in budgets:
                 stage = cell_stage(method, budget)
                 s, r = done[stage], done[f"retrain_{stage}"]
+                if "infeasible" in s["outputs"]:
+                    infeasible[f"{method} at {budget:g}"] = s["outputs"]["infeasible"]
+                    continue
                 records.append({
                     "seed": seed, "method": method, "budget": budget, "test_auc": r["outputs"]["test"]["auc"],
                     "test_logloss": r["outputs"]["test"]["logloss"], "kept_bytes": s["outputs"]["kept_bytes"],
@@ -135,7 +144,7 @@ def collect_results(stages: Dict[int, Dict[str, Any]], methods: Sequence[str], b
                     "retrain_seconds": r["seconds"], "retrain_init": r["outputs"]["init"],
                     "dims_file": s["outputs"]["dims_file"]})
     return {"methods": list(methods), "budgets": list(budgets), "seeds": len(stages), "baselines": baselines,
-            "records": records, "summary": summarize(baselines, records)}
+            "records": records, "infeasible": infeasible, "summary": summarize(baselines, records)}
 
 
 def _mean_std(values: Sequence[float]) -> Dict[str, float]:
@@ -183,6 +192,8 @@ def results_markdown(doc: Dict[str, Any]) -> str:
                      f"{_pm(r['search_seconds'], '.1f')} | {_pm(r['retrain_seconds'], '.1f')} |")
     lines.append("")
     lines.append("The full model's retrain column is its (baseline) training time.")
+    for cell, why in doc.get("infeasible", {}).items():
+        lines.append(f"- Not feasible: {cell}: {why}.")
     return "\n".join(lines) + "\n"
 
 

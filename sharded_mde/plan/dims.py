@@ -40,6 +40,10 @@ def round_to_legal(d: float, multiple: int = DIM_MULTIPLE, mode: str = "up", max
     return out
 
 
+class InfeasibleBudget(ValueError):
+    """A byte budget that no legal dims of a method can meet (e.g. below every table at dim 4)."""
+
+
 class TableBytes(NamedTuple):
     """Raw bytes a table (or shard) holds: weights and optimizer state."""
 

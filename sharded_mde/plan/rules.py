@@ -13,7 +13,7 @@ from typing import List
 
 from torchrec import EmbeddingBagConfig
 
-from sharded_mde.plan.dims import DimsFile, TableDims, round_to_legal, table_bytes
+from sharded_mde.plan.dims import DimsFile, InfeasibleBudget, TableDims, round_to_legal, table_bytes
 
 RULES = ("power_law", "uniform")
 
@@ -44,7 +44,7 @@ def rule_dims(
     budget = int(budget_fraction * full)
     lo, hi = -50.0, 50.0  # log(scale); dims grow monotonically with it
     if kept(dims_at(lo)) > budget:
-        raise ValueError(f"budget {budget:,} B ({budget_fraction:g} of {full:,}) is below every table at dim 4 "
+        raise InfeasibleBudget(f"budget {budget:,} B ({budget_fraction:g} of {full:,}) is below every table at dim 4 "
                          f"({kept(dims_at(lo)):,} B)")
     for _ in range(100):
         mid = (lo + hi) / 2

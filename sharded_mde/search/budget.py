@@ -19,7 +19,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.modules.masked_ebc import ColumnGate
-from sharded_mde.plan.dims import DIM_MULTIPLE, DimsFile, TableDims, table_bytes
+from sharded_mde.plan.dims import DIM_MULTIPLE, DimsFile, InfeasibleBudget, TableDims, table_bytes
 
 
 def full_bytes(tables: Sequence[EmbeddingBagConfig], weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad") -> int:
@@ -77,7 +77,7 @@ def select_dims(values: Mapping[str, torch.Tensor], tables: Sequence[EmbeddingBa
             score = (float(sorted_vals[t.name][d - multiple:d].sum()) / freed, i)
             best = min(best, (score, t, freed)) if best else (score, t, freed)
         if best is None:
-            raise ValueError(f"budget of {budget:,} bytes ({fraction:.1%}) is below {total:,} bytes, the cost of "
+            raise InfeasibleBudget(f"budget of {budget:,} bytes ({fraction:.1%}) is below {total:,} bytes, the cost of "
                              f"{low} columns per table; raise search.budget or set search.allow_drop: true")
         _, t, freed = best
         dims[t.name] -= multiple
