@@ -268,7 +268,8 @@ class SearchConfig:
     prune: float = 0.5  # fraction over which the kept-bytes target declines (cubic) to the budget
     uniform_price: float = 0.0  # share of the penalty that prices every column alike (0 = bytes only)
     ortho_weight: float = 0.1  # beta of the orthogonal regularity on the mean squared column correlation (0 = off)
-    ortho_rows: int = 1024  # batch rows the orthogonal regularity looks at (0 = the whole batch)
+    ortho_rows: int = 512  # batch rows the orthogonal regularity looks at (0 = the whole batch)
+    ortho_every: int = 8  # the regularity is taken every this many steps, weighted by it (lazy regularisation)
     retrain_warm_start: bool = False  # retrain from the supernet's kept columns (else from scratch; docs/ham.md: warm
     # start is a second pass of the tables over the same rows, which overfits one-epoch CTR data)
     power_law_alpha: float = 0.3  # power_law: dim proportional to rows ** -alpha
@@ -292,6 +293,8 @@ class SearchConfig:
             raise ConfigError(f"mask_init: must be > 0 (every column starts kept), got {self.mask_init}")
         if self.ortho_weight < 0 or self.ortho_rows < 0:
             raise ConfigError("ortho_weight and ortho_rows must be >= 0")
+        if self.ortho_every < 1:
+            raise ConfigError(f"ortho_every: a step count >= 1, got {self.ortho_every}")
         if self.power_law_alpha < 0:
             raise ConfigError(f"power_law_alpha: must be >= 0, got {self.power_law_alpha}")
         if self.saliency_batches < 1:

@@ -154,12 +154,13 @@ def _tbe(cfg: RunConfig, full: List[Any], compact: List[Any], batch: int, repeat
 
 
 def print_speed(doc: Dict[str, Any]) -> None:
-    """One line per comparison: the ratio, its two medians, and the bytes ratio."""
+    """One line per comparison: the ratio of medians, the two medians, and the bytes ratio."""
     r = doc["results"]
     print(f"device: {r['device']}; compact/full embedding bytes {r['bytes_ratio']:.3f}")
     so, ts = r["search_overhead"], r["train_step"]
     print(f"search overhead: masked/plain step {so['ratio']:.3f} ({so['masked_median_step_ms']:.2f} / "
-          f"{so['plain_median_step_ms']:.2f} ms, step-by-step median {so['stepwise_ratio_median']:.3f})")
+          f"{so['plain_median_step_ms']:.2f} ms, step-by-step median {so['stepwise_ratio_median']:.3f}, "
+          f"mean step times {so['mean_ratio']:.3f})")
     print(f"train step: compact/full {ts['ratio']:.3f} ({ts['compact_median_step_ms']:.2f} / "
           f"{ts['plain_median_step_ms']:.2f} ms, step-by-step median {ts['stepwise_ratio_median']:.3f})")
     for dtype, s in r["serving"]["dtypes"].items():

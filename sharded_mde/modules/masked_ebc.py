@@ -18,7 +18,8 @@ uniform price). This is a gradient method on loss + lambda * sum_tj price_t m_tj
 space with a dedicated, scale-free mask optimizer; the mask is a buffer, so DDP and the dense
 optimizer leave it alone. `auxiliary_loss()` (added by `RecTrain`) is the orthogonal regularity
 beta * sum_t ||C_t - I||_F^2 / P of the batch's pooled kept columns (centred and L2-normalised;
-P the number of off-diagonal column pairs at full dims, so beta weighs a mean squared correlation).
+P the number of off-diagonal column pairs at full dims, so beta weighs a mean squared correlation),
+on the first `ortho_rows` rows of the batch, every `ortho_every`-th step (weighted by it).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def surrogate_grad(u: torch.Tensor, surrogate: str = "identity") -> torch.Tensor
 class _MaskColumns(torch.autograd.Function):
     """values * mask (the mask broadcast over rows); backward also hands dL/dmask to the gate.
 
-    The mask gradient is summed over row blocks that stay in cache: autograd's own broadcast
-    backward reduces grad * values over all rows in one `sum(0)`, several times slower on CPU.
+    Both products of the backward (grad * mask and the mask gradient, summed over rows) are formed
+    per row block that stays in cache: autograd's own broadcast backward reduces grad * values
+    over all rows in one `sum(0)`, several times slower on CPU.
     """
 
     BLOCK = 512
@@ -68,13 +70,17 @@ class _MaskColumns(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         values, mask = ctx.saved_tensors
+        if ctx.gate is None:
+            return grad * mask, None, None, None
         grad = grad.contiguous()
-        if ctx.gate is not None:
-            grad_mask = torch.zeros_like(mask)
-            for i in range(0, grad.shape[0], _MaskColumns.BLOCK):
-                grad_mask += (grad[i:i + _MaskColumns.BLOCK] * values[i:i + _MaskColumns.BLOCK]).sum(0)
-            ctx.gate.grad_sum.index_add_(0, ctx.perm, grad_mask)
-        return grad * mask, None, None, None
+        grad_values = torch.empty_like(grad)
+        grad_mask = torch.zeros_like(mask)
+        for i in range(0, grad.shape[0], _MaskColumns.BLOCK):  # one pass over grad: both products per block
+            g = grad[i:i + _MaskColumns.BLOCK]
+            torch.mul(g, mask, out=grad_values[i:i + _MaskColumns.BLOCK])
+            grad_mask += (g * values[i:i + _MaskColumns.BLOCK]).sum(0)
+        ctx.gate.grad_sum.index_add_(0, ctx.perm, grad_mask)
+        return grad_values, None, None, None
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,7 @@ class ColumnGate(nn.Module):
         mask_init: float = 0.05,
         ortho_weight: float = 0.0,
         ortho_rows: int = 0,
+        ortho_every: int = 1,
         weight_dtype: str = "fp32",
         optimizer: str = "rowwise_adagrad",
         uniform_price: float = 0.0,
@@ -110,6 +117,7 @@ class ColumnGate(nn.Module):
         self.mask_init = float(mask_init)
         self.ortho_weight = float(ortho_weight)
         self.ortho_rows = int(ortho_rows)
+        self.ortho_every = int(ortho_every)
         self.table_names: List[str] = [t.name for t in tables]
         self.dims: List[int] = [t.embedding_dim for t in tables]
         self.offsets: List[int] = [sum(self.dims[:i]) for i in range(len(self.dims))]
@@ -232,8 +240,9 @@ class ColumnGate(nn.Module):
         collect = self.training and self.collect_grad
         masked = _MaskColumns.apply(values, mk, self if collect else None, lay.perm)
         self._aux = None
-        if self.training and self.ortho_weight > 0:
-            self._aux = self.ortho_weight * self._ortho(values, mk, lay)
+        if self.training and self.ortho_weight > 0 and int(self.updates) % self.ortho_every == 0:
+            # Lazy regularisation: every `ortho_every`-th step, weighted by it (same mean weight per step).
+            self._aux = self.ortho_weight * self.ortho_every * self._ortho(values, mk, lay)
         return KeyedTensor(keys=keys, length_per_key=widths, values=masked, key_dim=1)
 
     def _ortho(self, values: torch.Tensor, mk: torch.Tensor, lay: _Layout) -> torch.Tensor:

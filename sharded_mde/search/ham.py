@@ -34,7 +34,8 @@ def build_supernet(cfg: RunConfig, tables: List, features: List[str], dense_in: 
     """The run's model over a MaskedEmbeddingBagCollection of the full tables (EBC on `device`)."""
     s = cfg.search
     masked = MaskedEmbeddingBagCollection(
-        tables, device=device, surrogate=s.surrogate, mask_init=s.mask_init, ortho_weight=s.ortho_weight, ortho_rows=s.ortho_rows, weight_dtype=WEIGHT_DTYPE,
+        tables, device=device, surrogate=s.surrogate, mask_init=s.mask_init, ortho_weight=s.ortho_weight, ortho_rows=s.ortho_rows,
+        ortho_every=s.ortho_every, weight_dtype=WEIGHT_DTYPE,
         optimizer=cfg.train.embedding_optimizer, uniform_price=s.uniform_price)
     return build_model(cfg.model, tables, features, dense_in, sparse_arch=masked, device=device)
 
