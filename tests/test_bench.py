@@ -51,6 +51,12 @@ def test_quality_every_cell_then_a_rerun_skips_them(config: Path, tmp_path: Path
         assert r["search_seconds"] > 0 and r["retrain_seconds"] > 0
         if r["method"] == "ham":  # HAM meets its budget exactly (uniform rounds its one dim up)
             assert r["kept_bytes"] <= r["budget_bytes"]
+        if "planted_spearman" in r:  # planted data: the kept dims scored against the planted ranks
+            assert -1 <= r["planted_spearman"] <= 1 and 0 <= r["rank0_max_dim"] <= 8
+        if r["method"] == "uniform":  # one dim everywhere: no rank correlation is defined
+            assert "planted_spearman" not in r
+    scored = any("planted_spearman" in r for r in doc["records"])
+    assert ("Spearman dims vs planted ranks" in (out / "results.md").read_text()) == scored
     # the seeds differ (train.seed reaches the baseline), the data and splits do not
     assert doc["baselines"][0]["test_auc"] != doc["baselines"][1]["test_auc"]
     table = (out / "results.md").read_text()
@@ -59,6 +65,7 @@ def test_quality_every_cell_then_a_rerun_skips_them(config: Path, tmp_path: Path
     assert sum(line.startswith("| full | 1 |") for line in table.splitlines()) == 1
     assert (out / "auc_vs_bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "docs" / "quality.md").read_text() == table
+    assert (tmp_path / "docs" / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "docs" / "quality.json").read_text())["records"] == doc["records"]
 
     before = _finished_files(out)

@@ -12,6 +12,7 @@ against kept bytes with the Pareto front are written to `<run_dir>/bench_quality
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -19,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from tqdm import tqdm
 
 from sharded_mde.config import RunConfig
-from sharded_mde.io import atomic_write_json, atomic_write_text
+from sharded_mde.io import atomic_write_json, atomic_write_text, read_json
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.pipeline.run import StageFn, run_pipeline
 from sharded_mde.plan.dims import InfeasibleBudget
@@ -142,9 +143,18 @@ def collect_results(stages: Dict[int, Dict[str, Any]], methods: Sequence[str], b
                     "kept_fraction": s["outputs"]["kept_bytes"] / s["outputs"]["full_bytes"],
                     "budget_bytes": s["outputs"]["budget_bytes"], "search_seconds": s["seconds"],
                     "retrain_seconds": r["seconds"], "retrain_init": r["outputs"]["init"],
-                    "dims_file": s["outputs"]["dims_file"]})
+                    "dims_file": s["outputs"]["dims_file"], **planted_score(s["outputs"]["dims_file"])})
     return {"methods": list(methods), "budgets": list(budgets), "seeds": len(stages), "baselines": baselines,
             "records": records, "infeasible": infeasible, "summary": summarize(baselines, records)}
+
+
+def planted_score(dims_file: str) -> Dict[str, Any]:
+    """On planted data: the Spearman correlation of the kept dims with the planted ranks, and the
+    widest field planted at rank 0 (from the dims file's `planted` record; {} where it has none)."""
+    planted = read_json(dims_file, "dims file").get("extra", {}).get("planted")
+    if not planted or planted.get("spearman") is None or math.isnan(planted["spearman"]):
+        return {}
+    return {"planted_spearman": planted["spearman"], "rank0_max_dim": max(planted["rank0_dims"].values(), default=0)}
 
 
 def _mean_std(values: Sequence[float]) -> Dict[str, float]:
@@ -163,6 +173,9 @@ def summarize(baselines: Sequence[Dict[str, Any]], records: Sequence[Dict[str, A
     for (method, budget), rs in groups.items():
         rows.append({"method": method, "budget": budget, "seeds": len(rs),
                      **{k: _mean_std([r[k] for r in rs]) for k in keys}})
+        if all("planted_spearman" in r for r in rs):
+            rows[-1]["planted_spearman"] = _mean_std([r["planted_spearman"] for r in rs])
+            rows[-1]["rank0_max_dim"] = max(r["rank0_max_dim"] for r in rs)
     return rows
 
 
@@ -183,15 +196,23 @@ def _pm(s: Optional[Dict[str, float]], fmt: str) -> str:
 def results_markdown(doc: Dict[str, Any]) -> str:
     """The results table: one row for the full model, then one per method x budget (mean ± std over seeds)."""
     full = doc["summary"][0]["bytes"]["mean"]
+    planted = any("planted_spearman" in r for r in doc["summary"])
+    head = "| method | budget | bytes | of full | test AUC | test logloss | search s | retrain s |"
     lines = [f"Test AUC and logloss over {doc['seeds']} seed(s); bytes are embedding weights + optimizer state.",
-             "", "| method | budget | bytes | of full | test AUC | test logloss | search s | retrain s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", head + (" Spearman dims vs planted ranks | widest rank-0 field |" if planted else ""),
+             "|---" * (head.count("|") - 1 + 2 * planted) + "|"]
     for r in doc["summary"]:
-        lines.append(f"| {r['method']} | {r['budget']:g} | {r['bytes']['mean']:,.0f} | {r['bytes']['mean'] / full:.3f} | "
-                     f"{_pm(r['test_auc'], '.4f')} | {_pm(r['test_logloss'], '.4f')} | "
-                     f"{_pm(r['search_seconds'], '.1f')} | {_pm(r['retrain_seconds'], '.1f')} |")
+        row = (f"| {r['method']} | {r['budget']:g} | {r['bytes']['mean']:,.0f} | {r['bytes']['mean'] / full:.3f} | "
+               f"{_pm(r['test_auc'], '.4f')} | {_pm(r['test_logloss'], '.4f')} | "
+               f"{_pm(r['search_seconds'], '.1f')} | {_pm(r['retrain_seconds'], '.1f')} |")
+        if planted:
+            row += f" {_pm(r.get('planted_spearman'), '.2f')} | {r.get('rank0_max_dim', '-')} |"
+        lines.append(row)
     lines.append("")
     lines.append("The full model's retrain column is its (baseline) training time.")
+    if planted:
+        lines.append("On planted data: the Spearman correlation of each field's kept dim with its planted rank "
+                     "(mean ± std over seeds), and the most columns any field planted at rank 0 kept (over seeds).")
     for cell, why in doc.get("infeasible", {}).items():
         lines.append(f"- Not feasible: {cell}: {why}.")
     return "\n".join(lines) + "\n"
@@ -223,7 +244,9 @@ def plot_quality(doc: Dict[str, Any], path: str | Path) -> None:
 
 
 def copy_results(doc: Dict[str, Any], out_md: str | Path) -> None:
-    """Copies the markdown table to `out_md` and the results JSON next to it (same name, .json)."""
+    """Writes the markdown table to `out_md`, the results JSON and the AUC-vs-bytes PNG next to it
+    (same name, .json and .png)."""
     out_md = Path(out_md)
     atomic_write_text(out_md, results_markdown(doc))
     atomic_write_json(out_md.with_suffix(".json"), doc)
+    plot_quality(doc, out_md.with_suffix(".png"))

@@ -110,24 +110,37 @@ def local_weights(state: Dict[str, object], layout: List[ShardInfo], prefix: str
 
 def _token_gradients(kjt: KeyedJaggedTensor, grads: Dict[str, torch.Tensor],
                      tables: Sequence[EmbeddingBagConfig]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Per table: (unique token ids, dL/dE of each) from the pooled-output gradient of this rank's batch."""
+    """Per table: (unique token ids, dL/dE of each) from the pooled-output gradient of this rank's batch.
+
+    Vectorised over tables of one width: every id gets a global row number (its table's offset plus
+    the id), so one `unique` and one `index_add_` serve all those tables (not one pair per table).
+    """
     jts = kjt.to_dict()
-    out = {}
-    for t in tables:
+    table_of = {f: t for t in tables for f in t.feature_names}
+    out: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    for dim in sorted({t.embedding_dim for t in tables}):
+        group = [t for t in tables if t.embedding_dim == dim]
+        starts = torch.tensor([0] + [t.num_embeddings for t in group]).cumsum(0).tolist()  # len(group) + 1
+        offset = dict(zip((t.name for t in group), starts))
         ids, rows = [], []
-        for f in t.feature_names:
-            if f not in jts or f not in grads:
+        for f, jt in jts.items():
+            t = table_of.get(f)
+            if t is None or t.embedding_dim != dim or f not in grads:
                 continue
-            jt = jts[f]
             bag = torch.repeat_interleave(torch.arange(jt.lengths().numel(), device=jt.values().device), jt.lengths().long())
             g = grads[f][bag]
             w = jt.weights_or_none()
             rows.append(g * w.unsqueeze(1) if w is not None else g)
-            ids.append(jt.values().long())
+            ids.append(jt.values().long() + offset[t.name])
         if not ids:
             continue
         u, inv = torch.unique(torch.cat(ids), return_inverse=True)
-        out[t.name] = (u, torch.zeros(len(u), t.embedding_dim, device=u.device).index_add_(0, inv, torch.cat(rows)))
+        total = torch.zeros(len(u), dim, device=u.device).index_add_(0, inv, torch.cat(rows))
+        bounds = torch.searchsorted(u, torch.tensor(starts, device=u.device)).tolist()
+        for i, t in enumerate(group):
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                out[t.name] = (u[lo:hi] - offset[t.name], total[lo:hi])
     return out
 
 
@@ -233,11 +246,12 @@ def score_tokens(
         for i, (ids, gi) in _exchange(pieces, layout, rank, world).items():
             if not len(ids):
                 continue
+            if accumulate == "gradient":  # a sum over batches: ids repeated across ranks just add up
+                acc[i].index_add_(0, ids, gi, alpha=1 / world)
+                continue
             uu, inv = torch.unique(ids, return_inverse=True)
             total = torch.zeros(len(uu), gi.shape[1], device=gi.device).index_add_(0, inv, gi) / world
-            if accumulate == "saliency":
-                total = (weights[i][uu].detach().to(total.dtype) * total).abs()
-            acc[i].index_add_(0, uu, total)
+            acc[i].index_add_(0, uu, (weights[i][uu].detach().to(total.dtype) * total).abs())
         capture.last = None
         done += 1
         bar.update(1)
