@@ -266,7 +266,7 @@ class SearchConfig:
     lambda_init: float = 0.1  # lambda when pruning starts (dimensionless: see docs/ham.md)
     warmup: float = 0.3  # fraction of the search before pruning starts (lambda = 0, the mask does not move)
     prune: float = 0.5  # fraction over which the kept-bytes target declines (cubic) to the budget
-    uniform_price: float = 0.0  # share of the penalty that prices every column alike (0 = bytes only)
+    uniform_price: float = 0.9  # share of the penalty that prices every column alike (0 = bytes only; docs/ham.md)
     ortho_weight: float = 0.1  # beta of the orthogonal regularity on the mean squared column correlation (0 = off)
     ortho_rows: int = 512  # batch rows the orthogonal regularity looks at (0 = the whole batch)
     ortho_every: int = 8  # the regularity is taken every this many steps, weighted by it (lazy regularisation)

@@ -1,4 +1,4 @@
-"""HAM ablation: orthogonal regularity on/off and the straight-through surrogates, one table in docs/.
+"""HAM ablation: orthogonal regularity on/off, the straight-through surrogates and the column price, one table in docs/.
 
 Each variant is a `sharded-mde search` (stage `abl_<variant>`) followed by a
 `sharded-mde retrain` (stage `abl_<variant>_retrain`) of the same config; finished stages are
@@ -25,6 +25,7 @@ from sharded_mde.io import atomic_write_text, read_json
 VARIANTS: Dict[str, List[str]] = {
     "identity + ortho (default)": ["search.surrogate=identity"],
     "identity, no ortho": ["search.surrogate=identity", "search.ortho_weight=0"],
+    "identity + ortho, bytes-only price": ["search.surrogate=identity", "search.uniform_price=0"],
     "clipped + ortho": ["search.surrogate=clipped"],
     "sigmoid + ortho": ["search.surrogate=sigmoid"],
 }

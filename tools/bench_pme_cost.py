@@ -5,8 +5,9 @@
 
 Times (1) PME's scoring phase: building and sharding the model at initialisation, scoring
 `search.pme.score_fraction` of an epoch, and the budgeted selection; (2) one training epoch of the
-full model (the trainer's own training time, evaluation and checkpoints excluded). Prints and saves
-the ratio with a description of the machine (default `<run_dir>/bench_pme_cost.json`).
+full model (the trainer's own step loop: building the model, evaluation and checkpoints excluded).
+Prints and saves the ratio, and the like-for-like ratio without the scorer's model building
+(`ratio_without_setup`), with a description of the machine (default `<run_dir>/bench_pme_cost.json`).
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ def main(argv=None) -> int:
             "epoch_steps": metrics["steps"],
             "ratio": scoring_phase / metrics["train_seconds"],
             "ratio_scoring_loop_only": timing["score_seconds"] / metrics["train_seconds"],
+            # like for like: the epoch's time leaves out building and initialising its model, so
+            # this leaves out the scorer's (setup_seconds: mostly the tables' random init)
+            "ratio_without_setup": (scoring_phase - timing["setup_seconds"]) / metrics["train_seconds"],
             "target": 0.05,
         }
         result["meets_target"] = result["ratio"] <= result["target"]
@@ -113,7 +117,8 @@ def main(argv=None) -> int:
             print(json.dumps(result, indent=2))
             print(f"PME scoring phase / one training epoch = {result['ratio']:.4f} "
                   f"({scoring_phase:.2f} s / {metrics['train_seconds']:.2f} s) on {result['machine']['processor']}, "
-                  f"{env.world_size} rank(s), {env.device}; saved {out}")
+                  f"{env.world_size} rank(s), {env.device}; without building the models on either side "
+                  f"{result['ratio_without_setup']:.4f}; saved {out}")
     finally:
         shutdown_distributed()
     return 0

@@ -31,6 +31,9 @@ from sharded_mde.io import atomic_path, read_json
 from sharded_mde.plots import pyplot, save_png
 
 
+READ_ROWS = 1 << 16  # rows per streamed read of a part
+
+
 def scoring_batches(data_dir: str | Path, batch_size: int, num_batches: int, rank: int = 0,
                     world_size: int = 1) -> Iterator[Batch]:
     """`num_batches` batches of consecutive training rows for this rank, from the start of the train split.
@@ -45,9 +48,15 @@ def scoring_batches(data_dir: str | Path, batch_size: int, num_batches: int, ran
     columns = [LABEL] + meta.dense_features + meta.sparse_features
     parts, offset = [], 0
     for path, n in meta.split_parts("train"):
-        lo, hi = max(start, offset), min(stop, offset + n)
-        if lo < hi:
-            parts.append(pq.read_table(str(path), columns=columns).slice(lo - offset, hi - lo))
+        lo, hi = max(start, offset) - offset, min(stop, offset + n) - offset
+        if lo < hi:  # stream the part up to row hi: the scored rows are a few % of an epoch
+            pos = 0
+            for rb in pq.ParquetFile(str(path)).iter_batches(batch_size=min(m, READ_ROWS), columns=columns):
+                if pos + rb.num_rows > lo:
+                    parts.append(pa.Table.from_batches([rb]).slice(max(0, lo - pos), hi - max(lo, pos)))
+                pos += rb.num_rows
+                if pos >= hi:
+                    break
         offset += n
     table = pa.concat_tables(parts)
     keys = list(meta.sparse_features)

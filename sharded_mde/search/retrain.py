@@ -150,7 +150,8 @@ def _compact_pme(*args: Any) -> Tuple[RecTrain, List[EmbeddingBagConfig], Option
 # full-dimension baseline's checkpoints, so compact_ham warm-starts from its kept columns.
 COMPACT_BUILDERS: Dict[str, CompactBuilder] = {"ham": compact_ham, "uniform": compact_ham, "pme": _compact_pme,
                                                "power_law": compact_ham, "magnitude": compact_ham,
-                                               "saliency": compact_ham}
+                                               "saliency": compact_ham,
+                                               "planted_oracle": compact_ham}  # tools/planted_oracle.py
 
 
 def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Optional[str] = None) -> Dict[str, Any]:
