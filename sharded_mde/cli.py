@@ -42,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the console script."""
+    from sharded_mde.train.distributed import tune_cpu_process
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_cpu_process()
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError) as e:

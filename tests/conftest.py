@@ -1,4 +1,5 @@
-"""Shared pytest set-up: quiet TorchRec logging, the `gpu` marker skipped without CUDA."""
+"""Shared pytest set-up: quiet TorchRec logging, the `gpu` marker skipped without CUDA, and the
+process-wide float mode reset after each test (the CLI, run in-process by tests, flushes subnormals)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _subnormals_back_on():
+    """`sharded-mde` flushes subnormal floats process-wide (`tune_cpu_process`); hypothesis refuses to
+    generate floats in that mode, so every test starts and ends with IEEE-754 subnormals."""
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(False)

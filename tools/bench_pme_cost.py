@@ -32,7 +32,7 @@ from sharded_mde.plan.tables import full_table_configs  # noqa: E402
 from sharded_mde.search.budget import budget_bytes  # noqa: E402
 from sharded_mde.search.pme import WEIGHT_DTYPE, routing_reserve, score_run  # noqa: E402
 from sharded_mde.search.pme_select import ByteModel, select_sizes  # noqa: E402
-from sharded_mde.train.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from sharded_mde.train.distributed import init_distributed, shutdown_distributed, tune_cpu_process  # noqa: E402
 from sharded_mde.train.run import train_stage  # noqa: E402
 
 EPOCH_STAGE = "bench_pme_cost_epoch"
@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="result JSON (default: <run_dir>/bench_pme_cost.json)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, parse_overrides(args.overrides))
+    tune_cpu_process()  # as the CLI runs training
     env = init_distributed()
     try:
         from sharded_mde.data import prepare

@@ -68,6 +68,18 @@ def _restart_scoped_store() -> Dict[str, Any]:
     return {"store": dist.PrefixStore(f"sharded_mde/attempt_{attempt}", store), "rank": rank, "world_size": int(world)}
 
 
+def tune_cpu_process() -> None:
+    """CPU settings for the processes this package owns (the `sharded-mde` CLI, the `tools/` benchmarks).
+
+    Both are process-wide, so library users who train from their own code opt in by calling this:
+    subnormal floats are flushed to zero (late in training, products of small gradients and
+    activations underflow to subnormals, which x86 multiplies many times slower: the masked
+    supernet's backward 3x here), and freed memory is kept for reuse (`keep_freed_memory`).
+    """
+    torch.set_flush_denormal(True)
+    keep_freed_memory()
+
+
 def keep_freed_memory() -> bool:
     """Makes glibc's malloc keep freed memory for reuse instead of unmapping it (CPU training).
 
@@ -109,10 +121,6 @@ def init_distributed(prefer_cuda: bool = True) -> DistEnv:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        # Late in training, products of small gradients and activations underflow to subnormal
-        # floats, which x86 multiplies many times slower (the masked supernet's backward 3x here).
-        torch.set_flush_denormal(True)
-        keep_freed_memory()
         if world > 1 and "OMP_NUM_THREADS" not in os.environ:
             # 2 processes x all cores oversubscribe the CPU (3-8x slower measured here).
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
