@@ -32,6 +32,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         fn(rank, world_size, *args)
+        # Both ranks done before either tears gloo down: a rank destroying the group while its peer
+        # still runs aborted the peer now and then ("terminate called without an active exception").
+        dist.barrier()
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise

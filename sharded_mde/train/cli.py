@@ -40,7 +40,15 @@ def run_with_data(args: argparse.Namespace, body: Callable[[RunConfig, DistEnv],
                 import torch.distributed as dist
 
                 dist.barrier()
-        return body(cfg, env)
+        result = body(cfg, env)
+        if env.world_size > 1:
+            import torch.distributed as dist
+
+            # Every rank done before any tears gloo down: a rank destroying the group while its
+            # peer still finishes aborted the peer now and then ("terminate called without an
+            # active exception"), which torchrun then restarted as a failure.
+            dist.barrier()
+        return result
     finally:
         shutdown_distributed()
 
