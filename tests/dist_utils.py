@@ -19,7 +19,7 @@ from torchrec.optim import RowWiseAdagrad
 from sharded_mde.config import TrainConfig
 from sharded_mde.plan.sharding import manual_plan
 from sharded_mde.train.checkpoint import copy_full_into
-from sharded_mde.train.distributed import free_port
+from sharded_mde.train.distributed import free_port, shutdown_distributed
 from sharded_mde.train.sharding import ebc_path, make_optimizer, wrap_model
 
 Spec = Sequence[Tuple[str, int, int]]  # (feature, rows, dim) of each test table
@@ -29,18 +29,16 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    finished = False
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         fn(rank, world_size, *args)
-        # Both ranks done before either tears gloo down: a rank destroying the group while its peer
-        # still runs aborted the peer now and then ("terminate called without an active exception").
-        dist.barrier()
+        finished = True
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(wait_for_peers=finished)  # both ranks done before either tears gloo down
 
 
 def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:

@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, parse_overrides(args.overrides))
     tune_cpu_process()  # as the CLI runs training
     env = init_distributed()
+    finished = False
     try:
         from sharded_mde.data import prepare
 
@@ -120,8 +121,9 @@ def main(argv=None) -> int:
                   f"({scoring_phase:.2f} s / {metrics['train_seconds']:.2f} s) on {result['machine']['processor']}, "
                   f"{env.world_size} rank(s), {env.device}; without building the models on either side "
                   f"{result['ratio_without_setup']:.4f}; saved {out}")
+        finished = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=finished)
     return 0
 
 

@@ -23,7 +23,7 @@ from sharded_mde.config import RunConfig, load_config, parse_overrides
 from sharded_mde.io import atomic_write_text, read_json
 from sharded_mde.plan.dims import DimsFile, save_dims
 from sharded_mde.plan.tables import full_table_configs
-from sharded_mde.search.budget import make_dims_file
+from sharded_mde.search.budget import budget_bytes, make_dims_file
 from sharded_mde.search.cli import planted_ranks
 from sharded_mde.search.report import planted_agreement
 
@@ -49,10 +49,11 @@ def oracle_dims(cfg: RunConfig, fraction: float) -> DimsFile:
         kept = {n: range(d) for n, d in rank_dims(tables, ranks, scale).items()}
         return make_dims_file(METHOD, tables, kept, fraction, optimizer=cfg.train.embedding_optimizer)
 
+    budget = budget_bytes(tables, fraction, optimizer=cfg.train.embedding_optimizer)
     lo, hi = 0.0, float(max(t.embedding_dim for t in tables))
     for _ in range(50):  # bisection on the scale: bytes grow with it
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if dims_at(mid).kept_bytes <= dims_at(0).budget_bytes else (lo, mid)
+        lo, hi = (mid, hi) if dims_at(mid).kept_bytes <= budget else (lo, mid)
     dims = dims_at(lo)
     dims.extra["planted"] = planted_agreement(dims, ranks)
     dims.extra["scale"] = lo

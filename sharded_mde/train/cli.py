@@ -32,6 +32,7 @@ def run_with_data(args: argparse.Namespace, body: Callable[[RunConfig, DistEnv],
 
     cfg = load_args_config(args)
     env = init_distributed()
+    finished = False
     try:
         if prepare_data:
             if env.is_main:
@@ -41,16 +42,10 @@ def run_with_data(args: argparse.Namespace, body: Callable[[RunConfig, DistEnv],
 
                 dist.barrier()
         result = body(cfg, env)
-        if env.world_size > 1:
-            import torch.distributed as dist
-
-            # Every rank done before any tears gloo down: a rank destroying the group while its
-            # peer still finishes aborted the peer now and then ("terminate called without an
-            # active exception"), which torchrun then restarted as a failure.
-            dist.barrier()
+        finished = True
         return result
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=finished)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -127,7 +127,15 @@ def init_distributed(prefer_cuda: bool = True) -> DistEnv:
     return DistEnv(rank, world, local_rank, device, dist.get_backend(), local_world)
 
 
-def shutdown_distributed() -> None:
-    """Destroys the default process group if this process created one."""
+def shutdown_distributed(wait_for_peers: bool = False) -> None:
+    """Destroys the default process group if this process created one.
+
+    With `wait_for_peers` (a rank that finished its work) every rank first passes a barrier: a rank
+    destroying the group while its peer still finishes aborted the peer now and then ("terminate
+    called without an active exception"), which torchrun then restarted as a failure. Not on an
+    error path, where a peer may never arrive.
+    """
     if dist.is_initialized():
+        if wait_for_peers and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
