@@ -161,7 +161,18 @@ def test_bad_exports_fail_naming_the_file(tmp_path: Path) -> None:
 
     root = _export(tmp_path, "missing")
     (root / "head.arrow").unlink()
-    with pytest.raises(ValueError, match=r"missing/head\.arrow: listed in the export manifest but missing"):
+    with pytest.raises(ValueError, match=r"missing/head\.arrow: listed in .*manifest\.json but missing"):
+        load_export(root)
+
+    # A damaged checksum in the manifest: not hex is the manifest's fault; another valid digest is
+    # a mismatch between the two files, and the message names both.
+    root = _export(tmp_path, "badhex")
+    _edit_manifest(root, lambda m: m["files"]["head.arrow"].update(sha256="g" + m["files"]["head.arrow"]["sha256"][1:]))
+    with pytest.raises(ValueError, match=r"badhex/manifest\.json: files\['head\.arrow'\]: needs .* hex sha256"):
+        load_export(root)
+    root = _export(tmp_path, "otherhex")
+    _edit_manifest(root, lambda m: m["files"]["head.arrow"].update(sha256="0" * 64))
+    with pytest.raises(ValueError, match=r"otherhex/head\.arrow: checksum mismatch with its entry in .*otherhex/manifest\.json"):
         load_export(root)
 
     root = _export(tmp_path, "newer")

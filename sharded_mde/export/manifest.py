@@ -10,6 +10,7 @@ table is read) a table whose shape disagrees, each with an error that names the 
 from __future__ import annotations
 
 import importlib.metadata
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -140,6 +141,9 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
     atomic_write_json(root / MANIFEST, {"format_version": data.pop("format_version"), **data})
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def _build(cls: Any, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected an object")
@@ -174,6 +178,12 @@ def read_manifest(root: Path) -> Manifest:
                                  "token_groups"})
     if unknown:
         raise ValueError(f"{path}: unknown key {unknown[0]!r}")
+    if not isinstance(rest["files"], dict):
+        raise ValueError(f"{path}: files: expected an object of path -> {{bytes, sha256}}")
+    for rel, entry in rest["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and entry["bytes"] >= 0
+                and isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])):
+            raise ValueError(f"{path}: files[{rel!r}]: needs a byte count and a 64-digit hex sha256")
     for t in tables:
         if t.file not in rest["files"]:
             raise ValueError(f"{path}: table {t.name}: file {t.file} has no checksum entry")
@@ -190,8 +200,10 @@ def verify_files(root: Path, manifest: Manifest) -> None:
     """Checks every listed file exists with its recorded size and sha256; raises ValueError naming the file."""
     for rel, entry in manifest.files.items():
         p = Path(root) / rel
+        manifest_path = Path(root) / MANIFEST
         if not p.is_file():
-            raise ValueError(f"{p}: listed in the export manifest but missing")
+            raise ValueError(f"{p}: listed in {manifest_path} but missing")
         if p.stat().st_size != entry["bytes"] or sha256_file(p) != entry["sha256"]:
-            raise ValueError(f"{p}: checksum mismatch (changed since export: expected {entry['bytes']} bytes, "
-                             f"sha256 {entry['sha256'][:12]}...)")
+            # Either file may have changed: the message names both.
+            raise ValueError(f"{p}: checksum mismatch with its entry in {manifest_path} (changed since export: "
+                             f"expected {entry['bytes']} bytes, sha256 {entry['sha256'][:12]}...)")
