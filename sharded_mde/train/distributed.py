@@ -110,9 +110,13 @@ def init_distributed(prefer_cuda: bool = True) -> DistEnv:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend=backend, timeout=process_group_timeout(), **_restart_scoped_store())
         else:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-            dist.init_process_group(backend=backend, rank=0, world_size=1, timeout=process_group_timeout())
+            # One process: a private TCP rendezvous, not MASTER_* variables, which would leak into
+            # this process's environment and so into every subprocess it starts (a later torchrun
+            # or CLI run would then try to listen on this group's port).
+            addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+            port = os.environ.get("MASTER_PORT") or str(free_port())
+            dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=0, world_size=1,
+                                    timeout=process_group_timeout())
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
