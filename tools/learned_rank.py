@@ -32,8 +32,7 @@ from sharded_mde.modules.model import build_model
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.cli import planted_ranks
 from sharded_mde.search.report import spearman
-from sharded_mde.search.retrain import _TABLE_KEY, read_supernet
-from sharded_mde.train.checkpoint import copy_full_into
+from sharded_mde.search.retrain import load_dense, read_supernet, table_warm_start
 from sharded_mde.train.distributed import DistEnv, init_distributed, shutdown_distributed, tune_cpu_process
 from sharded_mde.train.run import sharding_plan
 from sharded_mde.train.sharding import wrap_model
@@ -77,17 +76,10 @@ def spectrum_stats(var: torch.Tensor) -> Dict[str, float]:
 def evaluate_with(cfg: RunConfig, env: DistEnv, meta: DatasetMeta, tables: List[Any],
                   weights: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]) -> Dict[str, float]:
     """Test AUC and log loss of the full model with the given table weights and dense tensors."""
-    torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, tables, meta.sparse_features, len(meta.dense_features))
+    load_dense(model, dense)
     dmp = wrap_model(model, sharding_plan(model, tables, cfg, env), cfg.train, env.device)
-    live = dmp.state_dict()
-    src: Dict[str, torch.Tensor] = {}
-    for key in live:
-        m = _TABLE_KEY.search(key)
-        if m is None and key not in dense:
-            raise ValueError(f"the checkpoint lacks tensor {key} (a different model config?)")
-        src[key] = weights[m.group(1)] if m else dense[key]
-    copy_full_into(live, src)
+    table_warm_start(dict(weights))(dmp)
     return Trainer(dmp, cfg.train, env, cfg.data.dir).evaluate("test")
 
 
@@ -151,8 +143,9 @@ def main() -> None:
     doc = save_results(Path(args.out).with_suffix(".json"), "learned_rank", result)
     result["machine"] = doc["machine"]
     command = " ".join(["python tools/learned_rank.py", args.config] + sets + ["--out", args.out])
-    atomic_write_text(Path(args.out), to_markdown(command, result))
-    print(to_markdown(command, result))
+    text = to_markdown(command, result)
+    atomic_write_text(Path(args.out), text)
+    print(text)
     shutdown_distributed()
 
 

@@ -198,9 +198,9 @@ def read_manifest(root: Path) -> Manifest:
 
 def verify_files(root: Path, manifest: Manifest) -> None:
     """Checks every listed file exists with its recorded size and sha256; raises ValueError naming the file."""
+    manifest_path = Path(root) / MANIFEST
     for rel, entry in manifest.files.items():
         p = Path(root) / rel
-        manifest_path = Path(root) / MANIFEST
         if not p.is_file():
             raise ValueError(f"{p}: listed in {manifest_path} but missing")
         if p.stat().st_size != entry["bytes"] or sha256_file(p) != entry["sha256"]:
