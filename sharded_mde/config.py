@@ -170,6 +170,9 @@ class DataConfig:
             raise ConfigError(f"split_by: hash or sequential, got {self.split_by!r}")
 
 
+POOLING_MODES = ("sum", "mean")  # how a multi-valued field's bag of ids is pooled (TorchRec PoolingType)
+
+
 @dataclass
 class ModelConfig:
     """The recommendation model: embedding dims and the head that consumes mixed dims."""
@@ -181,10 +184,14 @@ class ModelConfig:
     over_arch: List[int] = field(default_factory=lambda: [64, 32, 1])
     dcn_layers: int = 2
     dcn_rank: int = 16
+    pooling: Dict[str, str] = field(default_factory=dict)  # feature -> sum | mean (bag pooling); unlisted: sum
 
     def validate(self) -> None:
         if self.head not in ("dlrm", "dcn"):
             raise ConfigError(f"head: must be dlrm or dcn, got {self.head!r}")
+        for feature, mode in self.pooling.items():
+            if mode not in POOLING_MODES:
+                raise ConfigError(f"pooling.{feature}: one of {', '.join(POOLING_MODES)}, got {mode!r}")
         for name, d in {"embedding_dim": self.embedding_dim, **{f"table_dims.{k}": v for k, v in self.table_dims.items()}}.items():
             if d < 4 or d % 4:
                 raise ConfigError(f"{name}: embedding dims must be multiples of 4 and >= 4 (FBGEMM TBE), got {d}")
