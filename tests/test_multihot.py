@@ -202,3 +202,24 @@ def test_planner_pooling_factor_is_the_mean_bag_length() -> None:
     over = dataclasses.replace(cfg, constraints={"t_B": {"pooling_factor": 2.0}})
     assert planner_constraints(tables, over, bag)["t_B"].pooling_factors == [2.0]
     assert planner_constraints(tables, cfg)["t_B"].pooling_factors == [1.0]
+
+
+def test_pme_token_gradients_of_mean_bags_equal_autograd() -> None:
+    from torchrec import EmbeddingBagCollection
+
+    from sharded_mde.search.pme_score import _token_gradients
+
+    torch.manual_seed(0)
+    tables = _tables()
+    ebc = EmbeddingBagCollection(tables)
+    kjt = multi_hot_kjt({f: r for f, r, _, _ in SPEC}, B, seed=2)
+    pooled = ebc(kjt)
+    g_out = torch.randn(pooled.values().shape, generator=torch.Generator().manual_seed(4))
+    (pooled.values() * g_out).sum().backward()
+    grads = dict(zip(pooled.keys(), torch.split(g_out, pooled.length_per_key(), dim=1)))
+    got = _token_gradients(kjt, grads, tables)
+    for t in tables:
+        ids, g = got[t.name]
+        want = ebc.embedding_bags[t.name].weight.grad
+        torch.testing.assert_close(g, want[ids], rtol=1e-5, atol=1e-6)
+        assert sorted(ids.tolist()) == sorted(set(kjt[t.feature_names[0]].values().tolist()))
