@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Tuple, Union
 
 from sharded_mde.io import atomic_write_json, read_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: vocabularies from the train split only, labels validated, multi-valued fields
+READABLE_VERSIONS = (1, 2)  # older directories still load (their consumers keep working); prepare rebuilds them
 META_FILE = "meta.json"
 
 
@@ -40,9 +41,9 @@ class DatasetMeta:
             raise ValueError(f"{path}: not found; {data_dir} is not a prepared data directory "
                              f"(run `sharded-mde data prepare CONFIG`)")
         raw = read_json(path, "data set metadata")
-        if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+        if not isinstance(raw, dict) or raw.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"{path}: format_version {raw.get('format_version') if isinstance(raw, dict) else None}"
-                             f" is not {FORMAT_VERSION}; prepare the data again")
+                             f" is not one of {READABLE_VERSIONS}; prepare the data again")
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__ and k != "dir"}
         try:
             meta = cls(**known)
