@@ -30,6 +30,8 @@ class DatasetMeta:
     fingerprint: str = ""
     parts: Dict[str, List[Tuple[str, int]]] = field(default_factory=dict)  # split -> [(relative path, rows)]
     config: Dict[str, Any] = field(default_factory=dict)
+    multi_valued: List[str] = field(default_factory=list)  # sparse fields whose rows hold bags of ids
+    mean_bag_length: Dict[str, float] = field(default_factory=dict)  # per sparse field, train split (1.0: single-valued)
     format_version: int = FORMAT_VERSION
     dir: str = ""  # where it was loaded from (not saved)
 
@@ -50,6 +52,7 @@ class DatasetMeta:
         except TypeError as e:
             raise ValueError(f"{path}: incomplete data set metadata ({e})") from None
         meta.parts = {s: [(str(p), int(n)) for p, n in v] for s, v in meta.parts.items()}
+        meta.mean_bag_length = {f: float(meta.mean_bag_length.get(f, 1.0)) for f in meta.sparse_features}
         meta.dir = str(data_dir)
         return meta
 

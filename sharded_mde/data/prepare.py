@@ -142,6 +142,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
         vocabs, rows, skipped, total = _build_vocabs(cfg, fmt, files, out, fp, progress)
     encoder = Encoder(schema, vocabs)
     writers = {s: PartWriter(out, f"{s}/") for s in SPLITS}
+    bag_values = {f: 0 for f in schema.multi}  # ids in the train split's bags
     with warnings.catch_warnings(), tqdm(total=rows, desc="prepare: writing splits", unit=" rows",
                                          disable=not progress) as bar:
         warnings.simplefilter("ignore", DataWarning)  # already reported by the counting pass
@@ -149,15 +150,21 @@ def prepare(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
             split = assign_splits(phys, total, cfg.split, cfg.split_by)
             encoded = encoder.encode(table)
             for i, s in enumerate(SPLITS):
-                writers[s].add(encoded.filter(pa.array(split == i)))
+                part = encoded.filter(pa.array(split == i))
+                writers[s].add(part)
+                if s == "train":
+                    for f in bag_values:
+                        bag_values[f] += len(pc.list_flatten(part.column(f)))
             bar.update(table.num_rows)
     parts = {s: w.close() for s, w in writers.items()}
+    train_rows = sum(n for _, n in parts["train"])
     meta = DatasetMeta(
         dense_features=list(schema.dense), sparse_features=list(schema.sparse),
         num_embeddings={f: v.num_embeddings for f, v in vocabs.items()},
         rows={s: sum(n for _, n in parts[s]) for s in SPLITS}, skipped_lines=skipped,
         source=[str(p.resolve()) for p in files], fingerprint=fp, parts=parts,
-        config={k: v for k, v in asdict(cfg).items()})
+        config={k: v for k, v in asdict(cfg).items()}, multi_valued=list(schema.multi),
+        mean_bag_length={f: bag_values[f] / max(train_rows, 1) if f in bag_values else 1.0 for f in schema.sparse})
     if truth is not None:
         _copy_ground_truth(truth, out, vocabs)
     meta.save(out)

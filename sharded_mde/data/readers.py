@@ -1,7 +1,9 @@
 """Streaming readers for click logs: Criteo TSV, Avazu CSV and canonical Parquet shards.
 
 Every reader yields canonical blocks: a pyarrow Table with `label` (float32), the dense columns
-(float32, null where empty) and the sparse columns (string, null where empty). Text files are
+(float32, null where empty) and the sparse columns (string, null where empty; a multi-valued
+field is list<string>, an empty bag where it has no value: a Parquet list column, or a text
+column split at the separator that `data.multi_valued` declares for it). Text files are
 parsed block by block by pyarrow (gzip is detected), never loaded whole. A malformed line (wrong
 column count, non-numeric label or dense value) is skipped, counted and warned about with its
 file and line number, or raises a ValueError naming them under `strict`.
@@ -391,8 +393,10 @@ def _to_canonical(table: pa.Table, schema: Schema, separators: Dict[str, str]
         col = table.column(n).combine_chunks()
         if n in separators:
             cols[n] = split_values(col, separators[n])
+        elif n in schema.multi:
+            cols[n] = clean_bags(col)
         else:
-            cols[n] = col.cast(pa.list_(pa.string()) if n in schema.multi else pa.string())
+            cols[n] = col.cast(pa.string())
     out = pa.table(cols, schema=schema.arrow())
     any_bad = np.logical_or.reduce([mask for mask, _ in reasons])
     if not any_bad.any():
@@ -405,17 +409,25 @@ def _to_canonical(table: pa.Table, schema: Schema, separators: Dict[str, str]
 
 
 def split_values(column: Union[pa.Array, pa.ChunkedArray], separator: str) -> pa.ListArray:
-    """Strings split at a literal separator into list<string>, empty pieces dropped; null stays null."""
+    """Strings split at a literal separator into bags (list<string>); empty pieces are dropped, null is an empty bag."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    lists = pc.split_pattern(column.cast(pa.string()), separator)
+    return clean_bags(pc.split_pattern(column.cast(pa.string()), separator), drop_empty=True)
+
+
+def clean_bags(lists: pa.Array, drop_empty: bool = False) -> pa.ListArray:
+    """list<string> without nulls: a null list becomes an empty bag, null (and, if asked, empty) values are dropped."""
+    lists = lists.cast(pa.list_(pa.string()))
     flat = pc.list_flatten(lists)
-    keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
-    if keep.all():
+    keep = flat.is_valid()
+    if drop_empty:
+        keep = pc.and_(keep, pc.fill_null(pc.not_equal(flat, ""), False))
+    keep = keep.to_numpy(zero_copy_only=False)
+    if keep.all() and not lists.null_count:
         return lists
     parents = pc.list_parent_indices(lists).to_numpy()
     lengths = np.bincount(parents[keep], minlength=len(lists))
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    return pa.ListArray.from_arrays(offsets, flat.filter(pa.array(keep)), mask=lists.is_null())
+    return pa.ListArray.from_arrays(offsets, flat.filter(pa.array(keep)))
 
 
 def _physical_lines(rows: np.ndarray, invalid_lines: List[int], header_lines: int) -> np.ndarray:
