@@ -111,3 +111,16 @@ def test_multi_hot_model_exports_and_serve_check_reproduces_its_auc(trained, cap
     result = json.loads(capsys.readouterr().out)
     assert result["scripted"] and result["dtype"] == "fp32" and result["rows"] == expected["rows"]
     assert result["auc"] == expected["auc"] and result["logloss"] == expected["logloss"]
+    print(f"multi-hot model: trained AUC {expected['auc']:.6f}, served AUC {result['auc']:.6f} on {result['rows']} rows")
+
+
+def test_plan_uses_the_mean_bag_length_as_pooling_factor(trained, capsys: pytest.CaptureFixture) -> None:
+    d, config = trained
+    meta = DatasetMeta.load(d / "data")
+    out = d / "plan"
+    assert main(["plan", str(config), "--rule", "uniform", "--budget", "0.75", "--out", str(out)]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    factors = {t["name"]: t["full"]["pooling_factors"] for t in report["tables"]}
+    assert factors == {f"t_{f}": [pytest.approx(meta.mean_bag_length[f])] for f in meta.sparse_features}
+    assert factors["t_genres"][0] == pytest.approx(meta.mean_bag_length["genres"]) and factors["t_user"] == [1.0]
