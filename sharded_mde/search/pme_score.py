@@ -2,8 +2,7 @@
 
 Fused TBE kernels apply the optimizer inside backward and never expose a table's gradient, so the
 entry gradients are derived from the gradient of the pooled output: with sum pooling,
-dL/dE[i, :] = sum of dL/dpooled over the bags that contain token i (mean pooling: each bag's
-gradient divided by its length). Each rank computes that for
+dL/dE[i, :] = sum of dL/dpooled over the bags that contain token i. Each rank computes that for
 its own batch (only the head is back-propagated; the tables are never touched), sends each
 token's gradient piece to the rank that holds the token's shard (all_to_all over the shard layout
 of the ShardedTensors, so any sharding works), and the owner accumulates the global batch's
@@ -131,7 +130,7 @@ def _token_gradients(kjt: KeyedJaggedTensor, grads: Dict[str, torch.Tensor],
                 continue
             bag = torch.repeat_interleave(torch.arange(jt.lengths().numel(), device=jt.values().device), jt.lengths().long())
             g = grads[f][bag]
-            if t.pooling == PoolingType.MEAN:
+            if t.pooling == PoolingType.MEAN:  # a mean bag hands each of its ids 1 / length of its gradient
                 g = g / jt.lengths()[bag].unsqueeze(1).to(g.dtype)
             w = jt.weights_or_none()
             rows.append(g * w.unsqueeze(1) if w is not None else g)
