@@ -18,6 +18,7 @@ from torchrec import EmbeddingBagConfig
 from torchrec.modules.embedding_configs import PoolingType
 
 from sharded_mde.config import ConfigError, ModelConfig, RunConfig, load_yaml
+from sharded_mde.data.meta import DatasetMeta
 from sharded_mde.io import read_json
 from sharded_mde.plan.dims import DimsFile, check_against_tables, group_name, legal_dim, table_name
 
@@ -45,16 +46,10 @@ def with_pooling(tables: List[EmbeddingBagConfig], model: ModelConfig) -> List[E
 
 
 def mean_bag_lengths(cfg: RunConfig) -> Dict[str, float]:
-    """Mean ids per bag of each sparse feature on the train split (meta.json); {} without data meta."""
-    meta_path = Path(cfg.data.dir) / "meta.json"
-    if not meta_path.is_file():
+    """Mean ids per bag of each sparse feature on the train split (the data's meta.json); {} without data."""
+    if not (Path(cfg.data.dir) / "meta.json").is_file():
         return {}
-    meta = read_json(meta_path, "data meta")
-    raw = meta.get("mean_bag_length", {}) if isinstance(meta, dict) else {}
-    if not isinstance(raw, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
-                                        for v in raw.values()):
-        raise ValueError(f"{meta_path}: mean_bag_length must map features to non-negative numbers")
-    return {str(f): float(v) for f, v in raw.items()}
+    return dict(DatasetMeta.load(cfg.data.dir).mean_bag_length)
 
 
 def _data_tables(cfg: RunConfig) -> List[EmbeddingBagConfig]:
