@@ -154,22 +154,28 @@ COMPACT_BUILDERS: Dict[str, CompactBuilder] = {"ham": compact_ham, "uniform": co
                                                "planted_oracle": compact_ham}  # tools/planted_oracle.py
 
 
-def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Optional[str] = None) -> Dict[str, Any]:
-    """Trains the compact model of `dims_path` in `<run_dir>/<stage>/` and returns its metrics."""
+def train_compact(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> Tuple[Dict[str, Any], bool]:
+    """Trains the compact model of `dims` in `<run_dir>/<stage>/`; (train_stage's metrics, warm-started?)."""
     from sharded_mde.data import DatasetMeta
     from sharded_mde.train.run import train_stage
 
     meta = DatasetMeta.load(cfg.data.dir)
+    torch.manual_seed(cfg.train.seed)  # a from-scratch compact model starts the same in every run
+    model, tables, warm = COMPACT_BUILDERS[dims.method](cfg, dims, full_table_configs(cfg), meta)
+    if dims.extra.get("data_dir"):  # the search renumbered the ids (PME): train on its copy of the data
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(dims.extra["data_dir"])))
+    _, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm)
+    return metrics, warm is not None
+
+
+def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Optional[str] = None) -> Dict[str, Any]:
+    """Trains the compact model of `dims_path` in `<run_dir>/<stage>/` and returns its metrics."""
     full = full_table_configs(cfg)
     dims = load_dims(dims_path, full)
     if dims.method not in COMPACT_BUILDERS:
         raise ValueError(f"{dims_path}: no retrain builder for method {dims.method!r} (known: {', '.join(COMPACT_BUILDERS)})")
     stage = stage or f"retrain_{dims.method}"
-    torch.manual_seed(cfg.train.seed)  # a from-scratch compact model starts the same in every run
-    model, tables, warm = COMPACT_BUILDERS[dims.method](cfg, dims, full, meta)
-    if dims.extra.get("data_dir"):  # the search renumbered the ids (PME): train on its copy of the data
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(dims.extra["data_dir"])))
-    _, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm)
+    metrics, warm = train_compact(cfg, env, dims, stage)
     summary = {"dims_file": str(dims_path), "method": dims.method, "init": "warm" if warm else "scratch",
                "budget_fraction": dims.budget_fraction, "budget_bytes": dims.budget_bytes,
                "kept_bytes": dims.kept_bytes, "full_bytes": dims.full_bytes, "test": metrics["test"],
