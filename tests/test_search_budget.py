@@ -49,10 +49,12 @@ def test_selection_is_legal_fits_the_budget_and_is_within_one_step(spec, fractio
         cap = dim_cap(t.num_embeddings, t.embedding_dim)
         assert d % 4 == 0 and d <= cap and (d >= 4 or t.name in droppable)
         assert len(set(kept[t.name])) == d and all(0 <= c < t.embedding_dim for c in kept[t.name])
-        if d + 4 <= cap:  # no further legal step of any table fits
+        top = torch.sort(values[t.name].clamp_min(0), descending=True).values
+        if d + 4 <= cap and top[d:d + 4].sum() > 0:  # no further step that gains fits
             step = table_bytes(t.num_embeddings, d + 4, optimizer=optimizer).total - \
                 table_bytes(t.num_embeddings, d, optimizer=optimizer).total
             assert budget - total < step
+        assert d <= 4 or top[d - 4:d].sum() > 0  # nothing past the floor is bought without worth
     dims_file = make_dims_file("ham", tables, kept, fraction, optimizer=optimizer)
     assert dims_file.kept_bytes == total and dims_file.budget_bytes == budget
 
@@ -78,13 +80,16 @@ def test_selection_rounds_dims_and_prefers_value_per_byte() -> None:
 def test_fill_order_does_not_starve_a_cheap_pruned_table() -> None:
     # The issue's Frappe case: the mask pruned every column of the cheap tables (negative values).
     # Ranked by value / bytes, the cheapest tables came last and ended at 0 columns; now every
-    # field keeps 4, and leftover bytes go to the cheapest tables first.
+    # field keeps 4, and the rest goes by value per byte with pruned columns worth 0.
     tables = _tables([(5000, 16), (50, 16), (60, 16)])
-    values = {"t_0": torch.linspace(1, 0.1, 16), "t_1": torch.full((16,), -0.5), "t_2": torch.full((16,), -0.01)}
-    budget = table_bytes(5000, 8).total + table_bytes(50, 8).total + table_bytes(60, 4).total
+    values = {"t_0": torch.linspace(1, 0.1, 16), "t_1": torch.full((16,), -0.5),
+              "t_2": torch.tensor([0.2] * 6 + [-0.01] * 10)}
+    budget = table_bytes(5000, 8).total + table_bytes(50, 16).total + table_bytes(60, 8).total
     fraction = (budget + 0.5) / full_bytes(tables)
     kept = select_dims(values, tables, fraction)
-    assert [len(kept[n]) for n in ("t_0", "t_1", "t_2")] == [8, 8, 4]  # t_1 (cheapest) filled before t_2
+    # t_2's 5th and 6th columns are worth 0.2 each on 60 rows: bought before t_0's next 4 (on 5000 rows);
+    # t_1's pruned columns are worth nothing and the leftover bytes are not spent on them
+    assert [len(kept[n]) for n in ("t_0", "t_1", "t_2")] == [8, 4, 8]
 
 
 def test_row_cap_limits_a_small_table() -> None:
@@ -104,7 +109,7 @@ def test_illegal_width_becomes_legal_by_loss_not_by_rounding_down() -> None:
     values = {"t_0": torch.tensor([0.5, 0.4, -0.1, -0.2, -0.3, -0.4, -0.5, -0.6]), "t_1": torch.ones(8)}
     budget = table_bytes(1000, 4).total + table_bytes(10, 8).total
     fraction = (budget + 0.5) / full_bytes(tables)
-    worth = {"t_0": [-0.70, -0.60, -0.60], "t_1": [-0.70, -0.69, -0.68]}
+    worth = {"t_0": [-0.70, -0.60, -0.60], "t_1": [-0.70, -0.69, -0.68]}  # t_0 at 8 would gain nothing
     kept = select_dims(values, tables, fraction, droppable={"t_0", "t_1"}, worth=worth)
     assert kept["t_0"] == [0, 1, 2, 3] and len(kept["t_1"]) == 8
     # worth that only shows two steps up is not starved by a cheap step worth nothing (look-ahead)

@@ -6,8 +6,8 @@ the penalty weight lambda by dual ascent so that the kept bytes follow a gradual
 full bytes (after a warm-up) down to the budget B.
 At the end, `select_dims` meets the budget with legal dims: every table starts at the smallest
 legal dim (or 0 where a drop was shown harmless), then `select_widths` adds the moves with the
-most worth per byte while one still fits, never past a table's row cap, so the kept bytes never
-exceed B and no further 4-column step fits. `full_bytes` and `budget_bytes` live in plan/dims.py
+most worth per byte while one that gains still fits, never past a table's row cap, so the kept
+bytes never exceed B and no further step with worth fits. `full_bytes` and `budget_bytes` live in plan/dims.py
 with the feasibility rule every field-wise method shares.
 """
 
@@ -43,7 +43,7 @@ def make_dims_file(method: str, tables: Sequence[EmbeddingBagConfig], kept: Mapp
 def column_worth(values: torch.Tensor, cap: int, multiple: int = DIM_MULTIPLE) -> List[float]:
     """Worth of keeping the top d = 0, multiple, ..., cap columns of a table by per-column values:
     the sum of their values clamped at 0 (a column with a negative value, e.g. pruned by the mask,
-    is worth nothing, never less: keeping a column does not raise the loss)."""
+    is worth nothing: never bought past the floor, and never a reason to rank a cheap table last)."""
     top = torch.sort(values.double().clamp_min(0), descending=True, stable=True).values
     csum = torch.cat([torch.zeros(1, dtype=torch.float64), top.cumsum(0)])
     return [float(csum[d]) for d in range(0, cap + 1, multiple)]
@@ -56,9 +56,10 @@ def select_widths(worth: Mapping[str, Sequence[float]], tables: Sequence[Embeddi
 
     `worth[t][k]` is what table t is worth at dim k * multiple (e.g. minus the validation loss).
     Each round takes, over every table and every larger legal dim that still fits, the move with
-    the most worth gained per byte (gains below 0 count as 0; ties go to the cheaper move), so a
-    table whose worth only rises after several steps is not starved, and leftover bytes go to the
-    cheapest tables first. It stops when no 4-column step of any table below its cap fits.
+    the most worth gained per byte (ties go to the cheaper move), so a table whose worth only rises
+    after several steps is not starved. Moves that gain nothing are not bought: bytes without
+    evidence of worth stay unspent (on MovieLens-100K, columns the mask had pruned, given to the
+    cheap tables, cost validation AUC). It stops when no move that gains fits.
     """
 
     def size(t: EmbeddingBagConfig, d: int) -> int:
@@ -76,7 +77,9 @@ def select_widths(worth: Mapping[str, Sequence[float]], tables: Sequence[Embeddi
                 cost = size(t, d2) - size(t, d)
                 if total + cost > budget:
                     break  # larger dims cost more still
-                gain = max(0.0, float(w[d2 // multiple]) - float(w[d // multiple]))
+                gain = float(w[d2 // multiple]) - float(w[d // multiple])
+                if gain <= 0:
+                    continue
                 key = (gain / cost, -cost, -i)
                 if best is None or key > best[0]:
                     best = (key, t, d2, cost)
