@@ -48,7 +48,7 @@ def test_quality_every_cell_then_a_rerun_skips_them(config: Path, tmp_path: Path
     for r in doc["records"]:
         assert 0 < r["test_auc"] < 1 and r["test_logloss"] > 0
         assert r["kept_fraction"] == pytest.approx(r["kept_bytes"] / full) and r["kept_bytes"] < full
-        assert r["search_seconds"] > 0 and r["retrain_seconds"] > 0
+        assert r["search_seconds"] > 0 and r["retrain_seconds"] >= 0  # HAM's retrain reuses its check's training
         if r["method"] == "ham":  # HAM meets its budget exactly (uniform rounds its one dim up)
             assert r["kept_bytes"] <= r["budget_bytes"]
         if "planted_spearman" in r:  # planted data: the kept dims scored against the planted ranks

@@ -86,8 +86,18 @@ def test_ham_returns_the_best_checked_candidate_within_budget(config: Path) -> N
             run_search(low, env, "ham_low")
         assert not (Path(cfg.run_dir) / "ham_low").exists()  # failed before training anything
         dims = run_search(cfg, env)
+        from sharded_mde.search.retrain import run_retrain
+
+        dims_path = Path(cfg.run_dir) / "ham" / "dims.json"
+        short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=0.3))  # as the check trained
+        reused = run_retrain(short, env, dims_path, "retrain_short")
+        fresh = run_retrain(cfg, env, dims_path, "retrain_full")
     finally:
         shutdown_distributed()
+    assert reused["reused_check_training"] and not fresh["reused_check_training"]
+    won = next(r for r in load_dims(dims_path).extra["check"]["candidates"]
+               if r["name"] == load_dims(dims_path).extra["check"]["winner"])
+    assert round(reused["valid"]["auc"], 6) == won["valid_auc"]  # the very model the check scored
     back = load_dims(Path(cfg.run_dir) / "ham" / "dims.json", tables)
     check = back.extra["check"]
     rows = {r["name"]: r for r in check["candidates"]}

@@ -27,6 +27,7 @@ from sharded_mde.search.budget import BudgetController, make_dims_file
 from sharded_mde.search.ham_check import (Scorer, candidate_dims, check_candidates, gate_scorer, harmless_drops,
                                           interpolate, loss_curves, top_columns)
 from sharded_mde.search.power_law import power_law_dims
+from sharded_mde.search.retrain import train_compact, train_record
 from sharded_mde.search.report import save_search_result
 from sharded_mde.train.distributed import DistEnv
 
@@ -117,7 +118,6 @@ def validate_allocation(cfg: RunConfig, env: DistEnv, stage: str, tables: List, 
     ckpt = str(Path(cfg.run_dir) / stage / "checkpoints")
 
     def retrain_score(name: str, dims: Dict[str, int]) -> Dict[str, float]:
-        from sharded_mde.search.retrain import train_compact
 
         cand = make_dims_file("ham", tables, top_columns(order, dims), s.budget, WEIGHT_DTYPE, optimizer,
                               {"supernet_checkpoints": ckpt})
@@ -127,6 +127,9 @@ def validate_allocation(cfg: RunConfig, env: DistEnv, stage: str, tables: List, 
     check = check_candidates(retrain_score, tables, candidates, WEIGHT_DTYPE, optimizer)
     check["rule"] = (f"best validation AUC of each candidate's compact model trained {check_cfg.train.epochs:g} "
                      "epoch(s) as retrain would")
+    won = next(r for r in check["candidates"] if r["name"] == check["winner"])
+    check["winner_checkpoints"] = str(Path(cfg.run_dir) / stage / f"check_{won['same_as'] or won['name']}" / "checkpoints")
+    check["winner_trained_as"] = train_record(check_cfg)  # retrain reuses that training when it would train the same
     kept = top_columns(order, candidates[check["winner"]])
     record = {"check": check, "column_order": "mask value a, largest first",
               "loss_effect": {n: {str(d): m for d, m in c.items()} for n, c in curves.items()},
