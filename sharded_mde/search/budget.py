@@ -58,8 +58,8 @@ def select_widths(worth: Mapping[str, Sequence[float]], tables: Sequence[Embeddi
     Each round takes, over every table and every larger legal dim that still fits, the move with
     the most worth gained per byte (ties go to the cheaper move), so a table whose worth only rises
     after several steps is not starved. Moves that gain nothing are not bought: bytes without
-    evidence of worth stay unspent (on MovieLens-100K, columns the mask had pruned, given to the
-    cheap tables, cost validation AUC). It stops when no move that gains fits.
+    evidence of worth stay unspent (HAM's candidate check also trains allocations that spend
+    them: uniform filled, power law). It stops when no move that gains fits.
     """
 
     def size(t: EmbeddingBagConfig, d: int) -> int:
