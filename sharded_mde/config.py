@@ -298,7 +298,10 @@ class SearchConfig:
     method: str = "ham"  # ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md)
     budget: float = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state)
     epochs: float = 1.0  # supernet training length (replaces train.epochs during the search)
-    allow_drop: bool = True  # a table whose columns are all pruned may be dropped
+    allow_drop: bool = False  # HAM only: a field may be dropped where validation shows it harmless (docs/ham.md)
+    drop_tolerance: float = 0.001  # a drop is harmless if the validation AUC falls by at most this much
+    check_batches: int = 0  # validation batches of HAM's loss-effect measurement (0 = the whole split)
+    check_epochs: float = 0.0  # training of each candidate in HAM's check (0 = train.epochs, as retrain trains)
     # HAM: hard auxiliary masks (docs/ham.md)
     surrogate: str = "identity"  # straight-through gradient of the 0/1 mask: identity | clipped | sigmoid
     mask_init: float = 0.05  # initial mask value a (every column starts kept: a > 0)
@@ -339,6 +342,8 @@ class SearchConfig:
             raise ConfigError(f"ortho_every: a step count >= 1, got {self.ortho_every}")
         if self.power_law_alpha < 0:
             raise ConfigError(f"power_law_alpha: must be >= 0, got {self.power_law_alpha}")
+        if self.drop_tolerance < 0 or self.check_batches < 0 or self.check_epochs < 0:
+            raise ConfigError("drop_tolerance, check_batches and check_epochs must be >= 0")
         if self.saliency_batches < 1:
             raise ConfigError(f"saliency_batches: must be >= 1, got {self.saliency_batches}")
 
