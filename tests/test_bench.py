@@ -10,6 +10,8 @@ import pytest
 import torch
 import yaml
 
+from sharded_mde.bench.paired import paired_difference, t_cdf, t_quantile, verdict
+from sharded_mde.bench.quality import paired_table, results_markdown, summarize
 from sharded_mde.cli import main
 
 METHODS, BUDGETS, SEEDS = ["ham", "uniform"], [0.25, 0.5], 2
@@ -43,11 +45,19 @@ def test_quality_every_cell_then_a_rerun_skips_them(config: Path, tmp_path: Path
     doc = json.loads((out / "results.json").read_text())
     cells = {(r["seed"], r["method"], r["budget"]) for r in doc["records"]}
     assert len(doc["records"]) == 8 and cells == set(itertools.product(range(SEEDS), METHODS, BUDGETS))
+    assert all(r["feasible"] for r in doc["records"])
+    # the JSON schema: per method x budget the paired difference vs uniform, from the records of the same seeds
+    assert {(p["method"], p["budget"], p["reference"]) for p in doc["paired"]} == {("ham", b, "uniform") for b in BUDGETS}
+    for p in doc["paired"]:
+        auc = {(r["seed"], r["method"]): r["test_auc"] for r in doc["records"] if r["budget"] == p["budget"]}
+        assert p["diffs"] == pytest.approx([auc[s, "ham"] - auc[s, "uniform"] for s in range(SEEDS)])
+        assert p["n"] == SEEDS and p["lo"] <= p["mean"] <= p["hi"] and p["verdict"] in ("better", "tied", "worse")
     assert [b["seed"] for b in doc["baselines"]] == [0, 1]
     full = doc["baselines"][0]["bytes"]
     for r in doc["records"]:
         assert 0 < r["test_auc"] < 1 and r["test_logloss"] > 0
         assert r["kept_fraction"] == pytest.approx(r["kept_bytes"] / full) and r["kept_bytes"] < full
+        assert r["within_budget"] == (r["kept_bytes"] <= r["budget_bytes"])
         assert r["search_seconds"] > 0 and r["retrain_seconds"] > 0
         if r["method"] == "ham":  # HAM meets its budget exactly (uniform rounds its one dim up)
             assert r["kept_bytes"] <= r["budget_bytes"]
@@ -63,6 +73,7 @@ def test_quality_every_cell_then_a_rerun_skips_them(config: Path, tmp_path: Path
     for m, b in itertools.product(METHODS, BUDGETS):
         assert sum(line.startswith(f"| {m} | {b:g} |") for line in table.splitlines()) == 1
     assert sum(line.startswith("| full | 1 |") for line in table.splitlines()) == 1
+    assert "| method | 0.25 | 0.5 |" in table and "Paired difference of test AUC vs uniform" in table
     assert (out / "auc_vs_bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "docs" / "quality.md").read_text() == table
     assert (tmp_path / "docs" / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -84,10 +95,82 @@ def test_quality_records_an_infeasible_budget_and_goes_on(config: Path, tmp_path
             "--set", f"run_dir={run_dir}"]
     assert main(args) == 0
     doc = json.loads((run_dir / "bench_quality" / "results.json").read_text())
-    assert {(r["method"], r["budget"]) for r in doc["records"]} == {("power_law", 0.9), ("uniform", 0.05), ("uniform", 0.9)}
-    assert list(doc["infeasible"]) == ["power_law at 0.05"] and "below every table at dim 4" in doc["infeasible"]["power_law at 0.05"]
+    feasible = {(r["method"], r["budget"]) for r in doc["records"] if r["feasible"]}
+    assert feasible == {("power_law", 0.9), ("uniform", 0.05), ("uniform", 0.9)}
+    [bad] = [r for r in doc["records"] if not r["feasible"]]
+    assert (bad["method"], bad["budget"], bad["test_auc"], bad["kept_fraction"]) == ("power_law", 0.05, None, None)
+    assert "below every table at dim 4" in bad["reason"] and doc["infeasible"] == {"power_law at 0.05": bad["reason"]}
     assert not (run_dir / "bench_quality" / "seed0" / "retrain_power_law_b0.05").exists()
-    assert "- Not feasible: power_law at 0.05" in (run_dir / "bench_quality" / "results.md").read_text()
+    table = (run_dir / "bench_quality" / "results.md").read_text()
+    assert "- Not feasible: power_law at 0.05" in table and "| power_law | infeasible |" in table
+    # the reference is infeasible at 0.05: no paired difference there (one seed: none at 0.9 either)
+    paired = {(p["method"], p["reference"], p["budget"]): p for p in doc["paired"]}
+    assert paired["uniform", "power_law", 0.05]["note"] == "power_law infeasible"
+    assert paired["power_law", "uniform", 0.05]["note"] == "power_law infeasible"
+    assert all(p["verdict"] == "n/a" and p["lo"] is None for p in paired.values())
+    assert paired["power_law", "uniform", 0.9]["n"] == 1 and "note" not in paired["power_law", "uniform", 0.9]
+
+
+def test_t_quantile_matches_tables() -> None:
+    # two-sided 95% critical values of Student's t (printed tables) and the normal limit
+    for df, t in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)]:
+        assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+    assert t_quantile(0.975, 1e6) == pytest.approx(1.95996, abs=1e-4)
+    assert t_quantile(0.025, 4) == pytest.approx(-t_quantile(0.975, 4))
+    assert t_cdf(t_quantile(0.9, 3), 3) == pytest.approx(0.9, abs=1e-9)
+
+
+def test_paired_difference_by_hand() -> None:
+    """Diffs 0.10, 0.11, 0.09 (seed 3 of b alone is ignored): mean 0.1, sd 0.01, half-width t(0.975, 2) 0.01 / sqrt 3."""
+    a, b = {0: 0.80, 1: 0.81, 2: 0.79}, {0: 0.70, 1: 0.70, 2: 0.70, 3: 0.10}
+    p = paired_difference(a, b)
+    half = 4.302652729749752 * 0.01 / 3 ** 0.5
+    assert p["n"] == 3 and p["seeds"] == [0, 1, 2]
+    assert (p["mean"], p["std"]) == pytest.approx((0.1, 0.01))
+    assert (p["lo"], p["hi"]) == pytest.approx((0.1 - half, 0.1 + half)) and p["verdict"] == "better"
+    assert paired_difference(b, a)["verdict"] == "worse"
+    tied = paired_difference({0: 0.5, 1: 0.6}, {0: 0.55, 1: 0.5})  # diffs -0.05, +0.1: the interval holds 0
+    assert tied["lo"] < 0 < tied["hi"] and tied["verdict"] == "tied"
+    one = paired_difference({0: 0.5}, {0: 0.4})
+    assert one["mean"] == pytest.approx(0.1) and one["lo"] is None and one["verdict"] == "n/a"
+    assert [verdict(0.001, 0.1), verdict(-0.1, -0.001), verdict(-0.1, 0.0), verdict(None, None)] == \
+        ["better", "worse", "tied", "n/a"]
+
+
+def _rec(seed: int, method: str, budget: float, auc: float | None) -> dict:
+    if auc is None:
+        return {"seed": seed, "method": method, "budget": budget, "feasible": False, "reason": "too small",
+                "test_auc": None, "kept_fraction": None}
+    return {"seed": seed, "method": method, "budget": budget, "feasible": True, "test_auc": auc, "test_logloss": 0.5,
+            "kept_bytes": int(budget * 1000), "kept_fraction": budget, "budget_bytes": int(budget * 1000),
+            "within_budget": True, "search_seconds": 1.0, "retrain_seconds": 1.0}
+
+
+def test_paired_table_and_markdown_mark_better_tied_worse_and_infeasible() -> None:
+    """uniform is infeasible at 0.03 (n/a there); at 0.1 ham beats it on every seed, pme loses, power_law ties."""
+    recs = []
+    for s in range(3):
+        recs += [_rec(s, "uniform", 0.03, None), _rec(s, "uniform", 0.1, 0.70 + 0.01 * s),
+                 _rec(s, "ham", 0.03, 0.69), _rec(s, "ham", 0.1, 0.72 + 0.01 * s + 0.001 * s),
+                 _rec(s, "pme", 0.03, 0.68), _rec(s, "pme", 0.1, 0.60 + 0.01 * s),
+                 _rec(s, "power_law", 0.03, None), _rec(s, "power_law", 0.1, 0.70 + 0.01 * s + (0.01, -0.01, 0.0)[s])]
+    methods, budgets = ["ham", "uniform", "power_law", "pme"], [0.03, 0.1]
+    paired = {(p["method"], p["reference"], p["budget"]): p for p in paired_table(recs, methods, budgets)}
+    assert len(paired) == 2 * 3 * 2 and ("uniform", "uniform", 0.1) not in paired
+    assert paired["ham", "uniform", 0.1]["verdict"] == "better" and paired["ham", "uniform", 0.1]["mean"] == pytest.approx(0.021)
+    assert paired["pme", "uniform", 0.1]["verdict"] == "worse"
+    assert paired["power_law", "uniform", 0.1]["verdict"] == "tied"
+    assert paired["ham", "uniform", 0.03]["verdict"] == "n/a" and paired["ham", "uniform", 0.03]["note"] == "uniform infeasible"
+    baselines = [{"seed": s, "test_auc": 0.75, "test_logloss": 0.4, "bytes": 1000, "train_seconds": 1.0} for s in range(3)]
+    doc = {"methods": methods, "budgets": budgets, "seeds": 3, "records": recs, "paired": list(paired.values()),
+           "infeasible": {"uniform at 0.03": "too small"},
+           "summary": summarize(baselines, [r for r in recs if r["feasible"]])}
+    md = results_markdown(doc)
+    assert "| full | 0.7500 ± 0.0000 (1.000) | |" in md
+    assert "| uniform | infeasible | 0.7100 ± 0.0100 (0.100) |" in md
+    assert "| ham | n/a (uniform infeasible) | +0.0210 [" in md and "] **better** |" in md
+    assert "] **worse** |" in md and "] tied |" in md
+    assert "- Not feasible: uniform at 0.03: too small." in md
 
 
 def test_quality_unknown_method_fails_before_any_work(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -58,10 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = bench.add_parser("quality", help="every method at every budget on the same data, over seeds (resumable)")
     add_config_args(q)
     q.add_argument("--budgets", default="0.1,0.25,0.5", help="byte budgets, fractions of the full model, comma-separated")
-    q.add_argument("--seeds", type=int, default=3, help="train.seed 0..N-1 (baseline, search and retrain each)")
+    q.add_argument("--seeds", type=int, default=5,
+                   help="train.seed 0..N-1 (baseline, search and retrain each); paired intervals need >= 2")
     q.add_argument("--methods", default="ham,uniform,power_law,magnitude,saliency,pme",
                    help="search methods (search.method values), comma-separated")
-    q.add_argument("--out", help="also copy the markdown table to this file (and the JSON next to it, .json)")
+    q.add_argument("--out", help="also write the markdown table to this file, the JSON and PNG next to it (.json, .png)")
     q.set_defaults(func=_quality)
     s = bench.add_parser("speed", help="step time plain vs masked vs compact, serving full vs compact, TBE on CUDA")
     add_config_args(s)
