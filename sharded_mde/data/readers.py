@@ -14,7 +14,7 @@ import glob
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -283,6 +283,20 @@ def _to_canonical(table: pa.Table, schema: Schema) -> Tuple[pa.Table, List[Tuple
     bad_rows = [(int(j), "empty line" if empty[j] else next(r for mask, r in reasons if mask[j]))
                 for j in np.flatnonzero(any_bad)]
     return out.filter(pa.array(~any_bad)), bad_rows
+
+
+def split_values(column: Union[pa.Array, pa.ChunkedArray], separator: str) -> pa.ListArray:
+    """Strings split at a literal separator into list<string>, empty pieces dropped; null stays null."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lists = pc.split_pattern(column.cast(pa.string()), separator)
+    flat = pc.list_flatten(lists)
+    keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+    if keep.all():
+        return lists
+    parents = pc.list_parent_indices(lists).to_numpy()
+    lengths = np.bincount(parents[keep], minlength=len(lists))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, flat.filter(pa.array(keep)), mask=lists.is_null())
 
 
 def _physical_line(row: int, invalid_lines: List[int], header_lines: int) -> int:
