@@ -201,3 +201,33 @@ def test_speed_reports_ratios_and_skips_tbe_without_cuda(config: Path, tmp_path:
     else:
         assert r["tbe"]["status"] == "skipped" and "tbe: skipped" in printed
         assert "forward_ms" not in json.dumps(r["tbe"])
+
+
+def test_lr_sweep_picks_the_best_validation_auc_and_resumes(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir, out = tmp_path / "lr", tmp_path / "docs" / "lr_sweep.md"
+    args = ["bench", "lr", str(config), "--embedding-lr", "0.01,0.3", "--dense-lr", "0.001", "--seeds", "2",
+            "--out", str(out), "--set", f"run_dir={run_dir}", "--set", "train.eval_batches=1"]
+    assert main(args) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert {(r["embedding_lr"], r["seed"]) for r in doc["records"]} == {(0.01, 0), (0.01, 1), (0.3, 0), (0.3, 1)}
+    for g in doc["grid"]:  # the grid's mean is over the seeds' whole-validation-split AUCs
+        aucs = [r["valid_auc"] for r in doc["records"] if r["embedding_lr"] == g["embedding_lr"]]
+        assert g["valid_auc"]["mean"] == pytest.approx(sum(aucs) / 2)
+    valid_rows = json.loads((Path(yaml.safe_load(config.read_text())["data"]["dir"]) / "meta.json").read_text())["rows"]["valid"]
+    for r in doc["records"]:  # eval_batches=1 is overridden: the whole validation split is scored
+        m = json.loads((run_dir / "lr_sweep" / f"e{r['embedding_lr']:g}_d0.001_s{r['seed']}" / "baseline" / "metrics.json").read_text())
+        assert m["valid"]["auc"] == r["valid_auc"] and m["valid"]["rows"] == valid_rows > 256
+    best = max(doc["grid"], key=lambda g: g["valid_auc"]["mean"])
+    assert (doc["best"]["embedding_lr"], doc["best"]["dense_lr"]) == (best["embedding_lr"], 0.001)
+    assert f"`train.embedding_lr: {best['embedding_lr']:g}`" in out.read_text()
+    assert out.read_text().count("**") == 2  # the chosen cell only
+    before = _finished_files(run_dir)
+    capsys.readouterr()
+    assert main(args) == 0  # every point finished: nothing trains again
+    assert _finished_files(run_dir) == before and "skipped" in capsys.readouterr().out
+
+
+def test_lr_sweep_bad_grid_is_one_line(config: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "lr", str(config), "--embedding-lr", "0.1,-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--embedding-lr" in err
