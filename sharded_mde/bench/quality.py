@@ -4,9 +4,11 @@ Per seed (`train.seed`), in `<run_dir>/bench_quality/seed<S>/`: the full-dimensi
 for each method x budget a search (stage `<method>_b<budget>`) and the retrain of its dims file
 (stage `retrain_<method>_b<budget>`). Each finished stage is recorded in that directory's
 `stages.json` (the pipeline's ledger), so a rerun skips finished cells and resumes an interrupted
-one from its checkpoints. The results (one record per seed x method x budget, and the baseline
-per seed), a markdown table of means and standard deviations over seeds, and a PNG of test AUC
-against kept bytes with the Pareto front are written to `<run_dir>/bench_quality/`.
+one from its checkpoints. The results (one record per seed x method x budget, feasible or not, and
+the baseline per seed), the paired differences of test AUC against uniform and power_law on the
+same seeds with 95% t intervals (`sharded_mde.bench.paired`), a markdown table (method rows x
+budget columns) and a PNG of test AUC against kept bytes with the Pareto front are written to
+`<run_dir>/bench_quality/` (docs/bench.md).
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
+from sharded_mde.bench.paired import mean_std, paired_difference
 from sharded_mde.config import RunConfig
 from sharded_mde.io import atomic_write_json, atomic_write_text, read_json
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.pipeline.run import StageFn, run_pipeline
-from sharded_mde.bench.paired import mean_std, paired_difference
 from sharded_mde.plan.dims import InfeasibleBudget
 from sharded_mde.plots import pyplot, save_png
 from sharded_mde.train.distributed import DistEnv
@@ -165,12 +167,10 @@ def paired_table(records: Sequence[Dict[str, Any]], methods: Sequence[str], budg
     seed, mean and 95% t interval over the seeds where both met the budget. A cell where the method or
     the reference is not feasible has no difference (verdict "n/a", `note` says which)."""
     auc: Dict[Tuple[str, float], Dict[int, float]] = {}
-    reason: Dict[Tuple[str, float], str] = {}
     for r in records:
         if r["feasible"]:
             auc.setdefault((r["method"], r["budget"]), {})[r["seed"]] = r["test_auc"]
-        else:
-            reason.setdefault((r["method"], r["budget"]), r["reason"])
+    infeasible = {(r["method"], r["budget"]) for r in records if not r["feasible"]}
     rows = []
     for ref in (x for x in references if x in methods):
         for method in (m for m in methods if m != ref):
@@ -178,7 +178,7 @@ def paired_table(records: Sequence[Dict[str, Any]], methods: Sequence[str], budg
                 row = {"method": method, "budget": budget, "reference": ref,
                        **paired_difference(auc.get((method, budget), {}), auc.get((ref, budget), {}))}
                 for who in (method, ref):
-                    if (who, budget) in reason and (who, budget) not in auc:
+                    if (who, budget) in infeasible and (who, budget) not in auc:
                         row["note"] = f"{who} infeasible"
                         break
                 rows.append(row)
