@@ -119,7 +119,7 @@ def convert_wheel(wheel: Union[str, Path], out_file: Union[str, Path]) -> Dict[s
         raise ValueError(f"{path}: {MEMBER.format('inter')}: a rating names a user or item not in the user/item file")
     year = items.column("release_year")  # "unkonwn" (sic) for one item: missing
     year = pc.if_else(pc.match_substring_regex(year, r"^\d{4}$"), year, pa.scalar(None, pa.string()))
-    genres = split_values(pc.fill_null(items.column("genres"), ""), " ")  # no genre: an empty bag
+    genres = split_values(items.column("genres"), " ")  # no genre: an empty bag
     cols = {LABEL: pa.array((rating >= 4).astype(np.float32)),
             "user_id": inter.column("user_id"), "item_id": inter.column("item_id")}
     for c in ("age", "gender", "occupation", "zip"):
