@@ -221,6 +221,7 @@ def test_lr_sweep_picks_the_best_validation_auc_and_resumes(config: Path, tmp_pa
     assert (doc["best"]["embedding_lr"], doc["best"]["dense_lr"]) == (best["embedding_lr"], 0.001)
     assert f"`train.embedding_lr: {best['embedding_lr']:g}`" in out.read_text()
     assert out.read_text().count("**") == 2  # the chosen cell only
+    assert doc["command"].startswith(f"sharded-mde bench lr {config} --embedding-lr 0.01,0.3 --dense-lr 0.001 --seeds 2")
     before = _finished_files(run_dir)
     capsys.readouterr()
     assert main(args) == 0  # every point finished: nothing trains again

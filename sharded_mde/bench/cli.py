@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from sharded_mde.config import RunConfig
@@ -44,6 +45,9 @@ def _lr(args: argparse.Namespace) -> int:
     def body(cfg: RunConfig, env: DistEnv) -> int:
         doc = run_lr_sweep(cfg, env, embedding_lrs, dense_lrs, args.seeds)
         if env.is_main:
+            doc["command"] = shlex.join(["sharded-mde", "bench", "lr", args.config, "--embedding-lr", args.embedding_lr,
+                                         "--dense-lr", args.dense_lr, "--seeds", str(args.seeds),
+                                         *(x for o in args.overrides for x in ("--set", o))])
             out = Path(args.out) if args.out else Path(cfg.run_dir) / SWEEP_DIR / "lr_sweep.md"
             write_sweep(doc, out)
             print(out.read_text(), flush=True)

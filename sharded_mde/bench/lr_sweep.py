@@ -91,6 +91,8 @@ def sweep_markdown(doc: Dict[str, Any]) -> str:
         lines.append(f"| {e:g} | " + " | ".join(cells) + " |")
     lines += ["", f"Chosen: `train.embedding_lr: {best['embedding_lr']:g}`, `train.dense_lr: {best['dense_lr']:g}` "
               f"(validation AUC {best['valid_auc']['mean']:.4f})."]
+    if doc.get("command"):
+        lines += ["", f"Command: `{doc['command']}`"]
     return "\n".join(lines) + "\n"
 
 
