@@ -47,10 +47,12 @@ def test_quality_every_cell_then_a_rerun_skips_them(config: Path, tmp_path: Path
     assert len(doc["records"]) == 8 and cells == set(itertools.product(range(SEEDS), METHODS, BUDGETS))
     assert all(r["feasible"] for r in doc["records"])
     # the JSON schema: per method x budget the paired difference vs uniform, from the records of the same seeds
-    assert {(p["method"], p["budget"], p["reference"]) for p in doc["paired"]} == {("ham", b, "uniform") for b in BUDGETS}
+    assert {(p["method"], p["budget"], p["reference"]) for p in doc["paired"]} == \
+        {("ham", b, "uniform") for b in BUDGETS} | {(m, b, "full") for m in METHODS for b in BUDGETS}
     for p in doc["paired"]:
         auc = {(r["seed"], r["method"]): r["test_auc"] for r in doc["records"] if r["budget"] == p["budget"]}
-        assert p["diffs"] == pytest.approx([auc[s, "ham"] - auc[s, "uniform"] for s in range(SEEDS)])
+        auc.update({(b["seed"], "full"): b["test_auc"] for b in doc["baselines"]})
+        assert p["diffs"] == pytest.approx([auc[s, p["method"]] - auc[s, p["reference"]] for s in range(SEEDS)])
         assert p["n"] == SEEDS and p["lo"] <= p["mean"] <= p["hi"] and p["verdict"] in ("better", "tied", "worse")
     assert [b["seed"] for b in doc["baselines"]] == [0, 1]
     full = doc["baselines"][0]["bytes"]
@@ -109,6 +111,7 @@ def test_quality_records_an_infeasible_budget_and_goes_on(config: Path, tmp_path
     assert paired["power_law", "uniform", 0.05]["note"] == "power_law infeasible"
     assert all(p["verdict"] == "n/a" and p["lo"] is None for p in paired.values())
     assert paired["power_law", "uniform", 0.9]["n"] == 1 and "note" not in paired["power_law", "uniform", 0.9]
+    assert paired["power_law", "full", 0.05]["note"] == "power_law infeasible" and "note" not in paired["uniform", "full", 0.05]
 
 
 def test_t_quantile_matches_tables() -> None:
@@ -155,13 +158,15 @@ def test_paired_table_and_markdown_mark_better_tied_worse_and_infeasible() -> No
                  _rec(s, "pme", 0.03, 0.68), _rec(s, "pme", 0.1, 0.60 + 0.01 * s),
                  _rec(s, "power_law", 0.03, None), _rec(s, "power_law", 0.1, 0.70 + 0.01 * s + (0.01, -0.01, 0.0)[s])]
     methods, budgets = ["ham", "uniform", "power_law", "pme"], [0.03, 0.1]
-    paired = {(p["method"], p["reference"], p["budget"]): p for p in paired_table(recs, methods, budgets)}
-    assert len(paired) == 2 * 3 * 2 and ("uniform", "uniform", 0.1) not in paired
+    baselines = [{"seed": s, "test_auc": 0.75, "test_logloss": 0.4, "bytes": 1000, "train_seconds": 1.0} for s in range(3)]
+    paired = {(p["method"], p["reference"], p["budget"]): p for p in paired_table(recs, methods, budgets, baselines)}
+    assert len(paired) == (2 * 3 + 4) * 2 and ("uniform", "uniform", 0.1) not in paired
+    assert paired["ham", "full", 0.03]["diffs"] == pytest.approx([-0.06] * 3) and paired["ham", "full", 0.03]["verdict"] == "worse"
+    assert paired["pme", "full", 0.1]["verdict"] == "worse" and paired["uniform", "full", 0.03]["note"] == "uniform infeasible"
     assert paired["ham", "uniform", 0.1]["verdict"] == "better" and paired["ham", "uniform", 0.1]["mean"] == pytest.approx(0.021)
     assert paired["pme", "uniform", 0.1]["verdict"] == "worse"
     assert paired["power_law", "uniform", 0.1]["verdict"] == "tied"
     assert paired["ham", "uniform", 0.03]["verdict"] == "n/a" and paired["ham", "uniform", 0.03]["note"] == "uniform infeasible"
-    baselines = [{"seed": s, "test_auc": 0.75, "test_logloss": 0.4, "bytes": 1000, "train_seconds": 1.0} for s in range(3)]
     doc = {"methods": methods, "budgets": budgets, "seeds": 3, "records": recs, "paired": list(paired.values()),
            "infeasible": {"uniform at 0.03": "too small"},
            "summary": summarize(baselines, [r for r in recs if r["feasible"]])}

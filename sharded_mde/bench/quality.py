@@ -5,8 +5,8 @@ for each method x budget a search (stage `<method>_b<budget>`) and the retrain o
 (stage `retrain_<method>_b<budget>`). Each finished stage is recorded in that directory's
 `stages.json` (the pipeline's ledger), so a rerun skips finished cells and resumes an interrupted
 one from its checkpoints. The results (one record per seed x method x budget, feasible or not, and
-the baseline per seed), the paired differences of test AUC against uniform and power_law on the
-same seeds with 95% t intervals (`sharded_mde.bench.paired`), a markdown table (method rows x
+the baseline per seed), the paired differences of test AUC against uniform, power_law and the full
+model on the same seeds with 95% t intervals (`sharded_mde.bench.paired`), a markdown table (method rows x
 budget columns) and a PNG of test AUC against kept bytes with the Pareto front are written to
 `<run_dir>/bench_quality/` (docs/bench.md).
 """
@@ -157,22 +157,25 @@ def collect_results(stages: Dict[int, Dict[str, Any]], methods: Sequence[str], b
                 if not records[-1]["feasible"]:
                     infeasible[f"{method} at {budget:g}"] = records[-1]["reason"]
     return {"methods": list(methods), "budgets": list(budgets), "seeds": len(stages), "baselines": baselines,
-            "records": records, "infeasible": infeasible, "paired": paired_table(records, methods, budgets),
+            "records": records, "infeasible": infeasible, "paired": paired_table(records, methods, budgets, baselines),
             "summary": summarize(baselines, [r for r in records if r["feasible"]])}
 
 
 def paired_table(records: Sequence[Dict[str, Any]], methods: Sequence[str], budgets: Sequence[float],
-                 references: Sequence[str] = REFERENCES) -> List[Dict[str, Any]]:
-    """Per method x budget x reference (run in the same bench): test AUC minus the reference's on the same
-    seed, mean and 95% t interval over the seeds where both met the budget. A cell where the method or
-    the reference is not feasible has no difference (verdict "n/a", `note` says which)."""
+                 baselines: Sequence[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
+    """Per method x budget x reference (uniform and power_law where run, and the full model of `baselines`):
+    test AUC minus the reference's on the same seed, mean and 95% t interval over the seeds where both
+    have a model. A cell where the method or the reference is not feasible has no difference (verdict
+    "n/a", `note` says which)."""
     auc: Dict[Tuple[str, float], Dict[int, float]] = {}
     for r in records:
         if r["feasible"]:
             auc.setdefault((r["method"], r["budget"]), {})[r["seed"]] = r["test_auc"]
+    for budget in budgets if baselines else ():
+        auc["full", budget] = {b["seed"]: b["test_auc"] for b in baselines}
     infeasible = {(r["method"], r["budget"]) for r in records if not r["feasible"]}
     rows = []
-    for ref in (x for x in references if x in methods):
+    for ref in [x for x in REFERENCES if x in methods] + (["full"] if baselines else []):
         for method in (m for m in methods if m != ref):
             for budget in budgets:
                 row = {"method": method, "budget": budget, "reference": ref,
@@ -262,12 +265,13 @@ def results_markdown(doc: Dict[str, Any]) -> str:
              "", bhead,
              f"| full | {_pm(full['test_auc'], '.4f')} (1.000) |" + " |" * (len(budgets) - 1)]
     lines += [f"| {m} | " + " | ".join(_grid_cell(doc, m, b) for b in budgets) + " |" for m in doc["methods"]]
-    for ref in REFERENCES:
+    for ref in (*REFERENCES, "full"):
         rows = [p for p in doc["paired"] if p["reference"] == ref]
         if not rows:
             continue
-        lines += ["", f"Paired difference of test AUC vs {ref} (same seed: same data order and initialisation), "
-                  "mean [95% t interval over seeds]; better / worse when the interval excludes 0, else tied.", "", bhead]
+        lines += ["", f"Paired difference of test AUC vs {'the full model' if ref == 'full' else ref} (same seed: same "
+                  "data order and initialisation), mean [95% t interval over seeds]; better / worse when the interval "
+                  "excludes 0, else tied.", "", bhead]
         for m in dict.fromkeys(p["method"] for p in rows):
             cells = {p["budget"]: _paired_cell(p) for p in rows if p["method"] == m}
             lines.append(f"| {m} | " + " | ".join(cells[b] for b in budgets) + " |")
