@@ -114,6 +114,22 @@ def test_quality_records_an_infeasible_budget_and_goes_on(config: Path, tmp_path
     assert paired["power_law", "full", 0.05]["note"] == "power_law infeasible" and "note" not in paired["uniform", "full", 0.05]
 
 
+def test_quality_seeds_in_parallel_processes_match_one_process(config: Path, tmp_path: Path) -> None:
+    """--jobs 2 trains the two seeds at once, each in its own process: the same records as one process."""
+    docs = []
+    for jobs in (2, 1):
+        run_dir = tmp_path / f"jobs{jobs}"
+        assert main(["bench", "quality", str(config), "--methods", "uniform", "--budgets", "0.5", "--seeds", "2",
+                     "--jobs", str(jobs), "--set", f"run_dir={run_dir}"]) == 0
+        docs.append(json.loads((run_dir / "bench_quality" / "results.json").read_text()))
+        assert [json.loads((run_dir / "bench_quality" / f"seed{s}" / "stages.json").read_text())["stages"].keys()
+                for s in (0, 1)] == [{"baseline", "uniform_b0.5", "retrain_uniform_b0.5"}] * 2
+    parallel, serial = docs
+    assert [b["test_auc"] for b in parallel["baselines"]] == [b["test_auc"] for b in serial["baselines"]]
+    assert [r["test_auc"] for r in parallel["records"]] == [r["test_auc"] for r in serial["records"]]
+    assert parallel["paired"] == serial["paired"]
+
+
 def test_t_quantile_matches_tables() -> None:
     # two-sided 95% critical values of Student's t (printed tables) and the normal limit
     for df, t in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)]:

@@ -18,11 +18,11 @@ def _quality(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = parse_budgets(args.budgets)
     check_methods(methods)  # before the process group, the data or any training
-    if args.seeds < 1:
-        raise ValueError(f"--seeds {args.seeds}: must be at least 1")
+    if args.seeds < 1 or args.jobs < 1:
+        raise ValueError(f"--seeds {args.seeds} --jobs {args.jobs}: both must be at least 1")
 
     def body(cfg: RunConfig, env: DistEnv) -> int:
-        doc = run_quality(cfg, env, methods, budgets, args.seeds)
+        doc = run_quality(cfg, env, methods, budgets, args.seeds, args.jobs)
         if env.is_main:
             out = Path(cfg.run_dir) / BENCH_DIR
             if args.out:
@@ -85,6 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train.seed 0..N-1 (baseline, search and retrain each); paired intervals need >= 2")
     q.add_argument("--methods", default="ham,uniform,power_law,magnitude,saliency,pme",
                    help="search methods (search.method values), comma-separated")
+    q.add_argument("--jobs", type=int, default=1,
+                   help="seeds trained at once in processes of their own (one process launch only; e.g. 2 on 2 cores)")
     q.add_argument("--out", help="also write the markdown table to this file, the JSON and PNG next to it (.json, .png)")
     q.set_defaults(func=_quality)
     lr = bench.add_parser("lr", help="the full model's learning rates: a grid scored on the validation split (resumable)")

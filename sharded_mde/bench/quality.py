@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -103,19 +104,47 @@ def _cell_stages(method: str, budget: float) -> List[Tuple[str, StageFn, bool]]:
     return [(stage, search, True), (f"retrain_{stage}", retrain, True)]
 
 
-def run_quality(cfg: RunConfig, env: DistEnv, methods: Sequence[str], budgets: Sequence[float],
-                seeds: int) -> Optional[Dict[str, Any]]:
-    """Runs every missing cell on every rank; rank 0 writes and returns the results (None elsewhere)."""
-    check_methods(methods)
-    cells = [(s, m, b) for s in range(seeds) for m in [None, *methods] for b in ([None] if m is None else budgets)]
-    stages: Dict[int, Dict[str, Any]] = {}
-    for seed, method, budget in tqdm(cells, desc="bench quality", unit="cell", disable=not env.is_main):
+def run_seed(cfg: RunConfig, env: DistEnv, seed: int, methods: Sequence[str], budgets: Sequence[float],
+             progress: bool = True) -> Dict[str, Any]:
+    """Runs every missing cell of one seed (baseline first); returns that seed's ledger stages."""
+    cells = [(None, None)] + [(m, b) for m in methods for b in budgets]
+    stages: Dict[str, Any] = {}
+    for method, budget in tqdm(cells, desc=f"bench quality seed {seed}", unit="cell", disable=not progress):
         todo = [("baseline", _baseline, True)] if method is None else _cell_stages(method, budget)
         try:
-            stages[seed] = run_pipeline(seed_config(cfg, seed), env, todo)
+            stages = run_pipeline(seed_config(cfg, seed), env, todo)
         except ValueError as e:  # name the cell (the finished ones stay recorded: fix and rerun)
             cell = "baseline" if method is None else f"{method} at budget {budget:g}"
             raise ValueError(f"seed {seed}, {cell}: {e}") from e
+    return stages
+
+
+def _seed_worker(cfg: RunConfig, seed: int, methods: Sequence[str], budgets: Sequence[float]) -> Dict[str, Any]:
+    """One seed in a process of its own (`--jobs`): its own one-rank process group, CPU settings as the CLI's."""
+    from sharded_mde.train.distributed import init_distributed, shutdown_distributed, tune_cpu_process
+
+    tune_cpu_process()
+    env = init_distributed()
+    try:
+        return run_seed(cfg, env, seed, methods, budgets, progress=False)
+    finally:
+        shutdown_distributed()
+
+
+def run_quality(cfg: RunConfig, env: DistEnv, methods: Sequence[str], budgets: Sequence[float],
+                seeds: int, jobs: int = 1) -> Optional[Dict[str, Any]]:
+    """Runs every missing cell on every rank (with `jobs` > 1 on one rank: seeds in that many processes at
+    once, each seed's cells in order); rank 0 writes and returns the results (None elsewhere)."""
+    check_methods(methods)
+    if jobs > 1:
+        if env.world_size > 1:
+            raise ValueError(f"--jobs {jobs}: runs seeds in parallel processes of one rank each; "
+                             f"not under torchrun ({env.world_size} ranks)")
+        with multiprocessing.get_context("spawn").Pool(min(jobs, seeds), maxtasksperchild=1) as pool:
+            done = pool.starmap(_seed_worker, [(cfg, s, methods, budgets) for s in range(seeds)])
+        stages = dict(enumerate(done))
+    else:
+        stages = {s: run_seed(cfg, env, s, methods, budgets, progress=env.is_main) for s in range(seeds)}
     if not env.is_main:
         return None
     doc = collect_results(stages, methods, budgets)
