@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import multiprocessing
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -119,11 +120,16 @@ def run_seed(cfg: RunConfig, env: DistEnv, seed: int, methods: Sequence[str], bu
     return stages
 
 
-def _seed_worker(cfg: RunConfig, seed: int, methods: Sequence[str], budgets: Sequence[float]) -> Dict[str, Any]:
-    """One seed in a process of its own (`--jobs`): its own one-rank process group, CPU settings as the CLI's."""
+def _seed_worker(cfg: RunConfig, seed: int, methods: Sequence[str], budgets: Sequence[float], jobs: int) -> Dict[str, Any]:
+    """One seed in a process of its own (`--jobs`): its own one-rank process group, CPU settings as the
+    CLI's, and (unless OMP_NUM_THREADS says otherwise) a 1/jobs share of the cores, not all of them."""
+    import torch
+
     from sharded_mde.train.distributed import init_distributed, shutdown_distributed, tune_cpu_process
 
     tune_cpu_process()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
     env = init_distributed()
     try:
         return run_seed(cfg, env, seed, methods, budgets, progress=False)
@@ -141,7 +147,7 @@ def run_quality(cfg: RunConfig, env: DistEnv, methods: Sequence[str], budgets: S
             raise ValueError(f"--jobs {jobs}: runs seeds in parallel processes of one rank each; "
                              f"not under torchrun ({env.world_size} ranks)")
         with multiprocessing.get_context("spawn").Pool(min(jobs, seeds), maxtasksperchild=1) as pool:
-            done = pool.starmap(_seed_worker, [(cfg, s, methods, budgets) for s in range(seeds)])
+            done = pool.starmap(_seed_worker, [(cfg, s, methods, budgets, jobs) for s in range(seeds)])
         stages = dict(enumerate(done))
     else:
         stages = {s: run_seed(cfg, env, s, methods, budgets, progress=env.is_main) for s in range(seeds)}
