@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.datasets.utils import Batch
 
@@ -27,6 +28,7 @@ def _body(rank: int, world: int, head: str, kind: str, optimizer: str) -> None:
     model = build_model(ModelConfig(head=head, dense_arch=[8, 8], over_arch=[16, 1], dcn_rank=4), tables, FEATURES,
                         N_DENSE, device=torch.device("cpu"))
     dmp, ref = shard_with_reference(model, tables, kind, world, tcfg)
+    assert isinstance(dmp._dmp_wrapped_module, DistributedDataParallel) == (world > 1)  # DDP only where it reduces
     for _ in train_in_lockstep(dmp, ref, tcfg, _batch, rank, world, STEPS):
         pass
     full = ref.state_dict()
@@ -52,3 +54,8 @@ def test_mixed_dim_dlrm_matches_unsharded_reference(kind: str, optimizer: str) -
 
 def test_mixed_dim_dcn_matches_unsharded_reference() -> None:
     run_ranks(_body, "dcn", "row_wise", "rowwise_adagrad")
+
+
+def test_one_cpu_rank_without_ddp_matches_unsharded_reference() -> None:
+    """On one CPU rank `wrap_model` leaves the dense part out of DDP (its all-reduce would be the identity)."""
+    run_ranks(_body, "dlrm", "table_wise", "rowwise_adagrad", world_size=1)

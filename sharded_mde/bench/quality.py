@@ -4,21 +4,26 @@ Per seed (`train.seed`), in `<run_dir>/bench_quality/seed<S>/`: the full-dimensi
 for each method x budget a search (stage `<method>_b<budget>`) and the retrain of its dims file
 (stage `retrain_<method>_b<budget>`). Each finished stage is recorded in that directory's
 `stages.json` (the pipeline's ledger), so a rerun skips finished cells and resumes an interrupted
-one from its checkpoints. The results (one record per seed x method x budget, and the baseline
-per seed), a markdown table of means and standard deviations over seeds, and a PNG of test AUC
-against kept bytes with the Pareto front are written to `<run_dir>/bench_quality/`.
+one from its checkpoints. The results (one record per seed x method x budget, feasible or not, and
+the baseline per seed), the paired differences of test AUC against uniform, power_law and the full
+model on the same seeds with 95% t intervals (`sharded_mde.bench.paired`), a markdown table (method rows x
+budget columns) and a PNG of test AUC against kept bytes with the Pareto front are written to
+`<run_dir>/bench_quality/` (docs/bench.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
+from sharded_mde.bench.paired import mean_std, paired_difference
 from sharded_mde.config import RunConfig
 from sharded_mde.io import atomic_write_json, atomic_write_text, read_json
 from sharded_mde.pipeline.ledger import StageLedger
@@ -29,6 +34,7 @@ from sharded_mde.train.distributed import DistEnv
 
 DEFAULT_METHODS = ("ham", "uniform", "power_law", "magnitude", "saliency", "pme")
 BENCH_DIR = "bench_quality"
+REFERENCES = ("uniform", "power_law")  # the simple rules every method is compared with, seed by seed
 
 
 def parse_budgets(text: str) -> List[float]:
@@ -99,19 +105,52 @@ def _cell_stages(method: str, budget: float) -> List[Tuple[str, StageFn, bool]]:
     return [(stage, search, True), (f"retrain_{stage}", retrain, True)]
 
 
-def run_quality(cfg: RunConfig, env: DistEnv, methods: Sequence[str], budgets: Sequence[float],
-                seeds: int) -> Optional[Dict[str, Any]]:
-    """Runs every missing cell on every rank; rank 0 writes and returns the results (None elsewhere)."""
-    check_methods(methods)
-    cells = [(s, m, b) for s in range(seeds) for m in [None, *methods] for b in ([None] if m is None else budgets)]
-    stages: Dict[int, Dict[str, Any]] = {}
-    for seed, method, budget in tqdm(cells, desc="bench quality", unit="cell", disable=not env.is_main):
+def run_seed(cfg: RunConfig, env: DistEnv, seed: int, methods: Sequence[str], budgets: Sequence[float],
+             progress: bool = True) -> Dict[str, Any]:
+    """Runs every missing cell of one seed (baseline first); returns that seed's ledger stages."""
+    cells = [(None, None)] + [(m, b) for m in methods for b in budgets]
+    stages: Dict[str, Any] = {}
+    for method, budget in tqdm(cells, desc=f"bench quality seed {seed}", unit="cell", disable=not progress):
         todo = [("baseline", _baseline, True)] if method is None else _cell_stages(method, budget)
         try:
-            stages[seed] = run_pipeline(seed_config(cfg, seed), env, todo)
+            stages = run_pipeline(seed_config(cfg, seed), env, todo)
         except ValueError as e:  # name the cell (the finished ones stay recorded: fix and rerun)
             cell = "baseline" if method is None else f"{method} at budget {budget:g}"
             raise ValueError(f"seed {seed}, {cell}: {e}") from e
+    return stages
+
+
+def _seed_worker(cfg: RunConfig, seed: int, methods: Sequence[str], budgets: Sequence[float], jobs: int) -> Dict[str, Any]:
+    """One seed in a process of its own (`--jobs`): its own one-rank process group, CPU settings as the
+    CLI's, and (unless OMP_NUM_THREADS says otherwise) a 1/jobs share of the cores, not all of them."""
+    import torch
+
+    from sharded_mde.train.distributed import init_distributed, shutdown_distributed, tune_cpu_process
+
+    tune_cpu_process()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    env = init_distributed()
+    try:
+        return run_seed(cfg, env, seed, methods, budgets, progress=False)
+    finally:
+        shutdown_distributed()
+
+
+def run_quality(cfg: RunConfig, env: DistEnv, methods: Sequence[str], budgets: Sequence[float],
+                seeds: int, jobs: int = 1) -> Optional[Dict[str, Any]]:
+    """Runs every missing cell on every rank (with `jobs` > 1 on one rank: seeds in that many processes at
+    once, each seed's cells in order); rank 0 writes and returns the results (None elsewhere)."""
+    check_methods(methods)
+    if jobs > 1:
+        if env.world_size > 1:
+            raise ValueError(f"--jobs {jobs}: runs seeds in parallel processes of one rank each; "
+                             f"not under torchrun ({env.world_size} ranks)")
+        with multiprocessing.get_context("spawn").Pool(min(jobs, seeds), maxtasksperchild=1) as pool:
+            done = pool.starmap(_seed_worker, [(cfg, s, methods, budgets, jobs) for s in range(seeds)])
+        stages = dict(enumerate(done))
+    else:
+        stages = {s: run_seed(cfg, env, s, methods, budgets, progress=env.is_main) for s in range(seeds)}
     if not env.is_main:
         return None
     doc = collect_results(stages, methods, budgets)
@@ -122,8 +161,24 @@ def run_quality(cfg: RunConfig, env: DistEnv, methods: Sequence[str], budgets: S
     return doc
 
 
+def _record(seed: int, method: str, budget: float, s: Dict[str, Any], r: Dict[str, Any]) -> Dict[str, Any]:
+    """One seed x method x budget: the retrained model's test metrics and bytes, or why the budget is not feasible."""
+    out = s["outputs"]
+    if "infeasible" in out:
+        return {"seed": seed, "method": method, "budget": budget, "feasible": False, "reason": out["infeasible"],
+                "test_auc": None, "kept_fraction": None}
+    return {
+        "seed": seed, "method": method, "budget": budget, "feasible": True, "test_auc": r["outputs"]["test"]["auc"],
+        "test_logloss": r["outputs"]["test"]["logloss"], "kept_bytes": out["kept_bytes"],
+        "kept_fraction": out["kept_bytes"] / out["full_bytes"], "budget_bytes": out["budget_bytes"],
+        "within_budget": out["kept_bytes"] <= out["budget_bytes"], "search_seconds": s["seconds"],
+        "retrain_seconds": r["seconds"], "retrain_init": r["outputs"]["init"], "dims_file": out["dims_file"],
+        **planted_score(out["dims_file"])}
+
+
 def collect_results(stages: Dict[int, Dict[str, Any]], methods: Sequence[str], budgets: Sequence[float]) -> Dict[str, Any]:
-    """{"baselines": one per seed, "records": one per seed x method x budget} from the seeds' ledgers."""
+    """{"baselines": one per seed, "records": one per seed x method x budget (feasible or not), "paired": the
+    paired differences vs each reference method, "summary": mean ± std per row} from the seeds' ledgers."""
     baselines, records, infeasible = [], [], {}
     for seed, done in sorted(stages.items()):
         b = done["baseline"]
@@ -133,19 +188,39 @@ def collect_results(stages: Dict[int, Dict[str, Any]], methods: Sequence[str], b
         for method in methods:
             for budget in budgets:
                 stage = cell_stage(method, budget)
-                s, r = done[stage], done[f"retrain_{stage}"]
-                if "infeasible" in s["outputs"]:
-                    infeasible[f"{method} at {budget:g}"] = s["outputs"]["infeasible"]
-                    continue
-                records.append({
-                    "seed": seed, "method": method, "budget": budget, "test_auc": r["outputs"]["test"]["auc"],
-                    "test_logloss": r["outputs"]["test"]["logloss"], "kept_bytes": s["outputs"]["kept_bytes"],
-                    "kept_fraction": s["outputs"]["kept_bytes"] / s["outputs"]["full_bytes"],
-                    "budget_bytes": s["outputs"]["budget_bytes"], "search_seconds": s["seconds"],
-                    "retrain_seconds": r["seconds"], "retrain_init": r["outputs"]["init"],
-                    "dims_file": s["outputs"]["dims_file"], **planted_score(s["outputs"]["dims_file"])})
+                records.append(_record(seed, method, budget, done[stage], done.get(f"retrain_{stage}", {})))
+                if not records[-1]["feasible"]:
+                    infeasible[f"{method} at {budget:g}"] = records[-1]["reason"]
     return {"methods": list(methods), "budgets": list(budgets), "seeds": len(stages), "baselines": baselines,
-            "records": records, "infeasible": infeasible, "summary": summarize(baselines, records)}
+            "records": records, "infeasible": infeasible, "paired": paired_table(records, methods, budgets, baselines),
+            "summary": summarize(baselines, [r for r in records if r["feasible"]])}
+
+
+def paired_table(records: Sequence[Dict[str, Any]], methods: Sequence[str], budgets: Sequence[float],
+                 baselines: Sequence[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
+    """Per method x budget x reference (uniform and power_law where run, and the full model of `baselines`):
+    test AUC minus the reference's on the same seed, mean and 95% t interval over the seeds where both
+    have a model. A cell where the method or the reference is not feasible has no difference (verdict
+    "n/a", `note` says which)."""
+    auc: Dict[Tuple[str, float], Dict[int, float]] = {}
+    for r in records:
+        if r["feasible"]:
+            auc.setdefault((r["method"], r["budget"]), {})[r["seed"]] = r["test_auc"]
+    for budget in budgets if baselines else ():
+        auc["full", budget] = {b["seed"]: b["test_auc"] for b in baselines}
+    infeasible = {(r["method"], r["budget"]) for r in records if not r["feasible"]}
+    rows = []
+    for ref in [x for x in REFERENCES if x in methods] + (["full"] if baselines else []):
+        for method in (m for m in methods if m != ref):
+            for budget in budgets:
+                row = {"method": method, "budget": budget, "reference": ref,
+                       **paired_difference(auc.get((method, budget), {}), auc.get((ref, budget), {}))}
+                for who in (method, ref):
+                    if (who, budget) in infeasible and (who, budget) not in auc:
+                        row["note"] = f"{who} infeasible"
+                        break
+                rows.append(row)
+    return rows
 
 
 def planted_score(dims_file: str) -> Dict[str, Any]:
@@ -157,24 +232,20 @@ def planted_score(dims_file: str) -> Dict[str, Any]:
     return {"planted_spearman": planted["spearman"], "rank0_max_dim": max(planted["rank0_dims"].values(), default=0)}
 
 
-def _mean_std(values: Sequence[float]) -> Dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def summarize(baselines: Sequence[Dict[str, Any]], records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Mean and standard deviation over seeds per row: the full model first, then each method x budget."""
     keys = ("test_auc", "test_logloss", "bytes", "search_seconds", "retrain_seconds")
     rows = [{"method": "full", "budget": 1.0, "seeds": len(baselines),
-             **{k: _mean_std([b[k] for b in baselines]) for k in ("test_auc", "test_logloss", "bytes")},
-             "search_seconds": None, "retrain_seconds": _mean_std([b["train_seconds"] for b in baselines])}]
+             **{k: mean_std([b[k] for b in baselines]) for k in ("test_auc", "test_logloss", "bytes")},
+             "search_seconds": None, "retrain_seconds": mean_std([b["train_seconds"] for b in baselines])}]
     groups: Dict[Tuple[str, float], List[Dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["method"], r["budget"]), []).append({**r, "bytes": r["kept_bytes"]})
     for (method, budget), rs in groups.items():
         rows.append({"method": method, "budget": budget, "seeds": len(rs),
-                     **{k: _mean_std([r[k] for r in rs]) for k in keys}})
+                     **{k: mean_std([r[k] for r in rs]) for k in keys}})
         if all("planted_spearman" in r for r in rs):
-            rows[-1]["planted_spearman"] = _mean_std([r["planted_spearman"] for r in rs])
+            rows[-1]["planted_spearman"] = mean_std([r["planted_spearman"] for r in rs])
             rows[-1]["rank0_max_dim"] = max(r["rank0_max_dim"] for r in rs)
     return rows
 
@@ -193,13 +264,65 @@ def _pm(s: Optional[Dict[str, float]], fmt: str) -> str:
     return "-" if s is None else f"{s['mean']:{fmt}} ± {s['std']:{fmt}}"
 
 
+def _signed(x: float) -> str:
+    return f"{x:+.4f}"
+
+
+def _grid_cell(doc: Dict[str, Any], method: str, budget: float) -> str:
+    """Test AUC mean ± std (kept fraction) of one method x budget, or why it is not feasible."""
+    rs = [r for r in doc["records"] if r["method"] == method and r["budget"] == budget]
+    ok = [r for r in rs if r["feasible"]]
+    if not ok:
+        return "infeasible" if rs else "-"
+    auc = mean_std([r["test_auc"] for r in ok])
+    frac = statistics.fmean(r["kept_fraction"] for r in ok)
+    over = "†" if any(not r["within_budget"] for r in ok) else ""
+    part = "" if len(ok) == len(rs) else f", {len(ok)}/{len(rs)} seeds"
+    return f"{auc['mean']:.4f} ± {auc['std']:.4f} ({frac:.3f}{over}{part})"
+
+
+def _paired_cell(p: Dict[str, Any]) -> str:
+    """`+0.0012 [-0.0008, +0.0031] tied`, or n/a and why."""
+    if p["lo"] is None:
+        why = p.get("note") or (f"{p['n']} paired seed" if p["n"] == 1 else "no paired seeds")
+        return f"n/a ({why})"
+    mark = {"better": "**better**", "worse": "**worse**"}.get(p["verdict"], p["verdict"])
+    return f"{_signed(p['mean'])} [{_signed(p['lo'])}, {_signed(p['hi'])}] {mark}"
+
+
 def results_markdown(doc: Dict[str, Any]) -> str:
-    """The results table: one row for the full model, then one per method x budget (mean ± std over seeds)."""
+    """The README table (method rows x budget columns: test AUC, then the paired differences vs each
+    reference with their 95% intervals and verdicts), then the per-row details and the infeasible cells."""
+    budgets, full = doc["budgets"], doc["summary"][0]
+    bhead = "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |\n|---" + "|---" * len(budgets) + "|"
+    lines = [f"Test AUC over {doc['seeds']} seed(s) (mean ± std; in parentheses the kept bytes as a fraction of the "
+             "full model's, embedding weights + optimizer state; † = above the budget). Columns: byte budgets.",
+             "", bhead,
+             f"| full | {_pm(full['test_auc'], '.4f')} (1.000) |" + " |" * (len(budgets) - 1)]
+    lines += [f"| {m} | " + " | ".join(_grid_cell(doc, m, b) for b in budgets) + " |" for m in doc["methods"]]
+    for ref in (*REFERENCES, "full"):
+        rows = [p for p in doc["paired"] if p["reference"] == ref]
+        if not rows:
+            continue
+        lines += ["", f"Paired difference of test AUC vs {'the full model' if ref == 'full' else ref} (same seed: same "
+                  "data order and initialisation), mean [95% t interval over seeds]; better / worse when the interval "
+                  "excludes 0, else tied.", "", bhead]
+        for m in dict.fromkeys(p["method"] for p in rows):
+            cells = {p["budget"]: _paired_cell(p) for p in rows if p["method"] == m}
+            lines.append(f"| {m} | " + " | ".join(cells[b] for b in budgets) + " |")
+    lines += ["", "Details (mean ± std over the seeds that met the budget):", ""]
+    lines += _details(doc)
+    for cell, why in doc.get("infeasible", {}).items():
+        lines.append(f"- Not feasible: {cell}: {why}.")
+    return "\n".join(lines) + "\n"
+
+
+def _details(doc: Dict[str, Any]) -> List[str]:
+    """One row for the full model and one per feasible method x budget: bytes, AUC, logloss, seconds."""
     full = doc["summary"][0]["bytes"]["mean"]
     planted = any("planted_spearman" in r for r in doc["summary"])
     head = "| method | budget | bytes | of full | test AUC | test logloss | search s | retrain s |"
-    lines = [f"Test AUC and logloss over {doc['seeds']} seed(s); bytes are embedding weights + optimizer state.",
-             "", head + (" Spearman dims vs planted ranks | widest rank-0 field |" if planted else ""),
+    lines = [head + (" Spearman dims vs planted ranks | widest rank-0 field |" if planted else ""),
              "|---" * (head.count("|") - 1 + 2 * planted) + "|"]
     for r in doc["summary"]:
         row = (f"| {r['method']} | {r['budget']:g} | {r['bytes']['mean']:,.0f} | {r['bytes']['mean'] / full:.3f} | "
@@ -208,14 +331,11 @@ def results_markdown(doc: Dict[str, Any]) -> str:
         if planted:
             row += f" {_pm(r.get('planted_spearman'), '.2f')} | {r.get('rank0_max_dim', '-')} |"
         lines.append(row)
-    lines.append("")
-    lines.append("The full model's retrain column is its (baseline) training time.")
+    lines += ["", "The full model's retrain column is its (baseline) training time."]
     if planted:
         lines.append("On planted data: the Spearman correlation of each field's kept dim with its planted rank "
                      "(mean ± std over seeds), and the most columns any field planted at rank 0 kept (over seeds).")
-    for cell, why in doc.get("infeasible", {}).items():
-        lines.append(f"- Not feasible: {cell}: {why}.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot_quality(doc: Dict[str, Any], path: str | Path) -> None:
