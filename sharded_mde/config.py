@@ -147,7 +147,12 @@ class DataConfig:
     split: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/valid/test
     split_by: str = "hash"  # hash (of the row index) | sequential (contiguous blocks, time-ordered logs)
     strict: bool = False  # True: a malformed line is an error; False: skipped, counted, warned
-    max_rows: int = 0  # 0 = all rows
+    max_rows: int = 0  # 0 = the whole input; else its first max_rows rows (skipped lines count)
+    # labels must be 0/1; other codes need a map, e.g. {"-1": 0, "1": 1} (keys: the codes as numbers or strings)
+    label_map: Dict[Any, int] = field(default_factory=dict)
+    # text formats: categorical columns holding several values, split at a separator, e.g. {genres: "|"}
+    # (Parquet list<string> columns are multi-valued without an entry here)
+    multi_valued: Dict[str, str] = field(default_factory=dict)
     # synthetic generator (format: synth)
     synth_rows: int = 200_000
     synth_seed: int = 0
@@ -159,6 +164,11 @@ class DataConfig:
     synth_ranks: List[int] = field(default_factory=list)  # planted rank per field; empty = default
     synth_tail_capacity: bool = False  # tail tokens carry fewer informative coordinates
 
+    def __post_init__(self) -> None:
+        # one spelling per code ("-1", -1 and -1.0 alike), so that the fingerprint's JSON is well defined
+        self.label_map = {(f"{label_code(k):g}" if label_code(k) is not None else str(k)): v
+                          for k, v in self.label_map.items()}
+
     def validate(self) -> None:
         if self.format not in ("synth", "criteo_tsv", "avazu_csv", "parquet"):
             raise ConfigError(f"format: must be synth, criteo_tsv, avazu_csv or parquet, got {self.format!r}")
@@ -168,6 +178,31 @@ class DataConfig:
             raise ConfigError(f"min_count: must be >= 1, got {self.min_count}")
         if self.split_by not in ("hash", "sequential"):
             raise ConfigError(f"split_by: hash or sequential, got {self.split_by!r}")
+        for code, to in self.label_map.items():
+            if label_code(code) is None:
+                raise ConfigError(f"label_map.{code}: a label code must be a number, got {code!r}")
+            if to not in (0, 1):
+                raise ConfigError(f"label_map.{code}: must map to 0 or 1, got {to!r}")
+        for name, sep in self.multi_valued.items():
+            if not sep:
+                raise ConfigError(f"multi_valued.{name}: the separator must not be empty")
+
+    def label_codes(self) -> Dict[float, float]:
+        """Raw label value -> 0/1: `label_map` when given, else 0 and 1 as they are."""
+        if not self.label_map:
+            return {0.0: 0.0, 1.0: 1.0}
+        return {label_code(k): float(v) for k, v in self.label_map.items()}
+
+
+def label_code(key: Any) -> Optional[float]:
+    """A label_map key (number or number string) as a float label value; None if it is not a number."""
+    if isinstance(key, bool):
+        return None
+    try:
+        value = float(key)
+    except (TypeError, ValueError):
+        return None
+    return value if value == value and abs(value) != float("inf") else None
 
 
 @dataclass

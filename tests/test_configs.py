@@ -223,9 +223,11 @@ def test_avazu_prepares_the_train_csv(avazu: Tuple[RunConfig, DatasetMeta]) -> N
     assert meta.skipped_lines == 0
     assert meta.rows == {"train": 240, "valid": 30, "test": 30}
     hours = Vocabulary.load(meta.dir, "hour").values.to_pylist()
-    days = {s: {int(hours[i - NUM_RESERVED][4:6]) for i in _split(meta, s).column("hour").to_pylist()}
-            for s in ("train", "valid", "test")}
-    assert days == {"train": set(range(21, 29)), "valid": {29}, "test": {30}}
+    assert {int(h[4:6]) for h in hours} == set(range(21, 29))  # the vocabulary holds training hours only
+    assert {int(hours[i - NUM_RESERVED][4:6]) for i in _split(meta, "train").column("hour").to_pylist()} \
+        == set(range(21, 29))
+    for s in ("valid", "test"):  # days 29 and 30: later than every training hour, so out of vocabulary
+        assert set(_split(meta, s).column("hour").to_pylist()) == {OOV_ID}
     _assert_vocab_threshold(meta, cfg.data.min_count)  # device_ip: almost every value seen once
 
 

@@ -1,7 +1,8 @@
 """Training and evaluation batches from a prepared data directory, sharded over ranks.
 
 Each rank loads only its contiguous share of a split into numpy arrays (cached per process) and
-builds TorchRec `Batch`es with vectorised gathers. Every rank gets the same number of batches of
+builds TorchRec `Batch`es with vectorised gathers: one id per row for single-valued fields, a bag
+of ids (offsets + ids, possibly empty) for multi-valued ones, so the KJT carries real lengths. Every rank gets the same number of batches of
 the same size, as DistributedModelParallel requires. Training batches are shuffled per
 (seed, epoch, rank); evaluation batches cover every row exactly once over all ranks, padded by
 repeating rows, with the count of real rows alongside.
@@ -10,11 +11,12 @@ repeating rows, with the count of real rows alongside.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Tuple, Union
+from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torchrec.datasets.utils import Batch
@@ -28,30 +30,93 @@ PathLike = Union[str, Path]
 
 @dataclass(frozen=True)
 class _Share:
-    """One rank's rows of a split: labels [n], dense [n, D] and sparse ids key-major [F, n]."""
+    """One rank's rows of a split: labels [n], dense [n, D], single-valued ids key-major [F1, n] and,
+    per multi-valued field, its bags as (offsets [n + 1], ids)."""
 
     keys: Tuple[str, ...]
     labels: np.ndarray
     dense: np.ndarray
-    sparse: np.ndarray
+    sparse: np.ndarray  # the single-valued keys, in `keys` order
+    bags: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batch(self, idx: Union[np.ndarray, slice]) -> Batch:
-        """The rows `idx` as a Batch: one id per row per key, lengths all 1."""
-        ids = self.sparse[:, idx]
-        b = ids.shape[1]
+        """The rows `idx` as a Batch: per key and row its ids (one for single-valued keys, a bag,
+        possibly empty, for multi-valued ones), key-major as TorchRec expects."""
+        if self.bags:
+            rows = np.arange(len(self))[idx]
+            b = len(rows)
+            single = iter(self.sparse[:, rows])
+            parts = [_gather_bags(*self.bags[k], rows) if k in self.bags else (next(single), np.ones(b, np.int32))
+                     for k in self.keys]
+            values = np.concatenate([v for v, _ in parts]) if parts else np.zeros(0, np.int32)
+            lengths = torch.from_numpy(np.concatenate([n for _, n in parts]).astype(np.int32))
+        else:
+            ids = self.sparse[:, idx]
+            b = ids.shape[1]
+            values, lengths = ids.reshape(-1), torch.ones(len(self.keys) * b, dtype=torch.int32)
         return Batch(
             dense_features=torch.from_numpy(np.ascontiguousarray(self.dense[idx])),
-            sparse_features=KeyedJaggedTensor(
-                keys=list(self.keys),
-                values=torch.from_numpy(ids.astype(np.int64).reshape(-1)),
-                lengths=torch.ones(len(self.keys) * b, dtype=torch.int32),
-                stride=b,
-            ),
+            sparse_features=KeyedJaggedTensor(keys=list(self.keys), values=torch.from_numpy(values.astype(np.int64)),
+                                              lengths=lengths, stride=b),
             labels=torch.from_numpy(np.ascontiguousarray(self.labels[idx])),
         )
+
+
+def _gather_bags(offsets: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(ids of the bags of `rows`, concatenated in row order; their lengths), without a per-row loop."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    ends = np.cumsum(lengths)
+    return ids[np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)], lengths
+
+
+def _bags(column: Union[pa.Array, pa.ChunkedArray]) -> Tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0, ids) of a list<int32> column; a null bag is empty."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    ids = arr.values.to_numpy()[offsets[0]:offsets[-1]].astype(np.int32)
+    return offsets - offsets[0], ids
+
+
+def _share_of(table: pa.Table, dense_features: Sequence[str], sparse_features: Sequence[str]) -> _Share:
+    """The arrays of a processed table (label, dense floats, int32 ids or list<int32> bags)."""
+    multi = [c for c in sparse_features if pa.types.is_list(table.schema.field(c).type)]
+    single = [c for c in sparse_features if c not in multi]
+    n = table.num_rows
+    return _Share(
+        keys=tuple(sparse_features),
+        labels=table.column(LABEL).to_numpy().astype(np.float32),
+        dense=(np.stack([table.column(c).to_numpy() for c in dense_features], axis=1).astype(np.float32)
+               if dense_features else np.zeros((n, 0), np.float32)),
+        sparse=(np.stack([table.column(c).to_numpy() for c in single]).astype(np.int32)
+                if single else np.zeros((0, n), np.int32)),
+        bags={c: _bags(table.column(c)) for c in multi},
+    )
+
+
+def _concat_shares(shares: List[_Share]) -> _Share:
+    """Row-wise concatenation of shares of the same keys."""
+    first = shares[0]
+    bags = {}
+    for k in first.bags:
+        offsets, ids, base = [np.zeros(1, np.int64)], [], 0
+        for s in shares:
+            o, v = s.bags[k]
+            offsets.append(o[1:] + base)
+            ids.append(v)
+            base += len(v)
+        bags[k] = (np.concatenate(offsets), np.concatenate(ids))
+    return _Share(keys=first.keys, labels=np.concatenate([s.labels for s in shares]),
+                  dense=np.concatenate([s.dense for s in shares]),
+                  sparse=np.concatenate([s.sparse for s in shares], axis=1), bags=bags)
+
+
+def batch_from_table(table: pa.Table, dense_features: Sequence[str], sparse_features: Sequence[str]) -> Batch:
+    """Every row of a processed table (a prepared part, or a slice of one) as one Batch."""
+    return _share_of(table, dense_features, sparse_features).batch(slice(None))
 
 
 def _train_range(total: int, rank: int, world_size: int) -> Tuple[int, int]:
@@ -78,7 +143,7 @@ def _check(meta: DatasetMeta, split: str, batch_size: int, rank: int, world_size
 def _load_share(data_dir: str, fingerprint: str, split: str, start: int, stop: int) -> _Share:
     """Rows [start, stop) of a split, reading only the parts that overlap them."""
     meta = DatasetMeta.load(data_dir)
-    labels, dense, sparse = [], [], []
+    shares = []
     offset = 0
     for path, n in meta.split_parts(split):
         lo, hi = max(start, offset), min(stop, offset + n)
@@ -87,18 +152,15 @@ def _load_share(data_dir: str, fingerprint: str, split: str, start: int, stop: i
                 table = pq.read_table(str(path)).slice(lo - offset, hi - lo)
             except (OSError, ValueError) as e:
                 raise ValueError(f"{path}: cannot read data part ({e})") from None
-            labels.append(table.column(LABEL).to_numpy())
-            dense.append(np.stack([table.column(c).to_numpy() for c in meta.dense_features], axis=1)
-                         if meta.dense_features else np.zeros((hi - lo, 0), np.float32))
-            sparse.append(np.stack([table.column(c).to_numpy() for c in meta.sparse_features]))
+            shares.append(_share_of(table, meta.dense_features, meta.sparse_features))
         offset += n
-    n_f = len(meta.sparse_features)
-    return _Share(
-        keys=tuple(meta.sparse_features),
-        labels=np.concatenate(labels).astype(np.float32) if labels else np.zeros(0, np.float32),
-        dense=np.concatenate(dense).astype(np.float32) if dense else np.zeros((0, len(meta.dense_features)), np.float32),
-        sparse=np.concatenate(sparse, axis=1).astype(np.int32) if sparse else np.zeros((n_f, 0), np.int32),
-    )
+    if not shares:
+        single = [f for f in meta.sparse_features if f not in meta.multi_valued]
+        return _Share(keys=tuple(meta.sparse_features), labels=np.zeros(0, np.float32),
+                      dense=np.zeros((0, len(meta.dense_features)), np.float32),
+                      sparse=np.zeros((len(single), 0), np.int32),
+                      bags={f: (np.zeros(1, np.int64), np.zeros(0, np.int32)) for f in meta.multi_valued})
+    return shares[0] if len(shares) == 1 else _concat_shares(shares)
 
 
 def num_batches(data_dir: PathLike, split: str, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:

@@ -1,4 +1,4 @@
-"""`sharded-mde data synth|convert|prepare`: the data stage's commands."""
+"""`sharded-mde data synth|convert|fetch|prepare`: the data stage's commands."""
 
 from __future__ import annotations
 
@@ -35,6 +35,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("files", nargs="+", help="input files (gzip is detected; glob patterns allowed)")
     _common(c, config=False)
     c.set_defaults(func=_convert)
+
+    f = sub.add_parser("fetch", help="download a public data set and write it as canonical Parquet")
+    f.add_argument("name", choices=["movielens-100k"],
+                   help="movielens-100k: GroupLens ratings from the recbole 1.2.1 wheel (research use only, "
+                        "no redistribution; docs/data.md)")
+    f.add_argument("--cache", default=None, help="where the wheel is kept (default ~/.cache/sharded_mde)")
+    f.add_argument("--out", default=None, help="output directory (default data/raw/movielens_100k)")
+    _common(f, config=False)
+    f.set_defaults(func=_fetch)
 
     r = sub.add_parser("prepare", help="vocabularies and train/valid/test Parquet splits in data.dir")
     r.add_argument("config", help="run config (YAML)")
@@ -77,6 +86,13 @@ def _convert(args: argparse.Namespace) -> int:
     summary = convert(args.format, args.files, Path(args.out), strict=args.strict)
     print(json.dumps({k: summary[k] for k in ("rows", "skipped_lines")} | {"out": args.out,
                                                                             "parts": len(summary["parts"])}))
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from sharded_mde.data import movielens
+
+    print(json.dumps(movielens.fetch(args.cache or movielens.DEFAULT_CACHE, args.out or movielens.DEFAULT_OUT)))
     return 0
 
 

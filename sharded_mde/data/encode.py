@@ -30,15 +30,18 @@ class Encoder:
         from sharded_mde.data.meta import DatasetMeta
 
         meta = DatasetMeta.load(data_dir)
-        schema = Schema(tuple(meta.dense_features), tuple(meta.sparse_features))
+        schema = Schema(tuple(meta.dense_features), tuple(meta.sparse_features), tuple(meta.multi_valued))
         return cls(schema, {f: Vocabulary.load(data_dir, f) for f in meta.sparse_features})
 
     def encode(self, table: pa.Table) -> pa.Table:
-        """label float32, dense float32 (log-transformed), sparse int32 ids."""
+        """label float32, dense float32 (log-transformed), sparse int32 ids (list<int32> for multi-valued fields)."""
         cols = {LABEL: table.column(LABEL).cast(pa.float32())} if LABEL in table.column_names else {}
         for n in self.schema.dense:
             raw = table.column(n).cast(pa.float64()).to_numpy()  # nulls become NaN
             cols[n] = pa.array(transform_dense(raw))
         for n in self.schema.sparse:
-            cols[n] = pa.array(self.vocabs[n].encode(table.column(n)))
+            if n in self.schema.multi:
+                cols[n] = self.vocabs[n].encode_bags(table.column(n))
+            else:
+                cols[n] = pa.array(self.vocabs[n].encode(table.column(n)))
         return pa.table(cols)

@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Tuple, Union
 
 from sharded_mde.io import atomic_write_json, read_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: vocabularies from the train split only, labels validated, multi-valued fields
+READABLE_VERSIONS = (1, 2)  # older directories still load (their consumers keep working); prepare rebuilds them
 META_FILE = "meta.json"
 
 
@@ -29,6 +30,8 @@ class DatasetMeta:
     fingerprint: str = ""
     parts: Dict[str, List[Tuple[str, int]]] = field(default_factory=dict)  # split -> [(relative path, rows)]
     config: Dict[str, Any] = field(default_factory=dict)
+    multi_valued: List[str] = field(default_factory=list)  # sparse fields whose rows hold bags of ids
+    mean_bag_length: Dict[str, float] = field(default_factory=dict)  # per sparse field, train split (1.0: single-valued)
     format_version: int = FORMAT_VERSION
     dir: str = ""  # where it was loaded from (not saved)
 
@@ -40,15 +43,16 @@ class DatasetMeta:
             raise ValueError(f"{path}: not found; {data_dir} is not a prepared data directory "
                              f"(run `sharded-mde data prepare CONFIG`)")
         raw = read_json(path, "data set metadata")
-        if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+        if not isinstance(raw, dict) or raw.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"{path}: format_version {raw.get('format_version') if isinstance(raw, dict) else None}"
-                             f" is not {FORMAT_VERSION}; prepare the data again")
+                             f" is not one of {READABLE_VERSIONS}; prepare the data again")
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__ and k != "dir"}
         try:
             meta = cls(**known)
         except TypeError as e:
             raise ValueError(f"{path}: incomplete data set metadata ({e})") from None
         meta.parts = {s: [(str(p), int(n)) for p, n in v] for s, v in meta.parts.items()}
+        meta.mean_bag_length = {f: float(meta.mean_bag_length.get(f, 1.0)) for f in meta.sparse_features}
         meta.dir = str(data_dir)
         return meta
 

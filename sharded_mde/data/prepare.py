@@ -1,7 +1,11 @@
 """`prepare`: raw files (or the synthetic generator) -> vocabularies and Parquet train/valid/test splits.
 
-Two streaming passes: the first counts values and builds the vocabularies, the second maps
-values to ids and writes the splits in parts. Every file is written atomically and meta.json
+Two streaming passes: the first counts the values of the rows assigned to the train split and
+builds the vocabularies (valid/test values unseen in training encode to OOV, as at serving), the
+second maps values to ids and writes the splits in parts. Rows are assigned to splits by their
+physical index in the input (`splits.py`); a sequential split needs the total row count first,
+read from Parquet metadata or, for text, counted by one scan for line breaks. Labels are checked
+while reading: 0/1, or the codes of `data.label_map`; anything else is an error naming the line. Every file is written atomically and meta.json
 last, so an interrupted run never leaves a directory that looks complete; a rerun with the same
 config returns at once, and one interrupted after the vocabularies reuses them.
 """
@@ -58,15 +62,28 @@ def fingerprint(cfg: DataConfig, inputs: Dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _limited(tables: Iterable[pa.Table], max_rows: int) -> Iterator[pa.Table]:
-    """The tables, cut after `max_rows` rows in total (0 = no limit)."""
-    seen = 0
-    for t in tables:
-        if max_rows and seen + t.num_rows >= max_rows:
-            yield t.slice(0, max_rows - seen)
+def _limited(blocks: Iterable[Tuple[pa.Table, np.ndarray]], max_rows: int) -> Iterator[Tuple[pa.Table, np.ndarray]]:
+    """The (block, physical rows) pairs of rows before physical row `max_rows` (0 = no limit)."""
+    for table, rows in blocks:
+        if max_rows and len(rows) and rows[-1] >= max_rows:
+            keep = rows < max_rows
+            yield table.filter(pa.array(keep)), rows[keep]
             return
-        seen += t.num_rows
-        yield t
+        yield table, rows
+
+
+def _reader(cfg: DataConfig, fmt: str, files: List[Path]) -> SourceReader:
+    """The reader of the inputs, checking labels and splitting multi-valued text columns."""
+    return SourceReader(fmt, [str(p) for p in files], strict=cfg.strict, labels=cfg.label_codes(),
+                        multi_valued=cfg.multi_valued)
+
+
+def _split_total(cfg: DataConfig, reader: SourceReader) -> int:
+    """The row count a sequential split divides (physical rows, cut at max_rows); 0 for hash splits."""
+    if cfg.split_by != "sequential":
+        return 0
+    total = reader.count_rows()
+    return min(total, cfg.max_rows) if cfg.max_rows else total
 
 
 def _clear(out: Path, keep_vocab: bool) -> None:
@@ -77,14 +94,17 @@ def _clear(out: Path, keep_vocab: bool) -> None:
 
 
 def _build_vocabs(cfg: DataConfig, fmt: str, files: List[Path], out: Path, fp: str,
-                  progress: bool) -> Tuple[Dict[str, Vocabulary], int, int]:
-    """Pass 1: counts values, writes vocab/<field>.parquet; returns (vocabs, rows, skipped lines)."""
-    reader = SourceReader(fmt, [str(p) for p in files], strict=cfg.strict)
+                  progress: bool) -> Tuple[Dict[str, Vocabulary], int, int, int]:
+    """Pass 1: counts the train split's values, writes vocab/<field>.parquet; returns (vocabs, rows read,
+    skipped lines, the split's row total)."""
+    reader = _reader(cfg, fmt, files)
+    total = _split_total(cfg, reader)
     counter = ValueCounter(reader.schema.sparse)
     rows = 0
     with tqdm(desc="prepare: counting values", unit=" rows", disable=not progress) as bar:
-        for table in _limited(reader, cfg.max_rows):
-            counter.update(table)
+        for table, phys in _limited(reader.blocks(), cfg.max_rows):
+            train = assign_splits(phys, total, cfg.split, cfg.split_by) == 0
+            counter.update(table.filter(pa.array(train)))
             rows += table.num_rows
             bar.update(table.num_rows)
     vocabs = {}
@@ -92,8 +112,9 @@ def _build_vocabs(cfg: DataConfig, fmt: str, files: List[Path], out: Path, fp: s
         table = build_vocab(counter.counts(f), cfg.min_count, cfg.max_vocab)
         save_vocab(out, f, table)
         vocabs[f] = Vocabulary(table.column("value").combine_chunks())
-    atomic_write_json(out / VOCAB_DONE, {"fingerprint": fp, "rows": rows, "skipped_lines": reader.skipped})
-    return vocabs, rows, reader.skipped
+    atomic_write_json(out / VOCAB_DONE, {"fingerprint": fp, "rows": rows, "skipped_lines": reader.skipped,
+                                         "split_total": total})
+    return vocabs, rows, reader.skipped, total
 
 
 def prepare(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
@@ -104,7 +125,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
     if (out / META_FILE).exists():
         try:
             meta = DatasetMeta.load(out)
-            if meta.fingerprint == fp:
+            if meta.fingerprint == fp and meta.format_version == FORMAT_VERSION:
                 return meta
         except ValueError:
             pass
@@ -112,34 +133,38 @@ def prepare(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
     resume = done.get("fingerprint") == fp
     _clear(out, keep_vocab=resume)
     truth = _ensure_synth(cfg, out, progress) if cfg.format == "synth" else None
-    reader = SourceReader(fmt, [str(p) for p in files], strict=cfg.strict)
+    reader = _reader(cfg, fmt, files)
     schema = reader.schema
     if resume:
         vocabs = {f: Vocabulary.load(out, f) for f in schema.sparse}
-        total, skipped = int(done["rows"]), int(done["skipped_lines"])
+        rows, skipped, total = int(done["rows"]), int(done["skipped_lines"]), int(done["split_total"])
     else:
-        vocabs, total, skipped = _build_vocabs(cfg, fmt, files, out, fp, progress)
+        vocabs, rows, skipped, total = _build_vocabs(cfg, fmt, files, out, fp, progress)
     encoder = Encoder(schema, vocabs)
     writers = {s: PartWriter(out, f"{s}/") for s in SPLITS}
-    row = 0
-    with warnings.catch_warnings(), tqdm(total=total, desc="prepare: writing splits", unit=" rows",
+    bag_values = {f: 0 for f in schema.multi}  # ids in the train split's bags
+    with warnings.catch_warnings(), tqdm(total=rows, desc="prepare: writing splits", unit=" rows",
                                          disable=not progress) as bar:
         warnings.simplefilter("ignore", DataWarning)  # already reported by the counting pass
-        for table in _limited(reader, cfg.max_rows):
-            n = table.num_rows
-            split = assign_splits(np.arange(row, row + n), total, cfg.split, cfg.split_by)
+        for table, phys in _limited(reader.blocks(), cfg.max_rows):
+            split = assign_splits(phys, total, cfg.split, cfg.split_by)
             encoded = encoder.encode(table)
             for i, s in enumerate(SPLITS):
-                writers[s].add(encoded.filter(pa.array(split == i)))
-            row += n
-            bar.update(n)
+                part = encoded.filter(pa.array(split == i))
+                writers[s].add(part)
+                if s == "train":
+                    for f in bag_values:
+                        bag_values[f] += len(pc.list_flatten(part.column(f)))
+            bar.update(table.num_rows)
     parts = {s: w.close() for s, w in writers.items()}
+    train_rows = sum(n for _, n in parts["train"])
     meta = DatasetMeta(
         dense_features=list(schema.dense), sparse_features=list(schema.sparse),
         num_embeddings={f: v.num_embeddings for f, v in vocabs.items()},
         rows={s: sum(n for _, n in parts[s]) for s in SPLITS}, skipped_lines=skipped,
         source=[str(p.resolve()) for p in files], fingerprint=fp, parts=parts,
-        config={k: v for k, v in asdict(cfg).items()})
+        config={k: v for k, v in asdict(cfg).items()}, multi_valued=list(schema.multi),
+        mean_bag_length={f: bag_values[f] / max(train_rows, 1) if f in bag_values else 1.0 for f in schema.sparse})
     if truth is not None:
         _copy_ground_truth(truth, out, vocabs)
     meta.save(out)

@@ -1,7 +1,9 @@
 """Streaming readers for click logs: Criteo TSV, Avazu CSV and canonical Parquet shards.
 
 Every reader yields canonical blocks: a pyarrow Table with `label` (float32), the dense columns
-(float32, null where empty) and the sparse columns (string, null where empty). Text files are
+(float32, null where empty) and the sparse columns (string, null where empty; a multi-valued
+field is list<string>, an empty bag where it has no value: a Parquet list column, or a text
+column split at the separator that `data.multi_valued` declares for it). Text files are
 parsed block by block by pyarrow (gzip is detected), never loaded whole. A malformed line (wrong
 column count, non-numeric label or dense value) is skipped, counted and warned about with its
 file and line number, or raises a ValueError naming them under `strict`.
@@ -14,7 +16,7 @@ import glob
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Generator, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -43,11 +45,12 @@ class Schema:
 
     dense: Tuple[str, ...]
     sparse: Tuple[str, ...]
+    multi: Tuple[str, ...] = ()  # the multi-valued sparse fields (list<string> columns)
 
     def arrow(self) -> pa.Schema:
-        """The canonical Arrow schema: label, dense floats, sparse strings."""
+        """The canonical Arrow schema: label, dense floats, sparse strings (lists of strings if multi-valued)."""
         return pa.schema([(LABEL, pa.float32())] + [(n, pa.float32()) for n in self.dense]
-                         + [(n, pa.string()) for n in self.sparse])
+                         + [(n, pa.list_(pa.string()) if n in self.multi else pa.string()) for n in self.sparse])
 
 
 CRITEO_SCHEMA = Schema(CRITEO_DENSE, CRITEO_SPARSE)
@@ -130,15 +133,24 @@ def _parse_numbers(col: pa.Array) -> Tuple[pa.Array, np.ndarray]:
 
 
 class SourceReader:
-    """Streams canonical blocks from a list of raw files of one format; counts skipped lines."""
+    """Streams canonical blocks from a list of raw files of one format; counts skipped lines.
+
+    `labels` maps raw label values to 0/1 (prepare: {0: 0, 1: 1} or `data.label_map`): any other
+    label is a ValueError naming the file and line (None: labels pass unchecked, as in convert).
+    `multi_valued` names text columns split into lists at a separator (Parquet lists need none).
+    """
 
     def __init__(self, fmt: str, paths: Sequence[str], strict: bool = False,
-                 block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+                 block_size: int = DEFAULT_BLOCK_SIZE, labels: Optional[Dict[float, float]] = None,
+                 multi_valued: Optional[Dict[str, str]] = None) -> None:
         if fmt not in (*TEXT_FORMATS, "parquet"):
             raise ValueError(f"unknown data format {fmt!r} (criteo_tsv, avazu_csv or parquet)")
         self.fmt, self.strict, self.block_size = fmt, strict, block_size
+        self.labels = labels
+        self.separators = dict(multi_valued or {})
         self.files = expand_paths(paths, fmt)
         self.skipped = 0
+        self._lines: Dict[Path, int] = {}  # data lines per text file, once counted
         self.schema = self._common_schema()
 
     def _common_schema(self) -> Schema:
@@ -152,20 +164,87 @@ class SourceReader:
         return first
 
     def _file_schema(self, path: Path) -> Schema:
-        if self.fmt in TEXT_FORMATS:
-            return _text_layout(self.fmt, path)[2]
-        return _parquet_schema(path)
+        schema = _text_layout(self.fmt, path)[2] if self.fmt in TEXT_FORMATS else _parquet_schema(path)
+        for name in self.separators:
+            if name not in schema.sparse:
+                raise ValueError(f"{path}: data.multi_valued names {name!r}, not a categorical column of this file")
+            if name in schema.multi:
+                raise ValueError(f"{path}: column {name!r} is already a list; remove it from data.multi_valued")
+        multi = tuple(n for n in schema.sparse if n in schema.multi or n in self.separators)
+        return Schema(schema.dense, schema.sparse, multi)
 
     def __iter__(self) -> Iterator[pa.Table]:
+        for table, _ in self.blocks():
+            yield table
+
+    def blocks(self) -> Iterator[Tuple[pa.Table, np.ndarray]]:
+        """(canonical block, 0-based physical row of each of its rows over all files): a row's
+        physical index counts skipped lines too, so it does not depend on which lines were bad."""
+        offset = 0
         for path in self.files:
-            if self.fmt in TEXT_FORMATS:
-                yield from self._iter_text(path)
+            it = self._iter_text(path) if self.fmt in TEXT_FORMATS else self._iter_parquet(path)
+            while True:
+                try:
+                    table, rows = next(it)
+                except StopIteration as stop:
+                    rows_in_file = stop.value
+                    break
+                yield table, rows + offset
+            if path in self._lines and self._lines[path] != rows_in_file:
+                raise ValueError(f"{path}: parsed {rows_in_file} lines but the file has {self._lines[path]} "
+                                 f"(a quoted line break or a lone carriage return?)")
+            offset += rows_in_file
+
+    def count_rows(self) -> int:
+        """Physical data rows over all files (what a sequential split divides): Parquet metadata,
+        or for text one streamed scan counting line breaks (a decompression pass for gzip, no parsing)."""
+        total = 0
+        for path in self.files:
+            if self.fmt == "parquet":
+                try:
+                    total += pq.read_metadata(str(path)).num_rows
+                except (OSError, pa.ArrowException) as e:
+                    raise _file_error(path, e) from None
             else:
-                yield from self._iter_parquet(path)
+                if path not in self._lines:
+                    header = 0 if self.fmt == "criteo_tsv" else 1
+                    self._lines[path] = max(_count_lines(path) - header, 0)
+                total += self._lines[path]
+        return total
+
+    def _finish(self, path: Path, table: pa.Table, schema: Schema, phys: np.ndarray,
+                where: Callable[[np.ndarray], np.ndarray]) -> Tuple[pa.Table, np.ndarray, List[Tuple[int, str]]]:
+        """Canonical good rows of a parsed block with their physical rows, and (line, reason) of bad ones;
+        labels are checked and mapped, separated columns split."""
+        out, bad_rows, keep = _to_canonical(table, schema, self.separators)
+        problems = [(int(where(phys[j:j + 1])[0]), reason) for j, reason in bad_rows]
+        if keep is not None:
+            phys = phys[keep]
+        if self.labels is not None:
+            out = self._map_labels(path, out, phys, where)
+        return out, phys, problems
+
+    def _map_labels(self, path: Path, table: pa.Table, phys: np.ndarray,
+                    where: Callable[[np.ndarray], np.ndarray]) -> pa.Table:
+        """Labels through `self.labels`; the first unmapped one is a ValueError naming its line."""
+        keys = pa.array(list(self.labels), pa.float32())
+        label = table.column(LABEL).combine_chunks()
+        idx = pc.index_in(label, value_set=keys)
+        if idx.null_count:
+            j = int(np.flatnonzero(idx.is_null().to_numpy(zero_copy_only=False))[0])
+            line = int(where(phys[j:j + 1])[0])
+            at = f"{path} line {line}" if line > 0 else f"{path} row {-line}"
+            codes = ", ".join(f"{k:g}" for k in self.labels)
+            raise ValueError(f"{at}: label {label[j].as_py():g} is not one of {codes} "
+                             f"(map other codes to 0/1 with data.label_map)")
+        values = np.asarray(list(self.labels.values()), dtype=np.float32)
+        return table.set_column(0, LABEL, pa.array(values[idx.to_numpy(zero_copy_only=False)]))
 
     # ------------------------------------------------------------------ text
-    def _iter_text(self, path: Path) -> Iterator[pa.Table]:
-        names, header, schema = _text_layout(self.fmt, path)
+    def _iter_text(self, path: Path) -> Generator[Tuple[pa.Table, np.ndarray], None, int]:
+        """(good rows, their physical rows in this file) per block; returns the file's data lines."""
+        names, header, _ = _text_layout(self.fmt, path)
+        schema = self._file_schema(path)
         # pyarrow calls back for lines with a wrong column count, in line order (serial parsing).
         invalid_lines: List[int] = []
         invalid_reasons: List[str] = []
@@ -190,6 +269,10 @@ class SourceReader:
         except (OSError, pa.ArrowException) as e:
             raise _file_error(path, e) from None
         header_lines = 1 if header else 0
+
+        def line_of(phys: np.ndarray) -> np.ndarray:
+            return phys + 1 + header_lines
+
         rows_before, warned, reported = 0, 0, 0
         while True:
             try:
@@ -199,16 +282,17 @@ class SourceReader:
             except (OSError, pa.ArrowException) as e:
                 raise _file_error(path, e) from None
             table = pa.Table.from_batches([batch]).rename_columns([LABEL, *schema.dense, *schema.sparse])
-            out, bad_rows = _to_canonical(table, schema)
+            phys = _physical_lines(np.arange(rows_before, rows_before + table.num_rows), invalid_lines,
+                                   header_lines) - 1 - header_lines
             new = len(invalid_lines)
             problems = list(zip(invalid_lines[reported:new], invalid_reasons[reported:new]))
             reported = new
-            problems += [(_physical_line(rows_before + j, invalid_lines, header_lines), reason)
-                         for j, reason in bad_rows]
+            out, phys, bad = self._finish(path, table, schema, phys, line_of)
             rows_before += table.num_rows
-            warned = self._report(path, sorted(problems), warned)
-            yield out
+            warned = self._report(path, sorted(problems + bad), warned)
+            yield out, phys
         self._report(path, list(zip(invalid_lines[reported:], invalid_reasons[reported:])), warned)
+        return rows_before + len(invalid_lines)
 
     def _report(self, path: Path, problems: List[Tuple[int, str]], warned: int) -> int:
         """Counts skipped lines; raises under strict, else warns for the first few per file."""
@@ -225,20 +309,42 @@ class SourceReader:
         return warned
 
     # ------------------------------------------------------------------ parquet
-    def _iter_parquet(self, path: Path) -> Iterator[pa.Table]:
-        schema = _parquet_schema(path)
+    def _iter_parquet(self, path: Path) -> Generator[Tuple[pa.Table, np.ndarray], None, int]:
+        """(good rows, their rows in this file) per batch; returns the file's rows."""
+        schema = self._file_schema(path)
         rows_before, warned = 0, 0
+
+        def row_of(phys: np.ndarray) -> np.ndarray:  # Parquet has no lines: 1-based rows, passed negated
+            return -(phys + 1)
+
         try:
             batches = pq.ParquetFile(str(path)).iter_batches(batch_size=PARQUET_BATCH_ROWS,
                                                              columns=[LABEL, *schema.dense, *schema.sparse])
             for batch in batches:
-                out, bad_rows = _to_canonical(pa.Table.from_batches([batch]), schema)
-                # Parquet has no lines: rows are named by their 1-based index, passed negated.
-                warned = self._report(path, [(-(rows_before + j + 1), r) for j, r in bad_rows], warned)
+                phys = np.arange(rows_before, rows_before + batch.num_rows, dtype=np.int64)
+                out, phys, bad = self._finish(path, pa.Table.from_batches([batch]), schema, phys, row_of)
+                warned = self._report(path, bad, warned)
                 rows_before += batch.num_rows
-                yield out
+                yield out, phys
         except (OSError, pa.ArrowException) as e:
             raise _file_error(path, e) from None
+        return rows_before
+
+
+def _count_lines(path: Path) -> int:
+    """Lines of a (possibly gzipped) text file: line breaks, plus one for a last line without one."""
+    lines, last = 0, b"\n"
+    try:
+        with pa.input_stream(str(path), compression="detect") as f:
+            while True:
+                chunk = f.read(DEFAULT_BLOCK_SIZE)
+                if not chunk:
+                    break
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+    except (OSError, pa.ArrowException) as e:
+        raise _file_error(path, e) from None
+    return lines + (last != b"\n")
 
 
 def _parquet_schema(path: Path) -> Schema:
@@ -249,21 +355,32 @@ def _parquet_schema(path: Path) -> Schema:
         raise _file_error(path, e) from None
     if LABEL not in arrow.names:
         raise ValueError(f"{path}: Parquet file has no {LABEL!r} column")
-    dense, sparse = [], []
+    dense, sparse, multi = [], [], []
     for f in arrow:
         if f.name == LABEL:
             continue
         if pa.types.is_floating(f.type):
             dense.append(f.name)
-        elif pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_integer(f.type):
+        elif _is_category(f.type):
             sparse.append(f.name)
+        elif (pa.types.is_list(f.type) or pa.types.is_large_list(f.type)) and _is_category(f.type.value_type):
+            sparse.append(f.name)
+            multi.append(f.name)
         else:
-            raise ValueError(f"{path}: column {f.name!r} has type {f.type}, expected float (dense) or string/int")
-    return Schema(tuple(dense), tuple(sparse))
+            raise ValueError(f"{path}: column {f.name!r} has type {f.type}, expected float (dense), string/int "
+                             f"or a list of strings/ints (multi-valued)")
+    return Schema(tuple(dense), tuple(sparse), tuple(multi))
 
 
-def _to_canonical(table: pa.Table, schema: Schema) -> Tuple[pa.Table, List[Tuple[int, str]]]:
-    """Parses label and dense columns; returns the good rows and (row in block, reason) of bad ones."""
+def _is_category(t: pa.DataType) -> bool:
+    """String or integer: a type a categorical value may have."""
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+
+
+def _to_canonical(table: pa.Table, schema: Schema, separators: Dict[str, str]
+                  ) -> Tuple[pa.Table, List[Tuple[int, str]], Optional[np.ndarray]]:
+    """Parses label and dense columns, splits separated columns; returns the good rows, (row in block,
+    reason) of bad ones and the mask of good rows (None when every row is good)."""
     cols = {}
     label_in = table.column(LABEL).combine_chunks()
     cols[LABEL], bad_label = _parse_numbers(label_in)
@@ -273,23 +390,48 @@ def _to_canonical(table: pa.Table, schema: Schema) -> Tuple[pa.Table, List[Tuple
         cols[n], bad = _parse_numbers(table.column(n).combine_chunks())
         reasons.append((bad, f"non-numeric value in {n}"))
     for n in schema.sparse:
-        cols[n] = table.column(n).combine_chunks().cast(pa.string())
+        col = table.column(n).combine_chunks()
+        if n in separators:
+            cols[n] = split_values(col, separators[n])
+        elif n in schema.multi:
+            cols[n] = clean_bags(col)
+        else:
+            cols[n] = col.cast(pa.string())
     out = pa.table(cols, schema=schema.arrow())
     any_bad = np.logical_or.reduce([mask for mask, _ in reasons])
     if not any_bad.any():
-        return out, []
+        return out, [], None
     empty = np.logical_and.reduce([table.column(n).is_null().to_numpy(zero_copy_only=False)
                                    for n in table.column_names])
     bad_rows = [(int(j), "empty line" if empty[j] else next(r for mask, r in reasons if mask[j]))
                 for j in np.flatnonzero(any_bad)]
-    return out.filter(pa.array(~any_bad)), bad_rows
+    return out.filter(pa.array(~any_bad)), bad_rows, ~any_bad
 
 
-def _physical_line(row: int, invalid_lines: List[int], header_lines: int) -> int:
-    """1-based line number of the `row`-th parsed row, given the sorted lines pyarrow skipped."""
-    line = row + 1 + header_lines
-    while True:
-        nxt = row + 1 + header_lines + bisect.bisect_right(invalid_lines, line)
-        if nxt == line:
-            return line
-        line = nxt
+def split_values(column: Union[pa.Array, pa.ChunkedArray], separator: str) -> pa.ListArray:
+    """Strings split at a literal separator into bags (list<string>); empty pieces are dropped, null is an empty bag."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return clean_bags(pc.split_pattern(column.cast(pa.string()), separator), drop_empty=True)
+
+
+def clean_bags(lists: pa.Array, drop_empty: bool = False) -> pa.ListArray:
+    """list<string> without nulls: a null list becomes an empty bag, null (and, if asked, empty) values are dropped."""
+    lists = lists.cast(pa.list_(pa.string()))
+    flat = pc.list_flatten(lists)
+    keep = flat.is_valid()
+    if drop_empty:
+        keep = pc.and_(keep, pc.fill_null(pc.not_equal(flat, ""), False))
+    keep = keep.to_numpy(zero_copy_only=False)
+    if keep.all() and not lists.null_count:
+        return lists
+    parents = pc.list_parent_indices(lists).to_numpy()
+    lengths = np.bincount(parents[keep], minlength=len(lists))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, flat.filter(pa.array(keep)))
+
+
+def _physical_lines(rows: np.ndarray, invalid_lines: List[int], header_lines: int) -> np.ndarray:
+    """1-based line numbers of parsed rows (0-based, in order), given the sorted lines pyarrow skipped."""
+    invalid = np.asarray(invalid_lines, dtype=np.int64)
+    before = invalid - 1 - header_lines - np.arange(len(invalid))  # parsed rows before each skipped line
+    return rows + 1 + header_lines + np.searchsorted(before, rows, side="right")

@@ -36,7 +36,10 @@ class ValueCounter:
     def update(self, table: pa.Table) -> None:
         """Adds the non-null values of every field of `table`."""
         for f in self.fields:
-            vc = pc.value_counts(pc.drop_null(table.column(f)))
+            col = table.column(f)
+            if pa.types.is_list(col.type):  # a multi-valued field: every value of every bag counts
+                col = pc.list_flatten(col)
+            vc = pc.value_counts(pc.drop_null(col))
             part = pa.table({"value": vc.field("values"), "count": vc.field("counts").cast(pa.int64())})
             self._parts[f].append(part)
             self._pending[f] += part.num_rows
@@ -115,3 +118,10 @@ class Vocabulary:
         ids = pc.if_else(pc.is_null(column), MISSING_ID, ids)
         out = ids.to_numpy() if isinstance(ids, pa.Array) else ids.combine_chunks().to_numpy()
         return out.astype(np.int32, copy=False)
+
+    def encode_bags(self, column: Union[pa.Array, pa.ChunkedArray]) -> pa.ListArray:
+        """list<int32> ids of bags of raw values (a null bag is empty; a null value inside one -> 0, unknown -> 1)."""
+        arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(self.encode(pc.list_flatten(arr))))
