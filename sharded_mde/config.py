@@ -266,7 +266,6 @@ class PmeConfig:
     sizes: List[int] = field(default_factory=list)  # legal token sizes (multiples of 4; 0 = token pruned); [] = 0, 4, 8, 16, ... and each table's dim
     combine: str = "pad"  # group outputs to the field width: pad (zeros, no bytes) | project (a Linear per group, counted when sizes are chosen)
     init_scale: float = 0.05  # tables start uniform(-s, s) when scored, so that fields' saliencies compare
-    accumulate: str = "gradient"  # gradient: |E x sum of batch gradients| | saliency: sum of batch |E x gradient|
     half_life: float = 1.0  # a row of d columns keeps 1 - 2^(-d / half_life) of a token's value (docs/pme.md)
 
     def validate(self) -> None:
@@ -278,8 +277,6 @@ class PmeConfig:
             raise ConfigError(f"combine: project or pad, got {self.combine!r}")
         if self.init_scale <= 0:
             raise ConfigError(f"init_scale: must be > 0, got {self.init_scale}")
-        if self.accumulate not in ("gradient", "saliency"):
-            raise ConfigError(f"accumulate: gradient or saliency, got {self.accumulate!r}")
         if self.half_life <= 0:
             raise ConfigError(f"half_life: columns, must be > 0, got {self.half_life}")
 

@@ -64,8 +64,7 @@ def score_run(cfg: RunConfig, env: DistEnv, tables: List[EmbeddingBagConfig]) ->
     n = max(1, round(cfg.search.pme.score_fraction * epoch))
     setup = time.perf_counter() - t0
     batches = scoring_batches(cfg.data.dir, cfg.train.batch_size, n, env.rank, env.world_size)
-    scores = score_tokens(dmp, tables, batches, n, env.device, cfg.train.progress,
-                          accumulate=cfg.search.pme.accumulate)
+    scores = score_tokens(dmp, tables, batches, n, env.device, cfg.train.progress)
     return scores, {"setup_seconds": setup, "score_seconds": scores.seconds, "score_batches": scores.batches,
                     "epoch_batches": epoch}
 

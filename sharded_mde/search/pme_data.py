@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,7 @@ from torchrec import EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from sharded_mde.data.batches import batch_from_table
 from sharded_mde.data.meta import DatasetMeta
 from sharded_mde.data.readers import LABEL
 from sharded_mde.data.vocab import NUM_RESERVED, OOV_ID, vocab_path
@@ -59,25 +60,8 @@ def scoring_batches(data_dir: str | Path, batch_size: int, num_batches: int, ran
                     break
         offset += n
     table = pa.concat_tables(parts)
-    keys = list(meta.sparse_features)
     for b in range(num_batches):
-        t = table.slice(b * batch_size, batch_size)
-        dense = np.stack([t.column(c).to_numpy() for c in meta.dense_features], axis=1).astype(np.float32) \
-            if meta.dense_features else np.zeros((batch_size, 0), np.float32)
-        values, lengths = zip(*(_bags(t.column(c).combine_chunks()) for c in keys))
-        yield Batch(dense_features=torch.from_numpy(dense),
-                    sparse_features=KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(values)),
-                                                      lengths=torch.from_numpy(np.concatenate(lengths)),
-                                                      stride=batch_size),
-                    labels=torch.from_numpy(t.column(LABEL).to_numpy().astype(np.float32)))
-
-
-def _bags(col: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
-    """(ids, bag lengths) of one field's column: one id per row, or a list of ids (multi-valued; null = empty bag)."""
-    if not pa.types.is_list(col.type):
-        return col.to_numpy().astype(np.int64), np.ones(len(col), np.int32)
-    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int32)
-    return pc.list_flatten(col).to_numpy().astype(np.int64), lengths
+        yield batch_from_table(table.slice(b * batch_size, batch_size), meta.dense_features, meta.sparse_features)
 
 
 def token_order(sizes: np.ndarray) -> np.ndarray:

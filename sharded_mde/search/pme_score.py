@@ -1,16 +1,15 @@
-"""PME saliency at initialisation: s_ij = |E_ij * dL/dE_ij| over the scored batches, shard by shard.
+"""PME saliency at initialisation: the entry saliencies E_ij * dL/dE_ij of two halves of the scored batches, shard by shard.
 
 Fused TBE kernels apply the optimizer inside backward and never expose a table's gradient, so the
 entry gradients are derived from the gradient of the pooled output: with sum pooling,
 dL/dE[i, :] = sum of dL/dpooled over the bags that contain token i. Each rank computes that for
 its own batch (only the head is back-propagated; the tables are never touched), sends each
 token's gradient piece to the rank that holds the token's shard (all_to_all over the shard layout
-of the ShardedTensors, so any sharding works), and the owner accumulates the global batch's
-gradient (mean of the ranks' losses, as DMP trains) into a tensor the size of its shard: either
-the gradient itself, scored |E * sum| at the end (default), or |E * g| batch by batch. Beside it the
-owner accumulates the noise of that sum, sum over bag entries of (E * g_row)^2: under "the token
-says nothing about the label" E||E * sum g||^2 equals it, so their ratio is a scale-free evidence
-that selection compares across fields (pme_select).
+of the ShardedTensors, so any sharding works), and the owner adds the global batch's gradient
+(mean of the ranks' losses, as DMP trains) to an accumulator of its shard's size: one for the
+first half of the scored batches, one for the second, each scored E * sum at the end. Beside them
+the owner accumulates the noise, sum over bag entries of (E * g_row)^2. The halves' agreement over
+the noise is a scale-free evidence that selection compares across fields (pme_select).
 """
 
 from __future__ import annotations
@@ -32,8 +31,6 @@ from tqdm import tqdm
 
 from sharded_mde.train.sharding import unwrap
 
-
-ACCUMULATE_MODES = ("gradient", "saliency")
 
 
 class PooledCapture(nn.Module):
@@ -76,7 +73,8 @@ class TokenScores:
 
     tables: List[EmbeddingBagConfig]
     layout: List[ShardInfo]  # every shard of every table, the same order on every rank
-    local: Dict[int, torch.Tensor]  # index into layout -> accumulator (rows x cols) of a shard this rank owns
+    first: Dict[int, torch.Tensor]  # index into layout -> E * sum of dL/dE over the first half (a shard this rank owns)
+    second: Dict[int, torch.Tensor]  # the same over the second half of the scored batches
     noise: Dict[int, torch.Tensor]  # same keys and shapes: sum over bag entries of (E * per-row gradient)^2
     batches: int
     seconds: float
@@ -218,17 +216,13 @@ def score_tokens(
     device: torch.device,
     progress: bool = True,
     calibrate: bool = True,
-    accumulate: str = "gradient",
 ) -> TokenScores:
-    """Accumulates |E * dL/dE| over `batches` for the EBC inside `dmp` (wrapped in a PooledCapture).
+    """Accumulates the entry saliencies E * dL/dE of each half of `batches` and their noise, for the EBC inside `dmp`.
 
-    With `calibrate`, the output bias is first set to the click rate of the scored batches (read once before).
-    `accumulate`: "gradient" sums dL/dE over the batches and scores |E * sum| once (the gradient of
-    the whole scored window: rows' noise cancels, a token's consistent pull adds up); "saliency"
-    sums |E * dL/dE| batch by batch.
+    The model is wrapped in a PooledCapture. With `calibrate`, the output bias is first set to the
+    click rate of the scored batches (read once before). The first half of the batches (by step)
+    goes to `first`, the rest to `second`: a token's evidence is how its two halves agree (pme_select).
     """
-    if accumulate not in ACCUMULATE_MODES:
-        raise ValueError(f"PME scoring: accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
     capture = PooledCapture.find(dmp, "PME scoring")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     state = dmp.state_dict()
@@ -236,16 +230,15 @@ def score_tokens(
     prefix = prefix[: -len(f"embedding_bags.{tables[0].name}.weight")]
     layout = shard_layout(state, tables, prefix)
     weights = local_weights(state, layout, prefix, rank)
-    acc = {i: torch.zeros(w.shape, device=w.device) for i, w in weights.items()}
+    halves = [{i: torch.zeros(w.shape, device=w.device) for i, w in weights.items()} for _ in range(2)]
     noise = {i: torch.zeros(w.shape, device=w.device) for i, w in weights.items()}
     t0 = time.perf_counter()
-    done = 0
     bar = tqdm(total=num_batches, desc="pme score", unit="batch", disable=not (progress and rank == 0), dynamic_ncols=True)
     model = unwrap(dmp)  # DDP would wait for parameter gradients that scoring never computes
     batches = [b.to(device) for b in itertools.islice(batches, num_batches)]
     if calibrate and batches:
         calibrate_output_bias(model, batches)
-    for batch in batches:
+    for step, batch in enumerate(batches):
         loss, _ = model(batch)
         pooled = capture.last
         (g,) = torch.autograd.grad(loss, pooled.values())
@@ -258,26 +251,17 @@ def score_tokens(
             sel = (u >= s.row0) & (u < s.row0 + s.rows)
             cols = slice(s.col0, s.col0 + s.cols)
             pieces.append((u[sel] - s.row0, torch.cat([gu[sel, cols], sq[sel, cols]], dim=1)))
+        half = halves[0] if 2 * step < len(batches) else halves[1]
         for i, (ids, both) in _exchange(pieces, layout, rank, world, blocks=2).items():
-            if not len(ids):
-                continue
-            gi, sqi = both[:, :layout[i].cols], both[:, layout[i].cols:]
-            noise[i].index_add_(0, ids, sqi, alpha=1 / world ** 2)  # each rank's rows enter the mean loss / world
-            if accumulate == "gradient":  # a sum over batches: ids repeated across ranks just add up
-                acc[i].index_add_(0, ids, gi, alpha=1 / world)
-                continue
-            uu, inv = torch.unique(ids, return_inverse=True)
-            total = torch.zeros(len(uu), gi.shape[1], device=gi.device).index_add_(0, inv, gi) / world
-            acc[i].index_add_(0, uu, (weights[i][uu].detach().to(total.dtype) * total).abs())
+            if len(ids):  # sums over batches: ids repeated across ranks just add up (the loss is the ranks' mean)
+                half[i].index_add_(0, ids, both[:, :layout[i].cols], alpha=1 / world)
+                noise[i].index_add_(0, ids, both[:, layout[i].cols:], alpha=1 / world ** 2)
         capture.last = None
-        done += 1
         bar.update(1)
-        if done >= num_batches:
-            break
     bar.close()
-    for i, a in acc.items():
-        e = weights[i].detach().to(a.dtype)
-        if accumulate == "gradient":
-            a.mul_(e).abs_()
+    for i, w in weights.items():
+        e = w.detach().to(noise[i].dtype)
+        halves[0][i].mul_(e)
+        halves[1][i].mul_(e)
         noise[i].mul_(e * e)
-    return TokenScores(tables, layout, acc, noise, done, time.perf_counter() - t0)
+    return TokenScores(tables, layout, halves[0], halves[1], noise, len(batches), time.perf_counter() - t0)

@@ -131,15 +131,19 @@ def _row_pieces(scores: TokenScores, local: Dict[int, torch.Tensor], rank: int) 
 
 
 def token_values(scores: TokenScores) -> Dict[str, Tuple[np.ndarray, np.ndarray]] | None:
-    """Rank 0: per table (value of each token, seen by scoring); other ranks None. One float per row is gathered."""
+    """Rank 0: per table (value of each token, seen by scoring); other ranks None. One float per row is gathered.
+
+    value = max(0, 2 <first, second> / noise), the two halves' saliency rows: their product is
+    n1 n2 |mu|^2 in expectation for a token whose rows pull by mu (0 when the token says nothing),
+    and the noise (n1 + n2) sigma^2, so the value is free of the field's init and head scale.
+    """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    sal = _row_pieces(scores, scores.local, rank)
-    noise = _row_pieces(scores, scores.noise, rank)
+    pieces = zip(*(_row_pieces(scores, part, rank) for part in (scores.first, scores.second, scores.noise)))
     mine = []
-    for (name, row0, s), (_, _, q) in zip(sal, noise):
+    for (name, row0, a), (_, _, b), (_, _, q) in pieces:
         q_row = q.double().sum(1)
-        ratio = torch.where(q_row > 0, s.double().pow(2).sum(1) / q_row.clamp(min=1e-300), torch.zeros_like(q_row))
-        mine.append((name, row0, (ratio - 1).clamp(min=0).cpu().numpy(), (q_row > 0).cpu().numpy()))
+        agree = 2 * (a.double() * b.double()).sum(1) / q_row.clamp(min=1e-300)
+        mine.append((name, row0, agree.clamp(min=0).cpu().numpy(), (q_row > 0).cpu().numpy()))
     if world > 1:
         box = [None] * world if rank == 0 else None
         dist.gather_object(mine, box, dst=0)
@@ -221,20 +225,25 @@ class _Allocator:
                 break
             cand = cand[:, np.lexsort((cand[2], -cand[0]))]
 
-            def apply(k: int) -> Dict[str, np.ndarray]:
-                out = {name: lv.copy() for name, lv in levels.items()}
+            def apply(base: Dict[str, np.ndarray], steps: np.ndarray) -> Dict[str, np.ndarray]:
+                out = {name: lv.copy() for name, lv in base.items()}
                 for i, t in enumerate(self.tables):
-                    rows = cand[2, :k][cand[1, :k] == i].astype(np.int64)
-                    out[t.name][rows] += 1
+                    out[t.name][steps[2][steps[1] == i].astype(np.int64)] += 1
                 return out
 
-            lo, hi = 0, cand.shape[1]  # the longest prefix of steps that fits (bytes grow with the prefix)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if self.total(apply(mid))[0] <= budget else (lo, mid - 1)
-            if lo == 0:
+            raised = False
+            for _ in range(64):  # the longest prefix of steps that fits, then skip the step that did not (a new group's
+                lo, hi = 0, cand.shape[1]  # routing range or projection) and try the cheaper ones behind it
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if self.total(apply(levels, cand[:, :mid]))[0] <= budget else (lo, mid - 1)
+                levels = apply(levels, cand[:, :lo])
+                raised |= lo > 0
+                cand = cand[:, lo + 1:]
+                if not cand.shape[1]:
+                    break
+            if not raised:
                 break
-            levels = apply(lo)
         return levels
 
 
