@@ -32,15 +32,15 @@ TABLES = [EmbeddingBagConfig(name="t_A", num_embeddings=600, embedding_dim=16, f
 
 def _scores() -> TokenScores:
     g = torch.Generator().manual_seed(0)
-    first, second, noise = {}, {}, {}
+    local, noise = {}, {}
     for i, t in enumerate(TABLES):
         n, d = t.num_embeddings, t.embedding_dim
         count = (300.0 / torch.arange(1, n + 1)).expand(d, n).T  # Zipf-like rows per token
         mu = torch.randn(n, d, generator=g) * (0.0 if t.name == "t_N" else 0.5)  # a noise field: no evidence
-        first[i], second[i] = (mu * count / 2 + torch.randn(n, d, generator=g) * (count / 2).sqrt() for _ in range(2))
+        local[i] = mu * count + torch.randn(n, d, generator=g) * count.sqrt()
         noise[i] = count.clone()
     layout = [ShardInfo(t.name, 0, 0, t.num_embeddings, t.embedding_dim, 0) for t in TABLES]
-    return TokenScores(TABLES, layout, first, second, noise, 1, 0.0)
+    return TokenScores(TABLES, layout, local, noise, 1, 0.0)
 
 
 def _module_bytes(module, optimizer_row_bytes: int = 4, adam_bytes: int = 8) -> int:

@@ -1,4 +1,4 @@
-"""PME scoring: the shard-local saliencies (two halves) and noise equal an unsharded model's dense per-row reference.
+"""PME scoring: the shard-local saliencies and noise equal an unsharded model's dense per-row reference.
 
 Real gloo ranks, the fused TBE kernel (which never exposes table gradients), table-wise, row-wise
 and column-wise plans; the tables must be untouched by scoring.
@@ -34,11 +34,11 @@ def _model():
 
 
 def _reference(ref, world: int):
-    """The unsharded model's dense gradients of the mean rank loss of each global batch: E * (sum over the first
-    two batches), E * (the third), and the noise E^2 * sum over bag entries of the entry's per-row gradient^2."""
+    """The unsharded model's dense gradients of the mean rank loss of each global batch: E * (their sum), and the
+    noise E^2 * sum over bag entries of the entry's per-row gradient^2."""
     names = [f"model.sparse_arch.ebc.embedding_bags.t_{f}.weight" for f, _, _ in TABLES]
     params = dict(ref.named_parameters())
-    halves = [{n: torch.zeros_like(params[n]) for n in names} for _ in range(2)]
+    total = {n: torch.zeros_like(params[n]) for n in names}
     noise = {n: torch.zeros_like(params[n]) for n in names}
     capture = ref.model.sparse_arch
     for step in range(BATCHES):
@@ -56,9 +56,9 @@ def _reference(ref, world: int):
                         noise[n][i] += per_row[f][row] ** 2
         grads = torch.autograd.grad(loss, [params[n] for n in names])
         for n, g in zip(names, grads):
-            halves[0 if 2 * step < BATCHES else 1][n] += g
+            total[n] += g
     e = {n: params[n].detach() for n in names}
-    return [{n: e[n] * h[n] for n in names} for h in halves] + [{n: e[n] ** 2 * noise[n] for n in names}]
+    return [{n: e[n] * total[n] for n in names}, {n: e[n] ** 2 * noise[n] for n in names}]
 
 
 def _body(rank: int, world: int, kinds: tuple) -> None:
@@ -75,14 +75,14 @@ def _check(rank: int, world: int, kind: str) -> None:
     assert scores.batches == BATCHES
     want = _reference(ref, world)
     owned = 0
-    for got, expected in zip((scores.first, scores.second, scores.noise), want):
+    for got, expected in zip((scores.local, scores.noise), want):
         for i, acc in got.items():
             s = scores.layout[i]
             full = expected[f"model.sparse_arch.ebc.embedding_bags.{s.table}.weight"]
             torch.testing.assert_close(acc, full[s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols], rtol=1e-4, atol=1e-9)
             owned += 1
-    assert owned == 3 * sum(1 for s in scores.layout if s.rank == rank)
-    total = torch.tensor([sum(float(a.abs().sum()) for part in (scores.first, scores.second, scores.noise)
+    assert owned == 2 * sum(1 for s in scores.layout if s.rank == rank)
+    total = torch.tensor([sum(float(a.abs().sum()) for part in (scores.local, scores.noise)
                               for a in part.values())])
     dist.all_reduce(total)
     assert float(total) > 0

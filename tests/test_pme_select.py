@@ -27,7 +27,7 @@ SCALE = {"t_A": 1.0, "t_B": 1.0, "t_G": 1.0, "t_N": 1.0}
 
 
 def _full(scale: Dict[str, float] = SCALE) -> Dict[str, List[torch.Tensor]]:
-    """Per table (first half, second half, noise): head tokens agree across halves, tail and N only noise.
+    """Per table (saliency, noise): head tokens pull consistently (mu), the tail and field N are only noise.
 
     `scale` multiplies a table's saliencies (as its init or head scale would): the noise scales by its square.
     """
@@ -37,18 +37,17 @@ def _full(scale: Dict[str, float] = SCALE) -> Dict[str, List[torch.Tensor]]:
         n, d = t.num_embeddings, t.embedding_dim
         count = torch.tensor([0.0, 0.0] + [400.0 / (k + 1) for k in range(n - 2)])  # Zipf-like rows per token
         mu = torch.randn(n, d, generator=g) * (0.0 if t.name == "t_N" else 0.3)
-        first = mu * count[:, None] / 2 + torch.randn(n, d, generator=g) * (count[:, None] / 2).sqrt()
-        second = mu * count[:, None] / 2 + torch.randn(n, d, generator=g) * (count[:, None] / 2).sqrt()
+        sal = mu * count[:, None] + torch.randn(n, d, generator=g) * count[:, None].sqrt()
         noise = count[:, None].expand(n, d).clone()
         s = scale[t.name]
-        out[t.name] = [first * s, second * s, noise * s * s]
+        out[t.name] = [sal * s, noise * s * s]
     return out
 
 
 def _scores(layout: List[ShardInfo], rank: int, scale: Dict[str, float] = SCALE) -> TokenScores:
     full = _full(scale)
     parts = [{i: full[s.table][k][s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols].clone()
-              for i, s in enumerate(layout) if s.rank == rank} for k in range(3)]
+              for i, s in enumerate(layout) if s.rank == rank} for k in range(2)]
     return TokenScores(TABLES, layout, *parts, 1, 0.0)
 
 

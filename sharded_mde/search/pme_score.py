@@ -1,4 +1,4 @@
-"""PME saliency at initialisation: the entry saliencies E_ij * dL/dE_ij of two halves of the scored batches, shard by shard.
+"""PME saliency at initialisation: the entry saliencies E_ij * dL/dE_ij summed over the scored batches, with their noise.
 
 Fused TBE kernels apply the optimizer inside backward and never expose a table's gradient, so the
 entry gradients are derived from the gradient of the pooled output: with sum pooling,
@@ -6,10 +6,10 @@ dL/dE[i, :] = sum of dL/dpooled over the bags that contain token i. Each rank co
 its own batch (only the head is back-propagated; the tables are never touched), sends each
 token's gradient piece to the rank that holds the token's shard (all_to_all over the shard layout
 of the ShardedTensors, so any sharding works), and the owner adds the global batch's gradient
-(mean of the ranks' losses, as DMP trains) to an accumulator of its shard's size: one for the
-first half of the scored batches, one for the second, each scored E * sum at the end. Beside them
-the owner accumulates the noise, sum over bag entries of (E * g_row)^2. The halves' agreement over
-the noise is a scale-free evidence that selection compares across fields (pme_select).
+(mean of the ranks' losses, as DMP trains) to an accumulator of its shard's size, scored E * sum
+at the end. Beside it the owner accumulates the noise, sum over bag entries of (E * g_row)^2: for a
+token that says nothing about the label E||E * sum g||^2 equals it, so their ratio is a scale-free
+evidence that selection compares across fields (pme_select).
 """
 
 from __future__ import annotations
@@ -73,8 +73,7 @@ class TokenScores:
 
     tables: List[EmbeddingBagConfig]
     layout: List[ShardInfo]  # every shard of every table, the same order on every rank
-    first: Dict[int, torch.Tensor]  # index into layout -> E * sum of dL/dE over the first half (a shard this rank owns)
-    second: Dict[int, torch.Tensor]  # the same over the second half of the scored batches
+    local: Dict[int, torch.Tensor]  # index into layout -> E * sum of dL/dE over the scored batches (a shard this rank owns)
     noise: Dict[int, torch.Tensor]  # same keys and shapes: sum over bag entries of (E * per-row gradient)^2
     batches: int
     seconds: float
@@ -217,11 +216,10 @@ def score_tokens(
     progress: bool = True,
     calibrate: bool = True,
 ) -> TokenScores:
-    """Accumulates the entry saliencies E * dL/dE of each half of `batches` and their noise, for the EBC inside `dmp`.
+    """Accumulates the entry saliencies E * dL/dE over `batches` and their noise, for the EBC inside `dmp`.
 
-    The model is wrapped in a PooledCapture. With `calibrate`, the output bias is first set to the
-    click rate of the scored batches (read once before). The first half of the batches (by step)
-    goes to `first`, the rest to `second`: a token's evidence is how its two halves agree (pme_select).
+    The model's sparse arch is wrapped in a PooledCapture. With `calibrate`, the output bias is first
+    set to the click rate of the scored batches (read once before).
     """
     capture = PooledCapture.find(dmp, "PME scoring")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -230,7 +228,7 @@ def score_tokens(
     prefix = prefix[: -len(f"embedding_bags.{tables[0].name}.weight")]
     layout = shard_layout(state, tables, prefix)
     weights = local_weights(state, layout, prefix, rank)
-    halves = [{i: torch.zeros(w.shape, device=w.device) for i, w in weights.items()} for _ in range(2)]
+    acc = {i: torch.zeros(w.shape, device=w.device) for i, w in weights.items()}
     noise = {i: torch.zeros(w.shape, device=w.device) for i, w in weights.items()}
     t0 = time.perf_counter()
     bar = tqdm(total=num_batches, desc="pme score", unit="batch", disable=not (progress and rank == 0), dynamic_ncols=True)
@@ -238,7 +236,7 @@ def score_tokens(
     batches = [b.to(device) for b in itertools.islice(batches, num_batches)]
     if calibrate and batches:
         calibrate_output_bias(model, batches)
-    for step, batch in enumerate(batches):
+    for batch in batches:
         loss, _ = model(batch)
         pooled = capture.last
         (g,) = torch.autograd.grad(loss, pooled.values())
@@ -251,17 +249,15 @@ def score_tokens(
             sel = (u >= s.row0) & (u < s.row0 + s.rows)
             cols = slice(s.col0, s.col0 + s.cols)
             pieces.append((u[sel] - s.row0, torch.cat([gu[sel, cols], sq[sel, cols]], dim=1)))
-        half = halves[0] if 2 * step < len(batches) else halves[1]
         for i, (ids, both) in _exchange(pieces, layout, rank, world, blocks=2).items():
             if len(ids):  # sums over batches: ids repeated across ranks just add up (the loss is the ranks' mean)
-                half[i].index_add_(0, ids, both[:, :layout[i].cols], alpha=1 / world)
+                acc[i].index_add_(0, ids, both[:, :layout[i].cols], alpha=1 / world)
                 noise[i].index_add_(0, ids, both[:, layout[i].cols:], alpha=1 / world ** 2)
         capture.last = None
         bar.update(1)
     bar.close()
     for i, w in weights.items():
         e = w.detach().to(noise[i].dtype)
-        halves[0][i].mul_(e)
-        halves[1][i].mul_(e)
+        acc[i].mul_(e)
         noise[i].mul_(e * e)
-    return TokenScores(tables, layout, halves[0], halves[1], noise, len(batches), time.perf_counter() - t0)
+    return TokenScores(tables, layout, acc, noise, len(batches), time.perf_counter() - t0)

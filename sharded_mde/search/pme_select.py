@@ -133,17 +133,18 @@ def _row_pieces(scores: TokenScores, local: Dict[int, torch.Tensor], rank: int) 
 def token_values(scores: TokenScores) -> Dict[str, Tuple[np.ndarray, np.ndarray]] | None:
     """Rank 0: per table (value of each token, seen by scoring); other ranks None. One float per row is gathered.
 
-    value = max(0, 2 <first, second> / noise), the two halves' saliency rows: their product is
-    n1 n2 |mu|^2 in expectation for a token whose rows pull by mu (0 when the token says nothing),
-    and the noise (n1 + n2) sigma^2, so the value is free of the field's init and head scale.
+    value = max(0, |s|^2 / noise - 1), s the token's saliency row: for a token whose n rows pull by mu
+    with per-row spread sigma, |s|^2 is n^2 |mu|^2 + n sigma^2 in expectation and the noise n sigma^2,
+    so the value estimates n |mu|^2 / sigma^2 (0 when the token says nothing; exactly 0 for a token
+    seen once), free of the field's init and head scale.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    pieces = zip(*(_row_pieces(scores, part, rank) for part in (scores.first, scores.second, scores.noise)))
+    pieces = zip(*(_row_pieces(scores, part, rank) for part in (scores.local, scores.noise)))
     mine = []
-    for (name, row0, a), (_, _, b), (_, _, q) in pieces:
+    for (name, row0, s), (_, _, q) in pieces:
         q_row = q.double().sum(1)
-        agree = 2 * (a.double() * b.double()).sum(1) / q_row.clamp(min=1e-300)
-        mine.append((name, row0, agree.clamp(min=0).cpu().numpy(), (q_row > 0).cpu().numpy()))
+        ratio = s.double().pow(2).sum(1) / q_row.clamp(min=1e-300)
+        mine.append((name, row0, (ratio - 1).clamp(min=0).cpu().numpy(), (q_row > 0).cpu().numpy()))
     if world > 1:
         box = [None] * world if rank == 0 else None
         dist.gather_object(mine, box, dst=0)
