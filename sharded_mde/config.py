@@ -266,7 +266,7 @@ class PmeConfig:
     sizes: List[int] = field(default_factory=list)  # legal token sizes (multiples of 4; 0 = token pruned); [] = 0, 4, 8, 16, ... and each table's dim
     combine: str = "pad"  # group outputs to the field width: pad (zeros, no bytes) | project (a Linear per group, counted when sizes are chosen)
     init_scale: float = 0.05  # tables start uniform(-s, s) when scored, so that fields' saliencies compare
-    half_life: float = 1.0  # a row of d columns keeps 1 - 2^(-d / half_life) of a token's value (docs/pme.md)
+    half_life: float = 0.25  # a row of d columns keeps 1 - 2^(-d / half_life) of a token's value (docs/pme.md)
 
     def validate(self) -> None:
         if not 0 < self.score_fraction <= 1:

@@ -14,7 +14,7 @@ from torchrec import EmbeddingBagConfig
 
 from dist_utils import run_ranks
 from sharded_mde.search.pme_score import ShardInfo, TokenScores
-from sharded_mde.search.pme_select import (ByteModel, default_sizes, select_sizes, size_utility,
+from sharded_mde.search.pme_select import (ByteModel, default_sizes, select_sizes, size_loss,
                                            table_selection_bytes)
 
 # a big id field, a mid one, a tiny context field (3 rows: gender-like) and one with no evidence
@@ -78,8 +78,8 @@ def test_default_sizes() -> None:
     assert default_sizes(16, [4, 12, 32]) == [0, 4, 12]  # 0 is always legal: the token reads the OOV row
     with pytest.raises(ValueError, match="no positive size"):
         default_sizes(16, [0, 32])
-    u = size_utility([0, 4, 8, 16], 1.0)
-    assert u[0] == 0 and np.all(np.diff(u) > 0) and np.all(np.diff(np.diff(u)) < 0)  # concave
+    r = size_loss([0, 4, 8, 16, 32, 64], 0.25)  # the share of value missed: 1 at size 0, falling, never rounded to 0
+    assert r[0] == 1 and np.all(np.diff(r) < 0) and np.all(r > 0) and np.all(np.diff(np.diff(r)) > 0)  # u concave
 
 
 @pytest.mark.parametrize("combine", ["pad", "project"])

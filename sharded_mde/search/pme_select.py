@@ -158,13 +158,14 @@ def token_values(scores: TokenScores) -> Dict[str, Tuple[np.ndarray, np.ndarray]
     return out
 
 
-def size_utility(legal: Sequence[int], half_life: float = 1.0) -> np.ndarray:
-    """u(d) = 1 - 2^(-d / half_life) for each legal size d: the share of a token's value a row of d columns keeps.
+def size_loss(legal: Sequence[int], half_life: float = 0.25) -> np.ndarray:
+    """r(d) = 2^(-d / half_life) for each legal size d: the share of a token's value a row of d columns misses.
 
-    The evidence is first-order (how a token's labels depart from its field's), which the first
-    columns already hold; every further `half_life` columns keep half of what is left.
+    u(d) = 1 - r(d) is kept. The evidence is first-order (how a token's labels depart from its field's),
+    which the first columns already hold; every further `half_life` columns keep half of what is left.
+    Kept as r, not u: 1 - 2^-64 rounds to 1 in float64, r does not.
     """
-    return 1 - np.exp2(-np.asarray(legal, float) / half_life)
+    return np.exp2(-np.asarray(legal, float) / half_life)
 
 
 class _Allocator:
@@ -174,7 +175,7 @@ class _Allocator:
                  legal: Dict[str, List[int]], model: ByteModel, half_life: float) -> None:
         self.tables, self.legal, self.model = list(tables), legal, model
         self.values = {t.name: values[t.name][0] for t in tables}
-        self.util = {t.name: size_utility(legal[t.name], half_life) for t in tables}
+        self.miss = {t.name: size_loss(legal[t.name], half_life) for t in tables}
         self.row_cost = {t.name: np.array([model.group(1, s) for s in legal[t.name]], float) for t in tables}
         self.floor: Dict[str, int] = {}  # table -> the token kept at the smallest positive size (-1: none seen)
         for t in tables:
@@ -187,7 +188,7 @@ class _Allocator:
 
     def level(self, name: str, price: float) -> np.ndarray:
         """Index into the legal sizes of each token of one table at `price` (bytes priced in value per byte)."""
-        gain = self.values[name][:, None] * self.util[name][None, :] - price * self.row_cost[name][None, :]
+        gain = -self.values[name][:, None] * self.miss[name][None, :] - price * self.row_cost[name][None, :]
         return gain.argmax(1)  # ties to the smaller size
 
     def finish(self, name: str, level: np.ndarray) -> np.ndarray:
@@ -218,8 +219,8 @@ class _Allocator:
             for i, t in enumerate(self.tables):
                 lv = levels[t.name]
                 up = np.flatnonzero(lv < len(self.legal[t.name]) - 1)
-                u, c = self.util[t.name], self.row_cost[t.name]
-                gain = self.values[t.name][up] * (u[lv[up] + 1] - u[lv[up]]) / (c[lv[up] + 1] - c[lv[up]])
+                r, c = self.miss[t.name], self.row_cost[t.name]
+                gain = self.values[t.name][up] * (r[lv[up]] - r[lv[up] + 1]) / (c[lv[up] + 1] - c[lv[up]])
                 cand.append(np.stack([gain, np.full(len(up), i), up]))
             cand = np.concatenate(cand, axis=1)
             if not cand.shape[1]:
@@ -249,7 +250,7 @@ class _Allocator:
 
 
 def select_sizes(scores: TokenScores, budget_bytes: int, model: ByteModel, sizes: Sequence[int] = (),
-                 half_life: float = 1.0) -> Selection:
+                 half_life: float = 0.25) -> Selection:
     """Every token's legal size under `budget_bytes` (exact bytes, routing included), gathered on rank 0."""
     tables: List[EmbeddingBagConfig] = scores.tables
     legal = {t.name: default_sizes(t.embedding_dim, sizes) for t in tables}
