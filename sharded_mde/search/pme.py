@@ -1,13 +1,13 @@
-"""PME search: token-wise sizes from saliency at initialisation, then one table per (field, size) group.
+"""PME search: token-wise sizes from a standardised saliency at initialisation, then one table per (field, size) group.
 
 `run_pme` scores the freshly initialised full model for `search.pme.score_fraction` of an epoch
-(pme_score: |E x dL/dE| per entry, each rank its own shards), keeps the most salient entries under
-the byte budget (pme_select: size = kept count per token, quantised to legal sizes), renumbers
-every field's vocabulary group by group and writes a copy of the data in the new ids (pme_data),
-so the compact model needs no remap at training or serving. `compact_pme` builds that model for
-`retrain`: a `TokenGroupEBC` (one plain EBC of the group tables, sharded by TorchRec's sharders)
-under the run's head. Bytes count the group tables, their optimizer state, the group projections
-(with the dense optimizer's state) and the routing tables.
+(pme_score: E x dL/dE per entry and its noise, each rank its own shards), gives every token a legal
+size by value per byte under the exact byte budget (pme_select: groups, projections and routing
+counted while choosing; pruned tokens share their field's out-of-vocabulary row), renumbers every
+field's vocabulary group by group and writes a copy of the data in the new ids (pme_data), so the
+compact model needs no remap at training or serving. `compact_pme` builds that model for `retrain`:
+a `TokenGroupEBC` (one plain EBC of the group tables, sharded by TorchRec's sharders) under the
+run's head.
 """
 
 from __future__ import annotations
