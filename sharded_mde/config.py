@@ -263,7 +263,7 @@ class PmeConfig:
     """PME: token-wise sizes from saliency at initialisation (docs/pme.md)."""
 
     score_fraction: float = 0.03  # scoring batches, as a fraction of one training epoch's batches
-    sizes: List[int] = field(default_factory=list)  # legal positive token sizes (multiples of 4; 0, a pruned token on the OOV row, is always legal); [] = 4, 8, 16, ... and each table's dim
+    sizes: List[int] = field(default_factory=list)  # legal token sizes, multiples of 4 (0: pruned, on the OOV row, always legal); [] = 4, 8, 16, ..., dim
     combine: str = "pad"  # group outputs to the field width: pad (zeros, no bytes) | project (a Linear per group, counted when sizes are chosen)
     init_scale: float = 0.05  # tables start uniform(-s, s) when scored, so that fields' saliencies compare
     half_life: float = 0.25  # a row of d columns keeps 1 - 2^(-d / half_life) of a token's value (docs/pme.md)
