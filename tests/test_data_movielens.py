@@ -12,7 +12,7 @@ import pytest
 
 from sharded_mde.cli import main
 from sharded_mde.config import load_config
-from sharded_mde.data import movielens
+from sharded_mde.data import movielens, prepare
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "movielens_100k.yaml"
 GENRES = ["Action", "Children's", "Film-Noir", "Sci-Fi", "unknown"]
@@ -94,3 +94,14 @@ def test_config_reads_the_fetched_file():
     assert cfg.data.format == "parquet" and cfg.data.split_by == "sequential" and cfg.data.split == [0.8, 0.1, 0.1]
     assert cfg.data.paths == [str(movielens.DEFAULT_OUT / movielens.OUT_NAME)]
     assert cfg.model.embedding_dim == 64 and cfg.run_dir == "runs/movielens_100k"
+
+
+def test_config_prepares_the_fetched_file_with_genres_as_bags(tmp_path):
+    wheel = tmp_path / movielens.WHEEL_NAME
+    fake_wheel(wheel, seed=2)
+    movielens.convert_wheel(wheel, tmp_path / movielens.OUT_NAME)
+    cfg = load_config(CONFIG, {"data": {"paths": [str(tmp_path / movielens.OUT_NAME)], "dir": str(tmp_path / "d")}})
+    meta = prepare(cfg.data, progress=False)
+    assert meta.rows == {"train": 80_000, "valid": 10_000, "test": 10_000}
+    assert meta.multi_valued == ["genres"] and meta.sparse_features == list(movielens.SPARSE)
+    assert meta.num_embeddings["genres"] == len(GENRES) + 2 and 1 < meta.mean_bag_length["genres"] < len(GENRES)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sharded_mde.config import DataConfig
-from sharded_mde.data import DatasetMeta, Vocabulary, iterate_eval_batches, prepare
+from sharded_mde.data import Vocabulary, iterate_eval_batches, prepare
 from sharded_mde.data.batches import _concat_shares, _load_share, _share_of, batch_from_table
 from sharded_mde.data.readers import SourceReader, split_values
 from sharded_mde.data.splits import assign_splits

@@ -11,7 +11,6 @@ file and line number, or raises a ValueError naming them under `strict`.
 
 from __future__ import annotations
 
-import bisect
 import glob
 import warnings
 from dataclasses import dataclass
@@ -159,8 +158,8 @@ class SourceReader:
         first_path, first = schemas[0]
         for p, s in schemas[1:]:
             if s != first:
-                raise ValueError(f"{p}: columns differ from {first_path} ({list(s.dense + s.sparse)} vs "
-                                 f"{list(first.dense + first.sparse)})")
+                raise ValueError(f"{p}: columns differ from {first_path} ({list(s.dense + s.sparse)}, multi-valued "
+                                 f"{list(s.multi)} vs {list(first.dense + first.sparse)}, {list(first.multi)})")
         return first
 
     def _file_schema(self, path: Path) -> Schema:
