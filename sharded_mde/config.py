@@ -205,6 +205,9 @@ def label_code(key: Any) -> Optional[float]:
     return value if value == value and abs(value) != float("inf") else None
 
 
+POOLING_MODES = ("sum", "mean")  # how a multi-valued field's bag of ids is pooled (TorchRec PoolingType)
+
+
 @dataclass
 class ModelConfig:
     """The recommendation model: embedding dims and the head that consumes mixed dims."""
@@ -216,10 +219,14 @@ class ModelConfig:
     over_arch: List[int] = field(default_factory=lambda: [64, 32, 1])
     dcn_layers: int = 2
     dcn_rank: int = 16
+    pooling: Dict[str, str] = field(default_factory=dict)  # feature -> sum | mean (bag pooling); unlisted: sum
 
     def validate(self) -> None:
         if self.head not in ("dlrm", "dcn"):
             raise ConfigError(f"head: must be dlrm or dcn, got {self.head!r}")
+        for feature, mode in self.pooling.items():
+            if mode not in POOLING_MODES:
+                raise ConfigError(f"pooling.{feature}: one of {', '.join(POOLING_MODES)}, got {mode!r}")
         for name, d in {"embedding_dim": self.embedding_dim, **{f"table_dims.{k}": v for k, v in self.table_dims.items()}}.items():
             if d < 4 or d % 4:
                 raise ConfigError(f"{name}: embedding dims must be multiples of 4 and >= 4 (FBGEMM TBE), got {d}")
@@ -291,7 +298,10 @@ class SearchConfig:
     method: str = "ham"  # ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md)
     budget: float = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state)
     epochs: float = 1.0  # supernet training length (replaces train.epochs during the search)
-    allow_drop: bool = True  # a table whose columns are all pruned may be dropped
+    allow_drop: bool = False  # HAM only: a field may be dropped where validation shows it harmless (docs/ham.md)
+    drop_tolerance: float = 0.001  # a drop is harmless if the validation AUC falls by at most this much
+    check_batches: int = 0  # validation batches of HAM's loss-effect measurement (0 = the whole split)
+    check_epochs: float = 0.0  # training of each candidate in HAM's check (0 = train.epochs, as retrain trains)
     # HAM: hard auxiliary masks (docs/ham.md)
     surrogate: str = "identity"  # straight-through gradient of the 0/1 mask: identity | clipped | sigmoid
     mask_init: float = 0.05  # initial mask value a (every column starts kept: a > 0)
@@ -332,6 +342,8 @@ class SearchConfig:
             raise ConfigError(f"ortho_every: a step count >= 1, got {self.ortho_every}")
         if self.power_law_alpha < 0:
             raise ConfigError(f"power_law_alpha: must be >= 0, got {self.power_law_alpha}")
+        if self.drop_tolerance < 0 or self.check_batches < 0 or self.check_epochs < 0:
+            raise ConfigError("drop_tolerance, check_batches and check_epochs must be >= 0")
         if self.saliency_batches < 1:
             raise ConfigError(f"saliency_batches: must be >= 1, got {self.saliency_batches}")
 

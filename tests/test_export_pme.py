@@ -76,10 +76,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
 def test_served_model_equals_the_trained_model(exported) -> None:
     cfg, out = exported
     run = Path(cfg.run_dir)
-    dims = load_dims(run / "pme" / "dims.json", full_table_configs(cfg))
+    full = full_table_configs(cfg)
+    dims = load_dims(run / "pme" / "dims.json", full)
     manifest = read_manifest(out)
     # every (field, size) group is its own table at its size, fed into its field
-    fields = fields_from_dims(dims)
+    fields = fields_from_dims(dims, full)
     assert any(len(f.groups) > 1 for f in fields)
     tables = {t.name: (t.rows, t.dim) for t in manifest.tables}
     assert sorted(tables.values()) == sorted((rows, size) for f in fields for size, rows in f.groups)

@@ -19,7 +19,8 @@ from dist_utils import run_ranks
 from sharded_mde.config import ModelConfig, TrainConfig, load_config
 from sharded_mde.data import prepare
 from sharded_mde.modules.model import build_model
-from sharded_mde.plan.dims import DimsFile, legal_dim, load_dims, table_bytes
+from sharded_mde.plan.dims import (DimsFile, InfeasibleBudget, dim_cap, floor_bytes, legal_dim, load_dims,
+                                   smallest_feasible_fraction, table_bytes)
 from sharded_mde.plan.sharding import manual_plan
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import budget_bytes, select_dims
@@ -27,6 +28,7 @@ from sharded_mde.search.magnitude import column_norms
 from sharded_mde.search.pme_score import PooledCapture
 from sharded_mde.search.power_law import power_law_dims
 from sharded_mde.search.saliency import column_saliency
+from sharded_mde.search.uniform import uniform_dims
 from sharded_mde.train.checkpoint import copy_full_into, save_checkpoint
 from sharded_mde.train.distributed import init_distributed, shutdown_distributed
 from sharded_mde.train.sharding import ebc_path, wrap_model
@@ -42,13 +44,13 @@ def _tables(spec=SMALL) -> List[EmbeddingBagConfig]:
 
 
 def assert_meets_budget(dims: DimsFile) -> None:
-    """Legal dims, kept bytes <= budget, and no 4-column step of any table still fits (within one step)."""
+    """Legal dims, kept bytes <= budget, and no 4-column step of any table below its row cap still fits."""
     slack = dims.budget_bytes - dims.kept_bytes
     assert slack >= 0, (dims.kept_bytes, dims.budget_bytes)
     for t in dims.tables:
         assert t.dim == 0 or legal_dim(t.dim), (t.name, t.dim)
         assert len(t.kept_columns) == t.dim
-        if t.dim < t.full_dim:
+        if t.dim < dim_cap(t.num_embeddings, t.full_dim):
             step = (table_bytes(t.num_embeddings, t.dim + 4, dims.weight_dtype, dims.optimizer).total
                     - table_bytes(t.num_embeddings, t.dim, dims.weight_dtype, dims.optimizer).total)
             assert step > slack, (t.name, t.dim, step, slack)
@@ -66,7 +68,8 @@ def test_power_law_meets_the_budget_with_first_columns(fraction: float, optimize
     dims = power_law_dims(tables, fraction, 0.3, optimizer)
     assert dims.method == "power_law"
     assert_meets_budget(dims)
-    by_rows = sorted(dims.tables, key=lambda t: t.num_embeddings)
+    by_rows = sorted(dims.tables, key=lambda t: t.num_embeddings)[2:]  # 3 and 10 rows: capped at 4 and 8 columns
+    assert [t.dim for t in sorted(dims.tables, key=lambda t: t.num_embeddings)[:2]] <= [4, 8]
     assert all(a.dim >= b.dim for a, b in zip(by_rows, by_rows[1:]))  # more rows, fewer columns
     assert all(t.dim >= 4 and t.kept_columns == list(range(t.dim)) for t in dims.tables)
     assert by_rows[0].dim > by_rows[-1].dim or fraction == 0.9
@@ -81,13 +84,33 @@ def test_power_law_meets_any_feasible_budget(rows, dims, fraction, alpha, optimi
               for i, (r, d) in enumerate(zip(rows, dims))]
     try:
         result = power_law_dims(tables, fraction, alpha, optimizer)
-    except ValueError as e:  # only when every table at 4 columns is already over the budget
-        assert "below" in str(e)
+    except InfeasibleBudget as e:  # only when every table at 4 columns is already over the budget
+        assert "smallest feasible budget" in str(e)
         assert sum(table_bytes(t.num_embeddings, 4, "fp32", optimizer).total for t in tables) > \
             budget_bytes(tables, fraction, "fp32", optimizer)
         return
     assert_meets_budget(result)
     assert all(t.dim >= 4 and t.kept_columns == list(range(t.dim)) for t in result.tables)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.integers(1, 10**6), min_size=1, max_size=6), fraction=st.floats(0.01, 0.4))
+def test_every_field_wise_method_agrees_on_feasibility(rows, fraction) -> None:
+    tables = [EmbeddingBagConfig(name=f"t{i}", num_embeddings=r, embedding_dim=64, feature_names=[f"f{i}"])
+              for i, r in enumerate(rows)]
+    values = {t.name: torch.ones(64) for t in tables}
+    methods = {"uniform": lambda: uniform_dims(tables, fraction), "power_law": lambda: power_law_dims(tables, fraction),
+               "select_dims (ham, magnitude, saliency)": lambda: select_dims(values, tables, fraction)}
+    feasible = {}
+    for name, run in methods.items():
+        try:
+            run()
+            feasible[name] = True
+        except InfeasibleBudget as e:
+            assert f"smallest feasible budget is {smallest_feasible_fraction(tables):.4f}" in str(e)
+            feasible[name] = False
+    want = budget_bytes(tables, fraction, "fp32", "rowwise_adagrad") >= floor_bytes(tables)
+    assert set(feasible.values()) == {want}, feasible
 
 
 def test_power_law_with_alpha_zero_is_one_dim_for_all() -> None:

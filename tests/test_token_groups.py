@@ -112,7 +112,7 @@ def test_from_dims_file_uses_plan_tables() -> None:
               TableDims("t_C2", ["C2"], 7, 16, 0, [], 0, [TokenGroup(0, 7, 0)])]
     dims = DimsFile("pme", 0.5, 1, sum(table_bytes(t.num_embeddings, 16).total for t in full),
                     tables[0].bytes, tables, extra=extra)
-    assert fields_from_dims(dims) == [FieldGroups("C1", 12, 8, ((8, 3), (4, 5)), reserved=(1, 0))]
+    assert fields_from_dims(dims, full) == [FieldGroups("C1", 12, 8, ((8, 3), (4, 5)), reserved=(1, 0))]
     m = build_token_group_ebc(dims, full, "pad")
     assert [c.name for c in m.ebc.embedding_bag_configs()] == ["t_C1_s8", "t_C1_s4"]
     # C1: id 1 -> row 0 of the size-8 group, ids 2, 3 -> rows 1, 2; id 0 -> row 0 of size 4; ids 4..7 -> rows 1..4; 8.. size 0

@@ -404,7 +404,7 @@ def export_compact(
     state = _load_state(files[0])
     arch = _sparse_arch_prefix(state)
     sparse_state = {k[len(arch):]: v for k, v in state.items() if k.startswith(arch) and not _TABLE_KEY.match(k)}
-    fields = fields_from_dims(dims) if dims is not None and any(t.groups for t in dims.tables) else None
+    fields = fields_from_dims(dims, tables) if dims is not None and any(t.groups for t in dims.tables) else None
     other = [k for k in sparse_state if not k.startswith(_GATE) and not (fields is not None and k.startswith(COMBINER))]
     if other:
         raise ValueError(f"sparse arch state {arch}{other[0]} cannot be exported (only plain and HAM-masked embedding "

@@ -82,7 +82,8 @@ def _fields(spec: ExportedTokenGroups, where: Path) -> List[FieldGroups]:
     for i, d in enumerate(spec.fields):
         try:
             out.append(FieldGroups(d["feature"], d["num_embeddings"], d["out_dim"],
-                                   tuple(tuple(g) for g in d["groups"]), tuple(d["reserved"])))
+                                   tuple(tuple(g) for g in d["groups"]), tuple(d["reserved"]),
+                                   d.get("pooling", "sum")))  # exports before pooling was recorded summed
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{where}: token_groups.fields[{i}]: {e}") from None
     return out

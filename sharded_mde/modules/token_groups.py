@@ -8,7 +8,9 @@ ids fill group 0, then group 1, ...; ids past the last group are tokens of size 
 contribute zero). In each group's table the reserved tokens it holds come first. `TokenGroupEBC` routes each field's ids to its group features in the KJT, runs one plain
 `EmbeddingBagCollection` (sharded by TorchRec's stock sharders under DMP), and sums the groups'
 pooled outputs after a per-group projection (or zero padding) back to one output per field: KJT of
-fields in, KeyedTensor of fields out, like an EBC, so it feeds the same heads as HAM.
+fields in, KeyedTensor of fields out, like an EBC, so it feeds the same heads as HAM. Group tables
+always sum their part of a bag; a mean-pooled field's sum over its groups is divided by the length
+of its whole bag (tokens of size 0 count too, as in the full table's mean), never per group.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from sharded_mde.plan.dims import DimsFile, group_name
@@ -33,6 +36,7 @@ class FieldGroups:
     """One feature's token groups: (size, rows) by descending size (sizes > 0), its vocabulary and output dim.
 
     `reserved[k]` is the group holding reserved id k (-1: size 0); () when the ids have no reserved prefix.
+    `pooling` is the field's bag pooling, "sum" or "mean".
     """
 
     feature: str
@@ -40,8 +44,11 @@ class FieldGroups:
     out_dim: int
     groups: Tuple[Tuple[int, int], ...]
     reserved: Tuple[int, ...] = ()
+    pooling: str = "sum"
 
     def __post_init__(self) -> None:
+        if self.pooling not in ("sum", "mean"):
+            raise ValueError(f"feature {self.feature}: pooling must be sum or mean, got {self.pooling!r}")
         sizes = [s for s, _ in self.groups]
         if not sizes or any(s <= 0 for s in sizes) or sizes != sorted(set(sizes), reverse=True):
             raise ValueError(f"feature {self.feature}: group sizes must be positive and strictly decreasing, got {sizes}")
@@ -75,12 +82,14 @@ class FieldGroups:
         return out
 
 
-def fields_from_dims(dims: DimsFile) -> List[FieldGroups]:
+def fields_from_dims(dims: DimsFile, full_tables: Sequence[EmbeddingBagConfig]) -> List[FieldGroups]:
     """The token groups of every PME table of a dims file that kept any token (out dim = largest size).
 
-    The size of each reserved id is read from `extra.pme.reserved_sizes[table]` (absent: no reserved ids).
+    The size of each reserved id is read from `extra.pme.reserved_sizes[table]` (absent: no reserved ids),
+    each field's pooling from its full table in `full_tables`.
     """
     reserved_sizes = dims.extra.get("pme", {}).get("reserved_sizes", {})
+    pooling = {t.name: t.pooling.value.lower() for t in full_tables}
     out = []
     for t in dims.tables:
         if not t.groups:
@@ -89,7 +98,10 @@ def fields_from_dims(dims: DimsFile) -> List[FieldGroups]:
         if groups:
             index = {size: i for i, (size, _) in enumerate(groups)}
             reserved = tuple(index.get(s, -1) for s in reserved_sizes.get(t.name, []))
-            out.extend(FieldGroups(f, t.num_embeddings, groups[0][0], groups, reserved) for f in t.features)
+            if t.name not in pooling:
+                raise ValueError(f"dims file table {t.name}: not a table of the model")
+            out.extend(FieldGroups(f, t.num_embeddings, groups[0][0], groups, reserved, pooling[t.name])
+                       for f in t.features)
     return out
 
 
@@ -166,8 +178,10 @@ class TokenGroupRouter(nn.Module):
 class GroupCombiner(nn.Module):
     """Sums each field's group outputs after a per-group projection (size < out_dim) or zero padding.
 
-    Scriptable (the export serves it under TorchScript): projections are applied by iterating the
-    ModuleList, which TorchScript unrolls, never by a variable index.
+    A mean-pooled field's sum is divided by its whole bag's length, read from the KJT of fields (an
+    empty bag stays zero, as TorchRec's mean of an empty bag). Scriptable (the export serves it under
+    TorchScript): projections are applied by iterating the ModuleList, which TorchScript unrolls,
+    never by a variable index.
     """
 
     def __init__(self, fields: Sequence[FieldGroups], combine: str = "project") -> None:
@@ -177,6 +191,7 @@ class GroupCombiner(nn.Module):
         self.combine = combine
         self.features: List[str] = [f.feature for f in fields]
         self.out_dims: List[int] = [f.out_dim for f in fields]
+        self.mean: List[bool] = [f.pooling == "mean" for f in fields]
         self.plan: List[List[Tuple[str, int, int]]] = []  # per field: (group key, size, projection index or -1)
         self.projected_keys: List[str] = []  # the group key each projection reads
         projections = []
@@ -192,14 +207,16 @@ class GroupCombiner(nn.Module):
             self.plan.append(entries)
         self.projections = nn.ModuleList(projections)
 
-    def forward(self, pooled: KeyedTensor) -> KeyedTensor:
+    def forward(self, pooled: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
+        """The fields' outputs from the groups' pooled sums; `features` (the fields' KJT) gives the bag lengths."""
         groups = pooled.to_dict()
         projected: Dict[str, torch.Tensor] = {}
         for i, projection in enumerate(self.projections):
             key = self.projected_keys[i]
             projected[key] = projection(groups[key])
+        keys = features.keys()
         outs: List[torch.Tensor] = []
-        for entries, out_dim in zip(self.plan, self.out_dims):
+        for entries, out_dim, feature, mean in zip(self.plan, self.out_dims, self.features, self.mean):
             parts: List[torch.Tensor] = []
             for key, size, p in entries:
                 x = projected[key] if p >= 0 else groups[key]
@@ -209,6 +226,9 @@ class GroupCombiner(nn.Module):
             acc = parts[0]
             for x in parts[1:]:
                 acc = acc + x
+            if mean and feature in keys:  # a field absent from the KJT has only empty bags: zeros either way
+                lengths = features.lengths().view(len(keys), -1)[keys.index(feature)]
+                acc = acc / lengths.clamp(min=1).unsqueeze(1).to(acc.dtype)
             outs.append(acc)
         return KeyedTensor.from_tensor_list(self.features, outs)
 
@@ -225,16 +245,20 @@ class TokenGroupEBC(nn.Module):
         if set(need) != have:
             missing = sorted(set(need) ^ have)
             raise ValueError(f"token groups: tables and groups disagree on features (first: {missing[0]})")
+        not_sum = [t.name for t in tables if t.pooling != PoolingType.SUM]
+        if not_sum:
+            raise ValueError(f"token groups: table {not_sum[0]} must sum-pool (a field's mean is taken over its whole "
+                             "bag, not per group)")
         self.fields: List[FieldGroups] = list(fields)
         self.router = TokenGroupRouter(fields)
         self.ebc = ebc if ebc is not None else EmbeddingBagCollection(tables=tables, device=device)
         self.combiner = GroupCombiner(fields, combine)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.combiner(self.ebc(self.router(features)))
+        return self.combiner(self.ebc(self.router(features)), features)
 
 
 def build_token_group_ebc(dims: DimsFile, full_tables: List[EmbeddingBagConfig], combine: str = "project",
                           device: Optional[torch.device] = None) -> TokenGroupEBC:
     """The token-group module of a PME dims file: `plan_tables` group tables + router + combiner."""
-    return TokenGroupEBC(fields_from_dims(dims), plan_tables(dims, full_tables), combine, device)
+    return TokenGroupEBC(fields_from_dims(dims, full_tables), plan_tables(dims, full_tables), combine, device)

@@ -13,7 +13,7 @@ from sharded_mde.plan.dims import DimsFile, load_dims, save_dims
 from sharded_mde.plan.report import memory_report, render_console, render_markdown, render_png
 from sharded_mde.plan.rules import RULES, rule_dims
 from sharded_mde.plan.sharding import plan_sharding, save_plan
-from sharded_mde.plan.tables import full_table_configs, plan_tables
+from sharded_mde.plan.tables import full_table_configs, mean_bag_lengths, plan_tables
 
 
 def register(subparsers: Any) -> None:
@@ -52,8 +52,9 @@ def plan_and_report(cfg: RunConfig, dims: DimsFile, dims_path: str, out: Path) -
     full = full_table_configs(cfg)
     compact = plan_tables(dims, full)
     start = time.perf_counter()
-    full_planned = plan_sharding(full, cfg.plan)
-    compact_planned = plan_sharding(compact, cfg.plan)
+    bags = mean_bag_lengths(cfg)
+    full_planned = plan_sharding(full, cfg.plan, bag_lengths=bags)
+    compact_planned = plan_sharding(compact, cfg.plan, bag_lengths=bags)
     seconds = time.perf_counter() - start
     rep = memory_report(full, compact, cfg.plan, full_planned, compact_planned)
     rep["source"] = {"dims_file": dims_path, "method": dims.method, "budget_fraction": dims.budget_fraction,

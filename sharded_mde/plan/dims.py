@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Collection, Dict, List, NamedTuple, Optional, Sequence, Union
 
 from sharded_mde.io import atomic_write_json, read_json
 
@@ -71,6 +71,61 @@ def table_bytes(rows: int, dim: int, weight_dtype: str = "fp32", optimizer: str 
 def column_cost(rows: int, weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad") -> int:
     """Bytes one more column adds to a table that already has columns (what a budget controller prices)."""
     return table_bytes(rows, 2, weight_dtype, optimizer).total - table_bytes(rows, 1, weight_dtype, optimizer).total
+
+
+# --------------------------------------------------------------------------- feasibility of field-wise dims
+
+
+def full_bytes(tables: Sequence[Any], weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad") -> int:
+    """Bytes of every table at its full dim (the 100% of a budget fraction)."""
+    return sum(table_bytes(t.num_embeddings, t.embedding_dim, weight_dtype, optimizer).total for t in tables)
+
+
+def budget_bytes(tables: Sequence[Any], fraction: float, weight_dtype: str = "fp32",
+                 optimizer: str = "rowwise_adagrad") -> int:
+    """The byte budget B: `fraction` of the full tables' bytes, rounded down."""
+    return int(math.floor(fraction * full_bytes(tables, weight_dtype, optimizer)))
+
+
+def dim_cap(rows: int, full_dim: int, multiple: int = DIM_MULTIPLE) -> int:
+    """The most columns worth giving a table of `rows` used rows: its rank is at most `rows`, so
+    min(full_dim, rows floored to a legal dim), and never below the smallest legal dim."""
+    return min(full_dim, max(multiple, rows // multiple * multiple))
+
+
+def floor_bytes(tables: Sequence[Any], weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad",
+                dropped: Collection[str] = (), multiple: int = DIM_MULTIPLE) -> int:
+    """Bytes of the smallest field-wise allocation: every table not in `dropped` at the smallest legal dim."""
+    return sum(table_bytes(t.num_embeddings, min(multiple, t.embedding_dim), weight_dtype, optimizer).total
+               for t in tables if t.name not in dropped)
+
+
+def smallest_feasible_fraction(tables: Sequence[Any], weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad",
+                               dropped: Collection[str] = ()) -> float:
+    """The smallest budget fraction (4 decimals, rounded up) whose bytes hold `floor_bytes`."""
+    full = full_bytes(tables, weight_dtype, optimizer)
+    need = floor_bytes(tables, weight_dtype, optimizer, dropped)
+    f = math.ceil(need / full * 1e4) / 1e4
+    while math.floor(f * full) < need:  # float rounding: step up until the budget holds the floor
+        f += 1e-4
+    return min(1.0, f)
+
+
+def check_feasible(tables: Sequence[Any], fraction: float, weight_dtype: str = "fp32",
+                   optimizer: str = "rowwise_adagrad", dropped: Collection[str] = (), method: str = "field-wise") -> None:
+    """The one feasibility rule of every field-wise method: every table not in `dropped` keeps at
+    least the smallest legal dim. Raises InfeasibleBudget naming the smallest feasible budget."""
+    budget = budget_bytes(tables, fraction, weight_dtype, optimizer)
+    need = floor_bytes(tables, weight_dtype, optimizer, dropped)
+    if need <= budget:
+        return
+    f = smallest_feasible_fraction(tables, weight_dtype, optimizer, dropped)
+    kept = "every field" if not dropped else f"every field but {', '.join(sorted(dropped))}"
+    raise InfeasibleBudget(
+        f"search.budget {fraction:g} ({budget:,} B) is not feasible for {method} dims: {kept} at dim "
+        f"{DIM_MULTIPLE} needs {need:,} B; the smallest feasible budget is {f:.4f} ({need:,} B of "
+        f"{full_bytes(tables, weight_dtype, optimizer):,} B). Raise search.budget, use search.method: pme, "
+        f"or set search.allow_drop: true (HAM drops a field only where validation shows it harmless)")
 
 
 # --------------------------------------------------------------------------- the dims file

@@ -8,7 +8,7 @@ is shown beside them. Renderers: console text, markdown, JSON (the dict itself) 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torchrec import EmbeddingBagConfig
 from torchrec.distributed.planner.types import ShardingOption
@@ -44,7 +44,8 @@ def _side(tables: Sequence[EmbeddingBagConfig], options: List[ShardingOption], o
         tb = table_bytes(t.num_embeddings, t.embedding_dim, weight_dtype(t), optimizer)
         per_table[so.name] = {"name": so.name, "rows": t.num_embeddings, "dim": t.embedding_dim,
                               "sharding_type": so.sharding_type, "compute_kernel": so.compute_kernel,
-                              "shards": len(so.shards), "weight": tb.weight, "optimizer": tb.optimizer, "total": tb.total}
+                              "shards": len(so.shards), "weight": tb.weight, "optimizer": tb.optimizer, "total": tb.total,
+                              "pooling_factors": [float(x) for x in so.input_lengths]}
         for i, sh in enumerate(so.shards):
             b = table_bytes(sh.size[0], sh.size[1], weight_dtype(t), optimizer)
             row = {"table": so.name, "index": i, "rank": sh.rank, "offset": list(sh.offset), "rows": sh.size[0],
@@ -76,11 +77,13 @@ def memory_report(
     cfg: PlanConfig,
     full_plan: Optional[Planned] = None,
     compact_plan: Optional[Planned] = None,
+    bag_lengths: Optional[Mapping[str, float]] = None,
 ) -> Dict[str, Any]:
-    """Plans (unless given) the full and compact tables on `cfg`'s topology and compares their memory."""
+    """Plans (unless given; pooling factors from `bag_lengths`) the full and compact tables on `cfg`'s topology
+    and compares their memory."""
     check_constraint_keys(cfg, full_tables)
-    full_plan = full_plan or plan_sharding(full_tables, cfg)
-    compact_plan = compact_plan or plan_sharding(compact_tables, cfg)
+    full_plan = full_plan or plan_sharding(full_tables, cfg, bag_lengths=bag_lengths)
+    compact_plan = compact_plan or plan_sharding(compact_tables, cfg, bag_lengths=bag_lengths)
     world, opt = cfg.world_size, cfg.optimizer
     full = _side(full_tables, full_plan[1], opt, world)
     comp = _side(compact_tables, compact_plan[1], opt, world)

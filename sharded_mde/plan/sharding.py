@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
@@ -65,8 +65,15 @@ def check_constraint_keys(cfg: PlanConfig, full_tables: Sequence[EmbeddingBagCon
             raise ConfigError(f"plan.constraints.{key}: not a table of the model")
 
 
-def planner_constraints(tables: Sequence[EmbeddingBagConfig], cfg: PlanConfig) -> Dict[str, ParameterConstraints]:
-    """ParameterConstraints per table from `plan.constraints` ("*", then the source table, then the table itself)."""
+def planner_constraints(tables: Sequence[EmbeddingBagConfig], cfg: PlanConfig,
+                        bag_lengths: Optional[Mapping[str, float]] = None) -> Dict[str, ParameterConstraints]:
+    """ParameterConstraints per table from `plan.constraints` ("*", then the source table, then the table itself).
+
+    The pooling factor (ids per bag, which sizes the planner's lookup and communication estimates)
+    of each feature is `pooling_factor` if configured, else its mean bag length in `bag_lengths`
+    (a PME group feature `<feature>_s<size>` reads its field's), else 1.
+    """
+    bag_lengths = bag_lengths or {}
     default_types = [t for t in SHARDING_TYPES if cfg.allow_data_parallel or t != ShardingType.DATA_PARALLEL.value]
     out = {}
     for t in tables:
@@ -82,11 +89,13 @@ def planner_constraints(tables: Sequence[EmbeddingBagConfig], cfg: PlanConfig) -
             raise ConfigError(f"{key}.sharding_types: data_parallel needs plan.allow_data_parallel: true")
         if kernels is not None and (not isinstance(kernels, list) or any(k not in COMPUTE_KERNELS for k in kernels)):
             raise ConfigError(f"{key}.compute_kernels: each one of {COMPUTE_KERNELS}, got {kernels!r}")
-        pooling = spec.get("pooling_factor", 1.0)
-        if isinstance(pooling, bool) or not isinstance(pooling, (int, float)) or pooling <= 0:
+        pooling = spec.get("pooling_factor")
+        if pooling is not None and (isinstance(pooling, bool) or not isinstance(pooling, (int, float)) or pooling <= 0):
             raise ConfigError(f"{key}.pooling_factor: a positive number, got {pooling!r}")
+        factors = [float(pooling) if pooling is not None else
+                   bag_lengths.get(f, bag_lengths.get(group_source(f, bag_lengths) or "", 1.0)) for f in t.feature_names]
         out[t.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels,
-                                           min_partition=spec.get("min_partition"), pooling_factors=[float(pooling)])
+                                           min_partition=spec.get("min_partition"), pooling_factors=factors)
     return out
 
 
@@ -133,13 +142,17 @@ def plan_sharding(
     optimizer: Optional[str] = None,
     constraints: Optional[Dict[str, ParameterConstraints]] = None,
     module_fqn: str = DEFAULT_FQN,
+    bag_lengths: Optional[Mapping[str, float]] = None,
 ) -> Tuple[ShardingPlan, List[ShardingOption]]:
-    """Plans `tables` on the configured topology (meta device); returns the plan and the chosen options."""
+    """Plans `tables` on the configured topology (meta device); returns the plan and the chosen options.
+
+    `bag_lengths`: the data's mean ids per bag by feature (`plan.tables.mean_bag_lengths`), the pooling factors.
+    """
     if not tables:
         raise PlanningError("no tables to plan (every table was dropped)")
     ebc = EmbeddingBagCollection(tables=list(tables), device=torch.device("meta"))
     _count_optimizer_state(ebc, optimizer or cfg.optimizer)
-    cons = {**planner_constraints(tables, cfg), **(constraints or {})}
+    cons = {**planner_constraints(tables, cfg, bag_lengths), **(constraints or {})}
     reservation = FixedPercentageStorageReservation(cfg.storage_reserve)
     hook = _BestPlan()
     sharders = [EmbeddingBagCollectionSharder()]

@@ -2,7 +2,10 @@
 
 `full_table_configs` reads the full tables of a run (from the data stage's meta.json and the model
 dims, or from a table preset); `plan_tables` turns a dims file into mixed-dimension
-`EmbeddingBagConfig`s, one per kept table and one per PME token group.
+`EmbeddingBagConfig`s, one per kept table and one per PME token group. Tables pool their bags as
+`model.pooling` says (sum unless "mean"); a PME group table always sums, because a field's mean is
+taken over its whole bag by the token-group module, not per group. `mean_bag_lengths` reads the
+data's ids per bag, the planner's pooling factors.
 """
 
 from __future__ import annotations
@@ -12,16 +15,45 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from torchrec import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import PoolingType
 
-from sharded_mde.config import ConfigError, RunConfig, load_yaml
+from sharded_mde.config import ConfigError, ModelConfig, RunConfig, load_yaml
+from sharded_mde.data.meta import DatasetMeta
 from sharded_mde.io import read_json
 from sharded_mde.plan.dims import DimsFile, check_against_tables, group_name, legal_dim, table_name
 
 
 def full_table_configs(cfg: RunConfig) -> List[EmbeddingBagConfig]:
     """The run's full-dimension tables: `plan.tables_preset` if set, else the data meta.json + model dims."""
-    if cfg.plan.tables_preset:
-        return load_table_preset(cfg.plan.tables_preset)
+    tables = load_table_preset(cfg.plan.tables_preset) if cfg.plan.tables_preset else _data_tables(cfg)
+    return with_pooling(tables, cfg.model)
+
+
+def with_pooling(tables: List[EmbeddingBagConfig], model: ModelConfig) -> List[EmbeddingBagConfig]:
+    """`tables` pooling as `model.pooling` says (feature -> sum | mean); a key that feeds no table is a ConfigError."""
+    features = {f for t in tables for f in t.feature_names}
+    unknown = sorted(set(model.pooling) - features)
+    if unknown:
+        raise ConfigError(f"model.pooling.{unknown[0]}: not a sparse feature of the tables")
+    out = []
+    for t in tables:
+        modes = {model.pooling.get(f, "sum") for f in t.feature_names}
+        if len(modes) > 1:
+            raise ConfigError(f"model.pooling: the features of table {t.name} ({', '.join(t.feature_names)}) "
+                              "must pool the same way")
+        out.append(dataclasses.replace(t, pooling=PoolingType[modes.pop().upper()]))
+    return out
+
+
+def mean_bag_lengths(cfg: RunConfig) -> Dict[str, float]:
+    """Mean ids per bag of each sparse feature on the train split (the data's meta.json); {} without data."""
+    if not (Path(cfg.data.dir) / "meta.json").is_file():
+        return {}
+    return dict(DatasetMeta.load(cfg.data.dir).mean_bag_length)
+
+
+def _data_tables(cfg: RunConfig) -> List[EmbeddingBagConfig]:
+    """One table per sparse feature of the data stage's meta.json, at the model's dims."""
     meta_path = Path(cfg.data.dir) / "meta.json"
     meta = read_json(meta_path, "data meta (run `sharded-mde data` first, or set plan.tables_preset)")
     features = meta.get("sparse_features") if isinstance(meta, dict) else None
@@ -79,7 +111,7 @@ def plan_tables(dims: DimsFile, full_tables: List[EmbeddingBagConfig]) -> List[E
                 if g.size and g.rows:
                     out.append(dataclasses.replace(
                         full, name=group_name(full.name, g.size), num_embeddings=g.rows, embedding_dim=g.size,
-                        feature_names=[group_name(f, g.size) for f in full.feature_names]))
+                        feature_names=[group_name(f, g.size) for f in full.feature_names], pooling=PoolingType.SUM))
         elif t.dim:
             out.append(dataclasses.replace(full, embedding_dim=t.dim))
     return out

@@ -4,33 +4,24 @@ During the search, `BudgetController` (a trainer callback) reads the hard mask a
 prices the kept columns with the project's byte model (weights plus optimizer state), and moves
 the penalty weight lambda by dual ascent so that the kept bytes follow a gradual target from the
 full bytes (after a warm-up) down to the budget B.
-At the end, `select_dims` meets the budget exactly with legal dims: it floors every table's kept
-count to a multiple of 4, removes 4-column steps with the least mask value per byte while over
-the budget, then adds the steps with the most value per byte while one still fits, so the kept
-bytes never exceed B and are within one legal step of it.
+At the end, `select_dims` meets the budget with legal dims: every table starts at the smallest
+legal dim (or 0 where a drop was shown harmless), then `select_widths` adds the moves with the
+most worth per byte while one that gains still fits, never past a table's row cap, so the kept
+bytes never exceed B and no further step with worth fits. `full_bytes` and `budget_bytes` live in plan/dims.py
+with the feasibility rule every field-wise method shares.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.modules.masked_ebc import ColumnGate
-from sharded_mde.plan.dims import DIM_MULTIPLE, DimsFile, InfeasibleBudget, TableDims, table_bytes
-
-
-def full_bytes(tables: Sequence[EmbeddingBagConfig], weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad") -> int:
-    """Bytes of every table at its full dim (the 100% of a budget fraction)."""
-    return sum(table_bytes(t.num_embeddings, t.embedding_dim, weight_dtype, optimizer).total for t in tables)
-
-
-def budget_bytes(tables: Sequence[EmbeddingBagConfig], fraction: float, weight_dtype: str = "fp32",
-                 optimizer: str = "rowwise_adagrad") -> int:
-    """The byte budget B: `fraction` of the full tables' bytes, rounded down."""
-    return int(math.floor(fraction * full_bytes(tables, weight_dtype, optimizer)))
+from sharded_mde.plan.dims import (DIM_MULTIPLE, DimsFile, InfeasibleBudget, TableDims, budget_bytes, check_feasible,
+                                  dim_cap, full_bytes, table_bytes)
 
 
 def make_dims_file(method: str, tables: Sequence[EmbeddingBagConfig], kept: Mapping[str, Sequence[int]],
@@ -49,55 +40,77 @@ def make_dims_file(method: str, tables: Sequence[EmbeddingBagConfig], kept: Mapp
                     tables=entries, weight_dtype=weight_dtype, optimizer=optimizer, extra=dict(extra or {}))
 
 
-def select_dims(values: Mapping[str, torch.Tensor], tables: Sequence[EmbeddingBagConfig], fraction: float,
-                allow_drop: bool = True, weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad",
-                multiple: int = DIM_MULTIPLE) -> Dict[str, List[int]]:
-    """Kept columns per table: legal dims (multiples of `multiple`, or 0 if `allow_drop`) whose bytes fit the budget.
+def column_worth(values: torch.Tensor, cap: int, multiple: int = DIM_MULTIPLE) -> List[float]:
+    """Worth of keeping the top d = 0, multiple, ..., cap columns of a table by per-column values:
+    the sum of their values clamped at 0 (a column with a negative value, e.g. pruned by the mask,
+    is worth nothing: never bought past the floor, and never a reason to rank a cheap table last)."""
+    top = torch.sort(values.double().clamp_min(0), descending=True, stable=True).values
+    csum = torch.cat([torch.zeros(1, dtype=torch.float64), top.cumsum(0)])
+    return [float(csum[d]) for d in range(0, cap + 1, multiple)]
 
-    Columns are taken in order of their mask value a (largest first); the greedy steps rank
-    `multiple` columns of a table by the sum of their values over the bytes they cost.
+
+def select_widths(worth: Mapping[str, Sequence[float]], tables: Sequence[EmbeddingBagConfig], budget: int,
+                  floors: Mapping[str, int], caps: Mapping[str, int], weight_dtype: str = "fp32",
+                  optimizer: str = "rowwise_adagrad", multiple: int = DIM_MULTIPLE) -> Dict[str, int]:
+    """Legal dims from `floors` up to `caps` that fill `budget` by worth gained per byte.
+
+    `worth[t][k]` is what table t is worth at dim k * multiple (e.g. minus the validation loss).
+    Each round takes, over every table and every larger legal dim that still fits, the move with
+    the most worth gained per byte (ties go to the cheaper move), so a table whose worth only rises
+    after several steps is not starved. Moves that gain nothing are not bought: bytes without
+    evidence of worth stay unspent (HAM's candidate check also trains allocations that spend
+    them: uniform filled, power law). It stops when no move that gains fits.
     """
-    budget = budget_bytes(tables, fraction, weight_dtype, optimizer)
-    order = {t.name: torch.argsort(values[t.name].double(), descending=True, stable=True) for t in tables}
-    sorted_vals = {t.name: values[t.name].double()[order[t.name]] for t in tables}
-    low = 0 if allow_drop else multiple
-    dims = {t.name: max(low, int((values[t.name] > 0).sum()) // multiple * multiple) for t in tables}
 
     def size(t: EmbeddingBagConfig, d: int) -> int:
         return table_bytes(t.num_embeddings, d, weight_dtype, optimizer).total
 
+    dims = {t.name: int(floors[t.name]) for t in tables}
     total = sum(size(t, dims[t.name]) for t in tables)
-    while total > budget:  # remove the step worth least per byte freed
+    if total > budget:
+        raise InfeasibleBudget(f"select_widths: the floors need {total:,} B, over the budget of {budget:,} B")
+    while True:
         best = None
         for i, t in enumerate(tables):
-            d = dims[t.name]
-            if d - multiple < low:
-                continue
-            freed = size(t, d) - size(t, d - multiple)
-            score = (float(sorted_vals[t.name][d - multiple:d].sum()) / freed, i)
-            best = min(best, (score, t, freed)) if best else (score, t, freed)
+            d, w = dims[t.name], worth[t.name]
+            for d2 in range(d + multiple, caps[t.name] + 1, multiple):
+                cost = size(t, d2) - size(t, d)
+                if total + cost > budget:
+                    break  # larger dims cost more still
+                gain = float(w[d2 // multiple]) - float(w[d // multiple])
+                if gain <= 0:
+                    continue
+                key = (gain / cost, -cost, -i)
+                if best is None or key > best[0]:
+                    best = (key, t, d2, cost)
         if best is None:
-            raise InfeasibleBudget(f"budget of {budget:,} bytes ({fraction:.1%}) is below {total:,} bytes, the cost of "
-                             f"{low} columns per table; raise search.budget or set search.allow_drop: true")
-        _, t, freed = best
-        dims[t.name] -= multiple
-        total -= freed
-    while True:  # add the step worth most per byte that still fits
-        best = None
-        for i, t in enumerate(tables):
-            d = dims[t.name]
-            if d + multiple > t.embedding_dim:
-                continue
-            cost = size(t, d + multiple) - size(t, d)
-            if total + cost > budget:
-                continue
-            score = (float(sorted_vals[t.name][d:d + multiple].sum()) / cost, -i)
-            best = max(best, (score, t, cost)) if best else (score, t, cost)
-        if best is None:
-            break
-        _, t, cost = best
-        dims[t.name] += multiple
+            return dims
+        _, t, d2, cost = best
+        dims[t.name] = d2
         total += cost
+
+
+def select_dims(values: Mapping[str, torch.Tensor], tables: Sequence[EmbeddingBagConfig], fraction: float,
+                droppable: Collection[str] = (), weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad",
+                multiple: int = DIM_MULTIPLE, worth: Optional[Mapping[str, Sequence[float]]] = None,
+                used_rows: Optional[Mapping[str, int]] = None) -> Dict[str, List[int]]:
+    """Kept columns per table: legal dims that fit the budget, the largest `values` of each table first.
+
+    Every table keeps at least `multiple` columns except those in `droppable` (the one
+    feasibility rule, `check_feasible`: InfeasibleBudget names the smallest feasible budget) and at
+    most `dim_cap` of its used rows (`used_rows`, default its rows). The dims come from
+    `select_widths` on `worth` (per table, indexed by dim / multiple; default `column_worth` of
+    the values).
+    """
+    check_feasible(tables, fraction, weight_dtype, optimizer, dropped=droppable)
+    budget = budget_bytes(tables, fraction, weight_dtype, optimizer)
+    rows = {t.name: int((used_rows or {}).get(t.name, t.num_embeddings)) for t in tables}
+    caps = {t.name: dim_cap(rows[t.name], t.embedding_dim, multiple) for t in tables}
+    floors = {t.name: 0 if t.name in droppable else multiple for t in tables}
+    if worth is None:
+        worth = {t.name: column_worth(values[t.name], caps[t.name], multiple) for t in tables}
+    dims = select_widths(worth, tables, budget, floors, caps, weight_dtype, optimizer, multiple)
+    order = {t.name: torch.argsort(values[t.name].double(), descending=True, stable=True) for t in tables}
     return {t.name: sorted(order[t.name][:dims[t.name]].tolist()) for t in tables}
 
 

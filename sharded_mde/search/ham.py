@@ -3,9 +3,10 @@
 The supernet is the run's model with a `MaskedEmbeddingBagCollection` as its sparse arch, trained
 by the ordinary trainer (DMP, fused table optimizer, Adam for dense parameters) for
 `search.epochs`; `BudgetController` takes the mask step and steers lambda after every optimizer
-step; `select_dims` turns the
-final mask values into kept columns that meet the byte budget exactly. The final checkpoint stays
-in `<stage>/checkpoints` for retraining with a warm start.
+step. The trained supernet is then checked on the validation split (`ham_check`): the loss
+effect of each table's widths, harmless drops, and HAM's allocation against uniform and power-law
+dims at the same budget; the best one leaves the search. The final checkpoint stays in
+`<stage>/checkpoints` for retraining with a warm start.
 """
 
 from __future__ import annotations
@@ -13,16 +14,20 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from sharded_mde.config import RunConfig
 from sharded_mde.modules.masked_ebc import MaskedEmbeddingBagCollection, find_gate
 from sharded_mde.modules.model import RecTrain, build_model
-from sharded_mde.plan.dims import DimsFile
+from sharded_mde.plan.dims import DimsFile, InfeasibleBudget, budget_bytes, check_feasible, dim_cap
 from sharded_mde.plan.tables import full_table_configs
-from sharded_mde.search.budget import BudgetController, budget_bytes, make_dims_file, select_dims
+from sharded_mde.search.budget import BudgetController, make_dims_file
+from sharded_mde.search.ham_check import (Scorer, candidate_dims, check_candidates, gate_scorer, harmless_drops,
+                                          interpolate, loss_curves, top_columns)
+from sharded_mde.search.power_law import power_law_dims
+from sharded_mde.search.retrain import train_compact, train_record
 from sharded_mde.search.report import save_search_result
 from sharded_mde.train.distributed import DistEnv
 
@@ -41,37 +46,92 @@ def build_supernet(cfg: RunConfig, tables: List, features: List[str], dense_in: 
 
 
 def run_ham(cfg: RunConfig, env: DistEnv, stage: str = "ham", ranks: Optional[Dict[str, int]] = None) -> DimsFile:
-    """Runs (or resumes) the HAM search in `<run_dir>/<stage>/` and writes its dims file, trace and PNG."""
+    """Runs (or resumes) the HAM search in `<run_dir>/<stage>/` and writes its dims file, trace and PNG.
+
+    Without `search.allow_drop` an infeasible budget fails before any training. After the
+    supernet trains, its validation checks (`ham_check`) pick the dims: loss effect per byte, drops
+    only where harmless, and the best of HAM's, uniform and power-law allocations at the budget.
+    """
     from sharded_mde.data import DatasetMeta
     from sharded_mde.train.run import train_stage
 
     meta = DatasetMeta.load(cfg.data.dir)
     tables = full_table_configs(cfg)
     optimizer = cfg.train.embedding_optimizer
-    torch.manual_seed(cfg.train.seed)  # the same initialisation in every run (and on every rank)
-    torch.manual_seed(cfg.train.seed)  # the same supernet in every run
+    s = cfg.search
+    if not s.allow_drop:
+        check_feasible(tables, s.budget, WEIGHT_DTYPE, optimizer, method="ham")
+    torch.manual_seed(cfg.train.seed)  # the same supernet in every run (and on every rank)
     model = build_supernet(cfg, tables, meta.sparse_features, len(meta.dense_features))
     gate = find_gate(model)
-    s = cfg.search
     controller = BudgetController(gate, tables, budget_bytes(tables, s.budget, WEIGHT_DTYPE, optimizer), s.dual_lr,
                                   WEIGHT_DTYPE, optimizer, s.warmup, s.prune, s.lambda_init, s.dual_tol, s.mask_lr,
                                   cfg.train.batch_size * env.world_size)
     search_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfg.search.epochs))
     t0 = time.perf_counter()
-    _, metrics = train_stage(search_cfg, env, stage, model=model, tables=tables, callbacks=[controller])
+    trainer, metrics = train_stage(search_cfg, env, stage, model=model, tables=tables, callbacks=[controller])
+    search_seconds = time.perf_counter() - t0
     values = gate.table_values()
-    kept = select_dims(values, tables, cfg.search.budget, cfg.search.allow_drop, WEIGHT_DTYPE, optimizer)
+    mask_score = gate_scorer(gate, lambda: trainer.evaluate("valid", max_batches=s.check_batches))
+    kept, check = validate_allocation(cfg, env, stage, tables, values, mask_score)
     out = Path(cfg.run_dir) / stage
     extra = {
         "supernet_checkpoints": str(out / "checkpoints"),
         "search": {k: v for k, v in dataclasses.asdict(cfg.search).items() if k != "pme"},
         "supernet_test": metrics["test"],
-        "search_seconds": time.perf_counter() - t0,
+        "search_seconds": search_seconds,
+        "check_seconds": time.perf_counter() - t0 - search_seconds,
         "search_steps": metrics["steps"],
         "hard_mask_columns": {t.name: int((values[t.name] > 0).sum()) for t in tables},
         "mask_values": {n: [round(float(x), 6) for x in v] for n, v in values.items()},
+        **check,
     }
     dims = make_dims_file("ham", tables, kept, cfg.search.budget, WEIGHT_DTYPE, optimizer, extra)
     if env.is_main:
         save_search_result(out, dims, controller.trace(), ranks)
     return dims
+
+
+def validate_allocation(cfg: RunConfig, env: DistEnv, stage: str, tables: List, values: Dict[str, torch.Tensor],
+                        mask_score: Scorer) -> Tuple[Dict[str, List[int]], Dict[str, Any]]:
+    """(kept columns, what to record) from the trained supernet's validation checks (`ham_check`).
+
+    Measures each table's loss effect per width with the supernet's masks, finds the harmless
+    drops (`search.allow_drop`), then trains every candidate allocation at the budget as `retrain`
+    would (in `<stage>/check_<name>/`) and returns the best on the validation split, all recorded.
+    """
+    s = cfg.search
+    optimizer = cfg.train.embedding_optimizer
+    order = {n: torch.argsort(v.double(), descending=True, stable=True) for n, v in values.items()}
+    caps = {t.name: dim_cap(t.num_embeddings, t.embedding_dim) for t in tables}
+    base = {n: int((v > 0).sum()) for n, v in values.items()}
+    curves = loss_curves(mask_score, tables, base, order, caps)
+    worth = {n: interpolate({d: -m["logloss"] for d, m in c.items()}, caps[n]) for n, c in curves.items()}
+    drops = harmless_drops(curves, s.drop_tolerance) if s.allow_drop else {}
+    droppable = [n for n, d in drops.items() if d["harmless"]]
+    try:
+        rules = {t.name: t.dim for t in power_law_dims(tables, s.budget, s.power_law_alpha, optimizer).tables}
+    except InfeasibleBudget:  # below every field at dim 4: only HAM's harmless drops can meet it
+        rules = {}
+    candidates = candidate_dims(tables, s.budget, values, worth, droppable, rules, WEIGHT_DTYPE, optimizer)
+    check_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=s.check_epochs or cfg.train.epochs))
+    ckpt = str(Path(cfg.run_dir) / stage / "checkpoints")
+
+    def retrain_score(name: str, dims: Dict[str, int]) -> Dict[str, float]:
+
+        cand = make_dims_file("ham", tables, top_columns(order, dims), s.budget, WEIGHT_DTYPE, optimizer,
+                              {"supernet_checkpoints": ckpt})
+        metrics, _ = train_compact(check_cfg, env, cand, f"{stage}/check_{name}")
+        return metrics["valid"]  # the test split's scores are never read
+
+    check = check_candidates(retrain_score, tables, candidates, WEIGHT_DTYPE, optimizer)
+    check["rule"] = (f"best validation AUC of each candidate's compact model trained {check_cfg.train.epochs:g} "
+                     "epoch(s) as retrain would")
+    won = next(r for r in check["candidates"] if r["name"] == check["winner"])
+    check["winner_checkpoints"] = str(Path(cfg.run_dir) / stage / f"check_{won['same_as'] or won['name']}" / "checkpoints")
+    check["winner_trained_as"] = train_record(check_cfg)  # retrain reuses that training when it would train the same
+    kept = top_columns(order, candidates[check["winner"]])
+    record = {"check": check, "column_order": "mask value a, largest first",
+              "loss_effect": {n: {str(d): m for d, m in c.items()} for n, c in curves.items()},
+              "drops": drops, "dropped": [n for n, c in kept.items() if not c]}
+    return kept, record

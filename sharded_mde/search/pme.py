@@ -146,7 +146,7 @@ def compact_pme(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
     if DatasetMeta.load(copy).fingerprint != DatasetMeta.load(cfg.data.dir).fingerprint:
         raise ValueError(f"{copy}: renumbered from other data than {cfg.data.dir} (it was prepared again since "
                          "the search); run the PME search again")
-    fields = fields_from_dims(dims)
+    fields = fields_from_dims(dims, full)
     if not fields:
         raise ValueError("the dims file keeps no token of any field")
     tables = plan_tables(dims, full)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
+from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from tqdm import tqdm
 
@@ -133,6 +134,8 @@ def _token_gradients(kjt: KeyedJaggedTensor, grads: Dict[str, torch.Tensor], tab
                 continue
             bag = torch.repeat_interleave(torch.arange(jt.lengths().numel(), device=jt.values().device), jt.lengths().long())
             g = grads[f][bag]
+            if t.pooling == PoolingType.MEAN:  # a mean bag hands each of its ids 1 / length of its gradient
+                g = g / jt.lengths()[bag].unsqueeze(1).to(g.dtype)
             w = jt.weights_or_none()
             rows.append(g * w.unsqueeze(1) if w is not None else g)
             ids.append(jt.values().long() + offset[t.name])

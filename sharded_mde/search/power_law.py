@@ -2,10 +2,10 @@
 
 The ideal dim of table t is x_t = min(full_dim_t, scale * rows_t ** -alpha) (`search.power_law_alpha`), with the
 scale of `plan/rules.py`'s power_law rule (the largest whose floor-to-4 dims fit the budget).
-Legal dims come from `select_dims` with column values (x_t - c) x (bytes of a column of t): it
-starts at floor4(ceil(x_t)), removes the 4-column step most above its table's ideal dim while
-over the budget, then adds the step most below it while one still fits. Every table keeps at
-least 4 columns (the rule), its first `dim` ones; it trains from scratch in `retrain`.
+Legal dims come from `select_dims` with column values (x_t - c + max full dim) x (bytes of a
+column of t): from 4 columns per table it adds the step most below its table's ideal dim while
+one still fits, up to the table's row cap. Every table keeps at least 4 columns (the shared
+feasibility rule), its first `dim` ones; it trains from scratch in `retrain`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import RunConfig
-from sharded_mde.plan.dims import DimsFile, column_cost
+from sharded_mde.plan.dims import DimsFile, check_feasible, column_cost
 from sharded_mde.plan.rules import rule_dims
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import make_dims_file, select_dims
@@ -30,12 +30,16 @@ WEIGHT_DTYPE = "fp32"
 def power_law_dims(tables: Sequence[EmbeddingBagConfig], fraction: float, alpha: float = 0.3,
                    optimizer: str = "rowwise_adagrad") -> DimsFile:
     """The power-law baseline's dims file (method "power_law") at `fraction` of the full bytes."""
+    check_feasible(tables, fraction, WEIGHT_DTYPE, optimizer, method="power_law")
     rule = rule_dims(list(tables), "power_law", fraction, alpha, WEIGHT_DTYPE, optimizer)
     scale = float(rule.extra["scale"])
     ideal = {t.name: min(float(t.embedding_dim), scale * t.num_embeddings ** -alpha) for t in tables}
-    values = {t.name: (ideal[t.name] - torch.arange(t.embedding_dim, dtype=torch.float64))
+    # value per byte of column c: x_t - c, shifted by the widest table so that every value is
+    # positive and the columns above x_t keep their order (nearest above the ideal dim first)
+    shift = max(t.embedding_dim for t in tables)
+    values = {t.name: (ideal[t.name] + shift - torch.arange(t.embedding_dim, dtype=torch.float64))
               * column_cost(t.num_embeddings, WEIGHT_DTYPE, optimizer) for t in tables}
-    kept = select_dims(values, tables, fraction, False, WEIGHT_DTYPE, optimizer)
+    kept = select_dims(values, tables, fraction, (), WEIGHT_DTYPE, optimizer)
     extra = {"rule": "dim ~ scale * rows ** -alpha, legal dims by select_dims at the budget (docs/baselines.md)",
              "alpha": alpha, "scale": scale, "ideal_dims": {n: round(x, 3) for n, x in ideal.items()}}
     return make_dims_file("power_law", tables, kept, fraction, WEIGHT_DTYPE, optimizer, extra)

@@ -1,6 +1,7 @@
 """What a search leaves in its stage directory: dims.json, trace.json and search.png.
 
-The PNG shows the kept dim of every table (with the planted rank when the data is synthetic) and,
+After HAM's candidate check, check.md lists every candidate allocation with its validation
+scores and names the winner. The PNG shows the kept dim of every table (with the planted rank when the data is synthetic) and,
 for searches with a trace, the kept bytes against the budget, lambda and validation AUC over the
 search. With planted data the dims file's `extra.planted` also scores the result against the
 ground truth (Spearman correlation of kept dims with planted ranks, dims of rank-0 fields).
@@ -13,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from sharded_mde.io import atomic_write_json
+from sharded_mde.io import atomic_write_json, atomic_write_text
 from sharded_mde.plan.dims import DimsFile, save_dims
 from sharded_mde.plots import pyplot, save_png
 
@@ -47,9 +48,24 @@ def planted_agreement(dims: DimsFile, ranks: Mapping[str, int]) -> Dict[str, Any
             "dims_vs_ranks": {f: [kept[f], int(ranks[f])] for f in feats}}
 
 
+def check_markdown(check: Mapping[str, Any]) -> str:
+    """The candidate check of a search as markdown: every candidate's validation scores and bytes, and the winner."""
+    lines = ["| candidate | valid AUC | valid logloss | kept bytes | dims |", "|---|---|---|---|---|"]
+    for r in check["candidates"]:
+        name = f"**{r['name']}**" if r["name"] == check["winner"] else r["name"]
+        lines.append(f"| {name} | {r['valid_auc']:.4f} | {r['valid_logloss']:.4f} | {r['kept_bytes']:,} | "
+                     f"{' '.join(str(d) for d in r['dims'].values())} |")
+    runner = check.get("runner_up")
+    margin = (f", {check['margin_vs_runner_up']:+.4f} validation AUC over the runner-up {runner}" if runner else "")
+    lines += ["", f"Winner: {check['winner']}{margin}; {check['margin_vs_ham']:+.4f} over HAM's own allocation. "
+              f"Rule: {check.get('rule', 'best validation AUC')}."]
+    return "\n".join(lines) + "\n"
+
+
 def save_search_result(out_dir: str | Path, dims: DimsFile, trace: Optional[Dict[str, Any]] = None,
                        ranks: Optional[Mapping[str, int]] = None) -> Path:
-    """Writes dims.json (with the planted score when `ranks` is known), trace.json and search.png; returns dims.json."""
+    """Writes dims.json (with the planted score when `ranks` is known), trace.json, search.png and,
+    after a candidate check, check.md; returns dims.json."""
     out = Path(out_dir)
     if ranks:
         dims.extra["planted"] = planted_agreement(dims, ranks)
@@ -57,6 +73,8 @@ def save_search_result(out_dir: str | Path, dims: DimsFile, trace: Optional[Dict
         atomic_write_json(out / "trace.json", trace)
         dims.extra["trace_file"] = "trace.json"
     save_dims(out / "dims.json", dims)
+    if "check" in dims.extra:
+        atomic_write_text(out / "check.md", check_markdown(dims.extra["check"]))
     plot_search(out / "search.png", dims, trace, ranks)
     return out / "dims.json"
 
@@ -108,3 +126,33 @@ def _plot_trace(ax: Any, trace: Dict[str, Any]) -> None:
     more = lam.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper right")
     ax.set_title("budget over the search", fontsize=10)
+
+
+def checks_summary(root: str | Path) -> str:
+    """Markdown over every HAM dims file under `root` (e.g. a bench_quality directory): per budget,
+    each candidate's mean validation AUC over the runs, and how often it won the check."""
+    import json
+
+    by_budget: Dict[float, list] = {}
+    for path in sorted(Path(root).rglob("dims.json")):
+        doc = json.loads(path.read_text())
+        if doc.get("method") == "ham" and "check" in doc.get("extra", {}):
+            by_budget.setdefault(doc["budget_fraction"], []).append(doc["extra"]["check"])
+    lines = ["| budget | runs | candidate | mean valid AUC | mean vs ham | wins |", "|---|---|---|---|---|---|"]
+    for budget, checks in sorted(by_budget.items()):
+        names = [r["name"] for r in checks[0]["candidates"]]
+        for name in names:
+            aucs = [next(r["valid_auc"] for r in c["candidates"] if r["name"] == name) for c in checks]
+            own = [next(r["valid_auc"] for r in c["candidates"] if r["name"] == "ham") for c in checks]
+            wins = sum(c["winner"] == name for c in checks)
+            lines.append(f"| {budget:g} | {len(checks)} | {name} | {np.mean(aucs):.4f} | "
+                         f"{np.mean(np.subtract(aucs, own)):+.4f} | {wins} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m sharded_mde.search.report DIR  (HAM candidate checks of every dims.json under DIR)")
+    print(checks_summary(sys.argv[1]), end="")

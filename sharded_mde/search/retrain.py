@@ -16,11 +16,14 @@ other searches (PME) plug in their own model without a new command.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed import DistributedModelParallel
@@ -154,26 +157,59 @@ COMPACT_BUILDERS: Dict[str, CompactBuilder] = {"ham": compact_ham, "uniform": co
                                                "planted_oracle": compact_ham}  # tools/planted_oracle.py
 
 
-def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Optional[str] = None) -> Dict[str, Any]:
-    """Trains the compact model of `dims_path` in `<run_dir>/<stage>/` and returns its metrics."""
+def train_record(cfg: RunConfig) -> Dict[str, Any]:
+    """What makes two compact trainings of the same dims identical: the train and data config, the warm-start flag."""
+    return json.loads(json.dumps({"train": dataclasses.asdict(cfg.train), "data_dir": cfg.data.dir,
+                                  "warm_start": cfg.search.retrain_warm_start}))
+
+
+def reuse_check(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> bool:
+    """Copies the final checkpoint of HAM's check training of the returned allocation into
+    `<stage>/checkpoints` when it was trained exactly as this retrain would train it, so the
+    retrain resumes at its end instead of training the same model again; returns whether it did."""
+    check = dims.extra.get("check") or {}
+    src = check.get("winner_checkpoints")
+    if not src or check.get("winner_trained_as") != train_record(cfg):
+        return False
+    last = latest_checkpoint(src)
+    dst = Path(cfg.run_dir) / stage / "checkpoints"
+    if last is None or latest_checkpoint(dst) is not None:
+        return False
+    if env.is_main:
+        shutil.copytree(last, dst / last.name)
+    if dist.is_initialized():
+        dist.barrier()
+    return True
+
+
+def train_compact(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> Tuple[Dict[str, Any], bool]:
+    """Trains the compact model of `dims` in `<run_dir>/<stage>/`; (train_stage's metrics, warm-started?)."""
     from sharded_mde.data import DatasetMeta
     from sharded_mde.train.run import train_stage
 
     meta = DatasetMeta.load(cfg.data.dir)
+    torch.manual_seed(cfg.train.seed)  # a from-scratch compact model starts the same in every run
+    model, tables, warm = COMPACT_BUILDERS[dims.method](cfg, dims, full_table_configs(cfg), meta)
+    if dims.extra.get("data_dir"):  # the search renumbered the ids (PME): train on its copy of the data
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(dims.extra["data_dir"])))
+    _, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm)
+    return metrics, warm is not None
+
+
+def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Optional[str] = None) -> Dict[str, Any]:
+    """Trains the compact model of `dims_path` in `<run_dir>/<stage>/` and returns its metrics."""
     full = full_table_configs(cfg)
     dims = load_dims(dims_path, full)
     if dims.method not in COMPACT_BUILDERS:
         raise ValueError(f"{dims_path}: no retrain builder for method {dims.method!r} (known: {', '.join(COMPACT_BUILDERS)})")
     stage = stage or f"retrain_{dims.method}"
-    torch.manual_seed(cfg.train.seed)  # a from-scratch compact model starts the same in every run
-    model, tables, warm = COMPACT_BUILDERS[dims.method](cfg, dims, full, meta)
-    if dims.extra.get("data_dir"):  # the search renumbered the ids (PME): train on its copy of the data
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(dims.extra["data_dir"])))
-    _, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm)
+    reused = reuse_check(cfg, env, dims, stage)
+    metrics, warm = train_compact(cfg, env, dims, stage)
     summary = {"dims_file": str(dims_path), "method": dims.method, "init": "warm" if warm else "scratch",
                "budget_fraction": dims.budget_fraction, "budget_bytes": dims.budget_bytes,
                "kept_bytes": dims.kept_bytes, "full_bytes": dims.full_bytes, "test": metrics["test"],
-               "valid": metrics["valid"], "steps": metrics["steps"], "train_seconds": metrics["train_seconds"]}
+               "valid": metrics["valid"], "steps": metrics["steps"], "train_seconds": metrics["train_seconds"],
+               "reused_check_training": reused}
     if env.is_main:
         atomic_write_json(Path(cfg.run_dir) / stage / "retrain.json", summary)
     return summary

@@ -3,7 +3,8 @@
 Both score every (table, column) of the full-dimension baseline model (`sharded-mde train`,
 stage `baseline`), reused when that stage finished and trained here otherwise, then keep the
 highest-scoring columns under the byte budget with `select_dims` (value per byte, legal dims,
-never above the budget, within one 4-column step of it). The dims file names the scored
+every field at least 4 columns and at most its row cap, never above the budget, within one
+4-column step of it; no field is dropped). The dims file names the scored
 checkpoint (`extra.supernet_checkpoints`), so `retrain` warm-starts from its kept columns.
 """
 
@@ -15,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from sharded_mde.config import RunConfig
-from sharded_mde.plan.dims import DimsFile
+from sharded_mde.plan.dims import DimsFile, check_feasible
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import make_dims_file, select_dims
 from sharded_mde.search.report import save_search_result
@@ -27,7 +28,12 @@ WEIGHT_DTYPE = "fp32"  # tables train in fp32
 
 
 def baseline_checkpoint(cfg: RunConfig, env: DistEnv) -> Path:
-    """The full-dimension baseline's final checkpoint in `<run_dir>/baseline/`, training it first if unfinished."""
+    """The full-dimension baseline's final checkpoint in `<run_dir>/baseline/`, training it first if unfinished.
+
+    An infeasible budget (`check_feasible`) fails here, before any training.
+    """
+    check_feasible(full_table_configs(cfg), cfg.search.budget, WEIGHT_DTYPE, cfg.train.embedding_optimizer,
+                   method=cfg.search.method)
     stage = Path(cfg.run_dir) / BASELINE_STAGE
     found = latest_checkpoint(stage / "checkpoints")
     if found is None or not (stage / "metrics.json").is_file():
@@ -45,7 +51,7 @@ def save_scored_dims(method: str, cfg: RunConfig, env: DistEnv, stage: str, scor
     """Keeps the best columns by score under the budget; rank 0 writes `<run_dir>/<stage>/` dims.json and PNG."""
     tables = full_table_configs(cfg)
     optimizer = cfg.train.embedding_optimizer
-    kept = select_dims(scores, tables, cfg.search.budget, cfg.search.allow_drop, WEIGHT_DTYPE, optimizer)
+    kept = select_dims(scores, tables, cfg.search.budget, (), WEIGHT_DTYPE, optimizer)
     extra = {"supernet_checkpoints": str(checkpoint), **extra,  # retrain warm-starts from the scored model
              "scores": {n: [float(f"{float(x):.6g}") for x in v] for n, v in scores.items()}}
     dims = make_dims_file(method, tables, kept, cfg.search.budget, WEIGHT_DTYPE, optimizer, extra)

@@ -2,6 +2,7 @@
 
 It takes the smallest legal dim whose bytes reach the budget, so the baseline never has fewer
 bytes than a search result at the same budget (the comparison is conservative for the search).
+A budget below every table at dim 4 is infeasible, as for every field-wise method.
 Every table keeps its first `dim` columns; it trains from scratch in `retrain`.
 """
 
@@ -13,9 +14,9 @@ from typing import Dict, Optional, Sequence
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import RunConfig
-from sharded_mde.plan.dims import DIM_MULTIPLE, DimsFile, table_bytes
+from sharded_mde.plan.dims import DIM_MULTIPLE, DimsFile, budget_bytes, check_feasible, table_bytes
 from sharded_mde.plan.tables import full_table_configs
-from sharded_mde.search.budget import budget_bytes, make_dims_file
+from sharded_mde.search.budget import make_dims_file
 from sharded_mde.search.report import save_search_result
 from sharded_mde.train.distributed import DistEnv
 
@@ -23,7 +24,11 @@ WEIGHT_DTYPE = "fp32"
 
 
 def uniform_dim(tables: Sequence[EmbeddingBagConfig], fraction: float, optimizer: str = "rowwise_adagrad") -> int:
-    """The smallest multiple of 4 whose bytes (every table at min(dim, its full dim)) reach the budget."""
+    """The smallest multiple of 4 whose bytes (every table at min(dim, its full dim)) reach the budget.
+
+    A budget below every table at dim 4 is InfeasibleBudget (`check_feasible`, the rule all field-wise methods share).
+    """
+    check_feasible(tables, fraction, WEIGHT_DTYPE, optimizer, method="uniform")
     budget = budget_bytes(tables, fraction, WEIGHT_DTYPE, optimizer)
     top = max(t.embedding_dim for t in tables)
     for d in range(DIM_MULTIPLE, top + 1, DIM_MULTIPLE):

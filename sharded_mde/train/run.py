@@ -22,7 +22,7 @@ from sharded_mde.data.batches import DatasetMeta
 from sharded_mde.io import atomic_write_json
 from sharded_mde.modules.model import RecTrain, build_model
 from sharded_mde.plan.sharding import load_plan, manual_plan, plan_sharding
-from sharded_mde.plan.tables import full_table_configs
+from sharded_mde.plan.tables import full_table_configs, mean_bag_lengths
 from sharded_mde.train.distributed import DistEnv
 from sharded_mde.train.sharding import ebc_path, wrap_model
 from sharded_mde.train.trainer import Callback, Trainer, TrainResult
@@ -39,7 +39,8 @@ def sharding_plan(model: nn.Module, tables: List[EmbeddingBagConfig], cfg: RunCo
         return manual_plan(tables, cfg.train.sharding, env.world_size, device_type=env.device.type, module_fqn=path)
     here = PlanConfig(world_size=env.world_size, compute_device=env.device.type,
                       local_world_size=env.local_world_size, batch_size=cfg.train.batch_size)
-    plan, _ = plan_sharding(tables, here, optimizer=cfg.train.embedding_optimizer, module_fqn=path)
+    plan, _ = plan_sharding(tables, here, optimizer=cfg.train.embedding_optimizer, module_fqn=path,
+                            bag_lengths=mean_bag_lengths(cfg))
     return plan
 
 
