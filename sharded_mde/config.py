@@ -270,10 +270,10 @@ class PmeConfig:
     """PME: token-wise sizes from saliency at initialisation (docs/pme.md)."""
 
     score_fraction: float = 0.03  # scoring batches, as a fraction of one training epoch's batches
-    sizes: List[int] = field(default_factory=list)  # legal token sizes (multiples of 4; 0 = token pruned); [] = 0, 4, 8, 16, ... and each table's dim
-    combine: str = "project"  # group outputs to the field width: project (a Linear per group) | pad (zeros)
+    sizes: List[int] = field(default_factory=list)  # legal token sizes, multiples of 4 (0: pruned, on the OOV row, always legal); [] = 4, 8, 16, ..., dim
+    combine: str = "pad"  # group outputs to the field width: pad (zeros, no bytes) | project (a Linear per group, counted when sizes are chosen)
     init_scale: float = 0.05  # tables start uniform(-s, s) when scored, so that fields' saliencies compare
-    accumulate: str = "gradient"  # gradient: |E x sum of batch gradients| | saliency: sum of batch |E x gradient|
+    half_life: float = 0.25  # a row of d columns keeps 1 - 2^(-d / half_life) of a token's value (docs/pme.md)
 
     def validate(self) -> None:
         if not 0 < self.score_fraction <= 1:
@@ -284,8 +284,8 @@ class PmeConfig:
             raise ConfigError(f"combine: project or pad, got {self.combine!r}")
         if self.init_scale <= 0:
             raise ConfigError(f"init_scale: must be > 0, got {self.init_scale}")
-        if self.accumulate not in ("gradient", "saliency"):
-            raise ConfigError(f"accumulate: gradient or saliency, got {self.accumulate!r}")
+        if self.half_life <= 0:
+            raise ConfigError(f"half_life: columns, must be > 0, got {self.half_life}")
 
 
 SEARCH_METHODS = ("ham", "pme", "uniform", "power_law", "magnitude", "saliency")

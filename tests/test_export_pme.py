@@ -61,7 +61,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
                  "synth_vocab_min": 30, "synth_vocab_max": 800, "synth_tail_capacity": True},
         "model": {"embedding_dim": 16, "dense_arch": [8, 8], "over_arch": [8, 1]},
         "train": {"batch_size": 256, "epochs": 1, "checkpoint_every": 0, "sharding": "row_wise", "progress": False},
-        "search": {"method": "pme", "budget": 0.3, "pme": {"score_fraction": 0.25}},
+        "search": {"method": "pme", "budget": 0.3, "pme": {"score_fraction": 0.25, "combine": "project"}},
         "export": {"serve_batch_size": 512},
     }))
     cfg = load_config(config)

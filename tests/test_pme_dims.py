@@ -20,7 +20,7 @@ from sharded_mde.modules.token_groups import build_token_group_ebc
 from sharded_mde.plan.dims import load_dims, save_dims
 from sharded_mde.plan.tables import plan_tables
 from sharded_mde.search.budget import budget_bytes
-from sharded_mde.search.pme import WEIGHT_DTYPE, make_pme_dims, routing_reserve
+from sharded_mde.search.pme import WEIGHT_DTYPE, make_pme_dims
 from sharded_mde.search.pme_data import rank_correlation, renumber_data, token_order
 from sharded_mde.search.pme_score import ShardInfo, TokenScores
 from sharded_mde.search.pme_select import ByteModel, select_sizes
@@ -32,12 +32,15 @@ TABLES = [EmbeddingBagConfig(name="t_A", num_embeddings=600, embedding_dim=16, f
 
 def _scores() -> TokenScores:
     g = torch.Generator().manual_seed(0)
-    local = {}
+    local, noise = {}, {}
     for i, t in enumerate(TABLES):
-        s = torch.rand(t.num_embeddings, t.embedding_dim, generator=g) / torch.arange(1, t.num_embeddings + 1)[:, None]
-        local[i] = s * (1e-4 if t.name == "t_N" else 1.0)  # a noise field: nothing salient
+        n, d = t.num_embeddings, t.embedding_dim
+        count = (300.0 / torch.arange(1, n + 1)).expand(d, n).T  # Zipf-like rows per token
+        mu = torch.randn(n, d, generator=g) * (0.0 if t.name == "t_N" else 0.5)  # a noise field: no evidence
+        local[i] = mu * count + torch.randn(n, d, generator=g) * count.sqrt()
+        noise[i] = count.clone()
     layout = [ShardInfo(t.name, 0, 0, t.num_embeddings, t.embedding_dim, 0) for t in TABLES]
-    return TokenScores(TABLES, layout, local, 1, 0.0)
+    return TokenScores(TABLES, layout, local, noise, 1, 0.0)
 
 
 def _module_bytes(module, optimizer_row_bytes: int = 4, adam_bytes: int = 8) -> int:
@@ -56,22 +59,23 @@ def test_dims_bytes_are_the_module_bytes(tmp_path: Path, combine: str, budget: f
     cfg.search.pme.combine = combine
     model = ByteModel(WEIGHT_DTYPE, cfg.train.embedding_optimizer, cfg.train.dense_optimizer, combine)
     b = budget_bytes(TABLES, budget, WEIGHT_DTYPE, cfg.train.embedding_optimizer)
-    sel = select_sizes(_scores(), b - routing_reserve(TABLES, []), model)
+    sel = select_sizes(_scores(), b, model)
     dims = make_pme_dims(cfg, TABLES, sel, model, {"search": {"combine": combine}})
     save_dims(tmp_path / "dims.json", dims)
     dims = load_dims(tmp_path / "dims.json", TABLES)
     assert dims.kept_bytes <= dims.budget_bytes == b
-    assert dims.kept_bytes > 0.7 * b
-    assert dims.table("t_N").dim < dims.table("t_A").dim  # the noise field gets less
+    assert dims.kept_bytes > 0.97 * b
+    rows = {t.name: sum(g.rows for g in t.groups if g.size) for t in dims.tables}
+    assert rows["t_N"] < rows["t_A"] and rows["t_N"] < rows["t_B"]  # the noise field gets fewer rows
     module = build_token_group_ebc(dims, TABLES, combine)
     assert _module_bytes(module) == dims.kept_bytes
     assert [c.name for c in plan_tables(dims, TABLES)] == [c.name for c in module.ebc.embedding_bag_configs()]
 
 
 def test_renumbered_ids_reach_each_tokens_own_size(tmp_path: Path) -> None:
-    cfg = RunConfig(search=SearchConfig(method="pme", budget=0.3))
+    cfg = RunConfig(search=SearchConfig(method="pme", budget=0.1))
     model = ByteModel(combine="pad")
-    sel = select_sizes(_scores(), budget_bytes(TABLES, 0.3) - routing_reserve(TABLES, []), model)
+    sel = select_sizes(_scores(), budget_bytes(TABLES, 0.1), model)
     dims = make_pme_dims(cfg, TABLES, sel, model, {"search": {"combine": "pad"}})
     module = build_token_group_ebc(dims, TABLES, "pad")
     with torch.no_grad():
@@ -84,28 +88,34 @@ def test_renumbered_ids_reach_each_tokens_own_size(tmp_path: Path) -> None:
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f], values=new, lengths=torch.ones(t.num_embeddings, dtype=torch.long))
         out = module(kjt).to_dict()
         got = (out[f] != 0).sum(1) if f in out else torch.zeros(t.num_embeddings, dtype=torch.long)
-        assert torch.equal(got, sizes.long()), t.name
+        want = torch.where(sizes > 0, sizes, sizes[1]).long()  # a pruned token reads the OOV row
+        want[0] = sizes[0]
+        assert bool((sizes[2:] == 0).any()) and bool((sizes[2:] > 0).any()), t.name  # both kinds are checked
+        assert torch.equal(got, want), t.name
 
 
 def test_token_order_and_vocab_renumbering(tmp_path: Path) -> None:
     sizes = np.array([4, 0, 8, 4, 0, 16, 8])
     new = token_order(sizes)
-    assert new.tolist() == [0, 1, 3, 5, 6, 2, 4]
+    assert new.tolist() == [0, 1, 3, 5, 1, 2, 4]  # old id 4 (size 0) is pruned: it reads the OOV id 1
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "vocab").mkdir(parents=True)
     pq.write_table(pa.table({"value": ["a", "b", "c", "d", "e"], "id": pa.array([2, 3, 4, 5, 6], pa.int32()),
                              "count": [50, 40, 30, 20, 10]}), src / "vocab" / "A.parquet")
-    pq.write_table(pa.table({"label": [1.0, 0.0], "A": pa.array([2, 5], pa.int32()), "B": pa.array([3, 3], pa.int32())}),
-                   src / "train.parquet")
+    bags = pa.array([[2, 4], [], None], pa.list_(pa.int32()))
+    pq.write_table(pa.table({"label": [1.0, 0.0, 1.0], "A": pa.array([2, 5, 4], pa.int32()),
+                             "B": pa.array([3, 3, 3], pa.int32()), "M": bags}), src / "train.parquet")
     (src / "meta.json").write_text("{}")
-    renumber_data(src, dst, {"A": new})
+    renumber_data(src, dst, {"A": new, "M": new})
     vocab = pq.read_table(dst / "vocab" / "A.parquet")
-    assert vocab.column("id").to_pylist() == [2, 3, 4, 5, 6]
-    # old id 5 (value d, size 16) is now 2; old 2 (a, size 8) is 3; old 6 (e, 8) is 4; old 3 (b, 4) is 5; old 4 (c, 0) is 6
-    assert vocab.column("value").to_pylist() == ["d", "a", "e", "b", "c"]
+    assert vocab.column("id").to_pylist() == [2, 3, 4, 5]
+    # old id 5 (value d, size 16) is now 2; old 2 (a, size 8) is 3; old 6 (e, 8) is 4; old 3 (b, 4) is 5; c is left
+    # out, so serving encodes it as out-of-vocabulary, as the renumbered rows have it
+    assert vocab.column("value").to_pylist() == ["d", "a", "e", "b"]
     train = pq.read_table(dst / "train.parquet")
-    assert train.column("A").to_pylist() == [3, 2] and train.column("B").to_pylist() == [3, 3]
-    assert train.schema.field("A").type == pa.int32()
+    assert train.column("A").to_pylist() == [3, 2, 1] and train.column("B").to_pylist() == [3, 3, 3]
+    assert train.column("M").to_pylist() == [[3, 1], [], None]  # bags keep their lengths and nulls
+    assert train.schema.field("A").type == pa.int32() and train.schema.field("M").type == pa.list_(pa.int32())
     assert (dst / "meta.json").read_text() == "{}"
 
 

@@ -1,4 +1,4 @@
-"""PME scoring: the shard-local saliency equals sum_b |E * dL_b/dE| of an unsharded model's dense gradient.
+"""PME scoring: the shard-local saliencies and noise equal an unsharded model's dense per-row reference.
 
 Real gloo ranks, the fused TBE kernel (which never exposes table gradients), table-wise, row-wise
 and column-wise plans; the tables must be untouched by scoring.
@@ -33,18 +33,32 @@ def _model():
                        sparse_arch=PooledCapture(EmbeddingBagCollection(tables=table_configs(TABLES))))
 
 
-def _reference(ref, world: int, accumulate: str):
-    """Dense saliency of the unsharded model from the gradients of the mean rank loss of each global batch:
-    sum_b |E * g_b| ("saliency") or |E * sum_b g_b| ("gradient")."""
+def _reference(ref, world: int):
+    """The unsharded model's dense gradients of the mean rank loss of each global batch: E * (their sum), and the
+    noise E^2 * sum over bag entries of the entry's per-row gradient^2."""
     names = [f"model.sparse_arch.ebc.embedding_bags.t_{f}.weight" for f, _, _ in TABLES]
     params = dict(ref.named_parameters())
-    out = {n: torch.zeros_like(params[n]) for n in names}
+    total = {n: torch.zeros_like(params[n]) for n in names}
+    noise = {n: torch.zeros_like(params[n]) for n in names}
+    capture = ref.model.sparse_arch
     for step in range(BATCHES):
-        loss = sum(ref(_batch(r, step))[0] for r in range(world)) / world
+        loss = 0
+        for r in range(world):
+            batch = _batch(r, step)
+            loss_r = ref(batch)[0] / world
+            (pooled_g,) = torch.autograd.grad(loss_r, capture.last.values(), retain_graph=True)
+            loss = loss + loss_r
+            per_row = dict(zip(capture.last.keys(), torch.split(pooled_g, capture.last.length_per_key(), dim=1)))
+            for (f, _, _), n in zip(TABLES, names):  # each row's pooled gradient is that row's own (no cross-row term)
+                jt = batch.sparse_features[f]
+                for row, ids in enumerate(torch.split(jt.values(), jt.lengths().tolist())):
+                    for i in ids.tolist():
+                        noise[n][i] += per_row[f][row] ** 2
         grads = torch.autograd.grad(loss, [params[n] for n in names])
         for n, g in zip(names, grads):
-            out[n] += (params[n].detach() * g).abs() if accumulate == "saliency" else g
-    return out if accumulate == "saliency" else {n: (params[n].detach() * g).abs() for n, g in out.items()}
+            total[n] += g
+    e = {n: params[n].detach() for n in names}
+    return [{n: e[n] * total[n] for n in names}, {n: e[n] ** 2 * noise[n] for n in names}]
 
 
 def _body(rank: int, world: int, kinds: tuple) -> None:
@@ -56,21 +70,22 @@ def _check(rank: int, world: int, kind: str) -> None:
     cfg = TrainConfig(embedding_optimizer="sgd", embedding_lr=1.0)
     dmp, ref = shard_with_reference(_model(), table_configs(TABLES), kind, world, cfg)
     before = {k: v for k, v in copy.deepcopy(dmp.state_dict()).items()}
-    for accumulate in ("saliency", "gradient"):
-        scores = score_tokens(dmp, table_configs(TABLES), (_batch(rank, s) for s in range(10)), BATCHES,
-                              torch.device("cpu"), progress=False, calibrate=False, accumulate=accumulate)
-        assert scores.batches == BATCHES
-        want = _reference(ref, world, accumulate)
-        owned = 0
-        for i, acc in scores.local.items():
+    scores = score_tokens(dmp, table_configs(TABLES), (_batch(rank, s) for s in range(10)), BATCHES,
+                          torch.device("cpu"), progress=False, calibrate=False)
+    assert scores.batches == BATCHES
+    want = _reference(ref, world)
+    owned = 0
+    for got, expected in zip((scores.local, scores.noise), want):
+        for i, acc in got.items():
             s = scores.layout[i]
-            full = want[f"model.sparse_arch.ebc.embedding_bags.{s.table}.weight"]
-            torch.testing.assert_close(acc, full[s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols], rtol=1e-4, atol=1e-7)
+            full = expected[f"model.sparse_arch.ebc.embedding_bags.{s.table}.weight"]
+            torch.testing.assert_close(acc, full[s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols], rtol=1e-4, atol=1e-9)
             owned += 1
-        assert owned == sum(1 for s in scores.layout if s.rank == rank)
-        total = torch.tensor([sum(float(a.sum()) for a in scores.local.values())])
-        dist.all_reduce(total)
-        assert float(total) > 0
+    assert owned == 2 * sum(1 for s in scores.layout if s.rank == rank)
+    total = torch.tensor([sum(float(a.abs().sum()) for part in (scores.local, scores.noise)
+                              for a in part.values())])
+    dist.all_reduce(total)
+    assert float(total) > 0
     after = dmp.state_dict()
     for k, v in before.items():  # scoring never updates the tables (nor anything else)
         a, b = (after[k].local_shards(), v.local_shards()) if hasattr(v, "local_shards") else ([after[k]], [v])
@@ -92,7 +107,7 @@ def test_calibration_puts_the_mean_prediction_at_the_click_rate() -> None:
     batch = _batch(0, 0)
     batch.labels[:] = 0
     batch.labels[:2] = 1  # click rate 0.25
-    shift = calibrate_output_bias(model, batch)
+    shift = calibrate_output_bias(model, [batch])
     assert shift != 0
     with torch.no_grad():
         _, (_, logits, _) = model(batch)

@@ -60,7 +60,8 @@ def test_pme_search_and_retrain_on_two_ranks(config: Path) -> None:
     pme = dims.extra["pme"]
     assert pme["timing"]["score_batches"] >= 1 and set(pme["tokens"]) == set(DatasetMeta.load(cfg.data.dir).sparse_features)
     assert any(v["spearman_frequency"] and v["spearman_frequency"] > 0 for v in pme["tokens"].values())
-    # the renumbered copy encodes the same rows: raw value of every (row, field) is unchanged
+    # the renumbered copy encodes the same rows: the raw value of every (row, field) is unchanged, or the value was
+    # pruned, left out of the renumbered vocabulary, and the row reads the out-of-vocabulary id as serving would
     src, dst = Path(cfg.data.dir), Path(dims.extra["data_dir"])
     meta = DatasetMeta.load(src)
     for f in meta.sparse_features:
@@ -69,6 +70,8 @@ def test_pme_search_and_retrain_on_two_ranks(config: Path) -> None:
         for (p_src, _), (p_dst, _) in zip(meta.split_parts("test"), DatasetMeta.load(dst).split_parts("test")):
             a = pq.read_table(p_src, columns=[f]).column(f).to_numpy()
             b = pq.read_table(p_dst, columns=[f]).column(f).to_numpy()
-            assert (values[src][a] == values[dst][b]).all(), f
+            kept = b != 1
+            assert (values[src][a][kept] == values[dst][b][kept]).all(), f
+            assert not set(values[src][a][~kept][a[~kept] > 1]) & set(values[dst][2:]), f
     metrics = Path(cfg.run_dir) / "retrain_pme" / "retrain.json"
     assert metrics.is_file()

@@ -1,9 +1,12 @@
-"""PME selection: exact budgeted threshold, nearest legal size per token, same answer under any sharding."""
+"""PME selection: exact bytes (projections, routing) within the budget and close to it, legal sizes, fields compared
+by a scale-free value (no field with evidence left without rows), pruned tokens on the OOV row, same answer under
+any sharding on 2 gloo ranks."""
 
 from __future__ import annotations
 
 from typing import Dict, List
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,29 +14,41 @@ from torchrec import EmbeddingBagConfig
 
 from dist_utils import run_ranks
 from sharded_mde.search.pme_score import ShardInfo, TokenScores
-from sharded_mde.search.pme_select import ByteModel, default_sizes, histogram_bytes, select_sizes
+from sharded_mde.search.pme_select import (ByteModel, default_sizes, select_sizes, size_loss,
+                                           table_selection_bytes)
 
-TABLES = [EmbeddingBagConfig(name="t_A", num_embeddings=40, embedding_dim=16, feature_names=["A"]),
-          EmbeddingBagConfig(name="t_B", num_embeddings=30, embedding_dim=8, feature_names=["B"])]
-MODEL = ByteModel(combine="project")
+# a big id field, a mid one, a tiny context field (3 rows: gender-like) and one with no evidence
+TABLES = [EmbeddingBagConfig(name="t_A", num_embeddings=400, embedding_dim=16, feature_names=["A"]),
+          EmbeddingBagConfig(name="t_B", num_embeddings=60, embedding_dim=8, feature_names=["B"]),
+          EmbeddingBagConfig(name="t_G", num_embeddings=5, embedding_dim=16, feature_names=["G"]),
+          EmbeddingBagConfig(name="t_N", num_embeddings=50, embedding_dim=16, feature_names=["N"])]
+PAD, PROJECT = ByteModel(combine="pad"), ByteModel(combine="project")
+SCALE = {"t_A": 1.0, "t_B": 1.0, "t_G": 1.0, "t_N": 1.0}
 
 
-def _full_scores() -> Dict[str, torch.Tensor]:
+def _full(scale: Dict[str, float] = SCALE) -> Dict[str, List[torch.Tensor]]:
+    """Per table (saliency, noise): head tokens pull consistently (mu), the tail and field N are only noise.
+
+    `scale` multiplies a table's saliencies (as its init or head scale would): the noise scales by its square.
+    """
     g = torch.Generator().manual_seed(3)
     out = {}
     for t in TABLES:
-        s = torch.rand(t.num_embeddings, t.embedding_dim, generator=g) ** 4
-        s[: t.num_embeddings // 4] *= 50  # a salient head
-        s[-5:] = 0  # tokens never seen
-        out[t.name] = s
+        n, d = t.num_embeddings, t.embedding_dim
+        count = torch.tensor([0.0, 0.0] + [400.0 / (k + 1) for k in range(n - 2)])  # Zipf-like rows per token
+        mu = torch.randn(n, d, generator=g) * (0.0 if t.name == "t_N" else 0.3)
+        sal = mu * count[:, None] + torch.randn(n, d, generator=g) * count[:, None].sqrt()
+        noise = count[:, None].expand(n, d).clone()
+        s = scale[t.name]
+        out[t.name] = [sal * s, noise * s * s]
     return out
 
 
-def _scores(layout: List[ShardInfo], rank: int) -> TokenScores:
-    full = _full_scores()
-    local = {i: full[s.table][s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols].clone()
-             for i, s in enumerate(layout) if s.rank == rank}
-    return TokenScores(TABLES, layout, local, 1, 0.0)
+def _scores(layout: List[ShardInfo], rank: int, scale: Dict[str, float] = SCALE) -> TokenScores:
+    full = _full(scale)
+    parts = [{i: full[s.table][k][s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols].clone()
+              for i, s in enumerate(layout) if s.rank == rank} for k in range(2)]
+    return TokenScores(TABLES, layout, *parts, 1, 0.0)
 
 
 def _layout(kind: str, world: int) -> List[ShardInfo]:
@@ -49,82 +64,82 @@ def _layout(kind: str, world: int) -> List[ShardInfo]:
     return out
 
 
-def _bytes_of(sizes: Dict[str, torch.Tensor], legal: Dict[str, List[int]], model: ByteModel = MODEL) -> int:
-    return sum(histogram_bytes([int((sizes[t.name] == s).sum()) for s in legal[t.name]], legal[t.name], 1, model)
-               for t in TABLES)
+def _full_bytes(model: ByteModel = PAD) -> int:
+    return sum(model.group(t.num_embeddings, t.embedding_dim) for t in TABLES)
+
+
+def _bytes_of(sizes: Dict[str, torch.Tensor], legal: Dict[str, List[int]], model: ByteModel) -> int:
+    return sum(table_selection_bytes(t, sizes[t.name].numpy(), legal[t.name], model) for t in TABLES)
 
 
 def test_default_sizes() -> None:
     assert default_sizes(16) == [0, 4, 8, 16]
     assert default_sizes(24) == [0, 4, 8, 16, 24]
-    assert default_sizes(16, [4, 12, 32]) == [4, 12]
+    assert default_sizes(16, [4, 12, 32]) == [0, 4, 12]  # 0 is always legal: the token reads the OOV row
     with pytest.raises(ValueError, match="no positive size"):
         default_sizes(16, [0, 32])
+    r = size_loss([0, 4, 8, 16, 32, 64], 0.25)  # the share of value missed: 1 at size 0, falling, never rounded to 0
+    assert r[0] == 1 and np.all(np.diff(r) < 0) and np.all(r > 0) and np.all(np.diff(np.diff(r)) > 0)  # u concave
 
 
-@pytest.mark.parametrize("budget", [0.1, 0.3, 0.6])
-def test_threshold_fits_budget_and_sizes_are_nearest_legal(budget: float) -> None:
-    full_bytes = sum(MODEL.group(t.num_embeddings, t.embedding_dim) for t in TABLES)
-    sel = select_sizes(_scores(_layout("table_wise", 1), 0), int(budget * full_bytes), MODEL)
-    assert sel.bytes == _bytes_of(sel.sizes, sel.legal) <= sel.budget_bytes
-    full = _full_scores()
-
-    def brute(tau: float) -> Dict[str, torch.Tensor]:
-        out = {}
-        for t in TABLES:
-            legal = torch.tensor(sel.legal[t.name], dtype=torch.float)
-            count = (full[t.name] > tau).sum(1).float()
-            out[t.name] = legal[torch.argmin((count[:, None] - legal[None, :]).abs() - 1e-3 * legal[None, :], dim=1)]
-        return out
-
-    want = brute(sel.tau)
+@pytest.mark.parametrize("combine", ["pad", "project"])
+@pytest.mark.parametrize("fraction", [0.03, 0.05, 0.2])
+def test_bytes_with_projections_fit_the_budget_closely_and_sizes_are_legal(combine: str, fraction: float) -> None:
+    model = ByteModel(combine=combine)
+    budget = int(fraction * _full_bytes())
+    sel = select_sizes(_scores(_layout("table_wise", 1), 0), budget, model)
+    assert sel.bytes == _bytes_of(sel.sizes, sel.legal, model) <= budget
+    # the whole budget is used: what is left buys less than one more row at the largest size plus a routing range
+    assert budget - sel.bytes <= model.group(1, 16) + 32, (budget, sel.bytes)
     for t in TABLES:
-        assert torch.equal(sel.sizes[t.name].float(), want[t.name])
-    # tight: the first lower threshold that changes any size no longer fits the budget
-    below = sorted({float(v) for v in torch.cat([f.flatten() for f in full.values()]) if 0 < v <= sel.tau}, reverse=True)
-    for v in below:
-        nxt = brute(v * (1 - 1e-6))
-        if any(not torch.equal(nxt[t.name], want[t.name]) for t in TABLES):
-            assert _bytes_of({k: x.int() for k, x in nxt.items()}, sel.legal) > sel.budget_bytes
-            break
-    else:
-        raise AssertionError("no lower threshold changes the sizes")
+        sizes = sel.sizes[t.name]
+        assert set(sizes.tolist()) <= set(sel.legal[t.name]) and all(s % 4 == 0 for s in sizes.tolist())
+    if combine == "pad":  # no projection matrix at all: the bytes are the groups' and the routing's alone
+        assert sel.bytes == sum(table_selection_bytes(t, sel.sizes[t.name].numpy(), sel.legal[t.name], PAD)
+                                for t in TABLES)
+
+
+@pytest.mark.parametrize("fraction", [0.03, 0.05])
+def test_below_dim_4_everywhere_every_field_with_evidence_keeps_rows(fraction: float) -> None:
+    budget = int(fraction * _full_bytes())
+    assert budget < sum(PAD.group(t.num_embeddings, 4) for t in TABLES)  # uniform dim 4 cannot go here
+    sel = select_sizes(_scores(_layout("table_wise", 1), 0), budget, PAD)
     for t in TABLES:
-        assert int(sel.sizes[t.name][-5:].max()) == 0  # never seen: the smallest size
-        head, tail = sel.sizes[t.name][:10].float().mean(), sel.sizes[t.name][10:].float().mean()
-        assert head > tail
+        sizes = sel.sizes[t.name]
+        assert int((sizes[2:] > 0).sum()) >= 1, t.name  # no field ends all-zero
+        if bool((sizes[2:] == 0).any()):
+            assert int(sizes[1]) == int(sizes.max()) > 0  # pruned tokens read the out-of-vocabulary row
+    for name in ("t_A", "t_B", "t_G"):  # head tokens keep rows, the tail is pruned first
+        kept = (sel.sizes[name][2:] > 0).float()
+        assert kept[:len(kept) // 4].mean() > kept[len(kept) // 2:].mean() or kept.mean() == 1
+    assert int((sel.sizes["t_G"][2:] > 0).sum()) == 3  # the tiny field's rows are cheap and all informative
+    assert int((sel.sizes["t_N"][2:] > 0).sum()) == 1  # the field without evidence: its one floor token only
 
 
-def test_budget_left_after_every_salient_entry_raises_the_smallest_size() -> None:
-    scores = _scores(_layout("table_wise", 1), 0)
-    for acc in scores.local.values():
-        acc[10:] = 0  # only the first 10 tokens of each table were seen
-    full_bytes = sum(MODEL.group(t.num_embeddings, t.embedding_dim) for t in TABLES)
-    pad = ByteModel(combine="pad")
-    sel = select_sizes(scores, int(0.6 * full_bytes), pad)
-    assert sel.tau == 0.0 and sel.floor == 4
-    assert sel.bytes == _bytes_of(sel.sizes, sel.legal, pad) <= sel.budget_bytes
+def test_values_compare_across_fields_whatever_their_scale() -> None:
+    """Multiplying a field's saliencies (its init or head scale) changes nothing."""
+    budget = int(0.05 * _full_bytes())
+    base = select_sizes(_scores(_layout("table_wise", 1), 0), budget, PAD)
+    scaled = select_sizes(_scores(_layout("table_wise", 1), 0, {"t_A": 1e-4, "t_B": 30.0, "t_G": 1e3, "t_N": 1.0}),
+                          budget, PAD)
     for t in TABLES:
-        assert int(sel.sizes[t.name][10:].max()) == int(sel.sizes[t.name][10:].min()) == 4
-        assert int(sel.sizes[t.name][:10].min()) == t.embedding_dim  # every entry of a seen token is salient
-    raised = {t.name: torch.where(sel.sizes[t.name] == 4, 8, sel.sizes[t.name]) for t in TABLES}
-    assert _bytes_of(raised, sel.legal, pad) > sel.budget_bytes  # the next floor would not fit
+        assert torch.equal(base.sizes[t.name], scaled.sizes[t.name]), t.name
 
 
-def test_infeasible_budget_names_the_floor() -> None:
-    with pytest.raises(ValueError, match="smallest legal size"):
-        select_sizes(_scores(_layout("table_wise", 1), 0), 1000, MODEL, sizes=[4, 8])
+def test_infeasible_budget_is_an_error() -> None:
+    with pytest.raises(ValueError, match="best token"):
+        select_sizes(_scores(_layout("table_wise", 1), 0), 100, PAD)
 
 
 def _budget() -> int:
-    return int(0.3 * sum(MODEL.group(t.num_embeddings, t.embedding_dim) for t in TABLES))
+    return int(0.05 * _full_bytes())
 
 
 def _dist_body(rank: int, world: int, want) -> None:
     for kind in ("table_wise", "row_wise", "column_wise"):
-        sel = select_sizes(_scores(_layout(kind, world), rank), _budget(), MODEL)
+        sel = select_sizes(_scores(_layout(kind, world), rank), _budget(), PROJECT)
         if rank == 0:
-            assert sel.tau == want.tau and sel.bytes == want.bytes, kind
+            assert sel.bytes == want.bytes, kind
             for t in TABLES:
                 assert torch.equal(sel.sizes[t.name], want.sizes[t.name]), (kind, t.name)
         else:
@@ -133,4 +148,4 @@ def _dist_body(rank: int, world: int, want) -> None:
 
 
 def test_two_ranks_select_the_same_sizes_under_tw_rw_cw() -> None:
-    run_ranks(_dist_body, select_sizes(_scores(_layout("table_wise", 1), 0), _budget(), MODEL))
+    run_ranks(_dist_body, select_sizes(_scores(_layout("table_wise", 1), 0), _budget(), PROJECT))

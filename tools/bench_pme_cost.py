@@ -30,7 +30,7 @@ from sharded_mde.config import load_config, parse_overrides  # noqa: E402
 from sharded_mde.io import atomic_write_json  # noqa: E402
 from sharded_mde.plan.tables import full_table_configs  # noqa: E402
 from sharded_mde.search.budget import budget_bytes  # noqa: E402
-from sharded_mde.search.pme import WEIGHT_DTYPE, routing_reserve, score_run  # noqa: E402
+from sharded_mde.search.pme import WEIGHT_DTYPE, score_run  # noqa: E402
 from sharded_mde.search.pme_select import ByteModel, select_sizes  # noqa: E402
 from sharded_mde.train.distributed import init_distributed, shutdown_distributed, tune_cpu_process  # noqa: E402
 from sharded_mde.train.run import train_stage  # noqa: E402
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         model = ByteModel(WEIGHT_DTYPE, cfg.train.embedding_optimizer, cfg.train.dense_optimizer, pme.combine)
         budget = budget_bytes(tables, cfg.search.budget, WEIGHT_DTYPE, cfg.train.embedding_optimizer)
         t1 = time.perf_counter()
-        select_sizes(scores, budget - routing_reserve(tables, pme.sizes), model, pme.sizes)
+        select_sizes(scores, budget, model, pme.sizes, pme.half_life)
         timing["select_seconds"] = time.perf_counter() - t1
         scoring_phase = time.perf_counter() - t0
         epoch_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1.0, eval_every=0,

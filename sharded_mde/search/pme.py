@@ -1,13 +1,13 @@
-"""PME search: token-wise sizes from saliency at initialisation, then one table per (field, size) group.
+"""PME search: token-wise sizes from a standardised saliency at initialisation, then one table per (field, size) group.
 
 `run_pme` scores the freshly initialised full model for `search.pme.score_fraction` of an epoch
-(pme_score: |E x dL/dE| per entry, each rank its own shards), keeps the most salient entries under
-the byte budget (pme_select: size = kept count per token, quantised to legal sizes), renumbers
-every field's vocabulary group by group and writes a copy of the data in the new ids (pme_data),
-so the compact model needs no remap at training or serving. `compact_pme` builds that model for
-`retrain`: a `TokenGroupEBC` (one plain EBC of the group tables, sharded by TorchRec's sharders)
-under the run's head. Bytes count the group tables, their optimizer state, the group projections
-(with the dense optimizer's state) and the routing tables.
+(pme_score: E x dL/dE per entry and its noise, each rank its own shards), gives every token a legal
+size by value per byte under the exact byte budget (pme_select: groups, projections and routing
+counted while choosing; pruned tokens share their field's out-of-vocabulary row), renumbers every
+field's vocabulary group by group and writes a copy of the data in the new ids (pme_data), so the
+compact model needs no remap at training or serving. `compact_pme` builds that model for `retrain`:
+a `TokenGroupEBC` (one plain EBC of the group tables, sharded by TorchRec's sharders) under the
+run's head.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 from sharded_mde.config import RunConfig
 from sharded_mde.modules.model import RecTrain, build_model
-from sharded_mde.modules.token_groups import FieldGroups, TokenGroupEBC, combine_of, fields_from_dims, router_bytes
+from sharded_mde.modules.token_groups import TokenGroupEBC, combine_of, fields_from_dims
 from sharded_mde.plan.dims import DimsFile, TableDims, TokenGroup
 from sharded_mde.plan.tables import full_table_configs, plan_tables
 from sharded_mde.search.budget import budget_bytes, full_bytes
 from sharded_mde.search.pme_data import (NUM_RESERVED, plot_token_sizes, renumber_data, scoring_batches, token_order,
                                          token_stats)
 from sharded_mde.search.pme_score import PooledCapture, TokenScores, score_tokens
-from sharded_mde.search.pme_select import ByteModel, Selection, default_sizes, histogram_bytes, select_sizes
+from sharded_mde.search.pme_select import ByteModel, Selection, select_sizes, table_selection_bytes
 from sharded_mde.search.report import save_search_result
 from sharded_mde.train.distributed import DistEnv
 from sharded_mde.train.sharding import wrap_model
@@ -64,31 +64,18 @@ def score_run(cfg: RunConfig, env: DistEnv, tables: List[EmbeddingBagConfig]) ->
     n = max(1, round(cfg.search.pme.score_fraction * epoch))
     setup = time.perf_counter() - t0
     batches = scoring_batches(cfg.data.dir, cfg.train.batch_size, n, env.rank, env.world_size)
-    scores = score_tokens(dmp, tables, batches, n, env.device, cfg.train.progress,
-                          accumulate=cfg.search.pme.accumulate)
+    scores = score_tokens(dmp, tables, batches, n, env.device, cfg.train.progress)
     return scores, {"setup_seconds": setup, "score_seconds": scores.seconds, "score_batches": scores.batches,
                     "epoch_batches": epoch}
-
-
-def routing_reserve(tables: List[EmbeddingBagConfig], sizes: List[int]) -> int:
-    """An upper bound on the routing tables' bytes, taken off the budget before selection."""
-    return sum(len(t.feature_names) * 32 * (NUM_RESERVED + len(default_sizes(t.embedding_dim, sizes)) + 1) for t in tables)
 
 
 def table_result(t: EmbeddingBagConfig, sizes: np.ndarray, legal: List[int], model: ByteModel) -> Tuple[TableDims, List[int]]:
     """One table's dims entry (groups, bytes with projections and routing) and the size of each reserved id."""
     hist = [int((sizes == s).sum()) for s in legal]
     groups = [TokenGroup(s, n, model.group(n, s)) for s, n in zip(legal, hist) if n]
-    dim = max(g.size for g in groups)
-    reserved = [int(s) for s in sizes[:NUM_RESERVED]]
-    nbytes = histogram_bytes(hist, legal, len(t.feature_names), model)
-    if dim:
-        pos = [(s, n) for s, n in sorted(zip(legal, hist), reverse=True) if s and n]
-        index = {s: i for i, (s, _) in enumerate(pos)}
-        field = FieldGroups(t.feature_names[0], t.num_embeddings, dim, tuple(pos), tuple(index.get(s, -1) for s in reserved))
-        nbytes += len(t.feature_names) * router_bytes(field)
     return TableDims(name=t.name, features=list(t.feature_names), num_embeddings=t.num_embeddings, full_dim=t.embedding_dim,
-                     dim=dim, kept_columns=[], bytes=nbytes, groups=groups), reserved
+                     dim=max(g.size for g in groups), kept_columns=[], bytes=table_selection_bytes(t, sizes, legal, model),
+                     groups=groups), [int(s) for s in sizes[:NUM_RESERVED]]
 
 
 def make_pme_dims(cfg: RunConfig, tables: List[EmbeddingBagConfig], sel: Selection, model: ByteModel,
@@ -117,7 +104,7 @@ def run_pme(cfg: RunConfig, env: DistEnv, stage: str = "pme", ranks: Optional[Di
     model = ByteModel(WEIGHT_DTYPE, optimizer, cfg.train.dense_optimizer, pme.combine)
     budget = budget_bytes(tables, cfg.search.budget, WEIGHT_DTYPE, optimizer)
     t0 = time.perf_counter()
-    sel = select_sizes(scores, budget - routing_reserve(tables, pme.sizes), model, pme.sizes)
+    sel = select_sizes(scores, budget, model, pme.sizes, pme.half_life)
     timing["select_seconds"] = time.perf_counter() - t0
     dims = None
     if env.is_main:
@@ -130,7 +117,7 @@ def run_pme(cfg: RunConfig, env: DistEnv, stage: str = "pme", ranks: Optional[Di
         extra = {
             "data_dir": str(data_dir),
             "search": {"budget": cfg.search.budget, **dataclasses.asdict(pme)},
-            "pme": {"tau": sel.tau, "floor_size": sel.floor, "selected_bytes": sel.bytes, "timing": timing,
+            "pme": {"price": sel.price, "selected_bytes": sel.bytes, "timing": timing,
                     "tokens": token_stats(cfg.data.dir, tables, sel.sizes)},
         }
         dims = make_pme_dims(cfg, tables, sel, model, extra)

@@ -24,9 +24,10 @@ from torchrec import EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from sharded_mde.data.batches import batch_from_table
 from sharded_mde.data.meta import DatasetMeta
 from sharded_mde.data.readers import LABEL
-from sharded_mde.data.vocab import NUM_RESERVED, vocab_path
+from sharded_mde.data.vocab import NUM_RESERVED, OOV_ID, vocab_path
 from sharded_mde.io import atomic_path, read_json
 from sharded_mde.plots import pyplot, save_png
 
@@ -59,28 +60,20 @@ def scoring_batches(data_dir: str | Path, batch_size: int, num_batches: int, ran
                     break
         offset += n
     table = pa.concat_tables(parts)
-    keys = list(meta.sparse_features)
     for b in range(num_batches):
-        t = table.slice(b * batch_size, batch_size)
-        dense = np.stack([t.column(c).to_numpy() for c in meta.dense_features], axis=1).astype(np.float32) \
-            if meta.dense_features else np.zeros((batch_size, 0), np.float32)
-        ids = np.stack([t.column(c).to_numpy().astype(np.int64) for c in keys])
-        yield Batch(dense_features=torch.from_numpy(dense),
-                    sparse_features=KeyedJaggedTensor(keys=keys, values=torch.from_numpy(ids.reshape(-1)),
-                                                      lengths=torch.ones(len(keys) * batch_size, dtype=torch.int32),
-                                                      stride=batch_size),
-                    labels=torch.from_numpy(t.column(LABEL).to_numpy().astype(np.float32)))
+        yield batch_from_table(table.slice(b * batch_size, batch_size), meta.dense_features, meta.sparse_features)
 
 
 def token_order(sizes: np.ndarray) -> np.ndarray:
-    """New id of every old id: reserved ids fixed, then by descending size, then by old id."""
+    """New id of every old id: reserved ids fixed, kept tokens by descending size then old id, pruned ones OOV (1)."""
     sizes = np.asarray(sizes)
     r = min(NUM_RESERVED, len(sizes))
     regular = np.arange(r, len(sizes))
-    order = regular[np.lexsort((regular, -sizes[r:]))]
-    new = np.empty(len(sizes), dtype=np.int64)
+    kept = regular[sizes[r:] > 0]
+    order = kept[np.lexsort((kept, -sizes[kept]))]
+    new = np.full(len(sizes), OOV_ID, dtype=np.int64)
     new[:r] = np.arange(r)
-    new[order] = np.arange(r, len(sizes))
+    new[order] = np.arange(r, r + len(order))
     return new
 
 
@@ -96,8 +89,8 @@ def renumber_data(src: str | Path, dst: str | Path, new_ids: Mapping[str, np.nda
             _renumber_vocab(path, target, new_ids[path.stem])
         elif path.suffix == ".parquet":
             table = pq.read_table(str(path))
-            for f in fields & set(table.column_names):  # a split: one id column per field
-                table = _set_ids(table, f, new_ids[f][table.column(f).to_numpy().astype(np.int64)])
+            for f in fields & set(table.column_names):  # a split: one id column (or list of ids) per field
+                table = _map_ids(table, f, new_ids[f])
             if {"field", "id"} <= set(table.column_names):  # per-token facts (planted capacities): (field, id) rows
                 ids = table.column("id").to_numpy().astype(np.int64).copy()
                 field_col = table.column("field").to_numpy(zero_copy_only=False)
@@ -112,6 +105,16 @@ def renumber_data(src: str | Path, dst: str | Path, new_ids: Mapping[str, np.nda
                 shutil.copyfile(path, tmp)
 
 
+def _map_ids(table: pa.Table, column: str, new: np.ndarray) -> pa.Table:
+    """`table` with every id of `column` (ids, or lists of ids for a multi-valued field) replaced by new[id]."""
+    col = table.column(column).combine_chunks()
+    if not pa.types.is_list(col.type):
+        return _set_ids(table, column, new[col.to_numpy().astype(np.int64)])
+    values = new[pc.list_flatten(col).to_numpy().astype(np.int64)].astype(col.type.value_type.to_pandas_dtype())
+    mapped = pa.ListArray.from_arrays(col.offsets, pa.array(values), mask=col.is_null())
+    return table.set_column(table.column_names.index(column), column, mapped.cast(col.type))
+
+
 def _set_ids(table: pa.Table, column: str, ids: np.ndarray) -> pa.Table:
     """`table` with `column` replaced by `ids`, in the column's own integer type."""
     col = table.column(column)
@@ -119,8 +122,12 @@ def _set_ids(table: pa.Table, column: str, ids: np.ndarray) -> pa.Table:
 
 
 def _renumber_vocab(path: Path, target: Path, new: np.ndarray) -> None:
-    """A vocabulary file's rows reordered so that file order is again id order (2, 3, ...)."""
+    """A vocabulary file's rows reordered so that file order is again id order (2, 3, ...); pruned values left out.
+
+    A value left out encodes to the out-of-vocabulary id at serving, as the renumbered splits have it.
+    """
     table = pq.read_table(str(path))
+    table = table.filter(pa.array(new[table.column("id").to_numpy().astype(np.int64)] != OOV_ID))
     old = table.column("id").to_numpy().astype(np.int64)
     order = np.argsort(new[old], kind="stable")
     table = _set_ids(table.take(pa.array(order)), "id", np.sort(new[old]))

@@ -1,17 +1,20 @@
-"""PME saliency at initialisation: s_ij = |E_ij * dL/dE_ij| over the scored batches, shard by shard.
+"""PME saliency at initialisation: the entry saliencies E_ij * dL/dE_ij summed over the scored batches, with their noise.
 
 Fused TBE kernels apply the optimizer inside backward and never expose a table's gradient, so the
 entry gradients are derived from the gradient of the pooled output: with sum pooling,
 dL/dE[i, :] = sum of dL/dpooled over the bags that contain token i. Each rank computes that for
 its own batch (only the head is back-propagated; the tables are never touched), sends each
 token's gradient piece to the rank that holds the token's shard (all_to_all over the shard layout
-of the ShardedTensors, so any sharding works), and the owner accumulates the global batch's
-gradient (mean of the ranks' losses, as DMP trains) into a tensor the size of its shard: either
-the gradient itself, scored |E * sum| at the end (default), or |E * g| batch by batch.
+of the ShardedTensors, so any sharding works), and the owner adds the global batch's gradient
+(mean of the ranks' losses, as DMP trains) to an accumulator of its shard's size, scored E * sum
+at the end. Beside it the owner accumulates the noise, sum over bag entries of (E * g_row)^2: for a
+token that says nothing about the label E||E * sum g||^2 equals it, so their ratio is a scale-free
+evidence that selection compares across fields (pme_select).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -29,8 +32,6 @@ from tqdm import tqdm
 
 from sharded_mde.train.sharding import unwrap
 
-
-ACCUMULATE_MODES = ("gradient", "saliency")
 
 
 class PooledCapture(nn.Module):
@@ -73,7 +74,8 @@ class TokenScores:
 
     tables: List[EmbeddingBagConfig]
     layout: List[ShardInfo]  # every shard of every table, the same order on every rank
-    local: Dict[int, torch.Tensor]  # index into layout -> accumulator (rows x cols) of a shard this rank owns
+    local: Dict[int, torch.Tensor]  # index into layout -> E * sum of dL/dE over the scored batches (a shard this rank owns)
+    noise: Dict[int, torch.Tensor]  # same keys and shapes: sum over bag entries of (E * per-row gradient)^2
     batches: int
     seconds: float
 
@@ -109,16 +111,18 @@ def local_weights(state: Dict[str, object], layout: List[ShardInfo], prefix: str
     return out
 
 
-def _token_gradients(kjt: KeyedJaggedTensor, grads: Dict[str, torch.Tensor],
-                     tables: Sequence[EmbeddingBagConfig]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Per table: (unique token ids, dL/dE of each) from the pooled-output gradient of this rank's batch.
+def _token_gradients(kjt: KeyedJaggedTensor, grads: Dict[str, torch.Tensor], tables: Sequence[EmbeddingBagConfig]
+                     ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per table: (unique token ids, dL/dE of each, sum of squared per-entry gradients) of this rank's batch.
+
+    The third term sums g^2 over the bag entries holding the token (one per row for single-valued fields).
 
     Vectorised over tables of one width: every id gets a global row number (its table's offset plus
     the id), so one `unique` and one `index_add_` serve all those tables (not one pair per table).
     """
     jts = kjt.to_dict()
     table_of = {f: t for t in tables for f in t.feature_names}
-    out: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    out: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for dim in sorted({t.embedding_dim for t in tables}):
         group = [t for t in tables if t.embedding_dim == dim]
         starts = torch.tensor([0] + [t.num_embeddings for t in group]).cumsum(0).tolist()  # len(group) + 1
@@ -138,18 +142,20 @@ def _token_gradients(kjt: KeyedJaggedTensor, grads: Dict[str, torch.Tensor],
         if not ids:
             continue
         u, inv = torch.unique(torch.cat(ids), return_inverse=True)
-        total = torch.zeros(len(u), dim, device=u.device).index_add_(0, inv, torch.cat(rows))
+        rows_t = torch.cat(rows)
+        total = torch.zeros(len(u), dim, device=u.device).index_add_(0, inv, rows_t)
+        squares = torch.zeros(len(u), dim, device=u.device).index_add_(0, inv, rows_t * rows_t)
         bounds = torch.searchsorted(u, torch.tensor(starts, device=u.device)).tolist()
         for i, t in enumerate(group):
             lo, hi = bounds[i], bounds[i + 1]
             if hi > lo:
-                out[t.name] = (u[lo:hi] - offset[t.name], total[lo:hi])
+                out[t.name] = (u[lo:hi] - offset[t.name], total[lo:hi], squares[lo:hi])
     return out
 
 
 def _exchange(pieces: List[Tuple[torch.Tensor, torch.Tensor]], layout: List[ShardInfo], rank: int,
-              world: int) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
-    """Sends piece s (local row ids, gradient columns) to shard s's owner; returns what this rank owns."""
+              world: int, blocks: int = 1) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """Sends piece s (local row ids, `blocks` x the shard's columns per row) to shard s's owner; returns what this rank owns."""
     dev = pieces[0][0].device
     counts = torch.tensor([len(p[0]) for p in pieces], dtype=torch.long, device=dev)
     if world == 1:
@@ -162,7 +168,7 @@ def _exchange(pieces: List[Tuple[torch.Tensor, torch.Tensor]], layout: List[Shar
     send_g = [torch.cat([pieces[i][1].reshape(-1) for i in range(len(layout)) if owner[i] == d]
                         or [torch.zeros(0, device=dev)]) for d in range(world)]
     recv_n = [sum(int(every[r][i]) for i in mine) for r in range(world)]
-    recv_e = [sum(int(every[r][i]) * layout[i].cols for i in mine) for r in range(world)]
+    recv_e = [sum(int(every[r][i]) * layout[i].cols * blocks for i in mine) for r in range(world)]
     ids = torch.empty(sum(recv_n), dtype=torch.long, device=dev)
     g = torch.empty(sum(recv_e), device=dev)
     dist.all_to_all_single(ids, torch.cat(send_ids), recv_n, [len(x) for x in send_ids])
@@ -172,25 +178,29 @@ def _exchange(pieces: List[Tuple[torch.Tensor, torch.Tensor]], layout: List[Shar
     for r in range(world):
         for i in mine:
             n = int(every[r][i])
-            parts[i].append((ids[pos_n:pos_n + n], g[pos_e:pos_e + n * layout[i].cols].view(n, layout[i].cols)))
+            w = layout[i].cols * blocks
+            parts[i].append((ids[pos_n:pos_n + n], g[pos_e:pos_e + n * w].view(n, w)))
             pos_n += n
-            pos_e += n * layout[i].cols
+            pos_e += n * w
     return {i: (torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for i, ps in parts.items()}
 
 
 @torch.no_grad()
-def calibrate_output_bias(model: nn.Module, batch: Batch) -> float:
-    """Sets the logit layer's bias so that the mean prediction is the batch's click rate (all ranks alike).
+def calibrate_output_bias(model: nn.Module, batches: Sequence[Batch]) -> float:
+    """Sets the logit layer's bias so that the mean logit is the click rate's over `batches` (all ranks alike).
 
     At initialisation the prediction is off the click rate by the same amount for every row, which
     gives every token, informative or not, a gradient in proportion to its count; with the bias
-    calibrated, a token's gradient measures how its rows' labels depart from the rest.
+    calibrated on the whole scored window, a token's gradient measures how its rows' labels depart
+    from the rest (a first batch alone is off the window's rate on time-ordered data).
     """
     last = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1]
     if not last or last[-1].bias is None:
         raise ValueError("PME bias calibration: the model has no logit layer (a Linear with one output and a bias)")
-    _, (_, logits, labels) = model(batch)
-    stats = torch.stack([logits.float().sum(), labels.float().sum(), torch.tensor(float(labels.numel()), device=logits.device)])
+    stats = torch.zeros(3)
+    for batch in batches:
+        _, (_, logits, labels) = model(batch)
+        stats += torch.stack([logits.float().sum(), labels.float().sum(), torch.tensor(float(labels.numel()))]).cpu()
     if dist.is_initialized():
         dist.all_reduce(stats)
     mean_logit, ctr = float(stats[0] / stats[2]), float(stats[1] / stats[2])
@@ -208,17 +218,12 @@ def score_tokens(
     device: torch.device,
     progress: bool = True,
     calibrate: bool = True,
-    accumulate: str = "gradient",
 ) -> TokenScores:
-    """Accumulates |E * dL/dE| over `batches` for the EBC inside `dmp` (wrapped in a PooledCapture).
+    """Accumulates the entry saliencies E * dL/dE over `batches` and their noise, for the EBC inside `dmp`.
 
-    With `calibrate`, the output bias is first set to the click rate of the first batch.
-    `accumulate`: "gradient" sums dL/dE over the batches and scores |E * sum| once (the gradient of
-    the whole scored window: rows' noise cancels, a token's consistent pull adds up); "saliency"
-    sums |E * dL/dE| batch by batch.
+    The model's sparse arch is wrapped in a PooledCapture. With `calibrate`, the output bias is first
+    set to the click rate of the scored batches (read once before).
     """
-    if accumulate not in ACCUMULATE_MODES:
-        raise ValueError(f"PME scoring: accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
     capture = PooledCapture.find(dmp, "PME scoring")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     state = dmp.state_dict()
@@ -227,14 +232,14 @@ def score_tokens(
     layout = shard_layout(state, tables, prefix)
     weights = local_weights(state, layout, prefix, rank)
     acc = {i: torch.zeros(w.shape, device=w.device) for i, w in weights.items()}
+    noise = {i: torch.zeros(w.shape, device=w.device) for i, w in weights.items()}
     t0 = time.perf_counter()
-    done = 0
     bar = tqdm(total=num_batches, desc="pme score", unit="batch", disable=not (progress and rank == 0), dynamic_ncols=True)
     model = unwrap(dmp)  # DDP would wait for parameter gradients that scoring never computes
+    batches = [b.to(device) for b in itertools.islice(batches, num_batches)]
+    if calibrate and batches:
+        calibrate_output_bias(model, batches)
     for batch in batches:
-        batch = batch.to(device)
-        if calibrate and done == 0:
-            calibrate_output_bias(model, batch)
         loss, _ = model(batch)
         pooled = capture.last
         (g,) = torch.autograd.grad(loss, pooled.values())
@@ -242,26 +247,20 @@ def score_tokens(
         per_table = _token_gradients(batch.sparse_features, grads, tables)
         pieces = []
         for s in layout:
-            u, gu = per_table.get(s.table, (torch.zeros(0, dtype=torch.long, device=device),
-                                            torch.zeros(0, s.cols + s.col0, device=device)))
+            empty = torch.zeros(0, s.cols + s.col0, device=device)
+            u, gu, sq = per_table.get(s.table, (torch.zeros(0, dtype=torch.long, device=device), empty, empty))
             sel = (u >= s.row0) & (u < s.row0 + s.rows)
-            pieces.append((u[sel] - s.row0, gu[sel, s.col0:s.col0 + s.cols].contiguous()))
-        for i, (ids, gi) in _exchange(pieces, layout, rank, world).items():
-            if not len(ids):
-                continue
-            if accumulate == "gradient":  # a sum over batches: ids repeated across ranks just add up
-                acc[i].index_add_(0, ids, gi, alpha=1 / world)
-                continue
-            uu, inv = torch.unique(ids, return_inverse=True)
-            total = torch.zeros(len(uu), gi.shape[1], device=gi.device).index_add_(0, inv, gi) / world
-            acc[i].index_add_(0, uu, (weights[i][uu].detach().to(total.dtype) * total).abs())
+            cols = slice(s.col0, s.col0 + s.cols)
+            pieces.append((u[sel] - s.row0, torch.cat([gu[sel, cols], sq[sel, cols]], dim=1)))
+        for i, (ids, both) in _exchange(pieces, layout, rank, world, blocks=2).items():
+            if len(ids):  # sums over batches: ids repeated across ranks just add up (the loss is the ranks' mean)
+                acc[i].index_add_(0, ids, both[:, :layout[i].cols], alpha=1 / world)
+                noise[i].index_add_(0, ids, both[:, layout[i].cols:], alpha=1 / world ** 2)
         capture.last = None
-        done += 1
         bar.update(1)
-        if done >= num_batches:
-            break
     bar.close()
-    if accumulate == "gradient":
-        for i, a in acc.items():
-            a.mul_(weights[i].detach().to(a.dtype)).abs_()
-    return TokenScores(tables, layout, acc, done, time.perf_counter() - t0)
+    for i, w in weights.items():
+        e = w.detach().to(noise[i].dtype)
+        acc[i].mul_(e)
+        noise[i].mul_(e * e)
+    return TokenScores(tables, layout, acc, noise, len(batches), time.perf_counter() - t0)
