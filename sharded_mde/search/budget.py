@@ -292,6 +292,18 @@ class BudgetController(BudgetedSearch):
     """The project trainer's callback around `BudgetedSearch` (one budget path for both loops).
 
     The trainer tells it its total steps and each step's number; everything else is the hook's.
+
+    Args:
+        gate (ColumnGate): the supernet's gate (`find_gate(model)`).
+        tables (Sequence[EmbeddingBagConfig]): the gate's tables, in order.
+        budget (int): bytes.
+        dual_lr, weight_dtype, optimizer, warmup, prune, lambda_init, tol, mask_lr, batch_size: as in
+            `BudgetedSearch`.
+
+    Example::
+
+        controller = BudgetController(find_gate(model), tables, budget_bytes(tables, 0.5), dual_lr=0.1)
+        Trainer(..., callbacks=[controller])
     """
 
     def __init__(self, gate: ColumnGate, tables: Sequence[EmbeddingBagConfig], budget: int, dual_lr: float,
