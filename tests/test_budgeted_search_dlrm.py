@@ -12,7 +12,7 @@ from typing import List
 
 import pytest
 import torch
-from torchrec import EmbeddingBagConfig
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 
@@ -127,12 +127,19 @@ def test_plain_loop_bytes_budget_and_compact_mixed_dim_dlrm() -> None:
         loss.backward()
         opt.step()
         search.step()
+    assert [s["step"] for s in search.steps] == list(range(1, STEPS + 1))  # counted by the hook itself
+    resumed = BudgetedSearch(model, **{**SETTINGS, "budget": full // 3}, batch_size=B)
+    resumed.load_state_dict(search.state_dict())
+    assert resumed.state_dict() == search.state_dict() and resumed.step_count == STEPS
     dims = search.dims_file()
     assert dims.budget_bytes == full // 3
     assert_on_budget(dims, tables)
     compact = plan_tables(dims, tables)
-    head = MixedDimDLRM(torch.nn.Module(), {t.feature_names[0]: t.embedding_dim for t in compact}, N_DENSE, [8, 16],
-                        [16, 1])
-    assert sorted(head.feature_dims.values()) == sorted(dims.table(t.name).dim for t in tables if dims.table(t.name).dim)
+    widths = {f: 0 for f, _, _ in SPEC} | {t.feature_names[0]: t.embedding_dim for t in compact}
+    small = MixedDimDLRM(EmbeddingBagCollection(tables=compact), widths, N_DENSE, [8, 16], [16, 1])
+    batch = _batch(0, 0)
+    assert small(batch.dense_features, batch.sparse_features).shape == (B, 1)
+    assert sum(p.numel() for n, p in small.named_parameters() if "embedding_bags" in n) == sum(
+        t.num_embeddings * dims.table(t.name).dim for t in tables)  # the compact tables hold only the kept dims
     with pytest.raises(ValueError, match="budget must be"):
         BudgetedSearch(model, budget=1.5, total_steps=10)

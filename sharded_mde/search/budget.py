@@ -162,7 +162,8 @@ class BudgetedSearch:
         batch_size (int): global examples per step (the Fisher estimate's scale).
         tables (Optional[Sequence[EmbeddingBagConfig]]): the masked tables, default those of the
             model's `MaskedEmbeddingBagCollection`.
-        dual_lr, tol, lambda_init, warmup, prune, mask_lr: the search settings (`SearchConfig`).
+        dual_lr, tol, lambda_init, warmup, prune, mask_lr: the search settings (defaults: `SearchConfig`'s;
+            tol is its `dual_tol`).
         weight_dtype (str): "fp32" or "fp16" (byte model).
         optimizer (str): the table optimizer whose state is priced (byte model).
 
@@ -182,7 +183,7 @@ class BudgetedSearch:
 
     def __init__(self, model: nn.Module, budget: Union[float, int], total_steps: int, batch_size: int = 1,
                  tables: Optional[Sequence[EmbeddingBagConfig]] = None, dual_lr: float = 0.1, tol: float = 0.02,
-                 lambda_init: float = 0.1, warmup: float = 0.2, prune: float = 0.5, mask_lr: float = 0.005,
+                 lambda_init: float = 0.1, warmup: float = 0.3, prune: float = 0.5, mask_lr: float = 0.005,
                  weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad") -> None:
         self.gate = find_gate(model)
         self.tables = list(tables) if tables is not None else masked_tables(model)
