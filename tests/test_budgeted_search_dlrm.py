@@ -16,7 +16,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 
-from dist_utils import _reference_optimizers, random_batch, run_ranks, shard_with_reference, table_configs, train_in_lockstep
+from dist_utils import (random_batch, reference_optimizers, reference_step, run_ranks, shard_with_reference,
+                        table_configs, train_in_lockstep)
 from sharded_mde import BudgetedSearch, DimsFile, MaskedEmbeddingBagCollection, MixedDimDLRM, plan_tables
 from sharded_mde.config import TrainConfig
 from sharded_mde.modules.masked_ebc import find_gate
@@ -86,16 +87,11 @@ def _pipelined(rank: int, world: int) -> None:
     ref_search = BudgetedSearch(ref, batch_size=B * world, **SETTINGS)
     pipeline = TrainPipelineSparseDist(dmp, make_optimizer(dmp, TCFG), torch.device("cpu"))
     batches = iter([_batch(rank, s) for s in range(STEPS)])
-    ref_opts = _reference_optimizers(ref, TCFG)
+    ref_opts = reference_optimizers(ref, TCFG)
     for step in range(STEPS):
         pipeline.progress(batches)
         search.step()
-        ref_loss = sum(ref(_batch(r, step))[0] for r in range(world)) / world
-        for o in ref_opts:
-            o.zero_grad()
-        ref_loss.backward()
-        for o in ref_opts:
-            o.step()
+        reference_step(ref, ref_opts, _batch, step, world)
         ref_search.step()
     assert torch.equal(find_gate(dmp).values() > 0, find_gate(ref).values() > 0)
     assert search.dims_file() == ref_search.dims_file()
