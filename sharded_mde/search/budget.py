@@ -1,10 +1,10 @@
 """The byte budget of a dimension search: the dual-ascent controller and the exact final selection.
 
 During the search, `BudgetedSearch` (a hook the user's own loop calls once per training step;
-`BudgetController` adapts it to this project's trainer, so both run one budget path) reads the hard mask after every step,
-prices the kept columns with the project's byte model (weights plus optimizer state), and moves
-the penalty weight lambda by dual ascent so that the kept bytes follow a gradual target from the
-full bytes (after a warm-up) down to the budget B.
+`BudgetController` adapts it to this project's trainer, so both run one budget path) reads the
+hard mask after every step, prices the kept columns with the project's byte model (weights plus
+optimizer state), and moves the penalty weight lambda by dual ascent so that the kept bytes
+follow a gradual target from the full bytes (after a warm-up) down to the budget B.
 At the end, `select_dims` meets the budget with legal dims: every table starts at the smallest
 legal dim (or 0 where a drop was shown harmless), then `select_widths` adds the moves with the
 most worth per byte while one that gains still fits, never past a table's row cap, so the kept
