@@ -102,7 +102,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch) -> to
     return loss
 
 
-def _reference_optimizers(ref: nn.Module, tcfg: TrainConfig) -> List[torch.optim.Optimizer]:
+def reference_optimizers(ref: nn.Module, tcfg: TrainConfig) -> List[torch.optim.Optimizer]:
     """Unsharded optimizers doing what make_optimizer's fused (row-wise) Adagrad and dense Adam do."""
     if tcfg.embedding_optimizer not in ("adagrad", "rowwise_adagrad") or tcfg.dense_optimizer != "adam":
         raise ValueError(f"no reference optimizer for {tcfg.embedding_optimizer}/{tcfg.dense_optimizer}")
@@ -112,21 +112,28 @@ def _reference_optimizers(ref: nn.Module, tcfg: TrainConfig) -> List[torch.optim
     return [table(emb, lr=tcfg.embedding_lr, eps=1e-8), torch.optim.Adam(dense, lr=tcfg.dense_lr)]
 
 
+def reference_step(ref: nn.Module, ref_opts: List[torch.optim.Optimizer], batch: Callable[[int, int], Batch],
+                   step: int, world: int) -> torch.Tensor:
+    """One step of the unsharded reference on the mean loss of every rank's batch `batch(r, step)`; returns it."""
+    ref_loss = sum(ref(batch(r, step))[0] for r in range(world)) / world
+    for o in ref_opts:
+        o.zero_grad()
+    ref_loss.backward()
+    for o in ref_opts:
+        o.step()
+    return ref_loss
+
+
 def train_in_lockstep(dmp: DistributedModelParallel, ref: nn.Module, tcfg: TrainConfig,
                       batch: Callable[[int, int], Batch], rank: int, world: int, steps: int) -> Iterator[int]:
     """Trains `dmp` on `batch(rank, step)` and `ref` on the mean loss of every rank's batch, yielding each step.
 
     Asserts after every step that the ranks' mean loss equals the reference loss (rtol 1e-5, atol 1e-6).
     """
-    opt, ref_opts = make_optimizer(dmp, tcfg), _reference_optimizers(ref, tcfg)
+    opt, ref_opts = make_optimizer(dmp, tcfg), reference_optimizers(ref, tcfg)
     for step in range(steps):
         mean_loss = train_step(dmp, opt, batch(rank, step)).detach().clone()
-        ref_loss = sum(ref(batch(r, step))[0] for r in range(world)) / world
-        for o in ref_opts:
-            o.zero_grad()
-        ref_loss.backward()
-        for o in ref_opts:
-            o.step()
+        ref_loss = reference_step(ref, ref_opts, batch, step, world)
         dist.all_reduce(mean_loss)
         mean_loss /= world
         assert torch.allclose(mean_loss, ref_loss.detach(), rtol=1e-5, atol=1e-6), (step, mean_loss, ref_loss)

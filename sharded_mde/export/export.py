@@ -397,6 +397,24 @@ def export_compact(
     token-group model: its group tables, the remap of its ids and its group projections are exported.
     The vocabularies of `data_dir` (the data stage's output, for PME the search's renumbered copy)
     are copied in, so the export serves raw values.
+
+    Args:
+        checkpoint (str | Path): a training checkpoint (directory or checkpoints root: the latest).
+        out (str | Path): the export directory to write.
+        model_cfg (ModelConfig): the head the checkpoint was trained with.
+        features (Sequence[str]): the sparse features, in the model's order.
+        dense_in_features (int): dense input width.
+        tables (Sequence[EmbeddingBagConfig]): the run's full tables.
+        dims (Optional[DimsFile]): the search result to compact to.
+        export_cfg (ExportConfig): dtype and block size of the written tables.
+        data_dir (Optional[str | Path]): where the vocabularies are.
+        overwrite (bool): replace an existing export.
+        progress (bool): show a progress bar.
+
+    Example::
+
+        manifest = export_compact("runs/demo/retrain/checkpoints", "runs/demo/export", ModelConfig(),
+                                  features, dense_in_features=13, tables=tables, dims=dims)
     """
     ckpt = resolve_checkpoint(checkpoint)
     files, info = _rank_files(ckpt)

@@ -116,6 +116,18 @@ def load_export(
     """The serving model of an export: its tables as `dtype` (default: as stored) and its head.
 
     With `verify`, every file's size and sha256 are checked against the manifest first.
+
+    Args:
+        root (str | Path): the export directory.
+        dtype (Optional[str]): the table dtype to serve (fp32, fp16, int8, int4; default as stored).
+        row_alignment (int): row alignment of quantised tables.
+        device (torch.device): where to load.
+        verify (bool): check sizes and checksums first.
+
+    Example::
+
+        serving = load_export("runs/demo/export", dtype="int8")
+        logits = serving(dense_features, sparse_features)
     """
     root = Path(root)
     manifest = read_manifest(root)

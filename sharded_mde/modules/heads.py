@@ -51,7 +51,27 @@ class _MixedDimHead(nn.Module):
 
 
 class MixedDimDLRM(_MixedDimHead):
-    """DLRM over per-field embeddings of any width: Linear(d_f -> D) per field, then DLRM arches."""
+    """DLRM over per-field embeddings of any width: Linear(d_f -> D) per field, then DLRM arches.
+
+    Stock `torchrec.models.dlrm.DLRM` asserts one dim for every table, so the compact model after a
+    search uses this head (a searched model trains with `DLRM` itself: during the search every table
+    keeps its full dim).
+
+    Args:
+        sparse_arch (nn.Module): KJT -> KeyedTensor of pooled embeddings (an EBC of the compact tables).
+        feature_dims (Dict[str, int]): pooled width per feature, in the model's feature order (0: dropped).
+        dense_in_features (int): dense input width.
+        dense_arch_layer_sizes (List[int]): the dense MLP; its last size D is the interaction width.
+        over_arch_layer_sizes (List[int]): the over MLP, ending in 1.
+
+    Example::
+
+        compact = plan_tables(dims, tables)  # mixed-dim EmbeddingBagConfigs
+        model = MixedDimDLRM(EmbeddingBagCollection(tables=compact), {t.feature_names[0]: t.embedding_dim
+                             for t in compact}, dense_in_features=4, dense_arch_layer_sizes=[16, 16],
+                             over_arch_layer_sizes=[16, 1])
+        logits = model(dense_features, sparse_features)  # (B, 1)
+    """
 
     def __init__(
         self,
@@ -94,7 +114,23 @@ class MixedDimDLRM(_MixedDimHead):
 
 
 class MixedDimDCN(_MixedDimHead):
-    """DCN-v2 style head: LowRankCrossNet over [dense arch output, concatenated field embeddings]."""
+    """DCN-v2 style head: LowRankCrossNet over [dense arch output, concatenated field embeddings].
+
+    Args:
+        sparse_arch (nn.Module): KJT -> KeyedTensor of pooled embeddings of any widths.
+        feature_dims (Dict[str, int]): pooled width per feature, in the model's feature order.
+        dense_in_features (int): dense input width.
+        dense_arch_layer_sizes (List[int]): the dense MLP.
+        over_arch_layer_sizes (List[int]): the over MLP, ending in 1.
+        num_layers (int): cross layers.
+        low_rank (int): rank of each cross layer's weight.
+
+    Example::
+
+        model = MixedDimDCN(EmbeddingBagCollection(tables=compact), {"C1": 8, "C2": 4}, dense_in_features=4,
+                            dense_arch_layer_sizes=[16], over_arch_layer_sizes=[16, 1])
+        logits = model(dense_features, sparse_features)  # (B, 1)
+    """
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from sharded_mde.plan.dims import column_cost, table_bytes
@@ -264,22 +265,52 @@ class ColumnGate(nn.Module):
         return self._aux
 
 
-class MaskedEmbeddingBagCollection(nn.Module):
-    """An EBC (child `.ebc`, sharded by DMP's stock sharder) followed by a `ColumnGate` (child `.gate`)."""
+class MaskedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """An EBC (child `.ebc`, sharded by DMP's stock sharder) followed by a `ColumnGate` (child `.gate`).
+
+    It implements TorchRec's `EmbeddingBagCollectionInterface`, so it goes wherever an
+    `EmbeddingBagCollection` goes, e.g. as `embedding_bag_collection` of `torchrec.models.dlrm.DLRM`
+    or `DLRM_DCN`: during the search every table keeps its full dim, only pruned columns read 0.
+
+    Args:
+        tables (Sequence[EmbeddingBagConfig]): the full tables.
+        device (Optional[torch.device]): where the EBC is built ("meta" for DMP to materialise).
+        is_weighted (bool): whether the features carry weights (as in `EmbeddingBagCollection`).
+        **gate_kwargs: `ColumnGate` settings (surrogate, mask_init, ortho_weight, ..., optimizer).
+
+    Example::
+
+        tables = [EmbeddingBagConfig(name="t_C1", num_embeddings=1000, embedding_dim=16, feature_names=["C1"])]
+        masked = MaskedEmbeddingBagCollection(tables)
+        kt = masked(KeyedJaggedTensor.from_lengths_sync(keys=["C1"], values=torch.tensor([1, 2]),
+                                                        lengths=torch.tensor([1, 1])))
+        kt["C1"].shape  # torch.Size([2, 16])
+    """
 
     def __init__(
         self,
         tables: Sequence[EmbeddingBagConfig],
         device: Optional[torch.device] = None,
+        is_weighted: bool = False,
         **gate_kwargs: object,
     ) -> None:
         super().__init__()
-        self.ebc = EmbeddingBagCollection(tables=list(tables), device=device)
+        self._embedding_bag_configs: List[EmbeddingBagConfig] = list(tables)
+        self._is_weighted = bool(is_weighted)
+        self.ebc = EmbeddingBagCollection(tables=list(tables), is_weighted=is_weighted, device=device)
         self.gate = ColumnGate(tables, **gate_kwargs)  # type: ignore[arg-type]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings per feature with the hard column mask applied."""
         return self.gate(self.ebc(features))
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        """The full tables (their dims during the search; the dims file holds the searched ones)."""
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        """Whether the features carry per-id weights."""
+        return self._is_weighted
 
     def auxiliary_loss(self) -> Optional[torch.Tensor]:
         """The gate's orthogonal regularity (RecTrain adds it to the loss)."""

@@ -234,7 +234,20 @@ class GroupCombiner(nn.Module):
 
 
 class TokenGroupEBC(nn.Module):
-    """KJT of fields -> KeyedTensor of fields, each field's tokens held in size groups of one plain EBC."""
+    """KJT of fields -> KeyedTensor of fields, each field's tokens held in size groups of one plain EBC.
+
+    Args:
+        fields (Sequence[FieldGroups]): per field, its token groups (`fields_from_dims`).
+        tables (List[EmbeddingBagConfig]): the group tables (`plan_tables` of a PME dims file).
+        combine (str): how a field's groups make one embedding ("project" or "pad").
+        device (Optional[torch.device]): where the EBC is built.
+        ebc (Optional[nn.Module]): an already filled module over `tables`.
+
+    Example::
+
+        sparse = build_token_group_ebc(pme_dims, tables)  # a TokenGroupEBC
+        kt = sparse(features)  # one pooled embedding per field
+    """
 
     def __init__(self, fields: Sequence[FieldGroups], tables: List[EmbeddingBagConfig], combine: str = "project",
                  device: Optional[torch.device] = None, ebc: Optional[nn.Module] = None) -> None:
@@ -260,5 +273,16 @@ class TokenGroupEBC(nn.Module):
 
 def build_token_group_ebc(dims: DimsFile, full_tables: List[EmbeddingBagConfig], combine: str = "project",
                           device: Optional[torch.device] = None) -> TokenGroupEBC:
-    """The token-group module of a PME dims file: `plan_tables` group tables + router + combiner."""
+    """The token-group module of a PME dims file: `plan_tables` group tables + router + combiner.
+
+    Args:
+        dims (DimsFile): a PME dims file.
+        full_tables (List[EmbeddingBagConfig]): the full tables it was searched on.
+        combine (str): "project" or "pad".
+        device (Optional[torch.device]): where the EBC is built.
+
+    Example::
+
+        sparse = build_token_group_ebc(load_dims("runs/demo/pme/dims.json", tables), tables)
+    """
     return TokenGroupEBC(fields_from_dims(dims, full_tables), plan_tables(dims, full_tables), combine, device)

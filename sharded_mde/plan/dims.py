@@ -166,7 +166,24 @@ class TableDims:
 
 @dataclass
 class DimsFile:
-    """A whole dims file: per-table results plus the budget and byte model they were computed with."""
+    """A whole dims file: per-table results plus the budget and byte model they were computed with.
+
+    Args:
+        method (str): the search that wrote it ("ham", "pme", "uniform", ...).
+        budget_fraction (float): the budget as a fraction of `full_bytes`.
+        budget_bytes (int): the budget in bytes (weights + optimizer state).
+        full_bytes (int): every table at its full dim.
+        kept_bytes (int): the tables at their searched dims (<= budget_bytes).
+        tables (List[TableDims]): per table: dim, kept columns (HAM) or token groups (PME), bytes.
+        weight_dtype (str): the byte model's weight type.
+        optimizer (str): the byte model's table optimizer.
+        extra (Dict[str, Any]): what the search records besides.
+
+    Example::
+
+        dims = search.dims_file()  # or load_dims("runs/demo/ham/dims.json", tables)
+        dims.table("t_C1").dim, dims.kept_bytes <= dims.budget_bytes
+    """
 
     method: str
     budget_fraction: float
@@ -188,7 +205,16 @@ class DimsFile:
 
 
 def save_dims(path: Union[str, Path], dims: DimsFile) -> None:
-    """Validates `dims` and writes it as JSON atomically."""
+    """Validates `dims` and writes it as JSON atomically.
+
+    Args:
+        path (Union[str, Path]): the file to write.
+        dims (DimsFile): the dims file.
+
+    Example::
+
+        save_dims("dims.json", search.dims_file())
+    """
     validate_dims(dims, str(path))
     out = asdict(dims)
     out = {"format_version": out.pop("format_version"), **out}
@@ -196,7 +222,16 @@ def save_dims(path: Union[str, Path], dims: DimsFile) -> None:
 
 
 def load_dims(path: Union[str, Path], full_tables: Optional[Sequence[Any]] = None) -> DimsFile:
-    """Reads and validates a dims file; with `full_tables` (EmbeddingBagConfigs) also checks it matches them."""
+    """Reads and validates a dims file; with `full_tables` (EmbeddingBagConfigs) also checks it matches them.
+
+    Args:
+        path (Union[str, Path]): the dims file (JSON).
+        full_tables (Optional[Sequence[EmbeddingBagConfig]]): the full tables it must match.
+
+    Example::
+
+        dims = load_dims("dims.json", tables)  # ValueError naming the file and key if it is bad
+    """
     where = str(path)
     raw = read_json(path, "dims file")
     dims = _from_json(raw, where)

@@ -80,7 +80,20 @@ def memory_report(
     bag_lengths: Optional[Mapping[str, float]] = None,
 ) -> Dict[str, Any]:
     """Plans (unless given; pooling factors from `bag_lengths`) the full and compact tables on `cfg`'s topology
-    and compares their memory."""
+    and compares their memory.
+
+    Args:
+        full_tables (List[EmbeddingBagConfig]): the tables before the search.
+        compact_tables (List[EmbeddingBagConfig]): `plan_tables` of the dims file.
+        cfg (PlanConfig): the topology both are planned on.
+        full_plan, compact_plan (Optional): plans already made (`plan_sharding`'s result).
+        bag_lengths (Optional[Mapping[str, float]]): mean ids per bag by feature (pooling factors).
+
+    Example::
+
+        rep = memory_report(tables, compact, PlanConfig(world_size=2))
+        print(render_markdown(rep))  # per table and per rank: bytes before and after
+    """
     check_constraint_keys(cfg, full_tables)
     full_plan = full_plan or plan_sharding(full_tables, cfg, bag_lengths=bag_lengths)
     compact_plan = compact_plan or plan_sharding(compact_tables, cfg, bag_lengths=bag_lengths)
@@ -201,7 +214,16 @@ def render_console(rep: Dict[str, Any]) -> str:
 
 
 def render_markdown(rep: Dict[str, Any], source: str = "") -> str:
-    """Markdown report (every shard, in a collapsible section)."""
+    """Markdown report (every shard, in a collapsible section).
+
+    Args:
+        rep (Dict[str, Any]): `memory_report`'s result.
+        source (str): a line saying where the tables came from.
+
+    Example::
+
+        Path("memory.md").write_text(render_markdown(memory_report(tables, compact, PlanConfig())))
+    """
     out = ["# Memory report: full vs compact tables", "", _headline(rep) + ".", ""]
     if source:
         out += [source, ""]

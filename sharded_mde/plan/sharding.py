@@ -146,7 +146,19 @@ def plan_sharding(
 ) -> Tuple[ShardingPlan, List[ShardingOption]]:
     """Plans `tables` on the configured topology (meta device); returns the plan and the chosen options.
 
-    `bag_lengths`: the data's mean ids per bag by feature (`plan.tables.mean_bag_lengths`), the pooling factors.
+    Args:
+        tables (Sequence[EmbeddingBagConfig]): the tables to shard (full or compact).
+        cfg (PlanConfig): topology (world size, device, memory caps) and planner constraints.
+        optimizer (Optional[str]): the table optimizer whose state is counted (default `cfg.optimizer`).
+        constraints (Optional[Dict[str, ParameterConstraints]]): more per-table planner constraints.
+        module_fqn (str): the EBC's path in the model the plan is for.
+        bag_lengths (Optional[Mapping[str, float]]): the data's mean ids per bag by feature
+            (`plan.tables.mean_bag_lengths`), the pooling factors.
+
+    Example::
+
+        plan, options = plan_sharding(compact, PlanConfig(world_size=2))
+        DistributedModelParallel(model, plan=plan)  # on 2 ranks
     """
     if not tables:
         raise PlanningError("no tables to plan (every table was dropped)")
@@ -218,7 +230,21 @@ def manual_plan(
     module_fqn: str = DEFAULT_FQN,
     local_size: Optional[int] = None,
 ) -> ShardingPlan:
-    """Every table sharded one way: table_wise (round robin), row_wise, or column_wise (legal column shards)."""
+    """Every table sharded one way: table_wise (round robin), row_wise, or column_wise (legal column shards).
+
+    Args:
+        tables (Sequence[EmbeddingBagConfig]): the tables.
+        kind (str): table_wise, row_wise or column_wise.
+        world_size (int): ranks.
+        device_type (str): cpu or cuda.
+        compute_kernel (str): the FBGEMM kernel (default fused).
+        module_fqn (str): the EBC's path in the model.
+        local_size (Optional[int]): ranks per host (default world_size).
+
+    Example::
+
+        plan = manual_plan(tables, "row_wise", world_size=2, module_fqn="model.sparse_arch.ebc")
+    """
     ebc = EmbeddingBagCollection(tables=list(tables), device=torch.device("meta"))
     per_param = {}
     for i, t in enumerate(tables):

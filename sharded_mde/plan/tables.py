@@ -101,7 +101,17 @@ def load_table_preset(path: str) -> List[EmbeddingBagConfig]:
 
 
 def plan_tables(dims: DimsFile, full_tables: List[EmbeddingBagConfig]) -> List[EmbeddingBagConfig]:
-    """Mixed-dimension tables for a dims file: kept tables at their dim, PME groups as tables; dropped ones omitted."""
+    """Mixed-dimension tables for a dims file: kept tables at their dim, PME groups as tables; dropped ones omitted.
+
+    Args:
+        dims (DimsFile): the search result.
+        full_tables (List[EmbeddingBagConfig]): the full tables it was searched on.
+
+    Example::
+
+        compact = plan_tables(dims, tables)
+        [(t.name, t.embedding_dim) for t in compact]  # e.g. [("t_C1", 8), ("t_C2", 4)]
+    """
     check_against_tables(dims, full_tables)
     out = []
     for full in full_tables:

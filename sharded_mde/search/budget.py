@@ -1,9 +1,10 @@
 """The byte budget of a dimension search: the dual-ascent controller and the exact final selection.
 
-During the search, `BudgetController` (a trainer callback) reads the hard mask after every step,
-prices the kept columns with the project's byte model (weights plus optimizer state), and moves
-the penalty weight lambda by dual ascent so that the kept bytes follow a gradual target from the
-full bytes (after a warm-up) down to the budget B.
+During the search, `BudgetedSearch` (a hook the user's own loop calls once per training step;
+`BudgetController` adapts it to this project's trainer, so both run one budget path) reads the
+hard mask after every step, prices the kept columns with the project's byte model (weights plus
+optimizer state), and moves the penalty weight lambda by dual ascent so that the kept bytes
+follow a gradual target from the full bytes (after a warm-up) down to the budget B.
 At the end, `select_dims` meets the budget with legal dims: every table starts at the smallest
 legal dim (or 0 where a drop was shown harmless), then `select_widths` adds the moves with the
 most worth per byte while one that gains still fits, never past a table's row cap, so the kept
@@ -14,14 +15,16 @@ with the feasibility rule every field-wise method shares.
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
+from torch import nn
 from torchrec import EmbeddingBagConfig
 
-from sharded_mde.modules.masked_ebc import ColumnGate
+from sharded_mde.modules.masked_ebc import ColumnGate, MaskedEmbeddingBagCollection, find_gate
 from sharded_mde.plan.dims import (DIM_MULTIPLE, DimsFile, InfeasibleBudget, TableDims, budget_bytes, check_feasible,
                                   dim_cap, full_bytes, table_bytes)
+from sharded_mde.plan.tables import plan_tables
 
 
 def make_dims_file(method: str, tables: Sequence[EmbeddingBagConfig], kept: Mapping[str, Sequence[int]],
@@ -93,17 +96,18 @@ def select_widths(worth: Mapping[str, Sequence[float]], tables: Sequence[Embeddi
 def select_dims(values: Mapping[str, torch.Tensor], tables: Sequence[EmbeddingBagConfig], fraction: float,
                 droppable: Collection[str] = (), weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad",
                 multiple: int = DIM_MULTIPLE, worth: Optional[Mapping[str, Sequence[float]]] = None,
-                used_rows: Optional[Mapping[str, int]] = None) -> Dict[str, List[int]]:
+                used_rows: Optional[Mapping[str, int]] = None, budget: Optional[int] = None) -> Dict[str, List[int]]:
     """Kept columns per table: legal dims that fit the budget, the largest `values` of each table first.
 
     Every table keeps at least `multiple` columns except those in `droppable` (the one
     feasibility rule, `check_feasible`: InfeasibleBudget names the smallest feasible budget) and at
     most `dim_cap` of its used rows (`used_rows`, default its rows). The dims come from
     `select_widths` on `worth` (per table, indexed by dim / multiple; default `column_worth` of
-    the values).
+    the values). `budget` (bytes) overrides the fraction's budget where the user gave bytes.
     """
     check_feasible(tables, fraction, weight_dtype, optimizer, dropped=droppable)
-    budget = budget_bytes(tables, fraction, weight_dtype, optimizer)
+    if budget is None:
+        budget = budget_bytes(tables, fraction, weight_dtype, optimizer)
     rows = {t.name: int((used_rows or {}).get(t.name, t.num_embeddings)) for t in tables}
     caps = {t.name: dim_cap(rows[t.name], t.embedding_dim, multiple) for t in tables}
     floors = {t.name: 0 if t.name in droppable else multiple for t in tables}
@@ -123,35 +127,86 @@ def target_bytes(progress: float, full: int, budget: int, warmup: float, prune: 
     return budget + (full - budget) * (1.0 - x) ** 3
 
 
-class BudgetController:
-    """Trainer callback: the HAM mask step after every update, with lambda steered to the budget.
+def masked_tables(module: nn.Module) -> List[EmbeddingBagConfig]:
+    """The full table configs of the `MaskedEmbeddingBagCollection` inside a (possibly DMP-wrapped) model."""
+    for m in module.modules():
+        if isinstance(m, MaskedEmbeddingBagCollection):
+            return m.embedding_bag_configs()
+    raise ValueError("the model has no MaskedEmbeddingBagCollection: pass `tables`")
 
-    After each optimizer step it takes the mask gradient (averaged over ranks), moves lambda by a
-    dual ascent on log(lambda) with a bounded rate, lambda <- lambda * exp(dual_lr * clip((kept -
-    target) / (tol * full), -1, 1)), and applies `ColumnGate.update`. The log-space step changes
-    lambda by at most a factor exp(dual_lr) per step, so the lag of the masks (mask_init / mask_lr
-    steps to cross zero) cannot make it overshoot by orders of magnitude. During warm-up lambda is 0
-    and the mask does not move (the supernet's embeddings first become useful: a random column is
-    noise, which the mask would learn to cut); lambda starts at `lambda_init` after it.
+
+class BudgetedSearch:
+    """The budgeted HAM search as a hook: call `step()` once per training step, after `optimizer.step()`.
+
+    After each step it takes the mask gradient (averaged over ranks), moves lambda by a dual ascent
+    on log(lambda) with a bounded rate, lambda <- lambda * exp(dual_lr * clip((kept - target) /
+    (tol * full), -1, 1)), and applies `ColumnGate.update`. The kept-bytes target declines from the
+    full bytes (after `warmup`) to the budget over `prune` of `total_steps` (`target_bytes`). The
+    log-space step changes lambda by at most a factor exp(dual_lr) per step, so the lag of the masks
+    (mask_init / mask_lr steps to cross zero) cannot make it overshoot by orders of magnitude. During
+    warm-up lambda is 0 and the mask does not move (the embeddings first become useful: a random
+    column is noise, which the mask would learn to cut); lambda starts at `lambda_init` after it.
+    Kept bytes are priced with the dims file's byte model: weights plus optimizer state.
+
+    At the end `dims_file()` turns the masks into legal dims (multiples of 4) whose bytes fit the
+    budget and leave less than one 4-column step of any table unspent, and `compact_tables()`
+    gives the mixed-dim `EmbeddingBagConfig`s. It works the same on a plain module, under
+    `DistributedModelParallel` and under `TrainPipelineSparseDist`: the mask is a replicated buffer
+    and its gradient is all-reduced, so every rank takes the same step.
+
+    Args:
+        model (nn.Module): a model holding a `MaskedEmbeddingBagCollection` (or its `ColumnGate`),
+            plain or DMP-wrapped.
+        budget (Union[float, int]): a fraction (0, 1] of the full tables' bytes, or bytes (an int > 1).
+        total_steps (int): the training steps the search runs (the target schedule's length).
+        batch_size (int): global examples per step (the Fisher estimate's scale).
+        tables (Optional[Sequence[EmbeddingBagConfig]]): the masked tables, default those of the
+            model's `MaskedEmbeddingBagCollection`.
+        dual_lr, tol, lambda_init, warmup, prune, mask_lr: the search settings (defaults: `SearchConfig`'s;
+            tol is its `dual_tol`).
+        weight_dtype (str): "fp32" or "fp16" (byte model).
+        optimizer (str): the table optimizer whose state is priced (byte model).
+
+    Example::
+
+        masked = MaskedEmbeddingBagCollection(tables)
+        model = DLRM(embedding_bag_collection=masked, dense_in_features=4,
+                     dense_arch_layer_sizes=[16, 16], over_arch_layer_sizes=[16, 1])
+        search = BudgetedSearch(model, budget=0.5, total_steps=100, batch_size=64)
+        for batch in batches:
+            loss = loss_fn(model(batch.dense_features, batch.sparse_features).squeeze(-1), batch.labels)
+            opt.zero_grad(); loss.backward(); opt.step()
+            search.step()
+        dims = search.dims_file()  # kept bytes <= budget
+        compact = search.compact_tables()
     """
 
-    def __init__(self, gate: ColumnGate, tables: Sequence[EmbeddingBagConfig], budget: int, dual_lr: float,
-                 weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad", warmup: float = 0.2,
-                 prune: float = 0.5, lambda_init: float = 0.1, tol: float = 0.02, mask_lr: float = 0.005,
-                 batch_size: int = 1) -> None:
-        if [t.name for t in tables] != gate.table_names:
-            raise ValueError("BudgetController: tables must be the gate's tables, in the same order")
-        self.gate = gate
-        self.tables = list(tables)
-        self.budget = int(budget)
-        self.full = full_bytes(tables, weight_dtype, optimizer)
-        self.dual_lr = float(dual_lr)
-        self.weight_dtype = weight_dtype
-        self.optimizer = optimizer
-        self.warmup, self.prune, self.lambda_init, self.tol = float(warmup), float(prune), float(lambda_init), float(tol)
-        self.mask_lr = float(mask_lr)
-        self.batch_size = int(batch_size)  # global rows per step (the Fisher estimate's scale)
+    def __init__(self, model: nn.Module, budget: Union[float, int], total_steps: int, batch_size: int = 1,
+                 tables: Optional[Sequence[EmbeddingBagConfig]] = None, dual_lr: float = 0.1, tol: float = 0.02,
+                 lambda_init: float = 0.1, warmup: float = 0.3, prune: float = 0.5, mask_lr: float = 0.005,
+                 weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad") -> None:
+        self.gate = find_gate(model)
+        self.tables = list(tables) if tables is not None else masked_tables(model)
+        if [t.name for t in self.tables] != self.gate.table_names:
+            raise ValueError("BudgetedSearch: tables must be the gate's tables, in the same order")
+        self.weight_dtype, self.optimizer = weight_dtype, optimizer
+        self.full = full_bytes(self.tables, weight_dtype, optimizer)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0 or (
+                isinstance(budget, float) and budget > 1):
+            raise ValueError(f"BudgetedSearch: budget must be a fraction in (0, 1] or bytes (int > 1), got {budget!r}")
+        if isinstance(budget, float) or budget == 1:
+            self.fraction = float(budget)
+            self.budget = budget_bytes(self.tables, self.fraction, weight_dtype, optimizer)
+        else:
+            self.budget, self.fraction = int(budget), int(budget) / self.full
+        if total_steps <= 0:
+            raise ValueError(f"BudgetedSearch: total_steps must be positive, got {total_steps}")
+        self.total_steps = int(total_steps)
+        self.batch_size = int(batch_size)
+        self.dual_lr, self.tol, self.lambda_init = float(dual_lr), float(tol), float(lambda_init)
+        self.warmup, self.prune, self.mask_lr = float(warmup), float(prune), float(mask_lr)
         self.lam = 0.0
+        self.step_count = 0
         self.steps: List[Dict[str, float]] = []  # per step: step, kept_bytes, target, lambda
         self.evals: List[Dict[str, float]] = []  # per evaluation: kept bytes, lambda and validation metrics
 
@@ -161,11 +216,16 @@ class BudgetController:
         return sum(table_bytes(t.num_embeddings, k, self.weight_dtype, self.optimizer).total
                    for t, k in zip(self.tables, counts))
 
-    def on_step_end(self, trainer: Any, step: int) -> None:
-        """After each optimizer step: update lambda from the kept bytes, then take one HAM step on the mask."""
+    def step(self, step: Optional[int] = None) -> None:
+        """After an optimizer step: update lambda from the kept bytes, then take one HAM step on the mask.
+
+        Args:
+            step (Optional[int]): the 1-based step just taken; default the previous call's plus one.
+        """
+        self.step_count = self.step_count + 1 if step is None else int(step)
         grad = self.gate.reduce_grad()
         kept = self.kept_bytes()
-        progress = step / max(1, trainer.total_steps)
+        progress = self.step_count / max(1, self.total_steps)
         target = target_bytes(progress, self.full, self.budget, self.warmup, self.prune)
         pruning = progress >= self.warmup
         if pruning:
@@ -173,25 +233,93 @@ class BudgetController:
             start = self.lam if self.lam > 0 else self.lambda_init
             self.lam = max(1e-12, start * math.exp(self.dual_lr * err))
         self.gate.update(grad, self.lam, self.mask_lr, self.batch_size, move=pruning)
-        self.steps.append({"step": step, "kept_bytes": kept, "target": round(target), "lambda": self.lam})
+        self.steps.append({"step": self.step_count, "kept_bytes": kept, "target": round(target), "lambda": self.lam})
 
-    def on_eval(self, trainer: Any, step: int, metrics: Dict[str, float]) -> None:
-        """Records kept bytes, lambda and the validation metrics of this evaluation."""
+    def record_eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Records kept bytes, lambda and the validation metrics (auc, logloss) of an evaluation at `step`."""
         self.evals.append({"step": step, "kept_bytes": self.kept_bytes(), "lambda": self.lam,
                            "auc": metrics.get("auc"), "logloss": metrics.get("logloss")})
 
+    def kept_columns(self, droppable: Collection[str] = ()) -> Dict[str, List[int]]:
+        """Kept columns per table: legal dims that fill the budget, the largest mask values first.
+
+        Each column is worth its mask value shifted by the smallest one (so every column is worth
+        something): the columns the mask keeps come first, and bytes the mask left unspent go to
+        the columns it pruned last, until no 4-column step fits (`select_dims`).
+        """
+        values = self.gate.table_values()
+        low = min(float(v.min()) for v in values.values())
+        shifted = {n: v.double() - low + 1e-9 for n, v in values.items()}
+        return select_dims(shifted, self.tables, self.fraction, droppable, self.weight_dtype, self.optimizer,
+                           budget=self.budget)
+
+    def dims_file(self, method: str = "ham", droppable: Collection[str] = (),
+                  extra: Optional[Dict[str, Any]] = None) -> DimsFile:
+        """The dims file of the searched masks (kept bytes <= budget; `save_dims` writes it).
+
+        Args:
+            method (str): the method name recorded in the file.
+            droppable (Collection[str]): tables that may get dim 0.
+            extra (Optional[Dict[str, Any]]): more fields to record (e.g. the trace).
+        """
+        dims = make_dims_file(method, self.tables, self.kept_columns(droppable), self.fraction, self.weight_dtype,
+                              self.optimizer, extra)
+        dims.budget_bytes = self.budget
+        return dims
+
+    def compact_tables(self, dims: Optional[DimsFile] = None) -> List[EmbeddingBagConfig]:
+        """The mixed-dim table configs of `dims` (default `dims_file()`), dropped tables omitted."""
+        return plan_tables(dims if dims is not None else self.dims_file(), self.tables)
+
     def state_dict(self) -> Dict[str, Any]:
-        """lambda and the trace (checkpointed with the run, so a resumed search continues exactly)."""
-        return {"lam": self.lam, "steps": list(self.steps), "evals": list(self.evals)}
+        """lambda, the step count and the trace (checkpointed with the run, so a resumed search continues exactly)."""
+        return {"lam": self.lam, "step_count": self.step_count, "steps": list(self.steps), "evals": list(self.evals)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores lambda and the trace (the mask and its statistics come back with the model state)."""
         self.lam = float(state["lam"])
         self.steps = list(state["steps"])
         self.evals = list(state["evals"])
+        self.step_count = int(state.get("step_count", self.steps[-1]["step"] if self.steps else 0))
 
     def trace(self) -> Dict[str, Any]:
         """The search trace as written to trace.json."""
         return {"budget_bytes": self.budget, "full_bytes": self.full, "dual_lr": self.dual_lr, "warmup": self.warmup,
                 "prune": self.prune, "lambda_init": self.lambda_init, "tol": self.tol, "steps": self.steps,
                 "evals": self.evals}
+
+
+class BudgetController(BudgetedSearch):
+    """The project trainer's callback around `BudgetedSearch` (one budget path for both loops).
+
+    The trainer tells it its total steps and each step's number; everything else is the hook's.
+
+    Args:
+        gate (ColumnGate): the supernet's gate (`find_gate(model)`).
+        tables (Sequence[EmbeddingBagConfig]): the gate's tables, in order.
+        budget (int): bytes.
+        dual_lr, weight_dtype, optimizer, warmup, prune, lambda_init, tol, mask_lr, batch_size: as in
+            `BudgetedSearch`.
+
+    Example::
+
+        controller = BudgetController(find_gate(model), tables, budget_bytes(tables, 0.5), dual_lr=0.1)
+        Trainer(..., callbacks=[controller])
+    """
+
+    def __init__(self, gate: ColumnGate, tables: Sequence[EmbeddingBagConfig], budget: int, dual_lr: float,
+                 weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad", warmup: float = 0.2,
+                 prune: float = 0.5, lambda_init: float = 0.1, tol: float = 0.02, mask_lr: float = 0.005,
+                 batch_size: int = 1) -> None:
+        super().__init__(gate, int(budget), total_steps=1, batch_size=batch_size, tables=tables, dual_lr=dual_lr,
+                         tol=tol, lambda_init=lambda_init, warmup=warmup, prune=prune, mask_lr=mask_lr,
+                         weight_dtype=weight_dtype, optimizer=optimizer)
+
+    def on_step_end(self, trainer: Any, step: int) -> None:
+        """After each optimizer step of the trainer: the hook's step at the trainer's step number."""
+        self.total_steps = trainer.total_steps
+        self.step(step)
+
+    def on_eval(self, trainer: Any, step: int, metrics: Dict[str, float]) -> None:
+        """Records kept bytes, lambda and the validation metrics of this evaluation."""
+        self.record_eval(step, metrics)
