@@ -25,6 +25,7 @@ from torchrec import EmbeddingBagConfig
 from sharded_mde.modules.masked_ebc import ColumnGate
 from sharded_mde.plan.dims import DIM_MULTIPLE, budget_bytes, dim_cap, table_bytes
 from sharded_mde.search.budget import select_dims, select_widths
+from sharded_mde.search.uniform import uniform_fit
 
 Scorer = Callable[[Mapping[str, Sequence[int]]], Dict[str, float]]
 
@@ -105,18 +106,6 @@ def harmless_drops(curves: Mapping[str, Mapping[int, Mapping[str, float]]], tole
 def dims_bytes(tables: Sequence[EmbeddingBagConfig], dims: Mapping[str, int], weight_dtype: str, optimizer: str) -> int:
     """Kept bytes of per-table dims."""
     return sum(table_bytes(t.num_embeddings, dims[t.name], weight_dtype, optimizer).total for t in tables)
-
-
-def uniform_fit(tables: Sequence[EmbeddingBagConfig], budget: int, weight_dtype: str, optimizer: str,
-                multiple: int = DIM_MULTIPLE) -> Dict[str, int]:
-    """The largest uniform dim (each table at most its full dim) whose bytes fit `budget`."""
-    best = {t.name: min(multiple, t.embedding_dim) for t in tables}
-    for d in range(multiple, max(t.embedding_dim for t in tables) + 1, multiple):
-        dims = {t.name: min(d, t.embedding_dim) for t in tables}
-        if dims_bytes(tables, dims, weight_dtype, optimizer) > budget:
-            break
-        best = dims
-    return best
 
 
 def candidate_dims(tables: Sequence[EmbeddingBagConfig], fraction: float, values: Mapping[str, torch.Tensor],

@@ -1,8 +1,7 @@
 """The uniform-dimension baseline: one legal dim for every table, at the search's byte budget.
 
-It takes the smallest legal dim whose bytes reach the budget, so the baseline never has fewer
-bytes than a search result at the same budget (the comparison is conservative for the search).
-A budget below every table at dim 4 is infeasible, as for every field-wise method.
+It takes the largest legal dim whose bytes fit the budget, so like every method it never keeps more
+bytes than the budget. A budget below every table at dim 4 is infeasible, as for every field-wise method.
 Every table keeps its first `dim` columns; it trains from scratch in `retrain`.
 """
 
@@ -23,18 +22,26 @@ from sharded_mde.train.distributed import DistEnv
 WEIGHT_DTYPE = "fp32"
 
 
+def uniform_fit(tables: Sequence[EmbeddingBagConfig], budget: int, weight_dtype: str = WEIGHT_DTYPE,
+                optimizer: str = "rowwise_adagrad", multiple: int = DIM_MULTIPLE) -> Dict[str, int]:
+    """Per table, the largest uniform dim (each table at most its full dim) whose bytes fit `budget` bytes
+    (every table at `multiple` columns where even that does not fit)."""
+    best = {t.name: min(multiple, t.embedding_dim) for t in tables}
+    for d in range(multiple, max(t.embedding_dim for t in tables) + 1, multiple):
+        dims = {t.name: min(d, t.embedding_dim) for t in tables}
+        if sum(table_bytes(t.num_embeddings, dims[t.name], weight_dtype, optimizer).total for t in tables) > budget:
+            break
+        best = dims
+    return best
+
+
 def uniform_dim(tables: Sequence[EmbeddingBagConfig], fraction: float, optimizer: str = "rowwise_adagrad") -> int:
-    """The smallest multiple of 4 whose bytes (every table at min(dim, its full dim)) reach the budget.
+    """The largest multiple of 4 whose bytes (every table at min(dim, its full dim)) fit the budget.
 
     A budget below every table at dim 4 is InfeasibleBudget (`check_feasible`, the rule all field-wise methods share).
     """
     check_feasible(tables, fraction, WEIGHT_DTYPE, optimizer, method="uniform")
-    budget = budget_bytes(tables, fraction, WEIGHT_DTYPE, optimizer)
-    top = max(t.embedding_dim for t in tables)
-    for d in range(DIM_MULTIPLE, top + 1, DIM_MULTIPLE):
-        if sum(table_bytes(t.num_embeddings, min(d, t.embedding_dim), WEIGHT_DTYPE, optimizer).total for t in tables) >= budget:
-            return d
-    return top
+    return max(uniform_fit(tables, budget_bytes(tables, fraction, WEIGHT_DTYPE, optimizer), WEIGHT_DTYPE, optimizer).values())
 
 
 def uniform_dims(tables: Sequence[EmbeddingBagConfig], fraction: float, optimizer: str = "rowwise_adagrad") -> DimsFile:
