@@ -1,10 +1,11 @@
 """Planted synthetic click data: a teacher whose field f carries a known intrinsic rank r_f.
 
 Criteo-shaped by default (13 dense, 26 categorical fields, vocabularies log-spaced from 100 to
-200,000, Zipf-distributed tokens). Token v of field f has a latent u_fv in R^{r_f}; the label
-comes from a random one-hidden-layer teacher on the sum of the projected latents, so a field of
-rank r needs r embedding columns and rank-0 fields are pure noise. The design is documented in
-docs/synthetic_data.md. Written in chunks (Criteo TSV or canonical Parquet), deterministic by
+200,000, Zipf-distributed tokens). Token v of field f has a latent u_fv in R^{r_f}. Two teachers
+(`synth_teacher`): `mlp`, the original, a random one-hidden-layer network on the sum of the
+projected latents; `factorised`, each field's rank-r_f token vectors dotted with a context vector
+of the dense features, which a DLRM represents exactly once table f has r_f columns. Rank-0 fields
+are pure noise. The design is documented in docs/synthetic_data.md. Written in chunks (Criteo TSV or canonical Parquet), deterministic by
 seed, with the ground truth (ranks, vocab sizes, teacher test AUC) as JSON.
 """
 
