@@ -5,8 +5,9 @@ Criteo-shaped by default (13 dense, 26 categorical fields, vocabularies log-spac
 (`synth_teacher`): `mlp`, the original, a random one-hidden-layer network on the sum of the
 projected latents; `factorised`, each field's rank-r_f token vectors dotted with a context vector
 of the dense features, which a DLRM represents exactly once table f has r_f columns. Rank-0 fields
-are pure noise. The design is documented in docs/synthetic_data.md. Written in chunks (Criteo TSV or canonical Parquet), deterministic by
-seed, with the ground truth (ranks, vocab sizes, teacher test AUC) as JSON.
+are pure noise. The design is documented in docs/synthetic_data.md. Written in chunks (Criteo
+TSV or canonical Parquet), deterministic by seed, with the ground truth (ranks, vocab sizes,
+teacher test AUC) as JSON.
 """
 
 from __future__ import annotations
@@ -193,16 +194,12 @@ class PlantedTeacher:
         lat[t < 0] = 0.0
         return lat
 
-    def _fit_inputs(self, tokens: np.ndarray, dense: np.ndarray) -> None:
-        """Statistics of a calibration sample the score needs: the mean and spread of the processed dense values."""
+    def _calibrate(self, rng: np.random.Generator) -> None:
+        """Standardises the dense inputs and sets scale and bias for the target logit spread and CTR."""
+        tokens, dense = self._draw_inputs(rng, CALIBRATION_ROWS)
         processed = transform_dense(dense)
         self.dense_mean = processed.mean(axis=0)
         self.dense_std = np.maximum(processed.std(axis=0), 1e-6)
-
-    def _calibrate(self, rng: np.random.Generator) -> None:
-        """Fits the input statistics and sets scale and bias for the target logit spread and CTR."""
-        tokens, dense = self._draw_inputs(rng, CALIBRATION_ROWS)
-        self._fit_inputs(tokens, dense)
         score = self._score(tokens, dense)
         self.scale = self.logit_std / max(float(score.std()), 1e-12)
         z = self.scale * (score - score.mean())
