@@ -163,6 +163,9 @@ class DataConfig:
     synth_zipf: float = 1.1
     synth_ranks: List[int] = field(default_factory=list)  # planted rank per field; empty = default
     synth_tail_capacity: bool = False  # tail tokens carry fewer informative coordinates
+    synth_teacher: str = "mlp"  # mlp (original: network on summed latents) | factorised (pairwise dot products)
+    synth_latent_dim: int = 32  # factorised teacher: dim K of the shared space the token vectors live in
+    synth_vocab_sizes: List[int] = field(default_factory=list)  # per field; empty = log-spaced synth_vocab_min..max
 
     def __post_init__(self) -> None:
         # one spelling per code ("-1", -1 and -1.0 alike), so that the fingerprint's JSON is well defined

@@ -1,11 +1,13 @@
 """Planted synthetic click data: a teacher whose field f carries a known intrinsic rank r_f.
 
 Criteo-shaped by default (13 dense, 26 categorical fields, vocabularies log-spaced from 100 to
-200,000, Zipf-distributed tokens). Token v of field f has a latent u_fv in R^{r_f}; the label
-comes from a random one-hidden-layer teacher on the sum of the projected latents, so a field of
-rank r needs r embedding columns and rank-0 fields are pure noise. The design is documented in
-docs/synthetic_data.md. Written in chunks (Criteo TSV or canonical Parquet), deterministic by
-seed, with the ground truth (ranks, vocab sizes, teacher test AUC) as JSON.
+200,000, Zipf-distributed tokens). Token v of field f has a latent u_fv in R^{r_f}. Two teachers
+(`synth_teacher`): `mlp`, the original, a random one-hidden-layer network on the sum of the
+projected latents; `factorised`, each field's rank-r_f token vectors dotted with a context vector
+of the dense features, which a DLRM represents exactly once table f has r_f columns. Rank-0 fields
+are pure noise. The design is documented in docs/synthetic_data.md. Written in chunks (Criteo
+TSV or canonical Parquet), deterministic by seed, with the ground truth (ranks, vocab sizes,
+teacher test AUC) as JSON.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ DENSE_WEIGHT = 1.0  # dense features carry this many fields' worth of hidden var
 TARGET_LOGIT_STD = 1.2  # logit spread, tuned so the teacher's test AUC is about 0.77
 TARGET_CTR = 0.25
 SIGNAL_P_REF = 1e-3  # tokens rarer than this probability: latent scaled by sqrt(p / SIGNAL_P_REF)
+FACTORISED_LOGIT_STD = 4.0  # factorised teacher: logit spread (a strong signal per row keeps the student fast to train)
+FACTORISED_CTR = 0.3
 HEAD_MASS = 0.8  # the head of a field: its most popular tokens carrying this share of traffic
 CHUNK_ROWS = 1 << 17
 CALIBRATION_ROWS = 50_000
@@ -60,17 +64,33 @@ def synth_schema(cfg: DataConfig) -> Schema:
                   tuple(f"C{i + 1}" for i in range(cfg.synth_num_sparse)))
 
 
+def _tail_capacity(rank: int) -> int:
+    """Informative coordinates of a tail token (with synth_tail_capacity) of a field of this rank."""
+    return max(1, rank // 4) if rank > 0 else 0
+
+
 def _validate(cfg: DataConfig) -> None:
     """Rejects settings the generator cannot honour, naming the config key."""
+    if cfg.synth_teacher not in ("mlp", "factorised"):
+        raise ValueError(f"synth_teacher: must be mlp or factorised, got {cfg.synth_teacher!r}")
     if cfg.synth_rows < 1 or cfg.synth_num_sparse < 1 or cfg.synth_num_dense < 0:
         raise ValueError("synth_rows and synth_num_sparse must be >= 1, synth_num_dense >= 0")
     if not 1 <= cfg.synth_vocab_min <= cfg.synth_vocab_max:
         raise ValueError(f"synth_vocab_min/max: need 1 <= min <= max, got {cfg.synth_vocab_min}, {cfg.synth_vocab_max}")
     if cfg.synth_zipf <= 0:
         raise ValueError(f"synth_zipf: must be > 0, got {cfg.synth_zipf}")
-    ranks = cfg.synth_ranks
-    if ranks and (len(ranks) != cfg.synth_num_sparse or min(ranks) < 0 or max(ranks) > HIDDEN):
-        raise ValueError(f"synth_ranks: need {cfg.synth_num_sparse} ranks in [0, {HIDDEN}], got {list(ranks)}")
+    ranks, top = cfg.synth_ranks, HIDDEN if cfg.synth_teacher == "mlp" else cfg.synth_latent_dim
+    if cfg.synth_latent_dim < 1:
+        raise ValueError(f"synth_latent_dim: must be >= 1, got {cfg.synth_latent_dim}")
+    if cfg.synth_teacher == "factorised" and cfg.synth_num_dense < 1:
+        raise ValueError("synth_num_dense: the factorised teacher needs >= 1 dense feature (its context)")
+    if ranks and (len(ranks) != cfg.synth_num_sparse or min(ranks) < 0 or max(ranks) > top):
+        raise ValueError(f"synth_ranks: need {cfg.synth_num_sparse} ranks in [0, {top}], got {list(ranks)}")
+    if not ranks and max(DEFAULT_RANK_PROFILE) > top:
+        raise ValueError(f"synth_ranks: the default profile reaches {max(DEFAULT_RANK_PROFILE)} > synth_latent_dim {top}")
+    sizes = cfg.synth_vocab_sizes
+    if sizes and (len(sizes) != cfg.synth_num_sparse or min(sizes) < 1):
+        raise ValueError(f"synth_vocab_sizes: need {cfg.synth_num_sparse} sizes >= 1, got {list(sizes)}")
 
 
 def default_ranks(num_sparse: int, seed: int) -> List[int]:
@@ -96,8 +116,12 @@ def _hex8(x: np.ndarray) -> pa.Array:
     return pa.array(np.frombuffer(x.astype(">u4").tobytes().hex().encode(), dtype="S8")).cast(pa.string())
 
 
-class Teacher:
-    """The planted model: token latents, random maps, and the calibrated logit."""
+class PlantedTeacher:
+    """What every planted teacher shares: fields, token popularity and latents, dense inputs, calibration.
+
+    A subclass draws its own parameters (`_draw_fields` before the dense inputs, `_draw_head` after)
+    and defines the unscaled score of a row (`_score`) and its ground-truth description (`describe`).
+    """
 
     def __init__(self, cfg: DataConfig) -> None:
         _validate(cfg)
@@ -105,39 +129,70 @@ class Teacher:
         rng = np.random.default_rng([cfg.synth_seed, 0])
         n_f, n_d = cfg.synth_num_sparse, cfg.synth_num_dense
         self.ranks = list(cfg.synth_ranks) if cfg.synth_ranks else default_ranks(n_f, cfg.synth_seed)
-        self.vocab_sizes = [int(v) for v in np.round(np.geomspace(cfg.synth_vocab_min, cfg.synth_vocab_max, n_f))]
+        self.vocab_sizes = list(cfg.synth_vocab_sizes) if cfg.synth_vocab_sizes else \
+            [int(v) for v in np.round(np.geomspace(cfg.synth_vocab_min, cfg.synth_vocab_max, n_f))]
         self.missing = np.where(rng.random(n_f) < 1 / 3, rng.uniform(0.02, 0.4, n_f), 0.0)
         self.value_keys = rng.integers(0, 1 << 32, n_f, dtype=np.uint64).astype(np.uint32)
-        self.cdf, self.head_sizes, self.capacity, self.latents, self.maps = [], [], [], [], []
+        self.cdf, self.head_sizes, self.capacity = [], [], []
         for f in range(n_f):
             v, r = self.vocab_sizes[f], self.ranks[f]
             p = np.arange(1, v + 1, dtype=np.float64) ** -cfg.synth_zipf
             cdf = np.cumsum(p / p.sum())
             cdf[-1] = 1.0
             head = int(np.searchsorted(cdf, HEAD_MASS) + 1) if cfg.synth_tail_capacity else v
-            tail_cap = max(1, r // 4) if r > 0 else 0
             cap = np.full(v, r, dtype=np.int16)
-            cap[head:] = tail_cap
-            u = rng.normal(0.0, np.sqrt(1.0 / max(r, 1)), (v, r))
-            u *= np.sqrt(np.minimum(1.0, np.diff(cdf, prepend=0.0) / SIGNAL_P_REF))[:, None]
-            if head < v and r > 0:  # tail tokens: the same total variance on fewer coordinates
-                u[head:, tail_cap:] = 0.0
-                u[head:, :tail_cap] *= np.sqrt(r / tail_cap)
+            cap[head:] = _tail_capacity(r)
             self.cdf.append(cdf)
             self.head_sizes.append(head)
             self.capacity.append(cap)
-            self.latents.append(u.astype(np.float32))
-            self.maps.append(rng.normal(0.0, 1.0, (r, HIDDEN)).astype(np.float32))
+        self._draw_fields(rng)
         self.dense_mu = rng.uniform(0.5, 3.5, n_d)
         self.dense_sigma = rng.uniform(0.5, 1.5, n_d)
         self.dense_missing = np.where(rng.random(n_d) < 0.5, rng.uniform(0.0, 0.45, n_d), 0.0)
-        self.dense_map = (rng.normal(0.0, 1.0, (n_d, HIDDEN)) * DENSE_WEIGHT / np.sqrt(max(n_d, 1))).astype(np.float32)
-        self.c = rng.normal(0.0, 1.0, HIDDEN).astype(np.float32)
-        self.w = (rng.normal(0.0, 1.0, HIDDEN) * LINEAR_WEIGHT).astype(np.float32)
+        self._draw_head(rng)
         self.dense_mean = np.zeros(n_d)
         self.dense_std = np.ones(n_d)
         self.scale, self.bias = 1.0, 0.0
         self._calibrate(np.random.default_rng([cfg.synth_seed, 1]))
+
+    def _draw_fields(self, rng: np.random.Generator) -> None:
+        """Per-field parameters (token latents, maps), drawn before the dense inputs."""
+        raise NotImplementedError
+
+    def _draw_head(self, rng: np.random.Generator) -> None:
+        """Parameters drawn after the dense inputs (the teacher's output layer)."""
+        raise NotImplementedError
+
+    def _score(self, tokens: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        """The unscaled score of rows of tokens (popularity ranks, -1 = missing) and raw dense values."""
+        raise NotImplementedError
+
+    def describe(self) -> Dict[str, Any]:
+        """The teacher's own parameters for ground_truth.json (beside scale, bias and its test metrics)."""
+        raise NotImplementedError
+
+    def token_latents(self, rng: np.random.Generator, f: int, p_ref: float) -> np.ndarray:
+        """Latents [V_f, r_f] of field f, N(0, I / r_f) per token (the same variance whatever the rank).
+
+        A token rarer than probability `p_ref` (0: none) has its latent scaled by sqrt(p / p_ref); with
+        tail capacity, tail tokens keep only their first capacity coordinates, rescaled to that variance.
+        """
+        v, r, head = self.vocab_sizes[f], self.ranks[f], self.head_sizes[f]
+        u = rng.normal(0.0, np.sqrt(1.0 / max(r, 1)), (v, r))
+        if p_ref > 0:
+            u *= np.sqrt(np.minimum(1.0, np.diff(self.cdf[f], prepend=0.0) / p_ref))[:, None]
+        tail_cap = _tail_capacity(r)
+        if head < v and r > 0:
+            u[head:, tail_cap:] = 0.0
+            u[head:, :tail_cap] *= np.sqrt(r / tail_cap)
+        return u.astype(np.float32)
+
+    def _field_latents(self, tokens: np.ndarray, f: int, latents: np.ndarray) -> np.ndarray:
+        """Row-wise latents of field f (zero where the token is missing)."""
+        t = tokens[:, f]
+        lat = latents[np.maximum(t, 0)]
+        lat[t < 0] = 0.0
+        return lat
 
     def _calibrate(self, rng: np.random.Generator) -> None:
         """Standardises the dense inputs and sets scale and bias for the target logit spread and CTR."""
@@ -146,12 +201,12 @@ class Teacher:
         self.dense_mean = processed.mean(axis=0)
         self.dense_std = np.maximum(processed.std(axis=0), 1e-6)
         score = self._score(tokens, dense)
-        self.scale = TARGET_LOGIT_STD / max(float(score.std()), 1e-12)
+        self.scale = self.logit_std / max(float(score.std()), 1e-12)
         z = self.scale * (score - score.mean())
         lo, hi = -20.0, 20.0
         for _ in range(60):  # bisection: mean sigmoid(b + z) = TARGET_CTR
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-(mid + z)))) < TARGET_CTR else (lo, mid)
+            lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-(mid + z)))) < self.ctr else (lo, mid)
         self.bias = (lo + hi) / 2 - self.scale * float(score.mean())
 
     def value_strings(self, f: int) -> pa.Array:
@@ -171,19 +226,6 @@ class Teacher:
         dense[rng.random(dense.shape) < self.dense_missing] = np.nan
         return tokens, dense
 
-    def _score(self, tokens: np.ndarray, dense: np.ndarray) -> np.ndarray:
-        """The unscaled teacher score c . relu(z) + w . z for raw inputs."""
-        d = (transform_dense(dense) - self.dense_mean) / self.dense_std
-        z = d.astype(np.float32) @ self.dense_map
-        for f, (u, a) in enumerate(zip(self.latents, self.maps)):
-            if u.shape[1] == 0:
-                continue
-            t = tokens[:, f]
-            lat = u[np.maximum(t, 0)]
-            lat[t < 0] = 0.0
-            z += lat @ a
-        return np.maximum(z, 0.0) @ self.c + z @ self.w
-
     def logit(self, tokens: np.ndarray, dense: np.ndarray) -> np.ndarray:
         """The teacher's click logit for tokens (popularity ranks) and raw dense values."""
         return self.bias + self.scale * self._score(tokens, dense)
@@ -196,7 +238,108 @@ class Teacher:
         return labels, tokens, dense, logit
 
 
-def _arrow_chunk(teacher: Teacher, values: List[pa.Array], labels: np.ndarray, tokens: np.ndarray,
+class Teacher(PlantedTeacher):
+    """The original (version 2) planted teacher: a random one-hidden-layer network on the summed latents.
+
+    Field f's latent is mapped to k = 48 hidden units, z = sum_f A_f u_f + A_d d, and
+    score = c . relu(z) + w . z. A trained DLRM learns mostly each field's additive effect (about one
+    direction per table, docs/ham.md), so prefer `FactorisedTeacher` where dims must matter.
+    """
+
+    logit_std = TARGET_LOGIT_STD
+    ctr = TARGET_CTR
+
+    def _draw_fields(self, rng: np.random.Generator) -> None:
+        self.latents, self.maps = [], []
+        for f, r in enumerate(self.ranks):
+            self.latents.append(self.token_latents(rng, f, SIGNAL_P_REF))
+            self.maps.append(rng.normal(0.0, 1.0, (r, HIDDEN)).astype(np.float32))
+
+    def _draw_head(self, rng: np.random.Generator) -> None:
+        n_d = self.cfg.synth_num_dense
+        self.dense_map = (rng.normal(0.0, 1.0, (n_d, HIDDEN)) * DENSE_WEIGHT / np.sqrt(max(n_d, 1))).astype(np.float32)
+        self.c = rng.normal(0.0, 1.0, HIDDEN).astype(np.float32)
+        self.w = (rng.normal(0.0, 1.0, HIDDEN) * LINEAR_WEIGHT).astype(np.float32)
+
+    def _score(self, tokens: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        """The unscaled teacher score c . relu(z) + w . z for raw inputs."""
+        d = (transform_dense(dense) - self.dense_mean) / self.dense_std
+        z = d.astype(np.float32) @ self.dense_map
+        for f, (u, a) in enumerate(zip(self.latents, self.maps)):
+            if u.shape[1]:
+                z += self._field_latents(tokens, f, u) @ a
+        return np.maximum(z, 0.0) @ self.c + z @ self.w
+
+    def describe(self) -> Dict[str, Any]:
+        return {"kind": "mlp", "hidden": HIDDEN, "linear_weight": LINEAR_WEIGHT}
+
+
+
+class FactorisedTeacher(PlantedTeacher):
+    """Rank-r_f token vectors dotted with a context vector of the dense features: what a DLRM computes.
+
+    Token v of field f has the vector e_v = A_f z_v in R^K (K = synth_latent_dim), z_v ~ N(0, I / r_f)
+    and A_f a random K x r_f map with orthonormal columns, so the token vectors of field f span exactly
+    r_f dimensions and every field carries the same variance whatever its rank. A row's context is
+    h(x) = relu(M x) in R^K, x its standardised processed dense features and M a random K x D map
+    with orthonormal rows (columns when D < K), and score = sum_f <e_f, h(x) - E h>. A DLRM whose
+    table f has at least r_f columns represents it exactly: embedding z_v, projection A_f, a dense
+    arch that outputs h(x) and a constant (which carries -E h), dots summed by the over arch. With
+    fewer columns the field loses its remaining directions. Each token's effect is linear in its
+    embedding given the dense arch, so training learns every direction from the start (pairwise
+    products of two fields' embeddings, zero at initialisation, were not learnt: docs/synthetic_data.md).
+    """
+
+    logit_std = FACTORISED_LOGIT_STD
+    ctr = FACTORISED_CTR
+
+    def _draw_fields(self, rng: np.random.Generator) -> None:
+        self.latents, self.maps = [], []
+        for f, r in enumerate(self.ranks):
+            self.latents.append(self.token_latents(rng, f, 0.0))
+            self.maps.append(_orthonormal_rows(rng, r, self.cfg.synth_latent_dim))  # r x K
+
+    def _draw_head(self, rng: np.random.Generator) -> None:
+        self.context_map = _orthonormal_rows(rng, self.cfg.synth_latent_dim, self.cfg.synth_num_dense)  # K x D
+
+    def context(self, dense: np.ndarray) -> np.ndarray:
+        """h(x) = M x per row [n, K], x the standardised processed dense values."""
+        x = ((transform_dense(dense) - self.dense_mean) / self.dense_std).astype(np.float32)
+        return x @ self.context_map.T
+
+    def token_vectors(self, f: int) -> np.ndarray:
+        """Every token's vector e_v = A_f z_v of field f, [V_f, K] (rank r_f)."""
+        return self.latents[f] @ self.maps[f]
+
+    def _score(self, tokens: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        """sum_f <e_f, h(x)> per row (a missing token has e = 0)."""
+        h = self.context(dense)
+        score = np.zeros(tokens.shape[0], dtype=np.float32)
+        for f, (u, a) in enumerate(zip(self.latents, self.maps)):
+            if u.shape[1]:
+                score += np.einsum("nk,nk->n", self._field_latents(tokens, f, u) @ a, h)
+        return score
+
+    def describe(self) -> Dict[str, Any]:
+        return {"kind": "factorised", "latent_dim": self.cfg.synth_latent_dim}
+
+
+def _orthonormal_rows(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """A random rows x cols matrix with orthonormal rows (orthonormal columns when rows > cols)."""
+    if rows == 0 or cols == 0:
+        return np.zeros((rows, cols), dtype=np.float32)
+    g = rng.normal(0.0, 1.0, (max(rows, cols), min(rows, cols)))
+    q, _ = np.linalg.qr(g)
+    q = q[:, :min(rows, cols)]
+    return (q.T if rows <= cols else q).astype(np.float32)
+
+
+def make_teacher(cfg: DataConfig) -> PlantedTeacher:
+    """The teacher named by `synth_teacher`: mlp (the original) or factorised (pairwise dot products)."""
+    return FactorisedTeacher(cfg) if cfg.synth_teacher == "factorised" else Teacher(cfg)
+
+
+def _arrow_chunk(teacher: PlantedTeacher, values: List[pa.Array], labels: np.ndarray, tokens: np.ndarray,
                  dense: np.ndarray, fmt: str) -> pa.Table:
     """One chunk as a table: integer label and dense for TSV, the canonical schema for Parquet."""
     schema = synth_schema(teacher.cfg)
@@ -229,7 +372,7 @@ def generate(cfg: DataConfig, out: Path, fmt: str = "tsv", progress: bool = True
     if fmt not in ("tsv", "parquet"):
         raise ValueError(f"synth format must be tsv or parquet, got {fmt!r}")
     data_path, truth_path = synth_paths(Path(out), fmt)
-    teacher = Teacher(cfg)
+    teacher = make_teacher(cfg)
     values = [teacher.value_strings(f) for f in range(cfg.synth_num_sparse)]
     test_logits, test_labels, clicks = [], [], 0
     with atomic_path(data_path) as tmp:
@@ -261,7 +404,7 @@ def generate(cfg: DataConfig, out: Path, fmt: str = "tsv", progress: bool = True
     return truth
 
 
-def _ground_truth(teacher: Teacher, test_logits: np.ndarray, test_labels: np.ndarray, clicks: int) -> Dict[str, Any]:
+def _ground_truth(teacher: PlantedTeacher, test_logits: np.ndarray, test_labels: np.ndarray, clicks: int) -> Dict[str, Any]:
     """The planted facts and the teacher's own test metrics."""
     from sharded_mde.train.metrics import classification_metrics
 
@@ -282,7 +425,7 @@ def _ground_truth(teacher: Teacher, test_logits: np.ndarray, test_labels: np.nda
         "vocab_sizes": {n: teacher.vocab_sizes[f] for f, n in enumerate(schema.sparse)},
         "fields": fields,
         "dense": {n: {"missing_rate": round(float(teacher.dense_missing[j]), 4)} for j, n in enumerate(schema.dense)},
-        "teacher": {"hidden": HIDDEN, "linear_weight": LINEAR_WEIGHT, "logit_scale": teacher.scale,
+        "teacher": {**teacher.describe(), "logit_scale": teacher.scale,
                     "bias": teacher.bias, "head_mass": HEAD_MASS if cfg.synth_tail_capacity else 1.0,
                     "test_auc": test["auc"], "test_logloss": test["logloss"], "test_rows": test["rows"],
                     "test_ctr": test["ctr"], "ctr": clicks / cfg.synth_rows},
@@ -291,7 +434,7 @@ def _ground_truth(teacher: Teacher, test_logits: np.ndarray, test_labels: np.nda
     }
 
 
-def _write_token_capacity(teacher: Teacher, values: List[pa.Array], path: Path) -> None:
+def _write_token_capacity(teacher: PlantedTeacher, values: List[pa.Array], path: Path) -> None:
     """Per token: field, raw value, popularity rank, probability and planted capacity."""
     parts = []
     for f, n in enumerate(synth_schema(teacher.cfg).sparse):
