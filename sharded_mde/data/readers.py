@@ -158,10 +158,13 @@ class SourceReader:
 
     def __iter__(self) -> Iterator[pa.Table]:
         for path in self.files:
-            if self.fmt in TEXT_FORMATS:
-                yield from self._iter_text(path)
-            else:
-                yield from self._iter_parquet(path)
+            rows, skipped = 0, self.skipped
+            for table in self._iter_text(path) if self.fmt in TEXT_FORMATS else self._iter_parquet(path):
+                rows += table.num_rows
+                yield table
+            if rows == 0:  # every line malformed: wrong data or format, not a file to "prepare" as 0 rows
+                raise ValueError(f"{path}: no valid row ({self.skipped - skipped} malformed lines skipped; "
+                                 f"is it {self.fmt} data?)")
 
     # ------------------------------------------------------------------ text
     def _iter_text(self, path: Path) -> Iterator[pa.Table]:
@@ -181,7 +184,8 @@ class SourceReader:
                                  column_names=None if header else names)
         parse = pacsv.ParseOptions(delimiter="\t" if tsv else ",", quote_char=False if tsv else '"',
                                    invalid_row_handler=on_invalid, ignore_empty_lines=False)
-        convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+        # Bytes, decoded below row by row: one line that is not UTF-8 is skipped, not the whole file.
+        convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
                                        include_columns=[label, *schema.dense, *schema.sparse],
                                        strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True)
         try:
@@ -199,7 +203,8 @@ class SourceReader:
             except (OSError, pa.ArrowException) as e:
                 raise _file_error(path, e) from None
             table = pa.Table.from_batches([batch]).rename_columns([LABEL, *schema.dense, *schema.sparse])
-            out, bad_rows = _to_canonical(table, schema)
+            table, undecodable = _decode_utf8(table)
+            out, bad_rows = _to_canonical(table, schema, undecodable)
             new = len(invalid_lines)
             problems = list(zip(invalid_lines[reported:new], invalid_reasons[reported:new]))
             reported = new
@@ -262,13 +267,38 @@ def _parquet_schema(path: Path) -> Schema:
     return Schema(tuple(dense), tuple(sparse))
 
 
-def _to_canonical(table: pa.Table, schema: Schema) -> Tuple[pa.Table, List[Tuple[int, str]]]:
+def _decode_utf8(table: pa.Table) -> Tuple[pa.Table, Optional[np.ndarray]]:
+    """Binary text columns as UTF-8 strings; values that are not UTF-8 become null, their rows flagged."""
+    cols, bad = [], None
+    for col in table.columns:
+        col = col.combine_chunks()
+        try:
+            cols.append(pc.cast(col, pa.string()))
+        except pa.ArrowInvalid:  # rare: find the offending values one by one
+            ok = np.array([v is None or _is_utf8(v) for v in col.to_pylist()], dtype=bool)
+            bad = ~ok if bad is None else bad | ~ok
+            cols.append(pc.cast(pc.if_else(pa.array(ok), col, pa.scalar(None, col.type)), pa.string()))
+    return pa.table(cols, names=table.column_names), bad
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _to_canonical(table: pa.Table, schema: Schema,
+                  undecodable: Optional[np.ndarray] = None) -> Tuple[pa.Table, List[Tuple[int, str]]]:
     """Parses label and dense columns; returns the good rows and (row in block, reason) of bad ones."""
     cols = {}
     label_in = table.column(LABEL).combine_chunks()
     cols[LABEL], bad_label = _parse_numbers(label_in)
     reasons = [(label_in.is_null().to_numpy(zero_copy_only=False), "missing label"),
                (bad_label, "non-numeric label")]
+    if undecodable is not None:
+        reasons.insert(0, (undecodable, "bytes that are not UTF-8"))
     for n in schema.dense:
         cols[n], bad = _parse_numbers(table.column(n).combine_chunks())
         reasons.append((bad, f"non-numeric value in {n}"))
