@@ -61,14 +61,20 @@ def usable_cores() -> int:
 
 
 def default_cpu_threads() -> Optional[int]:
-    """Intra-op threads per process when the user has not set OMP_NUM_THREADS: cores / local ranks.
+    """Intra-op threads per process when the user has not set OMP_NUM_THREADS: its share of the idle cores.
 
-    As torchrun would: each of the host's ranks gets its share of the cores, so the ranks do not
-    oversubscribe the CPU. None (leave torch's setting) when the user chose OMP_NUM_THREADS.
+    As with torchrun, each of the host's ranks gets cores / local ranks; cores that other processes
+    already keep busy (the 1-minute load average) are left out, since an OpenMP thread that must
+    wait for a core holds up every operator (on the shared 2-core machine, 2 threads made a whole
+    run about 2x slower than 1). None (keep the user's setting) when OMP_NUM_THREADS is set. The
+    thread count can change the low-order bits of float sums: set OMP_NUM_THREADS for bitwise
+    reproducibility across machines.
     """
     if "OMP_NUM_THREADS" in os.environ:
         return None
-    return max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    cores = usable_cores()
+    idle = cores - int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+    return max(1, min(cores, idle) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 class Interrupted(BaseException):

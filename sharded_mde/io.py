@@ -128,13 +128,14 @@ _OS_HINTS = {
     errno.EACCES: "check the permissions",
     errno.EPERM: "check the permissions",
     errno.EROFS: "the file system is read-only; use a writable run_dir",
-    errno.ENOSPC: "no space left; free some and rerun (finished steps are kept)",
-    errno.EDQUOT: "disk quota exceeded; free some and rerun (finished steps are kept)",
+    errno.ENOSPC: "free some space and rerun: finished steps are kept",
+    errno.EDQUOT: "free some space and rerun: finished steps are kept",
 }
 
 
-def describe_os_error(e: OSError, action: str) -> str:
-    """One line for an OS-level fault: the path, what was being done, the system's reason and a hint."""
-    path = e.filename if e.filename is not None else "?"
+def describe_os_error(e: OSError, action: str, where: PathLike = "") -> str:
+    """One line for an OS-level fault: the path (else `where`), what was being done, the system's reason, a hint."""
+    path = e.filename if e.filename is not None else (f"{where} (a file in it)" if where else "?")
     hint = _OS_HINTS.get(e.errno or 0)
-    return f"{path}: {e.strerror or e} while {action}" + (f" ({hint})" if hint else "")
+    reason = e.strerror or " ".join(str(e).split())
+    return f"{path}: {reason} while {action}" + (f" ({hint})" if hint else "")

@@ -51,7 +51,8 @@ def timed_run(config: str, run_dir: Path, overrides: List[str], threads: str) ->
         raise SystemExit(f"run with threads={threads} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     models = {m["model"]: {"auc": m["auc"], "logloss": m["logloss"]} for m in summary["models"]}
-    return {"seconds": round(seconds, 2), "models": models}
+    serve = json.loads((run_dir / "stages.json").read_text())["stages"]["serve_check"]["outputs"]
+    return {"seconds": round(seconds, 2), "models": models, "threads": serve["device"]}
 
 
 def main() -> int:
@@ -86,7 +87,8 @@ def main() -> int:
         "median_seconds": median,
         "default_over_one_thread": round(median["default"] / median["1"], 3),
         "same_metrics": all(a["models"] == b["models"] for a, b in zip(runs["default"], runs["1"])),
-        "models": runs["1"][0]["models"],
+        "models": {t: rs[0]["models"] for t, rs in runs.items()},
+        "threads_chosen_by_default": [r["threads"] for r in runs["default"]],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")

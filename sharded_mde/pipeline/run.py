@@ -45,7 +45,7 @@ def _call(name: str, fn: StageFn, cfg: RunConfig, env: DistEnv, ledger: StageLed
     except FileNotFoundError:
         raise
     except OSError as e:
-        raise ValueError(describe_os_error(e, f"running stage {name}")) from None
+        raise ValueError(describe_os_error(e, f"running stage {name}", cfg.run_dir)) from None
 
 
 # The config sections a stage reads when `run_pipeline` is not told (training stages).

@@ -64,6 +64,12 @@ def load_portable(live: Any, saved: Any, key: str = "") -> Any:
             raise ValueError(f"checkpoint entry {key}: expected a mapping")
         out = {}
         for k, v in live.items():
+            if k not in saved and key == "state":
+                # An optimizer's per-parameter state: a parameter that never had a gradient (e.g. the
+                # projection of a field the search dropped) has none in the checkpoint; the live
+                # state `init_state()` gave it is what it would have had.
+                out[k] = v
+                continue
             if k not in saved:
                 raise ValueError(f"checkpoint entry {key}.{k}: missing from checkpoint")
             out[k] = load_portable(v, saved[k], f"{key}.{k}" if key else str(k))
