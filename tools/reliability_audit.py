@@ -57,9 +57,11 @@ class Audit:
             cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
         return subprocess.run(cmd, cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=timeout)
 
-    def start(self, args: Sequence[str]) -> subprocess.Popen:
-        return subprocess.Popen(self.argv(args), cwd=ROOT, env=self.env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    def start(self, args: Sequence[str], stderr: Path) -> subprocess.Popen:
+        """The CLI in the background, stdout piped (read line by line), stderr to a file (never blocks)."""
+        with open(stderr, "w") as err:
+            return subprocess.Popen(self.argv(args), cwd=ROOT, env=self.env(), stdout=subprocess.PIPE, stderr=err,
+                                    text=True)
 
     def show(self, args: Sequence[str]) -> str:
         """The command as the table shows it: scratch paths shortened to $S."""
@@ -150,7 +152,8 @@ def interrupt_each_stage(a: Audit, ref: Dict[str, Any]) -> None:
     extra = ["--set", f"data.dir={data}"]
     for i, stage in enumerate(STAGES):
         args = a.run_args(run, *extra)
-        proc = a.start(args)
+        err_file = a.s / f"interrupt_{stage}.err"
+        proc = a.start(args, err_file)
         assert proc.stdout is not None
         seen = False
         for line in proc.stdout:
@@ -158,21 +161,26 @@ def interrupt_each_stage(a: Audit, ref: Dict[str, Any]) -> None:
                 seen = True
                 break
         if not seen:
-            out, err = proc.communicate()
+            proc.communicate()
+            err = err_file.read_text()
             a.record(f"Ctrl-C in stage {stage}", args, proc.returncode, err, 130, {"stage started": False})
             continue
-        if stage == "baseline":  # a second writer while this one holds the run directory
+        if stage == "baseline":  # a second writer while this one holds the run directory (paused meanwhile)
+            proc.send_signal(signal.SIGSTOP)
             second = a.run_args(run, *extra, "--set", "train.seed=7")
             before = ledger(run)
             a.case("two concurrent runs in one run_dir (the second with another seed)", second, 2,
                    lambda p: {"names the holder's pid": f"pid {proc.pid}" in p.stderr, "ledger untouched": ledger(run) == before})
-        time.sleep(0.5 if stage in ("data", "plan", "summary") else 1.5)
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.2)
         sig = signal.SIGTERM if stage == "retrain" else signal.SIGINT
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=300)
+        proc.communicate(timeout=300)
+        err = err_file.read_text()
         done = ledger(run)
-        a.record(f"{'SIGTERM' if sig == signal.SIGTERM else 'Ctrl-C (SIGINT)'} during stage {stage}", args,
-                 proc.returncode, err, 128 + sig, {f"{stage} not recorded as done": stage not in done,
+        hit = next((s for s in STAGES if s not in done), "none")  # the stage the signal landed in
+        a.record(f"{'SIGTERM' if sig == signal.SIGTERM else 'Ctrl-C (SIGINT)'} during stage {hit}", args,
+                 proc.returncode, err, 128 + sig, {f"landed in stage {stage}": hit == stage,
                                                    "earlier stages kept": all(s in done for s in STAGES[:i]),
                                                    "no temp file left": not list(run.rglob(".*.tmp"))})
     args = a.run_args(run, *extra)
