@@ -15,6 +15,7 @@ import importlib
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
 from sharded_mde.config import ConfigError
@@ -54,7 +55,7 @@ def usable_cores() -> int:
     """CPU cores this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     with contextlib.suppress(OSError, ValueError):
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
         if quota != "max":
             cores = min(cores, max(1, int(int(quota) // int(period))))
     return max(1, cores)
