@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 from sharded_mde.config import ConfigError
 
@@ -78,18 +78,6 @@ def default_cpu_threads() -> Optional[int]:
     return max(1, min(cores, idle) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-class Interrupted(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt so that `finally` blocks and atomic writes clean up."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted(signum)
-
-
 @contextlib.contextmanager
 def _writer_lock(args: argparse.Namespace) -> Iterator[None]:
     """Holds the run directory's lock (rank 0 only) for commands that write a run directory."""
@@ -107,6 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the console script."""
     import torch
 
+    from sharded_mde.interrupts import Interrupted, interruptible
     from sharded_mde.io import describe_os_error
     from sharded_mde.train.distributed import tune_cpu_process
 
@@ -116,10 +105,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     threads = default_cpu_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     prefix = f"sharded-mde {args.command}: error:"
     try:
-        with _writer_lock(args):
+        with interruptible(), _writer_lock(args):
             return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         if getattr(args, "debug", False):
@@ -131,13 +119,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"{prefix} {describe_os_error(e, f'running sharded-mde {args.command}')}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, Interrupted) as e:
+    except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         print(f"sharded-mde {args.command}: interrupted by {signal.Signals(signum).name}; finished steps are "
               "kept, run the same command again to resume", file=sys.stderr)
         return 128 + signum
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
 
+from sharded_mde.interrupts import raise_if_pending
+
 PathLike = Union[str, Path]
 
 
@@ -41,6 +43,7 @@ def make_temp_dir(parent: PathLike, prefix: str, suffix: str) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
+    raise_if_pending()  # an interrupt whose exception was swallowed stops the command here
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

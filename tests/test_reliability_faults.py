@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from sharded_mde.cli import default_cpu_threads, main
-from sharded_mde.io import atomic_write_json, describe_os_error
+from sharded_mde.interrupts import Interrupted, interruptible
+from sharded_mde.io import atomic_write_json, atomic_write_text, describe_os_error
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.pipeline.lock import run_dir_lock
 from sharded_mde.train.checkpoint import (COMPLETE, discard_checkpoints_of_other_configs, guard_config,
@@ -148,3 +151,21 @@ def test_thread_default_is_the_users_when_set_else_a_share_of_the_cores(monkeypa
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))  # every core busy elsewhere
     assert default_cpu_threads() == 1
+
+
+class _SignalInDestructor:
+    """Sends SIGTERM to this process from `__del__`, where the handler's exception is dropped by Python."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs here; "Exception ignored in ... __del__"
+
+
+def test_an_interrupt_swallowed_by_a_destructor_stops_the_next_write(tmp_path: Path) -> None:
+    """Seen in the audit: SIGTERM landing in an import's weakref callback was lost and the run went on to exit 0."""
+    with pytest.raises(Interrupted) as caught:
+        with interruptible():
+            _SignalInDestructor()  # dropped at once: its __del__ runs and the first exception is lost
+            atomic_write_text(tmp_path / "after.txt", "must not be written")
+    assert caught.value.signum == signal.SIGTERM and not (tmp_path / "after.txt").exists()
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored (the test run goes on)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch.distributed as dist
 
 from sharded_mde.config import RunConfig
+from sharded_mde.interrupts import raise_if_pending
 from sharded_mde.io import describe_os_error
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.train.checkpoint import config_fingerprint
@@ -68,6 +69,7 @@ def run_pipeline(cfg: RunConfig, env: DistEnv, stages: List[Tuple[str, StageFn, 
     for n in stale:
         ledger.stages.pop(n, None)
     for name, fn, collective in stages:
+        raise_if_pending()
         if ledger.done(name):
             if env.is_main:
                 print(f"[run] {name}: done earlier, skipped", flush=True)
