@@ -62,7 +62,7 @@ def usable_cores() -> int:
 
 
 def default_cpu_threads() -> Optional[int]:
-    """Intra-op threads per process when the user has not set OMP_NUM_THREADS: its share of the idle cores.
+    """CPU threads per process when the user has not set OMP_NUM_THREADS: its share of the idle cores.
 
     As with torchrun, each of the host's ranks gets cores / local ranks; cores that other processes
     already keep busy (the 1-minute load average) are left out, since an OpenMP thread that must
@@ -93,18 +93,22 @@ def _writer_lock(args: argparse.Namespace) -> Iterator[None]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the console script."""
+    threads = default_cpu_threads()
+    if threads is not None:
+        # Before torch, numpy and pyarrow are loaded: their OpenMP, BLAS and Arrow thread pools are
+        # sized from it (a 1-thread torch beside 2-thread pools was still 1.7x slower here).
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
     from sharded_mde.interrupts import Interrupted, interruptible
     from sharded_mde.io import describe_os_error
     from sharded_mde.train.distributed import tune_cpu_process
 
+    if threads is not None:
+        torch.set_num_threads(threads)  # torch may have been loaded before (a caller in this process)
     parser = build_parser()
     args = parser.parse_args(argv)
     tune_cpu_process()
-    threads = default_cpu_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
     prefix = f"sharded-mde {args.command}: error:"
     try:
         with interruptible(), _writer_lock(args):
