@@ -14,9 +14,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Set, Union
 
 from sharded_mde.interrupts import raise_if_pending
 
@@ -40,17 +42,38 @@ def make_temp_dir(parent: PathLike, prefix: str, suffix: str) -> Path:
     return d
 
 
+def _hold_signals() -> Optional[Set[int]]:
+    """Blocks SIGINT and SIGTERM (main thread only); returns the mask to restore, None if nothing was done."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _release_signals(previous: Optional[Set[int]]) -> None:
+    """Restores the mask of `_hold_signals`: a signal held meanwhile is delivered now."""
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
     raise_if_pending()  # an interrupt whose exception was swallowed stops the command here
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's mode is always 0600
-    os.close(fd)
+    held = _hold_signals()  # a Ctrl-C between creating the temp file and the `try` would leave it behind
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except BaseException:  # e.g. a read-only or full file system: nothing to clean up, signals back on
+        _release_signals(held)
+        raise
     tmp_path = Path(tmp)
     try:
+        try:
+            _release_signals(held)  # an interrupt held meanwhile is raised here, inside the `try`
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's mode is always 0600
+        finally:
+            os.close(fd)
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
