@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from sharded_mde.io import describe_os_error
+
 LOCK_FILE = ".lock"
 
 
@@ -28,11 +30,13 @@ def _holder(path: Path) -> str:
 
 
 def check_writable(run_dir: Path) -> None:
-    """Creates `run_dir` and a probe file in it; an OSError names the directory and what failed."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Creates `run_dir` and a probe file in it; a failure is one ValueError naming the path and the reason."""
     probe = run_dir / f".write_probe.{os.getpid()}"
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
+    except OSError as e:
+        raise ValueError(describe_os_error(e, "checking that the run directory is writable")) from None
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()

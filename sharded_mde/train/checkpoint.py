@@ -162,7 +162,10 @@ def guard_config(root: str | Path, fingerprint: str, is_main: bool) -> None:
     under `--force`; then records `fingerprint` as the config of the checkpoints to come."""
     root = Path(root)
     found = complete_checkpoints(root)
-    doc = read_json(root / CONFIG, "checkpoint config record") if (root / CONFIG).is_file() else {}
+    try:
+        doc = read_json(root / CONFIG, "checkpoint config record") if (root / CONFIG).is_file() else {}
+    except ValueError as e:
+        raise ValueError(f"{e}; rerun with --force to discard the checkpoints beside it") from None
     recorded = doc.get("fingerprint") if isinstance(doc, dict) else None
     if found and recorded != fingerprint:
         if not _discard_other_configs:
