@@ -169,3 +169,31 @@ def test_an_interrupt_swallowed_by_a_destructor_stops_the_next_write(tmp_path: P
             atomic_write_text(tmp_path / "after.txt", "must not be written")
     assert caught.value.signum == signal.SIGTERM and not (tmp_path / "after.txt").exists()
     assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored (the test run goes on)
+
+
+def test_serve_check_data_must_have_the_exports_vocabularies(tmp_path: Path) -> None:
+    """serve-check scores `data.dir` (moved data is fine) only if its vocabularies match the export's digest."""
+    from types import SimpleNamespace
+
+    from sharded_mde.config import RunConfig
+    from sharded_mde.export.manifest import vocabulary_digest
+    from sharded_mde.export.stage import serving_data_dir
+    from sharded_mde.io import sha256_file
+
+    data = tmp_path / "moved_data"
+    (data / "vocab").mkdir(parents=True)
+    for f in ("C1", "C2"):
+        (data / "vocab" / f"{f}.parquet").write_bytes(f"ids of {f}".encode())
+    digest = vocabulary_digest({f: sha256_file(data / "vocab" / f"{f}.parquet") for f in ("C1", "C2")})
+    manifest = SimpleNamespace(token_groups=None, source={"data_dir": "/where/it/was/exported", "vocab_digest": digest},
+                               features=[SimpleNamespace(name=f, vocabulary=f"vocab/{f}.parquet") for f in ("C1", "C2")])
+    cfg = RunConfig()
+    cfg.data.dir = str(data)
+    assert serving_data_dir(cfg, tmp_path / "export", manifest) == data  # the config's data, not the stored path
+    (data / "vocab" / "C2.parquet").write_bytes(b"ids of C2, re-prepared")
+    with pytest.raises(ValueError, match=rf"{data}: vocabularies \(digest \w+\) differ from those {tmp_path / 'export'} "
+                                         rf"was exported with \(digest {digest}\)"):
+        serving_data_dir(cfg, tmp_path / "export", manifest)
+    cfg.data.dir = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"nowhere: data directory to score .* not found"):
+        serving_data_dir(cfg, tmp_path / "export", manifest)
