@@ -1,5 +1,6 @@
-"""Shared pytest set-up: quiet TorchRec logging, the `gpu` marker skipped without CUDA, and the
-process-wide float mode reset after each test (the CLI, run in-process by tests, flushes subnormals)."""
+"""Shared pytest set-up: quiet TorchRec logging, the `gpu` marker skipped without CUDA, the
+process-wide float mode reset after each test (the CLI, run in-process by tests, flushes subnormals),
+and a summary line for every gloo runtime abort that `dist_utils.run_ranks` retried."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +25,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Lists the gloo aborts `run_ranks` retried (an intermittent crash must not pass silently)."""
+    dist_utils = sys.modules.get("dist_utils")
+    retried = getattr(dist_utils, "RETRIED_ABORTS", [])
+    if retried:
+        terminalreporter.write_sep("=", f"{len(retried)} gloo runtime abort(s) retried by run_ranks", yellow=True)
+        for line in retried:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)

@@ -44,14 +44,19 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
 
 RUNTIME_ABORT = "terminated with signal SIGABRT"
 
+# Every retried abort of this pytest process, "test body: error": conftest.py reports them in the
+# terminal summary, so a crash that a retry hid is still seen in every test run.
+RETRIED_ABORTS: List[str] = []
+
 
 def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:
     """Calls `fn(rank, world_size, *args)` on `world_size` gloo ranks; re-raises the first failure.
 
-    One retry, with a warning, where a rank died by SIGABRT without a Python error: torch's gloo
-    runtime on this stack now and then calls std::terminate ("terminate called without an active
-    exception") with no exception of ours in flight (about 1 run in 20 of a 2-rank test on the
-    2-core CI machine). A Python error in a rank is never retried, and a second abort fails.
+    One retry where a rank died by SIGABRT without a Python error: torch's gloo runtime on this
+    stack now and then calls std::terminate ("terminate called without an active exception") with
+    no exception of ours in flight (about 1 run in 20 of a 2-rank test on the 2-core CI machine).
+    Each retry is recorded in RETRIED_ABORTS and listed in the pytest summary. A Python error in a
+    rank is never retried, and a second abort fails.
     """
     for attempt in range(2):
         ctx = mp.get_context("spawn")
@@ -62,6 +67,7 @@ def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:
             return
         except Exception as e:
             if errors.empty() and RUNTIME_ABORT in str(e) and attempt == 0:
+                RETRIED_ABORTS.append(f"{getattr(fn, '__qualname__', fn)}: {e}")
                 warnings.warn(f"run_ranks: {e} with no Python error (a gloo runtime abort); running once more")
                 continue
             detail = errors.get() if not errors.empty() else str(e)

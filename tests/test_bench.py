@@ -204,6 +204,37 @@ def test_quality_unknown_method_fails_before_any_work(config: Path, tmp_path: Pa
     assert not run_dir.exists()
 
 
+def _independent_serving(exports: dict, dtype: str, config: Path, run_dir: Path, repeats: int = 15) -> dict:
+    """Compact/full examples/s of the bench's exports timed here, with perf_counter around each pass, and their AUCs."""
+    import statistics
+    import time
+
+    from sharded_mde.config import load_config
+    from sharded_mde.export import load_export, script
+    from sharded_mde.export.stage import load_requests
+    from sharded_mde.train.metrics import classification_metrics
+
+    cfg = load_config(config, {"run_dir": str(run_dir)})
+    cpu = torch.device("cpu")
+    requests = load_requests(cfg.data.dir, "test", cfg.export.serve_batch_size, cpu)
+    models = {n: script(load_export(exports[n], dtype, cfg.export.row_alignment, cpu)) for n in ("compact", "full")}
+    out: dict = {}
+    seconds: dict = {n: [] for n in models}
+    with torch.no_grad():
+        for n, m in models.items():
+            logits = torch.cat([m(d, sp)[:k] for d, sp, _, k in requests])
+            labels = torch.cat([lab[:k] for _, _, lab, k in requests])
+            out[n] = classification_metrics(logits, labels)
+        for _ in range(repeats):
+            for n, m in models.items():
+                t0 = time.perf_counter()
+                for d, sp, _, _ in requests:
+                    m(d, sp)
+                seconds[n].append(time.perf_counter() - t0)
+    out["ratio"] = statistics.median(seconds["full"]) / statistics.median(seconds["compact"])  # examples/s ratio
+    return out
+
+
 def test_speed_reports_ratios_and_skips_tbe_without_cuda(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "speed.json"
     assert main(["bench", "speed", str(config), "--repeats", "2", "--steps", "3", "--out", str(out),
@@ -213,10 +244,18 @@ def test_speed_reports_ratios_and_skips_tbe_without_cuda(config: Path, tmp_path:
     assert doc["machine"]["cores"] and r["device"]
     assert r["search_overhead"]["ratio"] > 0 and r["search_overhead"]["steps"] == 6
     assert r["train_step"]["ratio"] > 0 and 0 < r["bytes_ratio"] < 1
+    for part, name in (("search_overhead", "masked"), ("train_step", "compact")):  # ratio of the medians it reports
+        t = r[part]
+        assert t["ratio"] == pytest.approx(t[f"{name}_median_step_ms"] / t["plain_median_step_ms"], rel=1e-9)
     for dtype in ("fp32", "int8"):
         s = r["serving"]["dtypes"][dtype]
         assert s["ratio_median"] > 0 and 0 < s["bytes_ratio"] < 1
         assert s["compact"]["rows"] == s["full"]["rows"] > 0
+        independent = _independent_serving(r["serving"]["exports"], dtype, config, tmp_path / "speed_run")
+        for name in ("compact", "full"):  # the same exports on the same rows score the same
+            assert s[name]["auc"] == pytest.approx(independent[name]["auc"], abs=1e-6)
+        # Timed by this test's own loop: the ratio agrees within 3x (a loaded 2-core machine is noisy).
+        assert 1 / 3 < s["ratio_median"] / independent["ratio"] < 3, (dtype, s["ratio_median"], independent["ratio"])
     printed = capsys.readouterr().out
     if torch.cuda.is_available():
         assert r["tbe"]["status"] == "measured" and r["tbe"]["forward_ratio"] > 0

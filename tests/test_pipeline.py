@@ -73,11 +73,14 @@ def test_rerun_skips_finished_stages(one_process_run: tuple) -> None:
 
 
 def test_rerun_with_another_config_is_refused(one_process_run: tuple) -> None:
+    """A changed search config reruns the search, which refuses to resume the old config's checkpoints."""
     cfg, _, tmp = one_process_run
     cmd = [sys.executable, "-m", "sharded_mde.cli", "run", str(cfg), "--set", "search.budget=0.3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
-    assert "stages.json" in done.stderr and "different config" in done.stderr
+    assert "[run] baseline: done earlier, skipped" in done.stdout
+    assert str(tmp / "run1" / "ham" / "checkpoints") in done.stderr and "another training config" in done.stderr
+    assert "--force" in done.stderr
 
 
 def test_run_on_two_ranks_with_torchrun(one_process_run: tuple) -> None:

@@ -1,10 +1,17 @@
-"""Crash safety: `sharded-mde run` killed with SIGKILL during its search resumes and gives the uninterrupted dims."""
+"""Crash safety: `sharded-mde run` killed with SIGKILL during its search resumes and gives the uninterrupted dims.
+
+The rerun goes through `tests/fault_train.py` (the CLI with a logging Trainer callback, no kill), so
+the test sees that the search resumed from its newest complete checkpoint and trained on from the
+step after it: a restart from step 0 gives the same dims (training is deterministic) and would
+otherwise pass unnoticed.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from sharded_mde.train.checkpoint import COMPLETE
+from sharded_mde.train.checkpoint import COMPLETE, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,16 +40,19 @@ def _config(tmp: Path) -> Path:
     return path
 
 
-def _run(config: Path, run_dir: Path) -> subprocess.Popen:
-    """The whole pipeline (data, baseline, search, plan, retrain, export, serve-check) in `run_dir`."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "sharded_mde.cli", "run", str(config), "--set", f"run_dir={run_dir}"],
+def _run(config: Path, run_dir: Path, logged: bool = False) -> subprocess.Popen:
+    """The whole pipeline (data, baseline, search, plan, retrain, export, serve-check) in `run_dir`;
+    `logged`: through tests/fault_train.py, which logs each Trainer's resume and first step."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", FAULT_KILL_STEP="0")
+    entry = [str(ROOT / "tests" / "fault_train.py")] if logged else ["-m", "sharded_mde.cli"]
+    return subprocess.Popen([sys.executable, *entry, "run", str(config), "--set", f"run_dir={run_dir}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc: subprocess.Popen) -> None:
+def _finish(proc: subprocess.Popen) -> str:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
+    return out
 
 
 def _result(run: Path) -> dict:
@@ -76,7 +86,14 @@ def test_sigkill_of_run_during_search_resumes_to_the_same_dims(tmp_path: Path) -
     assert proc.returncode == -signal.SIGKILL, f"not killed mid-search (seed {seed})"
     assert not (killed / "ham" / "dims.json").exists(), f"killed after the search had finished (seed {seed})"
 
-    _finish(_run(config, killed))
+    newest = latest_checkpoint(ckpts)
+    assert newest is not None
+    resumed_at = int(newest.name.removeprefix("step_"))
+    log = _finish(_run(config, killed, logged=True))
+    # The first Trainer of the rerun is the search's (baseline is recorded as done): it must resume there.
+    first = re.findall(r"\[fault\] attempt=0 rank=0 (resumed=\w+ step=\d+|first_step=\d+)", log)[:2]
+    assert first == [f"resumed=True step={resumed_at}", f"first_step={resumed_at + 1}"], (
+        f"the rerun did not resume the search at its checkpoint step {resumed_at} (seed {seed}): {first}")
     assert _result(killed) == _result(reference), (
         f"resumed search differs from the uninterrupted one (seed {seed}, killed after step {kill_after} "
         f"+ {extra_delay:.2f}s)")

@@ -72,16 +72,33 @@ def test_strict_reports_the_first_bad_line(tmp_path: Path) -> None:
         read_all(SourceReader("criteo_tsv", [str(path)], strict=True))
 
 
-def test_latin1_and_empty_files(tmp_path: Path) -> None:
+def test_a_line_that_is_not_utf8_is_skipped_and_counted_or_strict_names_it(tmp_path: Path) -> None:
+    """Latin-1 bytes on line 2 of 3: that line is skipped and counted, the other two read; strict names line 2."""
     latin = tmp_path / "latin.tsv"
-    latin.write_bytes((criteo_line(1).replace("\t0000000", "\t\xe9\xe8", 1) + "\n").encode("latin-1"))
+    lines = [criteo_line(i) for i in range(1, 4)]
+    lines[1] = lines[1].replace("\t0000000", "\t\xe9\xe8", 1)
+    latin.write_bytes("".join(f"{line}\n" for line in lines).encode("latin-1"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        reader = SourceReader("criteo_tsv", [str(latin)])
+        table = read_all(reader)
+    assert table.num_rows == 2 and reader.skipped == 1
+    assert any(f"{latin} line 2: skipped malformed line (bytes that are not UTF-8)" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match=rf"{latin} line 2: malformed \(bytes that are not UTF-8\)"):
+        read_all(SourceReader("criteo_tsv", [str(latin)], strict=True))
+
+
+def test_a_file_of_only_malformed_lines_is_an_error_naming_it(tmp_path: Path) -> None:
+    good, bad = tmp_path / "day_0.tsv", tmp_path / "day_1.tsv"
+    good.write_text(criteo_line(1) + "\n")
+    bad.write_text("1\t2\t3\nnot\ta\trow\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
-        try:
-            table = read_all(SourceReader("criteo_tsv", [str(latin)]))
-            assert table.num_rows == 1  # kept, the bytes read as some string: a value like any other
-        except ValueError as e:
-            assert str(latin) in str(e)
+        with pytest.raises(ValueError, match=rf"{bad}: no valid row \(2 malformed lines skipped"):
+            read_all(SourceReader("criteo_tsv", [str(good), str(bad)]))
+
+
+def test_empty_file(tmp_path: Path) -> None:
     empty = tmp_path / "empty.tsv"
     empty.write_text("")
     with pytest.raises(ValueError, match=rf"{empty}: empty file"):

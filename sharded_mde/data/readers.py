@@ -182,13 +182,18 @@ class SourceReader:
         offset = 0
         for path in self.files:
             it = self._iter_text(path) if self.fmt in TEXT_FORMATS else self._iter_parquet(path)
+            good, skipped = 0, self.skipped
             while True:
                 try:
                     table, rows = next(it)
                 except StopIteration as stop:
                     rows_in_file = stop.value
                     break
+                good += table.num_rows
                 yield table, rows + offset
+            if good == 0:  # every line malformed: wrong data or format, not a file to "prepare" as 0 rows
+                raise ValueError(f"{path}: no valid row ({self.skipped - skipped} malformed lines skipped; "
+                                 f"is it {self.fmt} data?)")
             if path in self._lines and self._lines[path] != rows_in_file:
                 raise ValueError(f"{path}: parsed {rows_in_file} lines but the file has {self._lines[path]} "
                                  f"(a quoted line break or a lone carriage return?)")
@@ -212,10 +217,11 @@ class SourceReader:
         return total
 
     def _finish(self, path: Path, table: pa.Table, schema: Schema, phys: np.ndarray,
-                where: Callable[[np.ndarray], np.ndarray]) -> Tuple[pa.Table, np.ndarray, List[Tuple[int, str]]]:
+                where: Callable[[np.ndarray], np.ndarray], undecodable: Optional[np.ndarray] = None
+                ) -> Tuple[pa.Table, np.ndarray, List[Tuple[int, str]]]:
         """Canonical good rows of a parsed block with their physical rows, and (line, reason) of bad ones;
         labels are checked and mapped, separated columns split."""
-        out, bad_rows, keep = _to_canonical(table, schema, self.separators)
+        out, bad_rows, keep = _to_canonical(table, schema, self.separators, undecodable)
         problems = [(int(where(phys[j:j + 1])[0]), reason) for j, reason in bad_rows]
         if keep is not None:
             phys = phys[keep]
@@ -259,7 +265,8 @@ class SourceReader:
                                  column_names=None if header else names)
         parse = pacsv.ParseOptions(delimiter="\t" if tsv else ",", quote_char=False if tsv else '"',
                                    invalid_row_handler=on_invalid, ignore_empty_lines=False)
-        convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+        # Bytes, decoded per column below: one line that is not UTF-8 is skipped, not the whole file.
+        convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
                                        include_columns=[label, *schema.dense, *schema.sparse],
                                        strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True)
         try:
@@ -286,7 +293,8 @@ class SourceReader:
             new = len(invalid_lines)
             problems = list(zip(invalid_lines[reported:new], invalid_reasons[reported:new]))
             reported = new
-            out, phys, bad = self._finish(path, table, schema, phys, line_of)
+            table, undecodable = _decode_utf8(table)
+            out, phys, bad = self._finish(path, table, schema, phys, line_of, undecodable)
             rows_before += table.num_rows
             warned = self._report(path, sorted(problems + bad), warned)
             yield out, phys
@@ -376,7 +384,30 @@ def _is_category(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
 
 
-def _to_canonical(table: pa.Table, schema: Schema, separators: Dict[str, str]
+def _decode_utf8(table: pa.Table) -> Tuple[pa.Table, Optional[np.ndarray]]:
+    """Binary text columns as UTF-8 strings; values that are not UTF-8 become null, their rows flagged."""
+    cols, bad = [], None
+    for col in table.columns:
+        col = col.combine_chunks()
+        try:
+            cols.append(pc.cast(col, pa.string()))
+        except pa.ArrowInvalid:  # rare: find the offending values one by one
+            ok = np.array([v is None or _is_utf8(v) for v in col.to_pylist()], dtype=bool)
+            bad = ~ok if bad is None else bad | ~ok
+            cols.append(pc.cast(pc.if_else(pa.array(ok), col, pa.scalar(None, col.type)), pa.string()))
+    return pa.table(cols, names=table.column_names), bad
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _to_canonical(table: pa.Table, schema: Schema, separators: Dict[str, str],
+                  undecodable: Optional[np.ndarray] = None
                   ) -> Tuple[pa.Table, List[Tuple[int, str]], Optional[np.ndarray]]:
     """Parses label and dense columns, splits separated columns; returns the good rows, (row in block,
     reason) of bad ones and the mask of good rows (None when every row is good)."""
@@ -385,6 +416,8 @@ def _to_canonical(table: pa.Table, schema: Schema, separators: Dict[str, str]
     cols[LABEL], bad_label = _parse_numbers(label_in)
     reasons = [(label_in.is_null().to_numpy(zero_copy_only=False), "missing label"),
                (bad_label, "non-numeric label")]
+    if undecodable is not None:
+        reasons.insert(0, (undecodable, "bytes that are not UTF-8"))
     for n in schema.dense:
         cols[n], bad = _parse_numbers(table.column(n).combine_chunks())
         reasons.append((bad, f"non-numeric value in {n}"))

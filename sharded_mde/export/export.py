@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from sharded_mde.config import ExportConfig, ModelConfig
 from sharded_mde.data.vocab import vocab_path
-from sharded_mde.io import atomic_path, fsync_dir, read_json
+from sharded_mde.io import atomic_path, fsync_dir, make_temp_dir, read_json
 from sharded_mde.modules.heads import build_head
 from sharded_mde.modules.masked_ebc import ColumnGate
 from sharded_mde.modules.model import feature_dims_of
@@ -43,7 +43,8 @@ from sharded_mde.train.checkpoint import COMPLETE, latest_checkpoint
 from sharded_mde.export.arrowfile import write_weights
 from sharded_mde.export.groups import COMBINER, write_token_groups
 from sharded_mde.export.manifest import (
-    ExportedFeature, ExportedTable, HeadSpec, Manifest, file_entry, write_manifest, writer_versions)
+    ExportedFeature, ExportedTable, HeadSpec, Manifest, file_entry, manifest_vocabulary_digest, write_manifest,
+    writer_versions)
 from sharded_mde.export.tablefile import check_dim, write_table
 
 _TABLE_KEY = re.compile(r"^(?P<arch>(?:.*\.)?sparse_arch\.)(?:.*\.)?embedding_bags\.(?P<table>[^.]+)\.weight$")
@@ -350,7 +351,7 @@ def _staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     if out.exists() and not overwrite:
         raise ValueError(f"{out}: already exists (remove it or pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.", ".tmp")  # the export's own mode: readable by others
     try:
         yield tmp
         old = None
@@ -483,5 +484,6 @@ def export_compact(
             writer=writer_versions(),
             token_groups=groups,
         )
+        manifest.source["vocab_digest"] = manifest_vocabulary_digest(manifest)  # checked by serve-check
         write_manifest(root, manifest)
     return manifest

@@ -9,6 +9,7 @@ table is read) a table whose shape disagrees, each with an error that names the 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import re
 from dataclasses import asdict, dataclass, field
@@ -131,6 +132,22 @@ def file_entry(root: Path, rel: str) -> Dict[str, Any]:
     """Size and sha256 of `root/rel`, as recorded in the manifest."""
     p = root / rel
     return {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+
+
+def vocabulary_digest(sha256_by_feature: Dict[str, str]) -> str:
+    """One digest of a data set's vocabularies, from each feature's vocabulary file sha256.
+
+    Stored as `source.vocab_digest`; serve-check recomputes it from the data it scores, so an export
+    is never scored on data whose ids mean other tokens (re-prepared or other data).
+    """
+    text = "\n".join(f"{f}:{sha256_by_feature[f]}" for f in sorted(sha256_by_feature))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def manifest_vocabulary_digest(manifest: Manifest) -> Optional[str]:
+    """The digest of the vocabularies shipped in an export (None when it ships none)."""
+    shipped = {f.name: manifest.files[f.vocabulary]["sha256"] for f in manifest.features if f.vocabulary}
+    return vocabulary_digest(shipped) if shipped else None
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:

@@ -15,8 +15,9 @@ from sharded_mde.bench import machine_info
 from sharded_mde.config import RunConfig
 from sharded_mde.export.export import export_compact
 from sharded_mde.export.load import load_export, resolve_dtype, serving_bytes
-from sharded_mde.export.manifest import MANIFEST, Manifest, read_manifest
+from sharded_mde.export.manifest import MANIFEST, Manifest, read_manifest, vocabulary_digest
 from sharded_mde.export.serve import Request, score, script
+from sharded_mde.io import sha256_file
 from sharded_mde.plan.dims import load_dims
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.train.metrics import classification_metrics
@@ -70,18 +71,47 @@ def export_bytes(root: str | Path, manifest: Manifest) -> Dict[str, int]:
             "projections": manifest.files[groups.projections_file]["bytes"] if groups else 0}
 
 
+def data_vocabulary_digest(data_dir: Path, features: List[str]) -> str:
+    """`vocabulary_digest` of the vocabulary files of `features` in a processed data directory."""
+    from sharded_mde.data.vocab import vocab_path
+
+    missing = [f for f in features if not vocab_path(data_dir, f).is_file()]
+    if missing:
+        raise ValueError(f"{vocab_path(data_dir, missing[0])}: vocabulary not found (is {data_dir} prepared data?)")
+    return vocabulary_digest({f: sha256_file(vocab_path(data_dir, f)) for f in features})
+
+
+def serving_data_dir(cfg: RunConfig, export_dir: str | Path, manifest: Manifest) -> Path:
+    """The data to score an export on, checked against the vocabularies it was made with (one-line errors)."""
+    copy = manifest.source.get("data_dir") if manifest.token_groups is not None else None
+    data_dir = Path(copy or cfg.data.dir)
+    if not data_dir.is_dir():
+        hint = "rerun the search that wrote this PME copy" if copy else "set data.dir to where the prepared data is"
+        raise ValueError(f"{data_dir}: data directory to score {export_dir} not found ({hint})")
+    expected = manifest.source.get("vocab_digest")
+    if expected:
+        shipped = [f.name for f in manifest.features if f.vocabulary]
+        found = data_vocabulary_digest(data_dir, shipped)
+        if found != expected:
+            raise ValueError(f"{data_dir}: vocabularies (digest {found}) differ from those {export_dir} was exported "
+                             f"with (digest {expected}): the data was re-prepared or is other data; export again "
+                             "from a model trained on this data, or point data.dir at the original")
+    return data_dir
+
+
 def serve_check(cfg: RunConfig, export_dir: str | Path, dtype: Optional[str] = None,
                 device: torch.device = torch.device("cpu"), max_batches: int = 0, scripted: bool = True,
                 verify: bool = True) -> Dict[str, Any]:
     """Scores the test split from the export alone: AUC, log loss, bytes and examples/s of the served model.
 
-    The test split is read from the data the export's vocabularies came from (PME: the renumbered copy).
+    The test split is read from the config's `data.dir` (PME: the search's renumbered copy, which the
+    export names), after checking that its vocabularies are the ones the export was made with.
     """
     manifest = read_manifest(Path(export_dir))
+    data_dir = serving_data_dir(cfg, export_dir, manifest)
     dtype = resolve_dtype(manifest, dtype or cfg.export.serve_dtype or None)
     model = load_export(export_dir, dtype, cfg.export.row_alignment, device, verify=verify)
     run = script(model) if scripted else model
-    data_dir = manifest.source.get("data_dir") or cfg.data.dir
     requests = load_requests(data_dir, "test", cfg.export.serve_batch_size, device, max_batches)
     score(run, requests[:1], device)  # warm-up
     logits, labels, seconds = score(run, requests, device)

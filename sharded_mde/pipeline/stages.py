@@ -90,6 +90,18 @@ def stage_summary(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str
     return write_summary(cfg, ledger)
 
 
+# The config sections each stage reads: a change reruns that stage and every stage after it.
+STAGE_INPUTS: Dict[str, Tuple[str, ...]] = {
+    "data": ("data",),
+    "baseline": ("data", "model", "train"),
+    "search": ("data", "model", "train", "search"),
+    "plan": ("plan",),
+    "retrain": ("data", "model", "train", "search"),
+    "export": ("export",),
+    "serve_check": ("export",),
+    "summary": (),
+}
+
 # (name, function, collective): collective stages run on every rank, the others on rank 0.
 STAGES: List[Tuple[str, StageFn, bool]] = [
     ("data", stage_data, False),

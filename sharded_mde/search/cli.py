@@ -51,6 +51,10 @@ def run_search(cfg: RunConfig, env: DistEnv, stage: Optional[str] = None) -> Dim
 
 
 def _search(args: argparse.Namespace) -> int:
+    from sharded_mde.train.checkpoint import discard_checkpoints_of_other_configs
+
+    discard_checkpoints_of_other_configs(args.force)
+
     def body(cfg: RunConfig, env: DistEnv) -> int:
         dims = run_search(cfg, env, args.stage)
         if env.is_main:
@@ -73,6 +77,9 @@ def _search(args: argparse.Namespace) -> int:
 
 def _retrain(args: argparse.Namespace) -> int:
     from sharded_mde.search.retrain import run_retrain
+    from sharded_mde.train.checkpoint import discard_checkpoints_of_other_configs
+
+    discard_checkpoints_of_other_configs(args.force)
 
     def body(cfg: RunConfig, env: DistEnv) -> int:
         summary = run_retrain(cfg, env, args.dims, args.stage)
@@ -87,9 +94,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="search per-table dims under a byte budget (HAM, PME, baselines)")
     add_config_args(p)
     p.add_argument("--stage", default=None, help="stage directory inside run_dir (default: the method name)")
+    p.add_argument("--force", action="store_true", help="discard checkpoints made with another config and start over")
     p.set_defaults(func=_search)
     p = sub.add_parser("retrain", help="train the compact model of a dims file (warm start or from scratch)")
     add_config_args(p)
     p.add_argument("--dims", required=True, help="dims file written by `sharded-mde search`")
     p.add_argument("--stage", default=None, help="stage directory inside run_dir (default: retrain_<method>)")
+    p.add_argument("--force", action="store_true", help="discard checkpoints made with another config and start over")
     p.set_defaults(func=_retrain)

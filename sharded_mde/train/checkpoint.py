@@ -3,15 +3,20 @@
 Each rank writes `rank<R>.pt` holding its local shards as plain tensors (with their global
 offsets), then rank 0 writes `COMPLETE.json` after a barrier: a checkpoint directory without it
 is an interrupted write and is ignored. Resuming needs the same world size and plan; `export`
-reads the per-rank files directly.
+reads the per-rank files directly. `CONFIG.json` beside the step directories records the
+fingerprint of the training config they were made with: a stage never resumes (or reports) the
+checkpoints of another config unless told to discard them (`--force`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,6 +25,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from sharded_mde.io import atomic_torch_save, atomic_write_json, read_json
 
 COMPLETE = "COMPLETE.json"
+CONFIG = "CONFIG.json"
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 
 
@@ -58,6 +64,12 @@ def load_portable(live: Any, saved: Any, key: str = "") -> Any:
             raise ValueError(f"checkpoint entry {key}: expected a mapping")
         out = {}
         for k, v in live.items():
+            if k not in saved and key == "state":
+                # An optimizer's per-parameter state: a parameter that never had a gradient (e.g. the
+                # projection of a field the search dropped) has none in the checkpoint; the live
+                # state `init_state()` gave it is what it would have had.
+                out[k] = v
+                continue
             if k not in saved:
                 raise ValueError(f"checkpoint entry {key}.{k}: missing from checkpoint")
             out[k] = load_portable(v, saved[k], f"{key}.{k}" if key else str(k))
@@ -104,8 +116,14 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
 
 
 def load_checkpoint(d: Path, rank: int, world_size: int) -> tuple[Dict[str, Any], Dict[str, Any]]:
-    """(payload for this rank, info) of a finished checkpoint; refuses another world size."""
-    info = read_json(d / COMPLETE, "checkpoint marker")
+    """(payload for this rank, info) of a finished checkpoint; refuses another world size or a damaged marker."""
+    try:
+        info = read_json(d / COMPLETE, "checkpoint marker")
+    except ValueError as e:
+        raise ValueError(f"{e}; delete {d} to resume from the checkpoint before it") from None
+    if not (isinstance(info, dict) and isinstance(info.get("step"), int) and isinstance(info.get("world_size"), int)):
+        raise ValueError(f"{d / COMPLETE}: checkpoint marker is damaged (no integer step and world_size); "
+                         f"delete {d} to resume from the checkpoint before it")
     if info["world_size"] != world_size:
         raise ValueError(f"{d}: written by {info['world_size']} ranks, cannot resume on {world_size}")
     path = d / f"rank{rank}.pt"
@@ -116,6 +134,53 @@ def load_checkpoint(d: Path, rank: int, world_size: int) -> tuple[Dict[str, Any]
     except Exception as e:  # a damaged file: torch raises several unrelated types
         raise ValueError(f"{path}: checkpoint shard unreadable ({e.__class__.__name__})") from None
     return payload, info
+
+
+# Config keys that change no training result: where the processed data lives, progress bars.
+_NEUTRAL = {"data": ("dir",), "train": ("progress",)}
+
+
+def config_fingerprint(cfg: Any, sections: Sequence[str], extra: Any = None) -> str:
+    """A short hash of the named sections of a RunConfig (without keys that change no result) and `extra`."""
+    doc: Dict[str, Any] = {"extra": extra}
+    for name in sections:
+        doc[name] = {k: v for k, v in asdict(getattr(cfg, name)).items() if k not in _NEUTRAL.get(name, ())}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_discard_other_configs = False
+
+
+def discard_checkpoints_of_other_configs(flag: bool) -> None:
+    """`--force`: a stage whose checkpoints were made with another config deletes them and starts over."""
+    global _discard_other_configs
+    _discard_other_configs = flag
+
+
+def guard_config(root: str | Path, fingerprint: str, is_main: bool) -> None:
+    """Refuses to resume checkpoints under `root` made with another config (one line), or discards them
+    under `--force`; then records `fingerprint` as the config of the checkpoints to come."""
+    root = Path(root)
+    found = complete_checkpoints(root)
+    try:
+        doc = read_json(root / CONFIG, "checkpoint config record") if (root / CONFIG).is_file() else {}
+    except ValueError as e:
+        raise ValueError(f"{e}; rerun with --force to discard the checkpoints beside it") from None
+    recorded = doc.get("fingerprint") if isinstance(doc, dict) else None
+    if found and recorded != fingerprint:
+        if not _discard_other_configs:
+            raise ValueError(f"{root}: checkpoints up to step {found[-1].name[5:].lstrip('0') or 0} were made with "
+                             f"another training config ({recorded or 'unrecorded'}, now {fingerprint}); rerun with "
+                             "--force to discard them and train from scratch, or use another run_dir")
+        if is_main:
+            for d in found:
+                shutil.rmtree(d)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read the record before rank 0 rewrites it
+    if is_main and recorded != fingerprint:
+        atomic_write_json(root / CONFIG, {"fingerprint": fingerprint})
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def copy_full_into(live: Dict[str, Any], full: Dict[str, torch.Tensor]) -> None:

@@ -49,7 +49,10 @@ def run_with_data(args: argparse.Namespace, body: Callable[[RunConfig, DistEnv],
 
 
 def _train(args: argparse.Namespace) -> int:
+    from sharded_mde.train.checkpoint import discard_checkpoints_of_other_configs
     from sharded_mde.train.run import train_stage
+
+    discard_checkpoints_of_other_configs(args.force)
 
     def body(cfg: RunConfig, env: DistEnv) -> int:
         _, metrics = train_stage(cfg, env, args.stage)
@@ -65,4 +68,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the full-dimension model (one process or torchrun)")
     add_config_args(p)
     p.add_argument("--stage", default="baseline", help="stage directory name inside run_dir")
+    p.add_argument("--force", action="store_true",
+                   help="discard checkpoints made with another training config and train from scratch")
     p.set_defaults(func=_train)

@@ -23,6 +23,7 @@ from sharded_mde.io import atomic_write_json
 from sharded_mde.modules.model import RecTrain, build_model
 from sharded_mde.plan.sharding import load_plan, manual_plan, plan_sharding
 from sharded_mde.plan.tables import full_table_configs, mean_bag_lengths
+from sharded_mde.train.checkpoint import config_fingerprint, guard_config
 from sharded_mde.train.distributed import DistEnv
 from sharded_mde.train.sharding import ebc_path, wrap_model
 from sharded_mde.train.trainer import Callback, Trainer, TrainResult
@@ -62,6 +63,10 @@ def train_stage(
     out = Path(cfg.run_dir) / stage
     torch.manual_seed(cfg.train.seed + 1)  # tables are materialised by DMP from the meta device: seeded too
     dmp = wrap_model(model, sharding_plan(model, tables, cfg, env), cfg.train, env.device)
+    # Never resume checkpoints of another config (a search also depends on its search section).
+    inputs = ("data", "model", "train", "search") if callbacks else ("data", "model", "train")
+    guard_config(out / "checkpoints", config_fingerprint(cfg, inputs, [(t.name, t.num_embeddings, t.embedding_dim)
+                                                                        for t in tables]), env.is_main)
     trainer = Trainer(dmp, cfg.train, env, cfg.data.dir, out / "checkpoints", callbacks)
     if not trainer.try_resume() and warm_start is not None:
         warm_start(dmp)
