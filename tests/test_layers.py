@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sharded_mde"
 
 # bottom (0) to top; a module may import from its own layer and the ones below
 LAYERS: Dict[str, int] = {
-    "io": 0, "config": 0, "plots": 0,  # shared utilities: files, config dataclasses, figures
+    "io": 0, "interrupts": 0, "config": 0, "plots": 0,  # shared utilities: files, signals, config dataclasses, figures
     "data": 1,  # data sets, vocabularies, batches
     "plan": 2,  # the shared vocabulary (dims file, byte model, legal dims), table plans, sharding plans, report
     "modules": 3,  # the nn.Modules: masked EBC, token groups, heads, the training wrapper

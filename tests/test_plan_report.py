@@ -8,6 +8,7 @@ import pytest
 
 from sharded_mde.cli import main
 from sharded_mde.config import PlanConfig, from_dict, load_yaml
+from sharded_mde.data.meta import DatasetMeta
 from sharded_mde.plan.dims import load_dims, table_bytes
 from sharded_mde.plan.report import memory_report, render_console, render_markdown, render_png
 from sharded_mde.plan.rules import rule_dims
@@ -74,8 +75,8 @@ def test_renderers(report, tmp_path):
 def test_cli_plans_from_a_run_config(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
-    (data / "meta.json").write_text(json.dumps({"sparse_features": ["a", "b", "c", "d"],
-                                                "num_embeddings": {t.feature_names[0]: t.num_embeddings for t in FULL}}))
+    DatasetMeta(dense_features=[], sparse_features=["a", "b", "c", "d"],
+                num_embeddings={t.feature_names[0]: t.num_embeddings for t in FULL}, rows={}).save(data)
     (tmp_path / "run.yaml").write_text(f"run_dir: {tmp_path / 'run'}\ndata: {{dir: {data}}}\nmodel: {{embedding_dim: 64}}\n")
     dims = write_dims(tmp_path / "d.json", FULL, {"t_a": 8, "t_b": 12, "t_c": 4, "t_d": 64})
     code = main(["plan", str(tmp_path / "run.yaml"), "--dims", str(dims), "--topology", str(REPO / "configs/topologies/cpu_2ranks.yaml")])

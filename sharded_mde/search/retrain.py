@@ -35,7 +35,7 @@ from sharded_mde.modules.heads import find_head
 from sharded_mde.modules.model import RecTrain, build_model
 from sharded_mde.plan.dims import DimsFile, load_dims
 from sharded_mde.plan.tables import full_table_configs, plan_tables
-from sharded_mde.train.checkpoint import COMPLETE, copy_full_into, latest_checkpoint, load_checkpoint
+from sharded_mde.train.checkpoint import COMPLETE, CONFIG, copy_full_into, latest_checkpoint, load_checkpoint
 from sharded_mde.train.distributed import DistEnv
 
 if TYPE_CHECKING:
@@ -173,10 +173,12 @@ def reuse_check(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> boo
         return False
     last = latest_checkpoint(src)
     dst = Path(cfg.run_dir) / stage / "checkpoints"
-    if last is None or latest_checkpoint(dst) is not None:
+    record = Path(src) / CONFIG  # the training config the checkpoint was made with (the resume guard reads it)
+    if last is None or not record.is_file() or latest_checkpoint(dst) is not None:
         return False
     if env.is_main:
         shutil.copytree(last, dst / last.name)
+        shutil.copy2(record, dst / CONFIG)
     if dist.is_initialized():
         dist.barrier()
     return True
