@@ -28,7 +28,7 @@ from sharded_mde.modules.token_groups import TokenGroupEBC, combine_of, fields_f
 from sharded_mde.plan.dims import DimsFile, TableDims, TokenGroup
 from sharded_mde.plan.tables import full_table_configs, plan_tables
 from sharded_mde.search.budget import budget_bytes, full_bytes
-from sharded_mde.search.pme_data import (NUM_RESERVED, plot_token_sizes, renumber_data, scoring_batches, token_order,
+from sharded_mde.search.pme_data import (NUM_RESERVED, plot_token_sizes, renumber_data, scoring_batches, split_counts, token_order,
                                          token_stats)
 from sharded_mde.search.pme_score import PooledCapture, TokenScores, score_tokens
 from sharded_mde.search.pme_select import ByteModel, Selection, select_sizes, table_selection_bytes
@@ -104,7 +104,12 @@ def run_pme(cfg: RunConfig, env: DistEnv, stage: str = "pme", ranks: Optional[Di
     model = ByteModel(WEIGHT_DTYPE, optimizer, cfg.train.dense_optimizer, pme.combine)
     budget = budget_bytes(tables, cfg.search.budget, WEIGHT_DTYPE, optimizer)
     t0 = time.perf_counter()
-    sel = select_sizes(scores, budget, model, pme.sizes, pme.half_life)
+    weights = None
+    if pme.serve_split:
+        train = split_counts(cfg.data.dir, "train", tables)
+        served = split_counts(cfg.data.dir, pme.serve_split, tables)
+        weights = {n: served[n] / np.maximum(train[n], 1) for n in train}
+    sel = select_sizes(scores, budget, model, pme.sizes, pme.half_life, weights)
     timing["select_seconds"] = time.perf_counter() - t0
     dims = None
     if env.is_main:
