@@ -160,7 +160,8 @@ COMPACT_BUILDERS: Dict[str, CompactBuilder] = {"ham": compact_ham, "uniform": co
 def train_record(cfg: RunConfig) -> Dict[str, Any]:
     """What makes two compact trainings of the same dims identical: the train and data config, the warm-start flag."""
     return json.loads(json.dumps({"train": dataclasses.asdict(cfg.train), "data_dir": cfg.data.dir,
-                                  "warm_start": cfg.search.retrain_warm_start}))
+                                  "warm_start": cfg.search.retrain_warm_start,
+                                  "retrain_embedding_lr": cfg.search.retrain_embedding_lr}))
 
 
 def reuse_check(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> bool:
