@@ -277,6 +277,7 @@ class PmeConfig:
     combine: str = "pad"  # group outputs to the field width: pad (zeros, no bytes) | project (a Linear per group, counted when sizes are chosen)
     init_scale: float = 0.05  # tables start uniform(-s, s) when scored, so that fields' saliencies compare
     half_life: float = 0.25  # a row of d columns keeps 1 - 2^(-d / half_life) of a token's value (docs/pme.md)
+    serve_split: str = ""  # "" or valid: a token's value is scaled by its count there over its training count
 
     def validate(self) -> None:
         if not 0 < self.score_fraction <= 1:
@@ -289,6 +290,8 @@ class PmeConfig:
             raise ConfigError(f"init_scale: must be > 0, got {self.init_scale}")
         if self.half_life <= 0:
             raise ConfigError(f"half_life: columns, must be > 0, got {self.half_life}")
+        if self.serve_split not in ("", "valid"):
+            raise ConfigError(f"serve_split: '' or valid, got {self.serve_split!r}")
 
 
 SEARCH_METHODS = ("ham", "pme", "uniform", "power_law", "magnitude", "saliency")
@@ -318,6 +321,7 @@ class SearchConfig:
     ortho_weight: float = 0.1  # beta of the orthogonal regularity on the mean squared column correlation (0 = off)
     ortho_rows: int = 512  # batch rows the orthogonal regularity looks at (0 = the whole batch)
     ortho_every: int = 8  # the regularity is taken every this many steps, weighted by it (lazy regularisation)
+    retrain_embedding_lr: float = 0.0  # the compact model's table learning rate (0 = train.embedding_lr), chosen on validation
     retrain_warm_start: bool = False  # retrain from the supernet's kept columns (else from scratch; docs/ham.md: warm
     # start is a second pass of the tables over the same rows, which overfits one-epoch CTR data)
     power_law_alpha: float = 0.3  # power_law: dim proportional to rows ** -alpha
@@ -347,6 +351,8 @@ class SearchConfig:
             raise ConfigError(f"power_law_alpha: must be >= 0, got {self.power_law_alpha}")
         if self.drop_tolerance < 0 or self.check_batches < 0 or self.check_epochs < 0:
             raise ConfigError("drop_tolerance, check_batches and check_epochs must be >= 0")
+        if self.retrain_embedding_lr < 0:
+            raise ConfigError(f"retrain_embedding_lr: must be >= 0 (0 = train.embedding_lr), got {self.retrain_embedding_lr}")
         if self.saliency_batches < 1:
             raise ConfigError(f"saliency_batches: must be >= 1, got {self.saliency_batches}")
 

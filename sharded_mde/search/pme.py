@@ -28,7 +28,7 @@ from sharded_mde.modules.token_groups import TokenGroupEBC, combine_of, fields_f
 from sharded_mde.plan.dims import DimsFile, TableDims, TokenGroup
 from sharded_mde.plan.tables import full_table_configs, plan_tables
 from sharded_mde.search.budget import budget_bytes, full_bytes
-from sharded_mde.search.pme_data import (NUM_RESERVED, plot_token_sizes, renumber_data, scoring_batches, token_order,
+from sharded_mde.search.pme_data import (NUM_RESERVED, plot_token_sizes, renumber_data, scoring_batches, split_counts, token_order,
                                          token_stats)
 from sharded_mde.search.pme_score import PooledCapture, TokenScores, score_tokens
 from sharded_mde.search.pme_select import ByteModel, Selection, select_sizes, table_selection_bytes
@@ -37,6 +37,19 @@ from sharded_mde.train.distributed import DistEnv
 from sharded_mde.train.sharding import wrap_model
 
 WEIGHT_DTYPE = "fp32"  # tables train in fp32
+HELD_OUT_PRIOR = 0.1  # held-out count given to every token: one unseen there still outranks a wider row for another
+
+
+def served_weights(data_dir: str | Path, split: str, tables: List[EmbeddingBagConfig]) -> Dict[str, np.ndarray]:
+    """Per table, each token's (held-out count + prior) / training count: its value's share that serving sees.
+
+    The value estimates n |mu|^2 / sigma^2 over the n training rows; times this weight it is the same
+    evidence per row counted over the held-out rows instead, so a token that stops occurring (a user
+    of the training period only) is worth little and one still served keeps its row.
+    """
+    train = split_counts(data_dir, "train", tables)
+    served = split_counts(data_dir, split, tables)
+    return {n: (served[n] + HELD_OUT_PRIOR) / np.maximum(train[n], 1) for n in train}
 
 
 def scoring_tables(tables: List[EmbeddingBagConfig], scale: float) -> List[EmbeddingBagConfig]:
@@ -104,7 +117,8 @@ def run_pme(cfg: RunConfig, env: DistEnv, stage: str = "pme", ranks: Optional[Di
     model = ByteModel(WEIGHT_DTYPE, optimizer, cfg.train.dense_optimizer, pme.combine)
     budget = budget_bytes(tables, cfg.search.budget, WEIGHT_DTYPE, optimizer)
     t0 = time.perf_counter()
-    sel = select_sizes(scores, budget, model, pme.sizes, pme.half_life)
+    weights = served_weights(cfg.data.dir, pme.serve_split, tables) if pme.serve_split else None
+    sel = select_sizes(scores, budget, model, pme.sizes, pme.half_life, weights)
     timing["select_seconds"] = time.perf_counter() - t0
     dims = None
     if env.is_main:

@@ -64,6 +64,21 @@ def scoring_batches(data_dir: str | Path, batch_size: int, num_batches: int, ran
         yield batch_from_table(table.slice(b * batch_size, batch_size), meta.dense_features, meta.sparse_features)
 
 
+def split_counts(data_dir: str | Path, split: str, tables: List[EmbeddingBagConfig]) -> Dict[str, np.ndarray]:
+    """Per table, how often each id occurs in `split` (every feature of the table, every entry of a bag)."""
+    meta = DatasetMeta.load(data_dir)
+    out = {t.name: np.zeros(t.num_embeddings, np.int64) for t in tables}
+    for path, _ in meta.split_parts(split):
+        for t in tables:
+            for f in t.feature_names:
+                col = pq.read_table(str(path), columns=[f]).column(f).combine_chunks()
+                if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                    col = pc.list_flatten(col)
+                ids = col.to_numpy(zero_copy_only=False).astype(np.int64)
+                out[t.name] += np.bincount(ids, minlength=t.num_embeddings)[:t.num_embeddings]
+    return out
+
+
 def token_order(sizes: np.ndarray) -> np.ndarray:
     """New id of every old id: reserved ids fixed, kept tokens by descending size then old id, pruned ones OOV (1)."""
     sizes = np.asarray(sizes)

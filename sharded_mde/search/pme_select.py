@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -250,13 +250,15 @@ class _Allocator:
 
 
 def select_sizes(scores: TokenScores, budget_bytes: int, model: ByteModel, sizes: Sequence[int] = (),
-                 half_life: float = 0.25) -> Selection:
+                 half_life: float = 0.25, weights: Optional[Dict[str, np.ndarray]] = None) -> Selection:
     """Every token's legal size under `budget_bytes` (exact bytes, routing included), gathered on rank 0."""
     tables: List[EmbeddingBagConfig] = scores.tables
     legal = {t.name: default_sizes(t.embedding_dim, sizes) for t in tables}
     values = token_values(scores)
     if values is None:  # not rank 0: the result lives on rank 0
         return Selection({}, legal, 0.0, 0, budget_bytes, {})
+    if weights is not None:
+        values = {n: (v * weights[n], seen) for n, (v, seen) in values.items()}
     alloc = _Allocator(tables, values, legal, model, half_life)
     infinite = {t.name: np.zeros(t.num_embeddings, np.int64) for t in tables}
     floor_bytes, _ = alloc.total(infinite)

@@ -160,7 +160,8 @@ COMPACT_BUILDERS: Dict[str, CompactBuilder] = {"ham": compact_ham, "uniform": co
 def train_record(cfg: RunConfig) -> Dict[str, Any]:
     """What makes two compact trainings of the same dims identical: the train and data config, the warm-start flag."""
     return json.loads(json.dumps({"train": dataclasses.asdict(cfg.train), "data_dir": cfg.data.dir,
-                                  "warm_start": cfg.search.retrain_warm_start}))
+                                  "warm_start": cfg.search.retrain_warm_start,
+                                  "retrain_embedding_lr": cfg.search.retrain_embedding_lr}))
 
 
 def reuse_check(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> bool:
@@ -194,6 +195,8 @@ def train_compact(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> T
     model, tables, warm = COMPACT_BUILDERS[dims.method](cfg, dims, full_table_configs(cfg), meta)
     if dims.extra.get("data_dir"):  # the search renumbered the ids (PME): train on its copy of the data
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(dims.extra["data_dir"])))
+    if cfg.search.retrain_embedding_lr:  # every method's compact model alike
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, embedding_lr=cfg.search.retrain_embedding_lr))
     _, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm)
     return metrics, warm is not None
 

@@ -1,0 +1,46 @@
+"""PME's serve weights: each token's held-out count (plus the prior) over its training count, read from the splits."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from torchrec import EmbeddingBagConfig
+
+from sharded_mde.config import ConfigError, DataConfig, PmeConfig
+from sharded_mde.data import prepare
+from sharded_mde.search.pme import HELD_OUT_PRIOR, served_weights
+from sharded_mde.search.pme_data import split_counts
+
+
+def _counts(meta, split: str, feature: str) -> Counter:
+    """Occurrences of each id of `feature` in `split`, counted row by row in Python (the reference)."""
+    rows = pa.concat_tables([pq.read_table(p, columns=[feature]) for p, _ in meta.split_parts(split)])
+    return Counter(rows.column(feature).to_pylist())
+
+
+def test_served_weights_are_held_out_over_training_counts(tmp_path: Path) -> None:
+    meta = prepare(DataConfig(format="synth", dir=str(tmp_path / "data"), synth_rows=3000, synth_num_sparse=3,
+                              synth_num_dense=1, synth_vocab_min=20, synth_vocab_max=400), progress=False)
+    tables = [EmbeddingBagConfig(num_embeddings=meta.num_embeddings[f], embedding_dim=8, name=f"t_{f}", feature_names=[f])
+              for f in meta.sparse_features]
+    weights = served_weights(tmp_path / "data", "valid", tables)
+    valid = split_counts(tmp_path / "data", "valid", tables)
+    absent = 0
+    for t in tables:
+        f = t.feature_names[0]
+        train, held = _counts(meta, "train", f), _counts(meta, "valid", f)
+        assert valid[t.name].tolist() == [held.get(i, 0) for i in range(t.num_embeddings)]
+        want = np.array([(held.get(i, 0) + HELD_OUT_PRIOR) / max(train.get(i, 0), 1) for i in range(t.num_embeddings)])
+        np.testing.assert_allclose(weights[t.name], want)
+        absent += sum(1 for i in train if i not in held)
+    assert absent > 0  # some training tokens never occur in validation: they get the prior only
+
+
+def test_serve_split_is_validated() -> None:
+    with pytest.raises(ConfigError, match="serve_split"):
+        PmeConfig(serve_split="test").validate()
