@@ -75,7 +75,7 @@ def test_rerun_skips_finished_stages(one_process_run: tuple) -> None:
 def test_rerun_with_another_config_is_refused(one_process_run: tuple) -> None:
     """A changed search config reruns the search, which refuses to resume the old config's checkpoints."""
     cfg, _, tmp = one_process_run
-    cmd = [sys.executable, "-m", "sharded_mde.cli", "run", str(cfg), "--set", "search.budget=0.3"]
+    cmd = [sys.executable, "-m", "sharded_mde.cli", "run", str(cfg), "--set", "search.budget=0.7"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "[run] baseline: done earlier, skipped" in done.stdout
