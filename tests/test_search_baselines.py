@@ -9,7 +9,6 @@ from typing import List
 
 import pytest
 import torch
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
@@ -17,7 +16,6 @@ from torchrec.datasets.utils import Batch
 
 from dist_utils import run_ranks
 from sharded_mde.config import ModelConfig, TrainConfig, load_config
-from sharded_mde.data import prepare
 from sharded_mde.modules.model import build_model
 from sharded_mde.plan.dims import (DimsFile, InfeasibleBudget, dim_cap, floor_bytes, legal_dim, load_dims,
                                    smallest_feasible_fraction, table_bytes)
@@ -32,6 +30,7 @@ from sharded_mde.search.uniform import uniform_dims
 from sharded_mde.train.checkpoint import copy_full_into, save_checkpoint
 from sharded_mde.train.distributed import init_distributed, shutdown_distributed
 from sharded_mde.train.sharding import ebc_path, wrap_model
+from tiny_configs import tiny_planted_config
 
 FEATURES = ["C1", "C2", "C3"]
 SMALL = [("C1", 60, 8), ("C2", 40, 8), ("C3", 50, 12)]
@@ -221,18 +220,7 @@ def test_saliency_on_two_ranks_row_wise_equals_one_process(tmp_path: Path) -> No
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("baselines")
-    path = d / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "run_dir": str(d / "run"),
-        "data": {"dir": str(d / "data"), "synth_rows": 6000, "synth_num_sparse": 4, "synth_num_dense": 3,
-                 "synth_vocab_min": 30, "synth_vocab_max": 2000},
-        "model": {"embedding_dim": 16, "dense_arch": [8, 8], "over_arch": [8, 1]},
-        "train": {"batch_size": 256, "epochs": 1, "checkpoint_every": 0, "sharding": "row_wise", "progress": False},
-        "search": {"method": "power_law", "budget": 0.4, "saliency_batches": 4},
-    }))
-    prepare(load_config(path).data, progress=False)
-    return path
+    return tiny_planted_config(tmp_path_factory.mktemp("baselines"), "row_wise", {"method": "power_law", "budget": 0.4, "saliency_batches": 4})
 
 
 def test_baselines_end_to_end_under_budget_and_retrain_warm(config: Path) -> None:

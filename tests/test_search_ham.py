@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import load_config
-from sharded_mde.data import prepare
 from sharded_mde.plan.dims import InfeasibleBudget, load_dims, smallest_feasible_fraction, table_bytes
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.ham_check import check_candidates, harmless_drops, interpolate, measured_widths
 from sharded_mde.train.distributed import init_distributed, shutdown_distributed
+from tiny_configs import tiny_planted_config
 
 
 def _tables(spec):
@@ -60,18 +59,7 @@ def test_candidate_check_returns_the_best_and_records_all() -> None:
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ham")
-    path = d / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "run_dir": str(d / "run"),
-        "data": {"dir": str(d / "data"), "synth_rows": 6000, "synth_num_sparse": 4, "synth_num_dense": 3,
-                 "synth_vocab_min": 30, "synth_vocab_max": 2000},
-        "model": {"embedding_dim": 16, "dense_arch": [8, 8], "over_arch": [8, 1]},
-        "train": {"batch_size": 256, "epochs": 1, "checkpoint_every": 0, "sharding": "table_wise", "progress": False},
-        "search": {"method": "ham", "budget": 0.4, "check_epochs": 0.3},
-    }))
-    prepare(load_config(path).data, progress=False)
-    return path
+    return tiny_planted_config(tmp_path_factory.mktemp("ham"), "table_wise", {"method": "ham", "budget": 0.4, "check_epochs": 0.3})
 
 
 def test_ham_returns_the_best_checked_candidate_within_budget(config: Path) -> None:
