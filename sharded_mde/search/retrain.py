@@ -175,7 +175,10 @@ def reuse_check(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> boo
     last = latest_checkpoint(src)
     dst = Path(cfg.run_dir) / stage / "checkpoints"
     record = Path(src) / CONFIG  # the training config the checkpoint was made with (the resume guard reads it)
-    if last is None or not record.is_file() or latest_checkpoint(dst) is not None:
+    reuse = last is not None and record.is_file() and latest_checkpoint(dst) is None
+    if dist.is_initialized():
+        dist.barrier()  # every rank has decided before rank 0 writes (a late rank would see the copy and train)
+    if not reuse:
         return False
     if env.is_main:
         shutil.copytree(last, dst / last.name)
