@@ -118,10 +118,11 @@ def atomic_torch_save(path: PathLike, obj: Any) -> None:
         try:
             torch.save(obj, tmp)
         except RuntimeError as e:  # torch's zip writer reports a failed write (e.g. a full disk) this way
-            if "write" not in str(e):
+            # On a full disk the message may name only the writer's position ("unexpected pos 64 vs 0").
+            full = shutil.disk_usage(tmp.parent).free < (1 << 20)
+            if not full and "write" not in str(e):
                 raise
-            free = shutil.disk_usage(tmp.parent).free
-            code = errno.ENOSPC if free < (1 << 20) else errno.EIO
+            code = errno.ENOSPC if full else errno.EIO
             raise OSError(code, os.strerror(code), str(tmp)) from None
 
 

@@ -98,7 +98,7 @@ class Audit:
                      "synth_num_dense": 3, "synth_vocab_min": 20, "synth_vocab_max": 300, "synth_seed": 0},
             "model": {"embedding_dim": 8, "dense_arch": [8, 8], "over_arch": [8, 1]},
             "train": {"batch_size": 256, "epochs": 1, "checkpoint_every": 3, "sharding": "table_wise", "progress": False},
-            "search": {"method": "ham", "budget": 0.5, "epochs": 1},
+            "search": {"method": "ham", "budget": 0.6, "epochs": 1},
             "plan": {"world_size": 2, "compute_device": "cpu", "batch_size": 256},
             "export": {"serve_batch_size": 256},
         }))
