@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 from sharded_mde.io import atomic_write_json, read_json
 
@@ -76,9 +76,15 @@ def column_cost(rows: int, weight_dtype: str = "fp32", optimizer: str = "rowwise
 # --------------------------------------------------------------------------- feasibility of field-wise dims
 
 
+def dims_bytes(tables: Sequence[Any], dims: Mapping[str, int], weight_dtype: str = "fp32",
+               optimizer: str = "rowwise_adagrad") -> int:
+    """Bytes of the tables at per-table dims `dims` (by table name)."""
+    return sum(table_bytes(t.num_embeddings, dims[t.name], weight_dtype, optimizer).total for t in tables)
+
+
 def full_bytes(tables: Sequence[Any], weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad") -> int:
     """Bytes of every table at its full dim (the 100% of a budget fraction)."""
-    return sum(table_bytes(t.num_embeddings, t.embedding_dim, weight_dtype, optimizer).total for t in tables)
+    return dims_bytes(tables, {t.name: t.embedding_dim for t in tables}, weight_dtype, optimizer)
 
 
 def budget_bytes(tables: Sequence[Any], fraction: float, weight_dtype: str = "fp32",

@@ -23,7 +23,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.modules.masked_ebc import ColumnGate
-from sharded_mde.plan.dims import DIM_MULTIPLE, budget_bytes, dim_cap, table_bytes
+from sharded_mde.plan.dims import DIM_MULTIPLE, budget_bytes, dim_cap, dims_bytes
 from sharded_mde.search.budget import select_dims, select_widths
 from sharded_mde.search.uniform import uniform_fit
 
@@ -101,11 +101,6 @@ def harmless_drops(curves: Mapping[str, Mapping[int, Mapping[str, float]]], tole
         out[name] = {"auc_without": round(without, 6), "auc_with": round(with_, 6),
                      "harmless": bool(with_ - without <= tolerance)}
     return out
-
-
-def dims_bytes(tables: Sequence[EmbeddingBagConfig], dims: Mapping[str, int], weight_dtype: str, optimizer: str) -> int:
-    """Kept bytes of per-table dims."""
-    return sum(table_bytes(t.num_embeddings, dims[t.name], weight_dtype, optimizer).total for t in tables)
 
 
 def candidate_dims(tables: Sequence[EmbeddingBagConfig], fraction: float, values: Mapping[str, torch.Tensor],

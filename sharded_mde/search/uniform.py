@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import RunConfig
-from sharded_mde.plan.dims import DIM_MULTIPLE, DimsFile, budget_bytes, check_feasible, table_bytes
+from sharded_mde.plan.dims import DIM_MULTIPLE, DimsFile, budget_bytes, check_feasible, dims_bytes
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import make_dims_file
 from sharded_mde.search.report import save_search_result
@@ -29,7 +29,7 @@ def uniform_fit(tables: Sequence[EmbeddingBagConfig], budget: int, weight_dtype:
     best = {t.name: min(multiple, t.embedding_dim) for t in tables}
     for d in range(multiple, max(t.embedding_dim for t in tables) + 1, multiple):
         dims = {t.name: min(d, t.embedding_dim) for t in tables}
-        if sum(table_bytes(t.num_embeddings, dims[t.name], weight_dtype, optimizer).total for t in tables) > budget:
+        if dims_bytes(tables, dims, weight_dtype, optimizer) > budget:
             break
         best = dims
     return best
