@@ -22,9 +22,9 @@ _API: Dict[str, str] = {
     "BudgetedSearch": "sharded_mde.search.budget",
     "BudgetController": "sharded_mde.search.budget",
     # the dims file and the mixed-dim tables and heads it gives
-    "DimsFile": "sharded_mde.plan.dims",
-    "load_dims": "sharded_mde.plan.dims",
-    "save_dims": "sharded_mde.plan.dims",
+    "DimsFile": "sharded_mde.dims",
+    "load_dims": "sharded_mde.dims",
+    "save_dims": "sharded_mde.dims",
     "plan_tables": "sharded_mde.plan.tables",
     "MixedDimDLRM": "sharded_mde.modules.heads",
     "MixedDimDCN": "sharded_mde.modules.heads",

@@ -9,7 +9,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.bench.tbe import build_tbe, tbe_inputs, tbe_times
-from sharded_mde.plan.dims import table_bytes
+from sharded_mde.dims import table_bytes
 
 BATCH = 16
 LR = 0.05

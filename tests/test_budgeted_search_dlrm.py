@@ -21,7 +21,7 @@ from dist_utils import (random_batch, reference_optimizers, reference_step, run_
 from sharded_mde import BudgetedSearch, DimsFile, MaskedEmbeddingBagCollection, MixedDimDLRM, plan_tables
 from sharded_mde.config import TrainConfig
 from sharded_mde.modules.masked_ebc import find_gate
-from sharded_mde.plan.dims import DIM_MULTIPLE, dim_cap, table_bytes
+from sharded_mde.dims import DIM_MULTIPLE, dim_cap, table_bytes
 from sharded_mde.train.sharding import make_optimizer
 
 SPEC = [("C1", 60, 16), ("C2", 40, 16), ("C3", 50, 16), ("C4", 30, 16)]

@@ -20,7 +20,7 @@ from sharded_mde.export import export_compact, load_export
 from sharded_mde.io import atomic_torch_save
 from sharded_mde.modules.masked_ebc import MaskedEmbeddingBagCollection
 from sharded_mde.modules.model import build_model
-from sharded_mde.plan.dims import DimsFile, TableDims, table_bytes
+from sharded_mde.dims import DimsFile, TableDims, table_bytes
 from sharded_mde.plan.sharding import manual_plan
 from sharded_mde.train.checkpoint import save_checkpoint
 from sharded_mde.train.sharding import ebc_path, make_optimizer, wrap_model

@@ -15,7 +15,7 @@ from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 from sharded_mde.config import ExportConfig, ModelConfig
 from sharded_mde.export import export_compact, load_export, load_tables, read_manifest, script, serving_bytes
 from sharded_mde.modules.model import build_model
-from sharded_mde.plan.dims import DimsFile, TableDims, table_bytes
+from sharded_mde.dims import DimsFile, TableDims, table_bytes
 from sharded_mde.train.checkpoint import save_checkpoint
 
 FEATURES = ["a", "b", "c"]

@@ -17,7 +17,7 @@ from sharded_mde.export.serve import script
 from sharded_mde.modules.masked_ebc import MaskedEmbeddingBagCollection
 from sharded_mde.modules.model import build_model
 from sharded_mde.modules.token_groups import build_token_group_ebc
-from sharded_mde.plan.dims import DimsFile, TableDims, TokenGroup, table_bytes
+from sharded_mde.dims import DimsFile, TableDims, TokenGroup, table_bytes
 from sharded_mde.train.checkpoint import save_checkpoint
 from test_multihot import multi_hot_kjt
 

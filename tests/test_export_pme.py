@@ -25,7 +25,7 @@ from sharded_mde.export.groups import REMAP_FILE
 from sharded_mde.export.stage import export_bytes, export_stage, serve_check
 from sharded_mde.io import atomic_torch_save, read_json
 from sharded_mde.modules.token_groups import fields_from_dims, router_bytes
-from sharded_mde.plan.dims import load_dims
+from sharded_mde.dims import load_dims
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.train.distributed import init_distributed
 

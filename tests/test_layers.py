@@ -16,8 +16,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sharded_mde"
 # bottom (0) to top; a module may import from its own layer and the ones below
 LAYERS: Dict[str, int] = {
     "io": 0, "interrupts": 0, "config": 0, "plots": 0,  # shared utilities: files, signals, config dataclasses, figures
+    "dims": 0,  # the shared vocabulary of every stage: legal dims, byte model, dims file
     "data": 1,  # data sets, vocabularies, batches
-    "plan": 2,  # the shared vocabulary (dims file, byte model, legal dims), table plans, sharding plans, report
+    "plan": 2,  # table plans, sharding plans, memory report
     "modules": 3,  # the nn.Modules: masked EBC, token groups, heads, the training wrapper
     "train": 4,  # DMP + pipeline trainer, checkpoints, metrics
     "export": 5,  # compact export and serving

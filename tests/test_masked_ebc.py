@@ -8,7 +8,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from sharded_mde.modules.masked_ebc import ColumnGate, MaskedEmbeddingBagCollection, surrogate_grad
-from sharded_mde.plan.dims import column_cost, table_bytes
+from sharded_mde.dims import column_cost, table_bytes
 
 SPEC = [("a", 30, 8), ("b", 20, 4), ("c", 25, 8)]
 

@@ -20,7 +20,7 @@ from sharded_mde.config import ConfigError, ModelConfig, PlanConfig, from_dict
 from sharded_mde.export.serve import LEAF_MODULES
 from sharded_mde.modules.masked_ebc import MaskedEmbeddingBagCollection
 from sharded_mde.modules.token_groups import FieldGroups, TokenGroupEBC
-from sharded_mde.plan.dims import group_name
+from sharded_mde.dims import group_name
 from sharded_mde.plan.sharding import plan_sharding, planner_constraints
 from sharded_mde.plan.tables import with_pooling
 

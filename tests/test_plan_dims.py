@@ -10,7 +10,7 @@ import pytest
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import ConfigError, RunConfig
-from sharded_mde.plan.dims import column_cost, legal_dim, load_dims, round_to_legal, save_dims, table_bytes
+from sharded_mde.dims import column_cost, legal_dim, load_dims, round_to_legal, save_dims, table_bytes
 from sharded_mde.plan.rules import rule_dims
 from sharded_mde.plan.tables import full_table_configs, load_table_preset, plan_tables
 

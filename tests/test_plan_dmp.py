@@ -15,7 +15,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 
 from dist_utils import run_ranks
 from sharded_mde.config import PlanConfig
-from sharded_mde.plan.dims import load_dims
+from sharded_mde.dims import load_dims
 from sharded_mde.plan.report import memory_report
 from sharded_mde.plan.sharding import load_plan, plan_sharding, save_plan
 from sharded_mde.plan.tables import plan_tables

@@ -9,7 +9,7 @@ import pytest
 from sharded_mde.cli import main
 from sharded_mde.config import PlanConfig, from_dict, load_yaml
 from sharded_mde.data.meta import DatasetMeta
-from sharded_mde.plan.dims import load_dims, table_bytes
+from sharded_mde.dims import load_dims, table_bytes
 from sharded_mde.plan.report import memory_report, render_console, render_markdown, render_png
 from sharded_mde.plan.rules import rule_dims
 from sharded_mde.plan.sharding import load_plan

@@ -17,7 +17,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
 from sharded_mde.config import RunConfig, SearchConfig
 from sharded_mde.modules.token_groups import build_token_group_ebc
-from sharded_mde.plan.dims import load_dims, save_dims
+from sharded_mde.dims import load_dims, save_dims
 from sharded_mde.plan.tables import plan_tables
 from sharded_mde.search.budget import budget_bytes
 from sharded_mde.search.pme import WEIGHT_DTYPE, make_pme_dims

@@ -17,7 +17,7 @@ import yaml
 from dist_utils import run_ranks
 from sharded_mde.config import load_config
 from sharded_mde.data import DatasetMeta, prepare
-from sharded_mde.plan.dims import load_dims
+from sharded_mde.dims import load_dims
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.train.distributed import init_distributed
 

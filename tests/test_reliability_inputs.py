@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sharded_mde.config import ConfigError, RunConfig, load_config, to_dict
-from sharded_mde.plan.dims import load_dims
+from sharded_mde.dims import load_dims
 from sharded_mde.plan.sharding import load_plan, manual_plan, save_plan
 from test_plan_dims import FULL, write_dims
 

@@ -17,7 +17,7 @@ from torchrec.datasets.utils import Batch
 from dist_utils import run_ranks
 from sharded_mde.config import ModelConfig, TrainConfig, load_config
 from sharded_mde.modules.model import build_model
-from sharded_mde.plan.dims import (DimsFile, InfeasibleBudget, dim_cap, floor_bytes, legal_dim, load_dims,
+from sharded_mde.dims import (DimsFile, InfeasibleBudget, dim_cap, floor_bytes, legal_dim, load_dims,
                                    smallest_feasible_fraction, table_bytes)
 from sharded_mde.plan.sharding import manual_plan
 from sharded_mde.plan.tables import full_table_configs

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.modules.masked_ebc import ColumnGate
-from sharded_mde.plan.dims import (InfeasibleBudget, check_feasible, dim_cap, floor_bytes, load_dims, save_dims,
+from sharded_mde.dims import (InfeasibleBudget, check_feasible, dim_cap, floor_bytes, load_dims, save_dims,
                                    smallest_feasible_fraction, table_bytes)
 from sharded_mde.search.budget import (BudgetController, budget_bytes, full_bytes, make_dims_file, select_dims,
                                        target_bytes)

@@ -10,7 +10,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import load_config
-from sharded_mde.plan.dims import InfeasibleBudget, load_dims, smallest_feasible_fraction, table_bytes
+from sharded_mde.dims import InfeasibleBudget, load_dims, smallest_feasible_fraction, table_bytes
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.ham_check import check_candidates, harmless_drops, interpolate, measured_widths
 from sharded_mde.train.distributed import init_distributed, shutdown_distributed

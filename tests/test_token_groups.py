@@ -15,7 +15,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from dist_utils import run_ranks, shard_with_reference
 from sharded_mde.config import TrainConfig
 from sharded_mde.modules.token_groups import FieldGroups, TokenGroupEBC, build_token_group_ebc, fields_from_dims
-from sharded_mde.plan.dims import DimsFile, TableDims, TokenGroup, group_name, table_bytes
+from sharded_mde.dims import DimsFile, TableDims, TokenGroup, group_name, table_bytes
 from sharded_mde.train.sharding import make_optimizer
 
 # field C3 keeps no token (dropped); C2 has size-0 tokens past its groups; C4 is not in the module at all;

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 from sharded_mde.config import RunConfig, load_config, parse_overrides
 from sharded_mde.io import atomic_write_text, read_json
-from sharded_mde.plan.dims import DimsFile, save_dims
+from sharded_mde.dims import DimsFile, save_dims
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import budget_bytes, make_dims_file
 from sharded_mde.search.cli import planted_ranks

@@ -28,7 +28,7 @@ from sharded_mde.config import RunConfig
 from sharded_mde.io import atomic_write_json, atomic_write_text, read_json
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.pipeline.run import StageFn, run_pipeline
-from sharded_mde.plan.dims import InfeasibleBudget
+from sharded_mde.dims import InfeasibleBudget
 from sharded_mde.plots import pyplot, save_png
 from sharded_mde.train.distributed import DistEnv
 

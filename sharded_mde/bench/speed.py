@@ -45,7 +45,7 @@ def compact_dims_file(cfg: RunConfig, out_dir: Path, env: DistEnv, dims_path: Op
     """`dims_path`, or the uniform dims at `search.budget` written to `out_dir/uniform_dims.json`."""
     if dims_path:
         return Path(dims_path)
-    from sharded_mde.plan.dims import save_dims
+    from sharded_mde.dims import save_dims
     from sharded_mde.plan.tables import full_table_configs
     from sharded_mde.search.uniform import uniform_dims
 
@@ -67,7 +67,7 @@ def run_speed(cfg: RunConfig, env: DistEnv, out: str | Path, dims_path: Optional
     from sharded_mde.data import DatasetMeta
     from sharded_mde.export.stage import device_name
     from sharded_mde.modules.model import build_model
-    from sharded_mde.plan.dims import load_dims
+    from sharded_mde.dims import load_dims
     from sharded_mde.plan.tables import full_table_configs
     from sharded_mde.search.ham import build_supernet
     from sharded_mde.search.retrain import COMPACT_BUILDERS

@@ -16,7 +16,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.bench.common import median_time
-from sharded_mde.plan.dims import table_bytes
+from sharded_mde.dims import table_bytes
 
 
 def _optimizer(name: str) -> Any:

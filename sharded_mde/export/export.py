@@ -37,7 +37,7 @@ from sharded_mde.modules.heads import build_head
 from sharded_mde.modules.masked_ebc import ColumnGate
 from sharded_mde.modules.model import feature_dims_of
 from sharded_mde.modules.token_groups import combine_of, fields_from_dims
-from sharded_mde.plan.dims import DimsFile
+from sharded_mde.dims import DimsFile
 from sharded_mde.plan.tables import plan_tables, source_tables
 from sharded_mde.train.checkpoint import COMPLETE, latest_checkpoint
 from sharded_mde.export.arrowfile import write_weights

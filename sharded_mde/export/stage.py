@@ -18,7 +18,7 @@ from sharded_mde.export.load import load_export, resolve_dtype, serving_bytes
 from sharded_mde.export.manifest import MANIFEST, Manifest, read_manifest, vocabulary_digest
 from sharded_mde.export.serve import Request, score, script
 from sharded_mde.io import sha256_file
-from sharded_mde.plan.dims import load_dims
+from sharded_mde.dims import load_dims
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.train.metrics import classification_metrics
 

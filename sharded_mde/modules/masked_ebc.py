@@ -34,7 +34,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from sharded_mde.plan.dims import column_cost, table_bytes
+from sharded_mde.dims import column_cost, table_bytes
 
 SURROGATES = ("identity", "clipped", "sigmoid")
 

@@ -25,7 +25,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from sharded_mde.plan.dims import DimsFile, group_name
+from sharded_mde.dims import DimsFile, group_name
 from sharded_mde.plan.tables import plan_tables
 
 COMBINE_MODES = ("project", "pad")

@@ -52,7 +52,7 @@ def _dims_file(ledger: StageLedger) -> str:
 
 def stage_plan(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
     from sharded_mde.plan.cli import plan_and_report
-    from sharded_mde.plan.dims import load_dims
+    from sharded_mde.dims import load_dims
     from sharded_mde.plan.tables import full_table_configs
 
     dims_path = _dims_file(ledger)

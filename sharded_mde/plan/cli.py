@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 from sharded_mde.config import RunConfig, from_dict, load_config, load_yaml, merge, parse_overrides
 from sharded_mde.io import atomic_write_json, atomic_write_text
-from sharded_mde.plan.dims import DimsFile, load_dims, save_dims
+from sharded_mde.dims import DimsFile, load_dims, save_dims
 from sharded_mde.plan.report import memory_report, render_console, render_markdown, render_png
 from sharded_mde.plan.rules import RULES, rule_dims
 from sharded_mde.plan.sharding import plan_sharding, save_plan

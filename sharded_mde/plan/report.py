@@ -16,7 +16,7 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DataType
 
 from sharded_mde.config import PlanConfig
-from sharded_mde.plan.dims import table_bytes
+from sharded_mde.dims import table_bytes
 from sharded_mde.plan.sharding import GiB, check_constraint_keys, plan_sharding
 from sharded_mde.plan.tables import source_tables
 from sharded_mde.plots import pyplot, save_png

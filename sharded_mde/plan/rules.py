@@ -13,7 +13,7 @@ from typing import List
 
 from torchrec import EmbeddingBagConfig
 
-from sharded_mde.plan.dims import DimsFile, InfeasibleBudget, TableDims, round_to_legal, table_bytes
+from sharded_mde.dims import DimsFile, InfeasibleBudget, TableDims, round_to_legal, table_bytes
 
 RULES = ("power_law", "uniform")
 

@@ -32,7 +32,7 @@ from torchrec.distributed.types import (
 
 from sharded_mde.config import ConfigError, PlanConfig
 from sharded_mde.io import atomic_write_json, read_json
-from sharded_mde.plan.dims import DIM_MULTIPLE
+from sharded_mde.dims import DIM_MULTIPLE
 from sharded_mde.plan.tables import group_source
 
 GiB = 1024**3

@@ -20,7 +20,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from sharded_mde.config import ConfigError, ModelConfig, RunConfig, load_yaml
 from sharded_mde.data.meta import DatasetMeta
 from sharded_mde.io import read_json
-from sharded_mde.plan.dims import DimsFile, check_against_tables, group_name, legal_dim, table_name
+from sharded_mde.dims import DimsFile, check_against_tables, group_name, legal_dim, table_name
 
 
 def full_table_configs(cfg: RunConfig) -> List[EmbeddingBagConfig]:

@@ -8,7 +8,7 @@ follow a gradual target from the full bytes (after a warm-up) down to the budget
 At the end, `select_dims` meets the budget with legal dims: every table starts at the smallest
 legal dim (or 0 where a drop was shown harmless), then `select_widths` adds the moves with the
 most worth per byte while one that gains still fits, never past a table's row cap, so the kept
-bytes never exceed B and no further step with worth fits. `full_bytes` and `budget_bytes` live in plan/dims.py
+bytes never exceed B and no further step with worth fits. `full_bytes` and `budget_bytes` live in dims/
 with the feasibility rule every field-wise method shares.
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.modules.masked_ebc import ColumnGate, MaskedEmbeddingBagCollection, find_gate
-from sharded_mde.plan.dims import (DIM_MULTIPLE, DimsFile, InfeasibleBudget, TableDims, budget_bytes, check_feasible,
+from sharded_mde.dims import (DIM_MULTIPLE, DimsFile, InfeasibleBudget, TableDims, budget_bytes, check_feasible,
                                   dim_cap, full_bytes, table_bytes)
 from sharded_mde.plan.tables import plan_tables
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional
 
 from sharded_mde.config import RunConfig
-from sharded_mde.plan.dims import DimsFile
+from sharded_mde.dims import DimsFile
 from sharded_mde.train.cli import add_config_args, run_with_data
 from sharded_mde.train.distributed import DistEnv
 

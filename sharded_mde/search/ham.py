@@ -21,7 +21,7 @@ import torch
 from sharded_mde.config import RunConfig
 from sharded_mde.modules.masked_ebc import MaskedEmbeddingBagCollection, find_gate
 from sharded_mde.modules.model import RecTrain, build_model
-from sharded_mde.plan.dims import DimsFile, InfeasibleBudget, budget_bytes, check_feasible, dim_cap
+from sharded_mde.dims import DimsFile, InfeasibleBudget, budget_bytes, check_feasible, dim_cap
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import BudgetController, make_dims_file
 from sharded_mde.search.ham_check import (Scorer, candidate_dims, check_candidates, gate_scorer, harmless_drops,

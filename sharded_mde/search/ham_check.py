@@ -23,7 +23,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.modules.masked_ebc import ColumnGate
-from sharded_mde.plan.dims import DIM_MULTIPLE, budget_bytes, dim_cap, dims_bytes
+from sharded_mde.dims import DIM_MULTIPLE, budget_bytes, dim_cap, dims_bytes
 from sharded_mde.search.budget import select_dims, select_widths
 from sharded_mde.search.uniform import uniform_fit
 

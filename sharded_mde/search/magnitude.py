@@ -17,7 +17,7 @@ from torchrec import EmbeddingBagConfig
 from sharded_mde.config import RunConfig
 from sharded_mde.export.export import resolve_checkpoint, table_shards
 from sharded_mde.io import read_json
-from sharded_mde.plan.dims import DimsFile
+from sharded_mde.dims import DimsFile
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.scored_columns import baseline_checkpoint, save_scored_dims
 from sharded_mde.train.checkpoint import COMPLETE, load_checkpoint

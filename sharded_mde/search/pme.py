@@ -25,7 +25,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from sharded_mde.config import RunConfig
 from sharded_mde.modules.model import RecTrain, build_model
 from sharded_mde.modules.token_groups import TokenGroupEBC, combine_of, fields_from_dims
-from sharded_mde.plan.dims import DimsFile, TableDims, TokenGroup
+from sharded_mde.dims import DimsFile, TableDims, TokenGroup
 from sharded_mde.plan.tables import full_table_configs, plan_tables
 from sharded_mde.search.budget import budget_bytes, full_bytes
 from sharded_mde.search.pme_data import (NUM_RESERVED, plot_token_sizes, renumber_data, scoring_batches, split_counts, token_order,

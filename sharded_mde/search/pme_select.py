@@ -26,7 +26,7 @@ from torchrec import EmbeddingBagConfig
 
 from sharded_mde.data.vocab import NUM_RESERVED, OOV_ID
 from sharded_mde.modules.token_groups import FieldGroups, router_bytes
-from sharded_mde.plan.dims import table_bytes
+from sharded_mde.dims import table_bytes
 from sharded_mde.search.pme_score import TokenScores
 
 

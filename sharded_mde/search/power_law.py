@@ -17,7 +17,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import RunConfig
-from sharded_mde.plan.dims import DimsFile, check_feasible, column_cost
+from sharded_mde.dims import DimsFile, check_feasible, column_cost
 from sharded_mde.plan.rules import rule_dims
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import make_dims_file, select_dims

@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from sharded_mde.io import atomic_write_json, atomic_write_text
-from sharded_mde.plan.dims import DimsFile, save_dims
+from sharded_mde.dims import DimsFile, save_dims
 from sharded_mde.plots import pyplot, save_png
 
 

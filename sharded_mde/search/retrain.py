@@ -33,7 +33,7 @@ from sharded_mde.export.export import hard_gates, table_shards
 from sharded_mde.io import atomic_write_json, read_json
 from sharded_mde.modules.heads import find_head
 from sharded_mde.modules.model import RecTrain, build_model
-from sharded_mde.plan.dims import DimsFile, load_dims
+from sharded_mde.dims import DimsFile, load_dims
 from sharded_mde.plan.tables import full_table_configs, plan_tables
 from sharded_mde.train.checkpoint import COMPLETE, CONFIG, copy_full_into, latest_checkpoint, load_checkpoint
 from sharded_mde.train.distributed import DistEnv

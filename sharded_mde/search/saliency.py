@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from sharded_mde.config import RunConfig
 from sharded_mde.modules.model import build_model
-from sharded_mde.plan.dims import DimsFile
+from sharded_mde.dims import DimsFile
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.pme_score import PooledCapture
 from sharded_mde.search.retrain import load_dense, read_supernet, table_warm_start

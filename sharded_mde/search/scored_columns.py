@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from sharded_mde.config import RunConfig
-from sharded_mde.plan.dims import DimsFile, check_feasible
+from sharded_mde.dims import DimsFile, check_feasible
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import make_dims_file, select_dims
 from sharded_mde.search.report import save_search_result

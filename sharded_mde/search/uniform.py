@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import RunConfig
-from sharded_mde.plan.dims import DIM_MULTIPLE, DimsFile, budget_bytes, check_feasible, dims_bytes
+from sharded_mde.dims import DIM_MULTIPLE, DimsFile, budget_bytes, check_feasible, dims_bytes
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import make_dims_file
 from sharded_mde.search.report import save_search_result

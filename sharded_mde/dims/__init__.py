@@ -1,0 +1,40 @@
+"""The shared vocabulary of every stage: legal dims, the byte model, and the dims file.
+
+It sits below data, plan, modules, train, export and search, so that each of them can price a table
+and read a dims file without importing a stage above it.
+"""
+
+from __future__ import annotations
+
+from sharded_mde.dims.cost import (  # noqa: F401
+    DIM_MULTIPLE,
+    WEIGHT_BYTES,
+    OPTIMIZER_BYTES,
+    legal_dim,
+    round_to_legal,
+    InfeasibleBudget,
+    TableBytes,
+    table_bytes,
+    column_cost,
+    dims_bytes,
+    full_bytes,
+    budget_bytes,
+    dim_cap,
+    floor_bytes,
+    smallest_feasible_fraction,
+    check_feasible,
+)
+from sharded_mde.dims.file import (  # noqa: F401
+    FORMAT_VERSION,
+    table_name,
+    group_name,
+    TokenGroup,
+    TableDims,
+    DimsFile,
+    save_dims,
+    load_dims,
+    validate_dims,
+    check_against_tables,
+)
+
+__all__ = ["DIM_MULTIPLE", "WEIGHT_BYTES", "OPTIMIZER_BYTES", "legal_dim", "round_to_legal", "InfeasibleBudget", "TableBytes", "table_bytes", "column_cost", "dims_bytes", "full_bytes", "budget_bytes", "dim_cap", "floor_bytes", "smallest_feasible_fraction", "check_feasible", "FORMAT_VERSION", "table_name", "group_name", "TokenGroup", "TableDims", "DimsFile", "save_dims", "load_dims", "validate_dims", "check_against_tables"]
