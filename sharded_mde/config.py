@@ -135,11 +135,14 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- sections
 
 
+DATA_FORMATS = ("synth", "criteo_tsv", "avazu_csv", "csv", "tsv", "parquet")
+
+
 @dataclass
 class DataConfig:
     """Where the data comes from and how it is preprocessed into Parquet splits."""
 
-    format: str = "synth"  # synth | criteo_tsv | avazu_csv | parquet
+    format: str = "synth"  # synth | criteo_tsv | avazu_csv | csv | tsv | parquet (docs/data.md: declared schemas)
     paths: List[str] = field(default_factory=list)  # input files (raw formats) or Parquet files
     dir: str = "data/demo"  # processed data directory (splits, vocabulary)
     min_count: int = 1  # values seen fewer times share the out-of-vocabulary id
@@ -153,6 +156,16 @@ class DataConfig:
     # text formats: categorical columns holding several values, split at a separator, e.g. {genres: "|"}
     # (Parquet list<string> columns are multi-valued without an entry here)
     multi_valued: Dict[str, str] = field(default_factory=dict)
+    # declared input schema (docs/data.md), laid over the format's preset column by column
+    label: str = ""  # the label column's name in the input ("" = the preset's: label; avazu_csv: click)
+    header: Optional[bool] = None  # text: the first line names the columns (None = the preset's: csv/tsv yes)
+    columns: List[str] = field(default_factory=list)  # text without a header: every column's name, in file order
+    delimiter: str = ""  # text: one character ("" = the preset's: "," for csv/avazu_csv, tab for tsv/criteo_tsv)
+    dense: List[str] = field(default_factory=list)  # columns that are dense (numbers), whatever their dtype
+    sparse: List[str] = field(default_factory=list)  # columns that are categorical, whatever their dtype
+    drop: List[str] = field(default_factory=list)  # columns not read
+    types: Dict[str, str] = field(default_factory=dict)  # column -> string | int | float: values checked, normalised
+    undeclared: str = "guess"  # a column without a role: guess (text: sparse; Parquet: by dtype) | drop | error
     # synthetic generator (format: synth)
     synth_rows: int = 200_000
     synth_seed: int = 0
@@ -173,8 +186,8 @@ class DataConfig:
                           for k, v in self.label_map.items()}
 
     def validate(self) -> None:
-        if self.format not in ("synth", "criteo_tsv", "avazu_csv", "parquet"):
-            raise ConfigError(f"format: must be synth, criteo_tsv, avazu_csv or parquet, got {self.format!r}")
+        if self.format not in DATA_FORMATS:
+            raise ConfigError(f"format: one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
         if len(self.split) != 3 or any(s < 0 for s in self.split) or abs(sum(self.split) - 1) > 1e-6:
             raise ConfigError(f"split: three non-negative fractions summing to 1, got {self.split}")
         if self.min_count < 1:
@@ -189,6 +202,53 @@ class DataConfig:
         for name, sep in self.multi_valued.items():
             if not sep:
                 raise ConfigError(f"multi_valued.{name}: the separator must not be empty")
+        self._validate_schema()
+
+    def _validate_schema(self) -> None:
+        """The declared input schema's keys agree with each other and with the format."""
+        text = self.format in ("criteo_tsv", "avazu_csv", "csv", "tsv")
+        for key in ("header", "columns", "delimiter"):
+            if getattr(self, key) not in (None, [], "") and not text:
+                raise ConfigError(f"{key}: only for text formats (csv, tsv, criteo_tsv, avazu_csv), "
+                                  f"not {self.format}")
+        if self.format == "synth":
+            for key in ("label", "dense", "sparse", "drop", "types"):
+                if getattr(self, key):
+                    raise ConfigError(f"{key}: the synthetic generator has its own schema (only for file formats)")
+        if self.delimiter and (len(self.delimiter) != 1 or self.delimiter in '\r\n"'):
+            raise ConfigError(f"delimiter: one character other than a quote or line break, got {self.delimiter!r}")
+        headerless = self.header is False or (self.header is None and self.format == "criteo_tsv")
+        if self.columns and not headerless:
+            raise ConfigError("columns: only for text without a header (header: false); a header names the columns")
+        if self.header is False and self.format in ("csv", "tsv", "avazu_csv") and not self.columns:
+            raise ConfigError("columns: text without a header needs every column's name, in file order")
+        if len(set(self.columns)) != len(self.columns):
+            raise ConfigError(f"columns: names must be distinct, got {self.columns}")
+        if self.undeclared not in ("guess", "drop", "error"):
+            raise ConfigError(f"undeclared: guess, drop or error, got {self.undeclared!r}")
+        seen: Dict[str, str] = {}
+        for role in ("dense", "sparse", "drop"):
+            for name in getattr(self, role):
+                if name in seen:
+                    raise ConfigError(f"{role}.{name}: also listed in {seen[name]}")
+                if name == self.label:
+                    raise ConfigError(f"{role}.{name}: is the label column (data.label)")
+                if self.columns and name not in self.columns:
+                    raise ConfigError(f"{role}.{name}: not one of data.columns")
+                seen[name] = role
+        if self.label and self.columns and self.label not in self.columns:
+            raise ConfigError(f"label: {self.label!r} is not one of data.columns")
+        for name, kind in self.types.items():
+            if kind not in ("string", "int", "float"):
+                raise ConfigError(f"types.{name}: string, int or float, got {kind!r}")
+            if self.columns and name not in self.columns:
+                raise ConfigError(f"types.{name}: not one of data.columns")
+            if kind == "string" and seen.get(name) == "dense":
+                raise ConfigError(f"types.{name}: a dense column holds numbers (int or float), got string")
+        for name in self.multi_valued:
+            if seen.get(name) in ("dense", "drop"):
+                raise ConfigError(f"multi_valued.{name}: a multi-valued column is sparse, but data.{seen[name]} "
+                                  f"lists it")
 
     def label_codes(self) -> Dict[float, float]:
         """Raw label value -> 0/1: `label_map` when given, else 0 and 1 as they are."""

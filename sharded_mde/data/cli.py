@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from sharded_mde.config import DataConfig, load_config, parse_overrides
+from sharded_mde.config import DATA_FORMATS, DataConfig, RunConfig, from_dict, load_config, parse_overrides
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,12 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(s, config=True)
     s.set_defaults(func=_synth)
 
-    c = sub.add_parser("convert", help="raw Criteo TSV / Avazu CSV -> Parquet shards (no vocabulary)")
-    c.add_argument("--format", choices=["criteo_tsv", "avazu_csv"], required=True)
+    c = sub.add_parser("convert", help="raw text (Criteo, Avazu, any CSV/TSV) or Parquet of a declared schema "
+                                       "-> canonical Parquet shards (no vocabulary)")
+    c.add_argument("--format", choices=[f for f in DATA_FORMATS if f != "synth"],
+                   help="the format's preset schema (without --config, or overriding its data.format)")
+    c.add_argument("--config", help="run config whose data section declares the input schema (and data.paths)")
     c.add_argument("--out", required=True, help="output directory for part-*.parquet")
     c.add_argument("--strict", action="store_true", help="a malformed line is an error instead of skipped")
-    c.add_argument("files", nargs="+", help="input files (gzip is detected; glob patterns allowed)")
-    _common(c, config=False)
+    c.add_argument("files", nargs="*", help="input files (gzip is detected; glob patterns allowed; "
+                                            "default: data.paths of --config)")
+    _common(c, config=True)
     c.set_defaults(func=_convert)
 
     f = sub.add_parser("fetch", help="download a public data set and write it as canonical Parquet")
@@ -59,7 +63,9 @@ def _common(p: argparse.ArgumentParser, config: bool) -> None:
 
 
 def _data_config(args: argparse.Namespace) -> DataConfig:
-    return load_config(args.config, parse_overrides(args.overrides)).data if args.config else DataConfig()
+    """The data section of CONFIG with the --set overrides (without a config: the defaults, overridden)."""
+    overrides = parse_overrides(args.overrides)
+    return load_config(args.config, overrides).data if args.config else from_dict(RunConfig, overrides).data
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -82,8 +88,23 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from sharded_mde.data.convert import convert
+    from sharded_mde.data.schema import input_schema
 
-    summary = convert(args.format, args.files, Path(args.out), strict=args.strict)
+    if not args.config and not args.format:
+        raise ValueError("give --format FORMAT or --config CONFIG (whose data section declares the schema)")
+    cfg = _data_config(args)
+    if args.format:
+        cfg = dataclasses.replace(cfg, format=args.format)
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise ValueError(f"--format {args.format}: data.{e}") from None
+    if cfg.format == "synth":
+        raise ValueError(f"{args.config}: data.format is synth; convert reads files (set data.format or --format)")
+    files = args.files or cfg.paths
+    if not files:
+        raise ValueError("no input files: give FILES or data.paths in --config")
+    summary = convert(input_schema(cfg, cfg.format), files, Path(args.out), strict=args.strict or cfg.strict)
     print(json.dumps({k: summary[k] for k in ("rows", "skipped_lines")} | {"out": args.out,
                                                                             "parts": len(summary["parts"])}))
     return 0

@@ -31,6 +31,7 @@ from sharded_mde.data.encode import Encoder
 from sharded_mde.data.meta import FORMAT_VERSION, META_FILE, DatasetMeta
 from sharded_mde.data.parts import PartWriter
 from sharded_mde.data.readers import DataWarning, SourceReader, expand_paths
+from sharded_mde.data.schema import input_schema
 from sharded_mde.data.splits import SPLITS, assign_splits
 from sharded_mde.data.synth import generate, load_ground_truth, synth_fingerprint, synth_paths
 from sharded_mde.data.vocab import ValueCounter, Vocabulary, build_vocab, save_vocab
@@ -73,9 +74,8 @@ def _limited(blocks: Iterable[Tuple[pa.Table, np.ndarray]], max_rows: int) -> It
 
 
 def _reader(cfg: DataConfig, fmt: str, files: List[Path]) -> SourceReader:
-    """The reader of the inputs, checking labels and splitting multi-valued text columns."""
-    return SourceReader(fmt, [str(p) for p in files], strict=cfg.strict, labels=cfg.label_codes(),
-                        multi_valued=cfg.multi_valued)
+    """The reader of the inputs by their declared schema, checking labels."""
+    return SourceReader(input_schema(cfg, fmt), [str(p) for p in files], strict=cfg.strict, labels=cfg.label_codes())
 
 
 def _split_total(cfg: DataConfig, reader: SourceReader) -> int:

@@ -1,19 +1,21 @@
-"""Streaming readers for click logs: Criteo TSV, Avazu CSV and canonical Parquet shards.
+"""Streaming readers for click logs: delimited text (CSV/TSV, Criteo, Avazu) and Parquet, by declared schema.
 
-Every reader yields canonical blocks: a pyarrow Table with `label` (float32), the dense columns
-(float32, null where empty) and the sparse columns (string, null where empty; a multi-valued
-field is list<string>, an empty bag where it has no value: a Parquet list column, or a text
-column split at the separator that `data.multi_valued` declares for it). Text files are
-parsed block by block by pyarrow (gzip is detected), never loaded whole. A malformed line (wrong
-column count, non-numeric label or dense value) is skipped, counted and warned about with its
-file and line number, or raises a ValueError naming them under `strict`.
+What the columns are (label, dense, sparse, multi-valued, types) comes from an `InputSchema`
+(`schema.py`: a format's preset with the `data.*` declarations laid over it). Every reader yields
+canonical blocks: a pyarrow Table with `label` (float32), the dense columns (float32, null where
+empty) and the sparse columns (string, null where empty; a multi-valued field is list<string>, an
+empty bag where it has no value: a Parquet list column, or a text column split at its separator).
+Text files are parsed block by block by pyarrow (gzip is detected), never loaded whole. A
+malformed line (wrong column count, non-numeric label or dense value) is skipped, counted and
+warned about with its file and line number, or raises a ValueError naming them under `strict`. A
+value that does not match its declared type (`data.types`) is always a ValueError naming file,
+line (Parquet: row) and column.
 """
 
 from __future__ import annotations
 
 import glob
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Generator, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -23,36 +25,19 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-LABEL = "label"
+from sharded_mde.data.schema import LABEL, InputSchema, Schema, preset
+
 DEFAULT_BLOCK_SIZE = 16 << 20  # bytes of text parsed per block
 PARQUET_BATCH_ROWS = 1 << 18
 MAX_WARNINGS_PER_FILE = 10
-CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
-CRITEO_SPARSE = tuple(f"C{i}" for i in range(1, 27))
-AVAZU_LABEL, AVAZU_DROP = "click", ("id",)
-TEXT_FORMATS = ("criteo_tsv", "avazu_csv")
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+_INTEGER = r"^[+-]?[0-9]+$"
+# (row in block, column, offending value, declared type) of the first value that breaks `data.types`
+Mismatch = Tuple[int, str, object, str]
 
 
 class DataWarning(UserWarning):
     """A malformed input line was skipped."""
-
-
-@dataclass(frozen=True)
-class Schema:
-    """Names of the dense and sparse (categorical) fields of a data set, in column order."""
-
-    dense: Tuple[str, ...]
-    sparse: Tuple[str, ...]
-    multi: Tuple[str, ...] = ()  # the multi-valued sparse fields (list<string> columns)
-
-    def arrow(self) -> pa.Schema:
-        """The canonical Arrow schema: label, dense floats, sparse strings (lists of strings if multi-valued)."""
-        return pa.schema([(LABEL, pa.float32())] + [(n, pa.float32()) for n in self.dense]
-                         + [(n, pa.list_(pa.string()) if n in self.multi else pa.string()) for n in self.sparse])
-
-
-CRITEO_SCHEMA = Schema(CRITEO_DENSE, CRITEO_SPARSE)
 
 
 def expand_paths(paths: Sequence[str], fmt: str) -> List[Path]:
@@ -100,22 +85,8 @@ def _peek_first_line(path: Path) -> str:
     return head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
 
 
-def _text_layout(fmt: str, path: Path) -> Tuple[List[str], Optional[List[str]], Schema]:
-    """(column names, header names or None, schema) of a Criteo or Avazu text file."""
-    first = _peek_first_line(path)
-    if fmt == "criteo_tsv":
-        return [LABEL, *CRITEO_DENSE, *CRITEO_SPARSE], None, CRITEO_SCHEMA
-    header = first.split(",")
-    if AVAZU_LABEL not in header:
-        raise ValueError(f"{path} line 1: Avazu header has no {AVAZU_LABEL!r} column (got {first[:80]!r})")
-    if len(set(header)) != len(header):
-        raise ValueError(f"{path} line 1: duplicate column names in the header")
-    sparse = tuple(h for h in header if h != AVAZU_LABEL and h not in AVAZU_DROP)
-    return header, header, Schema((), sparse)
-
-
-def _parse_numbers(col: pa.Array) -> Tuple[pa.Array, np.ndarray]:
-    """Numbers (or number strings) to float32, null kept; also a mask of non-numeric or non-finite values."""
+def _parse_numbers(col: pa.Array, dtype: pa.DataType = pa.float32()) -> Tuple[pa.Array, np.ndarray]:
+    """Numbers (or number strings) as `dtype`, null kept; also a mask of non-numeric or non-finite values."""
     bad = np.zeros(len(col), dtype=bool)
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         values = col
@@ -126,35 +97,65 @@ def _parse_numbers(col: pa.Array) -> Tuple[pa.Array, np.ndarray]:
             ok = pc.match_substring_regex(col, _NUMBER)
             values = pc.cast(pc.if_else(ok, col, pa.scalar(None, col.type)), pa.float64())
             bad = pc.fill_null(pc.invert(ok), False).to_numpy(zero_copy_only=False)
-    values = pc.cast(values, pa.float32(), safe=False)
+    values = pc.cast(values, dtype, safe=False)
     bad |= pc.fill_null(pc.invert(pc.is_finite(values)), False).to_numpy(zero_copy_only=False)
     return values, bad
 
 
-class SourceReader:
-    """Streams canonical blocks from a list of raw files of one format; counts skipped lines.
+def _parse_ints(col: pa.Array) -> Tuple[pa.Array, np.ndarray]:
+    """Integer values as canonical decimal strings (no '+', no leading zeros: "007" and 7 agree), null kept;
+    also a mask of values that are not integers."""
+    if pa.types.is_integer(col.type):
+        return col.cast(pa.string()), np.zeros(len(col), dtype=bool)
+    if pa.types.is_floating(col.type):
+        x = col.cast(pa.float64())
+        ok = pc.and_(pc.is_finite(x), pc.and_(pc.equal(x, pc.floor(x)), pc.less(pc.abs(x), 2.0 ** 63)))
+        ok = pc.fill_null(ok, True)
+        ints = pc.cast(pc.if_else(ok, x, pa.scalar(None, pa.float64())), pa.int64())
+        return ints.cast(pa.string()), pc.invert(ok).to_numpy(zero_copy_only=False)
+    col = col.cast(pa.string())
+    ok = pc.fill_null(pc.match_substring_regex(col, _INTEGER), True)
+    text = pc.replace_substring_regex(pc.if_else(ok, col, pa.scalar(None, pa.string())), r"^\+", "")
+    text = pc.replace_substring_regex(text, r"^(-?)0+([0-9])", r"\1\2")
+    return pc.replace_substring_regex(text, r"^-0$", "0"), pc.invert(ok).to_numpy(zero_copy_only=False)
 
-    `labels` maps raw label values to 0/1 (prepare: {0: 0, 1: 1} or `data.label_map`): any other
-    label is a ValueError naming the file and line (None: labels pass unchecked, as in convert).
-    `multi_valued` names text columns split into lists at a separator (Parquet lists need none).
+
+def _categories(col: pa.Array, kind: Optional[str]) -> Tuple[pa.Array, np.ndarray]:
+    """Categorical values as strings, normalised by their declared type (int: decimal digits; float: the
+    shortest decimal form, "3.0" and 3 agree); also a mask of values that break the type."""
+    if kind == "int":
+        return _parse_ints(col)
+    if kind == "float":  # a float column keeps its own precision (float32 0.1 reads "0.1", as text does)
+        values, bad = _parse_numbers(col, col.type if pa.types.is_floating(col.type) else pa.float64())
+        return values.cast(pa.string()), bad
+    return col.cast(pa.string()), np.zeros(len(col), dtype=bool)
+
+
+class SourceReader:
+    """Streams canonical blocks from a list of raw files of one schema; counts skipped lines.
+
+    `source` is a format name (its preset schema: criteo_tsv, avazu_csv, csv, tsv, parquet) or a
+    declared `InputSchema` (`schema.input_schema(cfg)`). `labels` maps raw label values to 0/1
+    (prepare: {0: 0, 1: 1} or `data.label_map`): any other label is a ValueError naming the file
+    and line (None: labels pass unchecked, as in convert). `multi_valued` adds text columns split
+    into lists at a separator (Parquet lists need none).
     """
 
-    def __init__(self, fmt: str, paths: Sequence[str], strict: bool = False,
+    def __init__(self, source: Union[str, InputSchema], paths: Sequence[str], strict: bool = False,
                  block_size: int = DEFAULT_BLOCK_SIZE, labels: Optional[Dict[float, float]] = None,
                  multi_valued: Optional[Dict[str, str]] = None) -> None:
-        if fmt not in (*TEXT_FORMATS, "parquet"):
-            raise ValueError(f"unknown data format {fmt!r} (criteo_tsv, avazu_csv or parquet)")
-        self.fmt, self.strict, self.block_size = fmt, strict, block_size
+        self.input = (preset(source) if isinstance(source, str) else source).with_separators(multi_valued or {})
+        self.fmt, self.strict, self.block_size = self.input.format, strict, block_size
         self.labels = labels
-        self.separators = dict(multi_valued or {})
-        self.files = expand_paths(paths, fmt)
+        self.files = expand_paths(paths, self.fmt)
         self.skipped = 0
         self._lines: Dict[Path, int] = {}  # data lines per text file, once counted
+        self._layouts: Dict[Path, Tuple[Tuple[str, ...], Schema]] = {}  # (columns, canonical fields) per file
         self.schema = self._common_schema()
 
     def _common_schema(self) -> Schema:
         """The schema of the first file; every other file must match it."""
-        schemas = [(p, self._file_schema(p)) for p in self.files]
+        schemas = [(p, self._layout(p)[1]) for p in self.files]
         first_path, first = schemas[0]
         for p, s in schemas[1:]:
             if s != first:
@@ -162,15 +163,19 @@ class SourceReader:
                                  f"{list(s.multi)} vs {list(first.dense + first.sparse)}, {list(first.multi)})")
         return first
 
-    def _file_schema(self, path: Path) -> Schema:
-        schema = _text_layout(self.fmt, path)[2] if self.fmt in TEXT_FORMATS else _parquet_schema(path)
-        for name in self.separators:
-            if name not in schema.sparse:
-                raise ValueError(f"{path}: data.multi_valued names {name!r}, not a categorical column of this file")
-            if name in schema.multi:
-                raise ValueError(f"{path}: column {name!r} is already a list; remove it from data.multi_valued")
-        multi = tuple(n for n in schema.sparse if n in schema.multi or n in self.separators)
-        return Schema(schema.dense, schema.sparse, multi)
+    def _layout(self, path: Path) -> Tuple[Tuple[str, ...], Schema]:
+        """(the file's columns, its canonical fields) by the declared schema."""
+        if path not in self._layouts:
+            if self.input.text:
+                names = self.input.header_names(path, _peek_first_line(path))
+                self._layouts[path] = names, self.input.layout(path, names)
+            else:
+                try:
+                    arrow = pq.read_schema(str(path))
+                except (OSError, pa.ArrowException) as e:
+                    raise _file_error(path, e) from None
+                self._layouts[path] = tuple(arrow.names), self.input.layout(path, arrow.names, arrow)
+        return self._layouts[path]
 
     def __iter__(self) -> Iterator[pa.Table]:
         for table, _ in self.blocks():
@@ -181,7 +186,7 @@ class SourceReader:
         physical index counts skipped lines too, so it does not depend on which lines were bad."""
         offset = 0
         for path in self.files:
-            it = self._iter_text(path) if self.fmt in TEXT_FORMATS else self._iter_parquet(path)
+            it = self._iter_text(path) if self.input.text else self._iter_parquet(path)
             good, skipped = 0, self.skipped
             while True:
                 try:
@@ -204,15 +209,14 @@ class SourceReader:
         or for text one streamed scan counting line breaks (a decompression pass for gzip, no parsing)."""
         total = 0
         for path in self.files:
-            if self.fmt == "parquet":
+            if not self.input.text:
                 try:
                     total += pq.read_metadata(str(path)).num_rows
                 except (OSError, pa.ArrowException) as e:
                     raise _file_error(path, e) from None
             else:
                 if path not in self._lines:
-                    header = 0 if self.fmt == "criteo_tsv" else 1
-                    self._lines[path] = max(_count_lines(path) - header, 0)
+                    self._lines[path] = max(_count_lines(path) - int(self.input.header), 0)
                 total += self._lines[path]
         return total
 
@@ -220,8 +224,12 @@ class SourceReader:
                 where: Callable[[np.ndarray], np.ndarray], undecodable: Optional[np.ndarray] = None
                 ) -> Tuple[pa.Table, np.ndarray, List[Tuple[int, str]]]:
         """Canonical good rows of a parsed block with their physical rows, and (line, reason) of bad ones;
-        labels are checked and mapped, separated columns split."""
-        out, bad_rows, keep = _to_canonical(table, schema, self.separators, undecodable)
+        labels are checked and mapped, separated columns split, declared types checked."""
+        out, bad_rows, keep, mismatch = _to_canonical(table, schema, self.input, undecodable)
+        if mismatch is not None:
+            j, column, value, kind = mismatch
+            raise ValueError(f"{_at(path, int(where(phys[j:j + 1])[0]))}, column {column!r}: value {value!r} "
+                             f"does not match its declared type {kind} (data.types)")
         problems = [(int(where(phys[j:j + 1])[0]), reason) for j, reason in bad_rows]
         if keep is not None:
             phys = phys[keep]
@@ -237,8 +245,7 @@ class SourceReader:
         idx = pc.index_in(label, value_set=keys)
         if idx.null_count:
             j = int(np.flatnonzero(idx.is_null().to_numpy(zero_copy_only=False))[0])
-            line = int(where(phys[j:j + 1])[0])
-            at = f"{path} line {line}" if line > 0 else f"{path} row {-line}"
+            at = _at(path, int(where(phys[j:j + 1])[0]))
             codes = ", ".join(f"{k:g}" for k in self.labels)
             raise ValueError(f"{at}: label {label[j].as_py():g} is not one of {codes} "
                              f"(map other codes to 0/1 with data.label_map)")
@@ -248,8 +255,7 @@ class SourceReader:
     # ------------------------------------------------------------------ text
     def _iter_text(self, path: Path) -> Generator[Tuple[pa.Table, np.ndarray], None, int]:
         """(good rows, their physical rows in this file) per block; returns the file's data lines."""
-        names, header, _ = _text_layout(self.fmt, path)
-        schema = self._file_schema(path)
+        names, schema = self._layout(path)
         # pyarrow calls back for lines with a wrong column count, in line order (serial parsing).
         invalid_lines: List[int] = []
         invalid_reasons: List[str] = []
@@ -259,15 +265,14 @@ class SourceReader:
             invalid_reasons.append(f"expected {row.expected_columns} columns, got {row.actual_columns}")
             return "skip"
 
-        label = AVAZU_LABEL if header else LABEL
-        tsv = self.fmt == "criteo_tsv"
+        header = self.input.header
         read = pacsv.ReadOptions(block_size=self.block_size, use_threads=False,  # serial: line numbers known
-                                 column_names=None if header else names)
-        parse = pacsv.ParseOptions(delimiter="\t" if tsv else ",", quote_char=False if tsv else '"',
+                                 column_names=None if header else list(names))
+        parse = pacsv.ParseOptions(delimiter=self.input.delimiter, quote_char='"' if self.input.quote else False,
                                    invalid_row_handler=on_invalid, ignore_empty_lines=False)
         # Bytes, decoded per column below: one line that is not UTF-8 is skipped, not the whole file.
         convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
-                                       include_columns=[label, *schema.dense, *schema.sparse],
+                                       include_columns=[self.input.label, *schema.dense, *schema.sparse],
                                        strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True)
         try:
             reader = pacsv.open_csv(pa.input_stream(str(path), compression="detect"), read_options=read,
@@ -304,7 +309,7 @@ class SourceReader:
     def _report(self, path: Path, problems: List[Tuple[int, str]], warned: int) -> int:
         """Counts skipped lines; raises under strict, else warns for the first few per file."""
         for line, reason in problems:
-            where = f"{path} line {line}" if line > 0 else f"{path} row {-line}"
+            where = _at(path, line)
             if self.strict:
                 raise ValueError(f"{where}: malformed ({reason})")
             self.skipped += 1
@@ -318,18 +323,19 @@ class SourceReader:
     # ------------------------------------------------------------------ parquet
     def _iter_parquet(self, path: Path) -> Generator[Tuple[pa.Table, np.ndarray], None, int]:
         """(good rows, their rows in this file) per batch; returns the file's rows."""
-        schema = self._file_schema(path)
+        schema = self._layout(path)[1]
+        columns = [self.input.label, *schema.dense, *schema.sparse]
         rows_before, warned = 0, 0
 
         def row_of(phys: np.ndarray) -> np.ndarray:  # Parquet has no lines: 1-based rows, passed negated
             return -(phys + 1)
 
         try:
-            batches = pq.ParquetFile(str(path)).iter_batches(batch_size=PARQUET_BATCH_ROWS,
-                                                             columns=[LABEL, *schema.dense, *schema.sparse])
+            batches = pq.ParquetFile(str(path)).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
             for batch in batches:
                 phys = np.arange(rows_before, rows_before + batch.num_rows, dtype=np.int64)
-                out, phys, bad = self._finish(path, pa.Table.from_batches([batch]), schema, phys, row_of)
+                table = pa.Table.from_batches([batch]).select(columns).rename_columns([LABEL, *columns[1:]])
+                out, phys, bad = self._finish(path, table, schema, phys, row_of)
                 warned = self._report(path, bad, warned)
                 rows_before += batch.num_rows
                 yield out, phys
@@ -354,34 +360,9 @@ def _count_lines(path: Path) -> int:
     return lines + (last != b"\n")
 
 
-def _parquet_schema(path: Path) -> Schema:
-    """Schema of a canonical Parquet file: floating columns are dense, string/integer ones sparse."""
-    try:
-        arrow = pq.read_schema(str(path))
-    except (OSError, pa.ArrowException) as e:
-        raise _file_error(path, e) from None
-    if LABEL not in arrow.names:
-        raise ValueError(f"{path}: Parquet file has no {LABEL!r} column")
-    dense, sparse, multi = [], [], []
-    for f in arrow:
-        if f.name == LABEL:
-            continue
-        if pa.types.is_floating(f.type):
-            dense.append(f.name)
-        elif _is_category(f.type):
-            sparse.append(f.name)
-        elif (pa.types.is_list(f.type) or pa.types.is_large_list(f.type)) and _is_category(f.type.value_type):
-            sparse.append(f.name)
-            multi.append(f.name)
-        else:
-            raise ValueError(f"{path}: column {f.name!r} has type {f.type}, expected float (dense), string/int "
-                             f"or a list of strings/ints (multi-valued)")
-    return Schema(tuple(dense), tuple(sparse), tuple(multi))
-
-
-def _is_category(t: pa.DataType) -> bool:
-    """String or integer: a type a categorical value may have."""
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+def _at(path: Path, line: int) -> str:
+    """Where a row is, for messages: a text line (positive) or a Parquet row (passed negated)."""
+    return f"{path} line {line}" if line > 0 else f"{path} row {-line}"
 
 
 def _decode_utf8(table: pa.Table) -> Tuple[pa.Table, Optional[np.ndarray]]:
@@ -406,11 +387,11 @@ def _is_utf8(value: bytes) -> bool:
         return False
 
 
-def _to_canonical(table: pa.Table, schema: Schema, separators: Dict[str, str],
-                  undecodable: Optional[np.ndarray] = None
-                  ) -> Tuple[pa.Table, List[Tuple[int, str]], Optional[np.ndarray]]:
-    """Parses label and dense columns, splits separated columns; returns the good rows, (row in block,
-    reason) of bad ones and the mask of good rows (None when every row is good)."""
+def _to_canonical(table: pa.Table, schema: Schema, source: InputSchema, undecodable: Optional[np.ndarray] = None
+                  ) -> Tuple[pa.Table, List[Tuple[int, str]], Optional[np.ndarray], Optional[Mismatch]]:
+    """Parses label and dense columns, splits separated columns, checks declared types; returns the good rows,
+    (row in block, reason) of bad ones, the mask of good rows (None when every row is good) and the first value
+    that breaks its declared type (None when none does)."""
     cols = {}
     label_in = table.column(LABEL).combine_chunks()
     cols[LABEL], bad_label = _parse_numbers(label_in)
@@ -418,26 +399,50 @@ def _to_canonical(table: pa.Table, schema: Schema, separators: Dict[str, str],
                (bad_label, "non-numeric label")]
     if undecodable is not None:
         reasons.insert(0, (undecodable, "bytes that are not UTF-8"))
+    mismatches: List[Mismatch] = []
+
+    def declared(name: str, raw: pa.Array, bad: np.ndarray) -> bool:
+        """Records the first value of a typed column that breaks its type; True if the column is typed."""
+        kind = source.types.get(name)
+        if kind is not None and bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            mismatches.append((j, name, raw[j].as_py(), kind))
+        return kind is not None
+
     for n in schema.dense:
-        cols[n], bad = _parse_numbers(table.column(n).combine_chunks())
-        reasons.append((bad, f"non-numeric value in {n}"))
+        raw = table.column(n).combine_chunks()
+        cols[n], bad = _parse_numbers(raw)
+        if source.types.get(n) == "int":
+            bad = bad | _parse_ints(raw)[1]
+        if not declared(n, raw, bad):
+            reasons.append((bad, f"non-numeric value in {n}"))
     for n in schema.sparse:
-        col = table.column(n).combine_chunks()
-        if n in separators:
-            cols[n] = split_values(col, separators[n])
-        elif n in schema.multi:
-            cols[n] = clean_bags(col)
-        else:
-            cols[n] = col.cast(pa.string())
+        raw = table.column(n).combine_chunks()
+        if n not in schema.multi:
+            cols[n], bad = _categories(raw, source.types.get(n))
+            declared(n, raw, bad)
+            continue
+        bags = split_values(raw, source.separators[n]) if n in source.separators else raw
+        if n in source.types:  # the type applies to every value of a bag
+            flat = pc.list_flatten(bags)
+            values, bad = _categories(flat, source.types[n])
+            if bad.any():  # the bag's row; the offending value
+                j = int(np.flatnonzero(bad)[0])
+                mismatches.append((int(pc.list_parent_indices(bags)[j].as_py()), n, flat[j].as_py(), source.types[n]))
+            lengths = pc.fill_null(pc.list_value_length(bags), 0).to_numpy(zero_copy_only=False)
+            bags = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
+                                            values)
+        cols[n] = clean_bags(bags)
     out = pa.table(cols, schema=schema.arrow())
+    mismatch = min(mismatches, key=lambda m: m[0]) if mismatches else None
     any_bad = np.logical_or.reduce([mask for mask, _ in reasons])
     if not any_bad.any():
-        return out, [], None
+        return out, [], None, mismatch
     empty = np.logical_and.reduce([table.column(n).is_null().to_numpy(zero_copy_only=False)
                                    for n in table.column_names])
     bad_rows = [(int(j), "empty line" if empty[j] else next(r for mask, r in reasons if mask[j]))
                 for j in np.flatnonzero(any_bad)]
-    return out.filter(pa.array(~any_bad)), bad_rows, ~any_bad
+    return out.filter(pa.array(~any_bad)), bad_rows, ~any_bad, mismatch
 
 
 def split_values(column: Union[pa.Array, pa.ChunkedArray], separator: str) -> pa.ListArray:
