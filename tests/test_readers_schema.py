@@ -296,3 +296,15 @@ def test_schema_config_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:
         from_dict(RunConfig, {"data": data})
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_the_docs_example_declaration_prepares(tmp_path):
+    """The YAML example of docs/data.md loads and reads a file of the layout it describes."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    block = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    src = tmp_path / "clicks.csv.gz"
+    src.write_bytes(gzip.compress(b"007,1,2.5,3.0,17,4,news,a|b\n8,0,,3,18,5,,\n+7,1,1.25,2e0,19,0,shop,b\n"))
+    block["data"].update(paths=[str(src)], dir=str(tmp_path / "out"))
+    meta = prepare(from_dict(RunConfig, block).data, progress=False)
+    assert meta.dense_features == ["price", "visits"] and meta.sparse_features == ["user_id", "category", "site", "tags"]
+    assert meta.multi_valued == ["tags"] and sum(meta.rows.values()) == 3

@@ -6,8 +6,9 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any, Dict, Optional
 
-from sharded_mde.config import DATA_FORMATS, DataConfig, RunConfig, from_dict, load_config, parse_overrides
+from sharded_mde.config import DATA_FORMATS, DataConfig, RunConfig, from_dict, load_config, merge, parse_overrides
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,9 +63,10 @@ def _common(p: argparse.ArgumentParser, config: bool) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
-def _data_config(args: argparse.Namespace) -> DataConfig:
-    """The data section of CONFIG with the --set overrides (without a config: the defaults, overridden)."""
-    overrides = parse_overrides(args.overrides)
+def _data_config(args: argparse.Namespace, data: Optional[Dict[str, Any]] = None) -> DataConfig:
+    """The data section of CONFIG with the --set overrides and then `data` laid over it (without a config:
+    the defaults, overridden)."""
+    overrides = merge(parse_overrides(args.overrides), {"data": data or {}})
     return load_config(args.config, overrides).data if args.config else from_dict(RunConfig, overrides).data
 
 
@@ -92,13 +94,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     if not args.config and not args.format:
         raise ValueError("give --format FORMAT or --config CONFIG (whose data section declares the schema)")
-    cfg = _data_config(args)
-    if args.format:
-        cfg = dataclasses.replace(cfg, format=args.format)
-        try:
-            cfg.validate()
-        except ValueError as e:
-            raise ValueError(f"--format {args.format}: data.{e}") from None
+    cfg = _data_config(args, {"format": args.format} if args.format else None)
     if cfg.format == "synth":
         raise ValueError(f"{args.config}: data.format is synth; convert reads files (set data.format or --format)")
     files = args.files or cfg.paths

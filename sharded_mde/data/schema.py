@@ -77,7 +77,7 @@ class InputSchema:
         if not self.header:
             return self.columns
         dialect = dict(delimiter=self.delimiter, quoting=csv.QUOTE_MINIMAL if self.quote else csv.QUOTE_NONE)
-        names = tuple(next(csv.reader([first_line], **dialect), []))
+        names = tuple(next(csv.reader([first_line.lstrip("\ufeff")], **dialect), []))  # a BOM, as pyarrow skips it
         if len(set(names)) != len(names):
             raise ValueError(f"{path} line 1: duplicate column names in the header")
         return names
@@ -98,6 +98,9 @@ class InputSchema:
                 raise ValueError(f"{path}: data.{key} names {missing[0]!r}, not a column of this file")
         if self.label in self.roles:
             raise ValueError(f"{path}: column {self.label!r} is the label; remove it from data.{self.roles[self.label]}")
+        if self.label in self.types:
+            raise ValueError(f"{path}: column {self.label!r} is the label (checked by data.label_map); "
+                             f"remove it from data.types")
         dense, sparse, multi = [], [], []
         for name in names:
             if name == self.label:
