@@ -20,7 +20,6 @@ import yaml
 from sharded_mde.cli import main
 from sharded_mde.config import ConfigError, DataConfig, RunConfig, from_dict
 from sharded_mde.data import DatasetMeta, SourceReader, prepare
-from sharded_mde.data.convert import convert
 from sharded_mde.data.schema import input_schema
 from test_data_readers import read_all, write_criteo
 
