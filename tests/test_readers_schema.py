@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sharded_mde.cli import main
 from sharded_mde.config import ConfigError, DataConfig, RunConfig, from_dict
@@ -307,3 +309,28 @@ def test_the_docs_example_declaration_prepares(tmp_path):
     meta = prepare(from_dict(RunConfig, block).data, progress=False)
     assert meta.dense_features == ["price", "visits"] and meta.sparse_features == ["user_id", "category", "site", "tags"]
     assert meta.multi_valued == ["tags"] and sum(meta.rows.values()) == 3
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ints=st.lists(st.tuples(st.integers(-10 ** 20, 10 ** 20), st.sampled_from(["", "+"]), st.integers(0, 3)),
+                     min_size=1, max_size=8),
+       floats=st.lists(st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=1, max_size=8))
+def test_typed_spellings_normalise_to_one_value(tmp_path, ints, floats):
+    """Any spelling of an integer ('+', leading zeros, beyond int64) reads as its decimal digits, and any exact
+    spelling of a double as the double's shortest form: the same strings a Parquet column of numbers gives."""
+    n = max(len(ints), len(floats))
+    lines = ["y,i,f"]
+    for k in range(n):
+        i = ""
+        if k < len(ints):
+            v, plus, zeros = ints[k]
+            i = ("-" if v < 0 else plus) + "0" * zeros + str(abs(v))
+        f = "" if k >= len(floats) else [repr, "{:.17e}".format, "{:.17g}".format][k % 3](floats[k])
+        lines.append(f"1,{i},{f}")
+    src = tmp_path / "t.csv"
+    src.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(format="csv", label="y", types={"i": "int", "f": "float"})
+    table = read_all(SourceReader(input_schema(cfg, "csv"), [str(src)]))
+    assert table.column("i").to_pylist() == [str(v) for v, _, _ in ints] + [None] * (n - len(ints))
+    expected = pa.array(floats, pa.float64()).cast(pa.string()).to_pylist() + [None] * (n - len(floats))
+    assert table.column("f").to_pylist() == expected
