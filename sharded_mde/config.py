@@ -135,7 +135,11 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- sections
 
 
-DATA_FORMATS = ("synth", "criteo_tsv", "avazu_csv", "csv", "tsv", "parquet")
+TEXT_FORMATS = ("csv", "tsv", "criteo_tsv", "avazu_csv")  # delimited text (docs/data.md)
+DATA_FORMATS = ("synth", *TEXT_FORMATS, "parquet")
+COLUMN_ROLES = ("dense", "sparse", "drop")  # what a declared column is (data.dense, data.sparse, data.drop)
+VALUE_TYPES = ("string", "int", "float")  # data.types
+UNDECLARED = ("guess", "drop", "error")  # data.undeclared
 
 
 @dataclass
@@ -206,11 +210,9 @@ class DataConfig:
 
     def _validate_schema(self) -> None:
         """The declared input schema's keys agree with each other and with the format."""
-        text = self.format in ("criteo_tsv", "avazu_csv", "csv", "tsv")
         for key in ("header", "columns", "delimiter"):
-            if getattr(self, key) not in (None, [], "") and not text:
-                raise ConfigError(f"{key}: only for text formats (csv, tsv, criteo_tsv, avazu_csv), "
-                                  f"not {self.format}")
+            if getattr(self, key) not in (None, [], "") and self.format not in TEXT_FORMATS:
+                raise ConfigError(f"{key}: only for text formats ({', '.join(TEXT_FORMATS)}), not {self.format}")
         if self.format == "synth":
             for key in ("label", "dense", "sparse", "drop", "types"):
                 if getattr(self, key):
@@ -224,10 +226,10 @@ class DataConfig:
             raise ConfigError("columns: text without a header needs every column's name, in file order")
         if len(set(self.columns)) != len(self.columns):
             raise ConfigError(f"columns: names must be distinct, got {self.columns}")
-        if self.undeclared not in ("guess", "drop", "error"):
-            raise ConfigError(f"undeclared: guess, drop or error, got {self.undeclared!r}")
+        if self.undeclared not in UNDECLARED:
+            raise ConfigError(f"undeclared: one of {', '.join(UNDECLARED)}, got {self.undeclared!r}")
         seen: Dict[str, str] = {}
-        for role in ("dense", "sparse", "drop"):
+        for role in COLUMN_ROLES:
             for name in getattr(self, role):
                 if name in seen:
                     raise ConfigError(f"{role}.{name}: also listed in {seen[name]}")
@@ -239,8 +241,8 @@ class DataConfig:
         if self.label and self.columns and self.label not in self.columns:
             raise ConfigError(f"label: {self.label!r} is not one of data.columns")
         for name, kind in self.types.items():
-            if kind not in ("string", "int", "float"):
-                raise ConfigError(f"types.{name}: string, int or float, got {kind!r}")
+            if kind not in VALUE_TYPES:
+                raise ConfigError(f"types.{name}: one of {', '.join(VALUE_TYPES)}, got {kind!r}")
             if self.columns and name not in self.columns:
                 raise ConfigError(f"types.{name}: not one of data.columns")
             if kind == "string" and seen.get(name) == "dense":

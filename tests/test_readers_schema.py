@@ -280,7 +280,7 @@ def test_criteo_and_avazu_are_presets_of_the_declared_mechanism(tmp_path):
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"format": "csv", "types": {"a": "date"}}, "data.types.a: string, int or float, got 'date'"),
+    ({"format": "csv", "types": {"a": "date"}}, "data.types.a: one of string, int, float, got 'date'"),
     ({"format": "csv", "dense": ["a"], "sparse": ["a"]}, "data.sparse.a: also listed in dense"),
     ({"format": "csv", "header": False}, "data.columns: text without a header needs every column's name"),
     ({"format": "csv", "columns": ["a", "b"]}, "data.columns: only for text without a header"),
@@ -290,7 +290,7 @@ def test_criteo_and_avazu_are_presets_of_the_declared_mechanism(tmp_path):
     ({"format": "csv", "label": "y", "dense": ["y"]}, "data.dense.y: is the label column"),
     ({"format": "csv", "dense": ["a"], "types": {"a": "string"}}, "data.types.a: a dense column holds numbers"),
     ({"format": "csv", "drop": ["g"], "multi_valued": {"g": "|"}}, "data.multi_valued.g: a multi-valued column is sparse"),
-    ({"format": "csv", "undeclared": "skip"}, "data.undeclared: guess, drop or error, got 'skip'"),
+    ({"format": "csv", "undeclared": "skip"}, "data.undeclared: one of guess, drop, error, got 'skip'"),
     ({"format": "synth", "label": "y"}, "data.label: the synthetic generator has its own schema"),
 ])
 def test_schema_config_errors_name_the_key(data, message):

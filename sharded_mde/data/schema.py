@@ -18,12 +18,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import pyarrow as pa
 
-from sharded_mde.config import DataConfig
+from sharded_mde.config import COLUMN_ROLES, DataConfig
 
 LABEL = "label"  # the canonical name of the label column, whatever the input calls it
-ROLES = ("dense", "sparse", "drop")
-VALUE_TYPES = ("string", "int", "float")
-TEXT_FORMATS = ("criteo_tsv", "avazu_csv", "csv", "tsv")
 CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_SPARSE = tuple(f"C{i}" for i in range(1, 27))
 _TITLES = {"criteo_tsv": "Criteo", "avazu_csv": "Avazu", "csv": "CSV", "tsv": "TSV", "parquet": "Parquet"}
@@ -192,7 +189,7 @@ def input_schema(cfg: DataConfig, fmt: str) -> InputSchema:
     with the `data.*` keys laid over it."""
     base = preset(fmt)
     roles = dict(base.roles)
-    for role in ROLES:
+    for role in COLUMN_ROLES:
         roles.update(dict.fromkeys(getattr(cfg, role), role))
     return replace(base, delimiter=cfg.delimiter or base.delimiter,
                    header=base.header if cfg.header is None else cfg.header,
