@@ -33,7 +33,7 @@ WORLD = 2
 
 
 def _search_retrain_predict(rank: int, world: int, config: str) -> None:
-    from sharded_mde.search.cli import run_search
+    from sharded_mde.search.run import run_search
     from sharded_mde.search.pme import compact_pme
     from sharded_mde.search.retrain import run_retrain
     from sharded_mde.train.run import train_stage

@@ -39,7 +39,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _search_and_retrain(rank: int, world: int, config: str) -> None:
-    from sharded_mde.search.cli import run_search
+    from sharded_mde.search.run import run_search
     from sharded_mde.search.retrain import run_retrain
 
     cfg = load_config(config)

@@ -224,7 +224,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_baselines_end_to_end_under_budget_and_retrain_warm(config: Path) -> None:
-    from sharded_mde.search.cli import run_search
+    from sharded_mde.search.run import run_search
     from sharded_mde.search.retrain import run_retrain
 
     cfg = load_config(config)

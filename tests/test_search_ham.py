@@ -63,7 +63,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_ham_returns_the_best_checked_candidate_within_budget(config: Path) -> None:
-    from sharded_mde.search.cli import run_search
+    from sharded_mde.search.run import run_search
 
     cfg = load_config(config)
     env = init_distributed(prefer_cuda=False)

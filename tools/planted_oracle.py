@@ -24,7 +24,7 @@ from sharded_mde.io import atomic_write_text, read_json
 from sharded_mde.dims import DimsFile, save_dims
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import budget_bytes, make_dims_file
-from sharded_mde.search.cli import planted_ranks
+from sharded_mde.search.run import planted_ranks
 from sharded_mde.search.report import planted_agreement
 
 METHOD = "planted_oracle"

@@ -28,7 +28,7 @@ def stage_baseline(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[st
 def stage_search(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
     import time
 
-    from sharded_mde.search.cli import run_search
+    from sharded_mde.search.run import run_search
 
     t0 = time.perf_counter()
     dims = run_search(cfg, env)
@@ -51,7 +51,7 @@ def _dims_file(ledger: StageLedger) -> str:
 
 
 def stage_plan(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
-    from sharded_mde.plan.cli import plan_and_report
+    from sharded_mde.plan.run import plan_and_report
     from sharded_mde.dims import load_dims
     from sharded_mde.plan.tables import full_table_configs
 
