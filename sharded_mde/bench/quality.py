@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from sharded_mde.bench.paired import mean_std, paired_difference
 from sharded_mde.config import RunConfig
-from sharded_mde.io import atomic_write_json, atomic_write_text, read_json
+from sharded_mde.io import atomic_write_json, atomic_write_text
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.pipeline.run import StageFn, run_pipeline
-from sharded_mde.dims import InfeasibleBudget
+from sharded_mde.dims import InfeasibleBudget, load_dims
 from sharded_mde.plots import pyplot, save_png
 from sharded_mde.search.registry import check_search_methods
 from sharded_mde.train.distributed import DistEnv
@@ -217,10 +217,10 @@ def paired_table(records: Sequence[Dict[str, Any]], methods: Sequence[str], budg
 def planted_score(dims_file: str) -> Dict[str, Any]:
     """On planted data: the Spearman correlation of the kept dims with the planted ranks, and the
     widest field planted at rank 0 (from the dims file's `planted` record; {} where it has none)."""
-    planted = read_json(dims_file, "dims file").get("extra", {}).get("planted")
-    if not planted or planted.get("spearman") is None or math.isnan(planted["spearman"]):
+    planted = load_dims(dims_file).planted
+    if planted is None or math.isnan(planted.spearman):
         return {}
-    return {"planted_spearman": planted["spearman"], "rank0_max_dim": max(planted["rank0_dims"].values(), default=0)}
+    return {"planted_spearman": planted.spearman, "rank0_max_dim": max(planted.rank0_dims.values(), default=0)}
 
 
 def summarize(baselines: Sequence[Dict[str, Any]], records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -89,7 +89,7 @@ def run_speed(cfg: RunConfig, env: DistEnv, out: str | Path, dims_path: Optional
     for name, (model, tables, masked) in models.items():
         dmps[name], step_fns[name] = training_step(cfg, env, model, tables, masked)
     batches = _batches(cfg.data.dir, cfg, env, steps)
-    compact_batches = _batches(dims.extra.get("data_dir") or cfg.data.dir, cfg, env, steps)  # PME renumbers ids
+    compact_batches = _batches(dims.data_dir or cfg.data.dir, cfg, env, steps)  # PME renumbers ids
     times = interleaved_step_times(step_fns, {"plain": batches, "masked": batches, "compact": compact_batches},
                                    repeats, env.device)
     results: Dict[str, Any] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Dict
@@ -25,6 +26,7 @@ def plan_and_report(cfg: RunConfig, dims: DimsFile, dims_path: str, out: Path) -
     seconds = time.perf_counter() - start
     rep = memory_report(full, compact, cfg.plan, full_planned, compact_planned)
     rep["source"] = {"dims_file": dims_path, "method": dims.method, "budget_fraction": dims.budget_fraction,
+                     **({"rule": dataclasses.asdict(dims.rule)} if dims.rule else {}),
                      "extra": dims.extra, "planning_seconds": round(seconds, 2)}
     save_plan(out / "sharding_plan.json", compact_planned[0])
     save_plan(out / "sharding_plan_full.json", full_planned[0])
@@ -37,7 +39,7 @@ def plan_and_report(cfg: RunConfig, dims: DimsFile, dims_path: str, out: Path) -
 def source_line(source: Dict[str, Any]) -> str:
     """Where the compact dims came from, said honestly (a search, or a rule with its formula)."""
     line = f"Dims: `{source['dims_file']}` (method {source['method']}, budget {source['budget_fraction']:g} of the full bytes"
-    if "rule" in source["extra"]:
-        line += f"; a rule, not a search: {source['extra']['rule']}, alpha {source['extra']['alpha']:g}"
+    if "rule" in source:
+        line += f"; a rule, not a search: {source['rule']['formula']}, alpha {source['rule']['alpha']:g}"
     return line + ")."
 

@@ -31,13 +31,13 @@ def _search(args: argparse.Namespace) -> int:
             summary = {"dims_file": str(out), "method": dims.method, "budget_bytes": dims.budget_bytes,
                        "kept_bytes": dims.kept_bytes, "kept_fraction": round(dims.kept_bytes / dims.full_bytes, 4),
                        "dims": {t.name: t.dim for t in dims.tables}}
-            if "planted" in dims.extra:
-                summary["planted_spearman"] = dims.extra["planted"]["spearman"]
-            if "check" in dims.extra:  # HAM's candidate check: who won, by how much, every candidate's score
-                c = dims.extra["check"]
-                summary["check"] = {"winner": c["winner"], "margin_vs_ham": c["margin_vs_ham"],
-                                    "runner_up": c["runner_up"], "margin_vs_runner_up": c["margin_vs_runner_up"],
-                                    "valid_auc": {r["name"]: r["valid_auc"] for r in c["candidates"]}}
+            if dims.planted is not None:
+                summary["planted_spearman"] = dims.planted.spearman
+            if dims.check is not None:  # HAM's candidate check: who won, by how much, every candidate's score
+                c = dims.check
+                summary["check"] = {"winner": c.winner, "margin_vs_ham": c.margin_vs_ham,
+                                    "runner_up": c.runner_up, "margin_vs_runner_up": c.margin_vs_runner_up,
+                                    "valid_auc": {r.name: r.valid_auc for r in c.candidates}}
             print(json.dumps(summary, indent=2))
         return 0
 

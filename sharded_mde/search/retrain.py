@@ -98,7 +98,7 @@ def compact_ham(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
     tables = plan_tables(dims, full)
     if not tables:
         raise ValueError("the dims file keeps no table (every table dropped)")
-    ckpt = dims.extra.get("supernet_checkpoints")
+    ckpt = dims.supernet_checkpoints
     if not (cfg.search.retrain_warm_start and ckpt):
         return build_model(cfg.model, tables, meta.sparse_features, len(meta.dense_features)), tables, None
     kept = {t.name: t.kept_columns for t in dims.tables}
@@ -156,9 +156,8 @@ def reuse_check(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> boo
     """Copies the final checkpoint of HAM's check training of the returned allocation into
     `<stage>/checkpoints` when it was trained exactly as this retrain would train it, so the
     retrain resumes at its end instead of training the same model again; returns whether it did."""
-    check = dims.extra.get("check") or {}
-    src = check.get("winner_checkpoints")
-    if not src or check.get("winner_trained_as") != train_record(cfg):
+    src = dims.check.winner_checkpoints if dims.check else None
+    if not src or dims.check.winner_trained_as != train_record(cfg):
         return False
     last = latest_checkpoint(src)
     dst = Path(cfg.run_dir) / stage / "checkpoints"
@@ -185,8 +184,8 @@ def train_compact(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> T
     torch.manual_seed(cfg.train.seed)  # a from-scratch compact model starts the same in every run
     build: CompactBuilder = compact_builder(dims.method)
     model, tables, warm = build(cfg, dims, full_table_configs(cfg), meta)
-    if dims.extra.get("data_dir"):  # the search renumbered the ids (PME): train on its copy of the data
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(dims.extra["data_dir"])))
+    if dims.data_dir:  # the search renumbered the ids (PME): train on its copy of the data
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=dims.data_dir))
     if cfg.search.retrain_embedding_lr:  # every method's compact model alike
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, embedding_lr=cfg.search.retrain_embedding_lr))
     _, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm)
