@@ -21,6 +21,8 @@ from sharded_mde.io import atomic_write_json, read_json
 
 FORMAT_VERSION = 2  # 2: the records moved from `extra` into typed fields; 1 still loads (migrated)
 READABLE_VERSIONS = (1, 2)
+# the typed fields beyond the tables and the byte model (absent from the JSON when None)
+RECORDS = ("supernet_checkpoints", "data_dir", "trace_file", "rule", "planted", "check", "pme")
 
 
 def table_name(feature: str) -> str:
@@ -159,10 +161,6 @@ def _need(obj: Dict[str, Any], key: str, tp: Any, where: str) -> Any:
     return v
 
 
-# the typed fields beyond the tables and the byte model (absent from the JSON when None)
-RECORDS = ("supernet_checkpoints", "data_dir", "trace_file", "rule", "planted", "check", "pme")
-
-
 def _migrate_extra(extra: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Version 1: (the typed fields' JSON, the rest of `extra`) from a file whose records sat in `extra`."""
     rest = dict(extra)
@@ -191,7 +189,7 @@ def _from_json(raw: Any, where: str) -> DimsFile:
     if version not in READABLE_VERSIONS:
         raise ValueError(f"{where}: format_version {version} is not supported (expected one of {READABLE_VERSIONS})")
     known = {"format_version", "method", "budget_fraction", "budget_bytes", "full_bytes", "kept_bytes",
-             "weight_dtype", "optimizer", "tables", "extra", *(RECORDS if version >= 2 else ())}
+             "weight_dtype", "optimizer", "tables", "extra", *(RECORDS if version == 2 else ())}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r}")
