@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from sharded_mde.dims.methods import METHODS, SEARCH_METHODS
 
@@ -27,7 +27,7 @@ def compact_builder(method: str, where: str = "dims file") -> Callable[..., Any]
     return _load(METHODS[method].compact)
 
 
-def check_search_methods(methods: Any) -> None:
+def check_search_methods(methods: Iterable[str]) -> None:
     """Raises one ValueError naming the first of `methods` that is no `search.method` (before any work starts)."""
     for m in methods:
         if m not in SEARCH_METHODS:
