@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Type, TypeVar
 
 import yaml
 
+from sharded_mde.dims.methods import SEARCH_METHODS
+
 T = TypeVar("T")
 
 
@@ -356,14 +358,11 @@ class PmeConfig:
             raise ConfigError(f"serve_split: '' or valid, got {self.serve_split!r}")
 
 
-SEARCH_METHODS = ("ham", "pme", "uniform", "power_law", "magnitude", "saliency")
-
-
 @dataclass
 class SearchConfig:
     """The dimension search (HAM or PME) and its byte budget."""
 
-    method: str = "ham"  # ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md)
+    method: str = "ham"  # a search of the registry (sharded_mde/dims/methods.py): ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md)
     budget: float = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state)
     epochs: float = 1.0  # supernet training length (replaces train.epochs during the search)
     allow_drop: bool = False  # HAM only: a field may be dropped where validation shows it harmless (docs/ham.md)

@@ -17,7 +17,7 @@ from sharded_mde.export.serve import script
 from sharded_mde.modules.masked_ebc import MaskedEmbeddingBagCollection
 from sharded_mde.modules.model import build_model
 from sharded_mde.modules.token_groups import build_token_group_ebc
-from sharded_mde.dims import DimsFile, TableDims, TokenGroup, table_bytes
+from sharded_mde.dims import DimsFile, PmeRecord, TableDims, TokenGroup, table_bytes
 from sharded_mde.train.checkpoint import save_checkpoint
 from test_multihot import multi_hot_kjt
 
@@ -38,10 +38,10 @@ def _inputs(seed: int):
     return torch.randn(B, N_DENSE, generator=torch.Generator().manual_seed(seed)), multi_hot_kjt(VOCAB, B, seed)
 
 
-def _dims(method: str, tables, extra=None) -> DimsFile:
+def _dims(method: str, tables, pme=None) -> DimsFile:
     full = sum(table_bytes(t.num_embeddings, t.embedding_dim).total for t in FULL)
     kept = sum(t.bytes for t in tables)
-    return DimsFile(method, 0.5, kept, full, kept, tables, extra=extra or {})
+    return DimsFile(method, 0.5, kept, full, kept, tables, pme=pme)
 
 
 def test_ham_supernet_with_mean_bags_exports_and_serves_like_the_masked_model(tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_pme_mean_field_exports_and_serves_exactly_like_the_model(tmp_path: Path
     groups_b = [TokenGroup(8, 25, table_bytes(25, 8).total)]
     dims = _dims("pme", [TableDims("t_A", ["A"], 30, 16, 16, [], sum(g.bytes for g in groups_a), groups_a),
                          TableDims("t_B", ["B"], 25, 8, 8, [], groups_b[0].bytes, groups_b)],
-                 extra={"pme": {"reserved_sizes": {"t_A": [0, 8], "t_B": [8, 8]}}})
+                 pme=PmeRecord(reserved_sizes={"t_A": [0, 8], "t_B": [8, 8]}))
     sparse = build_token_group_ebc(dims, FULL, "project", device=torch.device("cpu"))
     head_tables = [dataclasses.replace(t, embedding_dim=f.out_dim) for t, f in zip(FULL, sparse.fields)]
     model = build_model(MODEL, head_tables, FEATURES, N_DENSE, sparse_arch=sparse, device=torch.device("cpu")).eval()

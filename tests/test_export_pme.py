@@ -33,7 +33,7 @@ WORLD = 2
 
 
 def _search_retrain_predict(rank: int, world: int, config: str) -> None:
-    from sharded_mde.search.cli import run_search
+    from sharded_mde.search.run import run_search
     from sharded_mde.search.pme import compact_pme
     from sharded_mde.search.retrain import run_retrain
     from sharded_mde.train.run import train_stage
@@ -44,7 +44,7 @@ def _search_retrain_predict(rank: int, world: int, config: str) -> None:
     run_retrain(cfg, env, Path(cfg.run_dir) / "pme" / "dims.json", stage="retrain")
     # The trained model's own test logits: the retrained model resumed from its final checkpoint, sharded as trained.
     model, tables, _ = compact_pme(cfg, dims, full_table_configs(cfg), DatasetMeta.load(cfg.data.dir))
-    ids = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=dims.extra["data_dir"]))
+    ids = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=dims.data_dir))
     trainer, _ = train_stage(ids, env, "retrain", model=model, tables=tables)
     logits, _ = trainer.predict("test")
     if rank == 0:
@@ -86,10 +86,10 @@ def test_served_model_equals_the_trained_model(exported) -> None:
     assert sorted(tables.values()) == sorted((rows, size) for f in fields for size, rows in f.groups)
     feeds = {f.name: f.tables for f in manifest.features}
     assert all(len(feeds[f.feature]) == len(f.groups) for f in fields)
-    assert manifest.source["world_size"] == WORLD and manifest.source["data_dir"] == str(Path(dims.extra["data_dir"]).resolve())
+    assert manifest.source["world_size"] == WORLD and manifest.source["data_dir"] == str(Path(dims.data_dir).resolve())
 
     # fp32 served logits equal the sharded trained model's on the whole test split (rows in the ranks' gather order)
-    data_dir = dims.extra["data_dir"]
+    data_dir = dims.data_dir
     model = load_export(out)
     served = []
     with torch.no_grad():

@@ -84,6 +84,19 @@ def test_no_module_imports_from_a_higher_layer() -> None:
     assert not stale, f"allowed violations that no longer occur (remove them from ALLOWED): {stale}"
 
 
+def test_only_the_command_line_imports_cli_modules() -> None:
+    """Library code lives outside `cli.py`: a `*.cli` module is imported only by `sharded_mde.cli`, and other
+    `cli.py` modules import only the shared argparse helpers of `train.cli`."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        importer = _module_name(path, PACKAGE)
+        for imported in _imports(path, PACKAGE):
+            if imported.endswith(".cli") and imported != importer and importer != "sharded_mde.cli":
+                if not (importer.endswith(".cli") and imported == "sharded_mde.train.cli"):
+                    found.append(f"{importer} -> {imported}")
+    assert not found, "library code imports a cli module: " + "; ".join(found)
+
+
 def test_the_check_sees_upward_imports_also_inside_functions_and_relative(tmp_path: Path) -> None:
     pkg = tmp_path / "sharded_mde"
     (pkg / "plan").mkdir(parents=True)

@@ -35,7 +35,7 @@ def test_pme_run_plans_retrains_exports_and_serves_the_token_groups(pme_run: tup
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert sorted(t["name"] for t in manifest["tables"]) == groups
     # retrain, export and serving read the search's renumbered data
-    data = str(Path(dims["extra"]["data_dir"]).resolve())
+    data = str(Path(dims["data_dir"]).resolve())
     assert stages["serve_check"]["outputs"]["data_dir"] == data and manifest["source"]["data_dir"] == data
     assert stages["serve_check"]["outputs"]["export_bytes"]["remap"] > 0
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -94,7 +94,7 @@ def test_pme_groups_become_tables(tmp_path):
     (lambda d: d["tables"][2].update(num_embeddings=21), "table t_c is 21 x 32"),
     (lambda d: d["tables"][0].update(dim="8"), "table t_a: dim has the wrong type"),
     (lambda d: d.update(kept_bytes=5), "kept_bytes 5 !="),
-    (lambda d: d.update(format_version=2), "format_version 2 is not supported"),
+    (lambda d: d.update(format_version=3), "format_version 3 is not supported"),
     (lambda d: d["tables"][0].update(groups=[{"size": 8, "rows": 10, "bytes": table_bytes(10, 8).total}]),
      "table t_a: token groups hold 10 rows, the table has 1000"),
 ])

@@ -9,7 +9,7 @@ import pytest
 
 from sharded_mde.config import DataConfig, ModelConfig, RunConfig
 from sharded_mde.data import prepare
-from sharded_mde.search.retrain import COMPACT_BUILDERS
+from sharded_mde.dims.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = [0, 2, 8, 16]
@@ -34,11 +34,11 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> RunConfig:
 @pytest.mark.parametrize("fraction", [0.3, 0.6])
 def test_oracle_dims_follow_the_ranks_within_the_budget(cfg: RunConfig, fraction: float) -> None:
     dims = _tool().oracle_dims(cfg, fraction)
-    assert dims.kept_bytes <= dims.budget_bytes and dims.method in COMPACT_BUILDERS
+    assert dims.kept_bytes <= dims.budget_bytes and dims.method in METHODS
     by_rank = {r: t.dim for t, r in zip(dims.tables, RANKS)}
     assert by_rank[0] == 0 and all(by_rank[r] >= 4 and by_rank[r] % 4 == 0 for r in RANKS[1:])
     assert by_rank[2] <= by_rank[8] <= by_rank[16] <= 16
-    assert dims.extra["planted"]["spearman"] > 0.7  # ties at dim 4 keep it below 1
+    assert dims.planted.spearman > 0.7  # ties at dim 4 keep it below 1
 
 
 def test_oracle_flags_a_budget_below_every_informative_field_at_dim_4(cfg: RunConfig) -> None:

@@ -17,7 +17,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
 from sharded_mde.config import RunConfig, SearchConfig
 from sharded_mde.modules.token_groups import build_token_group_ebc
-from sharded_mde.dims import load_dims, save_dims
+from sharded_mde.dims import PmeRecord, load_dims, save_dims
 from sharded_mde.plan.tables import plan_tables
 from sharded_mde.search.budget import budget_bytes
 from sharded_mde.search.pme import WEIGHT_DTYPE, make_pme_dims
@@ -60,7 +60,7 @@ def test_dims_bytes_are_the_module_bytes(tmp_path: Path, combine: str, budget: f
     model = ByteModel(WEIGHT_DTYPE, cfg.train.embedding_optimizer, cfg.train.dense_optimizer, combine)
     b = budget_bytes(TABLES, budget, WEIGHT_DTYPE, cfg.train.embedding_optimizer)
     sel = select_sizes(_scores(), b, model)
-    dims = make_pme_dims(cfg, TABLES, sel, model, {"search": {"combine": combine}})
+    dims = make_pme_dims(cfg, TABLES, sel, model, PmeRecord(combine=combine))
     save_dims(tmp_path / "dims.json", dims)
     dims = load_dims(tmp_path / "dims.json", TABLES)
     assert dims.kept_bytes <= dims.budget_bytes == b
@@ -76,7 +76,7 @@ def test_renumbered_ids_reach_each_tokens_own_size(tmp_path: Path) -> None:
     cfg = RunConfig(search=SearchConfig(method="pme", budget=0.1))
     model = ByteModel(combine="pad")
     sel = select_sizes(_scores(), budget_bytes(TABLES, 0.1), model)
-    dims = make_pme_dims(cfg, TABLES, sel, model, {"search": {"combine": "pad"}})
+    dims = make_pme_dims(cfg, TABLES, sel, model, PmeRecord(combine="pad"))
     module = build_token_group_ebc(dims, TABLES, "pad")
     with torch.no_grad():
         for p in module.ebc.parameters():

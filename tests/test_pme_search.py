@@ -39,7 +39,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _search_and_retrain(rank: int, world: int, config: str) -> None:
-    from sharded_mde.search.cli import run_search
+    from sharded_mde.search.run import run_search
     from sharded_mde.search.retrain import run_retrain
 
     cfg = load_config(config)
@@ -57,12 +57,13 @@ def test_pme_search_and_retrain_on_two_ranks(config: Path) -> None:
     dims = load_dims(out / "dims.json", full_table_configs(cfg))
     assert dims.kept_bytes <= dims.budget_bytes
     assert any(len({g.size for g in t.groups}) > 1 for t in dims.tables)  # token-wise sizes, not one per field
-    pme = dims.extra["pme"]
-    assert pme["timing"]["score_batches"] >= 1 and set(pme["tokens"]) == set(DatasetMeta.load(cfg.data.dir).sparse_features)
-    assert any(v["spearman_frequency"] and v["spearman_frequency"] > 0 for v in pme["tokens"].values())
+    pme = dims.pme
+    assert pme.timing["score_batches"] >= 1 and set(pme.tokens) == set(DatasetMeta.load(cfg.data.dir).sparse_features)
+    assert any(v["spearman_frequency"] and v["spearman_frequency"] > 0 for v in pme.tokens.values())
+    assert pme.combine == cfg.search.pme.combine and set(pme.reserved_sizes) == {t.name for t in dims.tables}
     # the renumbered copy encodes the same rows: the raw value of every (row, field) is unchanged, or the value was
     # pruned, left out of the renumbered vocabulary, and the row reads the out-of-vocabulary id as serving would
-    src, dst = Path(cfg.data.dir), Path(dims.extra["data_dir"])
+    src, dst = Path(cfg.data.dir), Path(dims.data_dir)
     meta = DatasetMeta.load(src)
     for f in meta.sparse_features:
         values = {d: np.array([None, "<oov>"] + pq.read_table(d / "vocab" / f"{f}.parquet").column("value").to_pylist(),

@@ -224,7 +224,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_baselines_end_to_end_under_budget_and_retrain_warm(config: Path) -> None:
-    from sharded_mde.search.cli import run_search
+    from sharded_mde.search.run import run_search
     from sharded_mde.search.retrain import run_retrain
 
     cfg = load_config(config)
@@ -238,13 +238,14 @@ def test_baselines_end_to_end_under_budget_and_retrain_warm(config: Path) -> Non
             dims = load_dims(run / method / "dims.json", full_table_configs(cfg))
             assert dims.method == method
             assert_meets_budget(dims)
-            assert "spearman" in dims.extra["planted"]
+            assert dims.planted is not None and dims.planted.fields == len(full_table_configs(cfg))
             found[method] = dims
             if method == "magnitude":
                 baseline_mtime = (run / "baseline" / "metrics.json").stat().st_mtime
         assert (run / "baseline" / "metrics.json").stat().st_mtime == baseline_mtime  # saliency reused the baseline
         assert found["saliency"].extra["saliency_batches"] == 4
-        assert "supernet_checkpoints" not in found["power_law"].extra
+        assert found["power_law"].supernet_checkpoints is None and found["power_law"].rule.alpha == cfg.search.power_law_alpha
+        assert found["magnitude"].supernet_checkpoints == found["saliency"].supernet_checkpoints  # the same baseline
         short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=0.3),
                                     search=dataclasses.replace(cfg.search, retrain_warm_start=True))
         summary = run_retrain(short, env, run / "magnitude" / "dims.json")

@@ -50,11 +50,11 @@ def test_candidate_check_returns_the_best_and_records_all() -> None:
 
     out = check_candidates(score, tables, candidates, "fp32", "rowwise_adagrad")
     assert scored == ["ham", "uniform", "power_law"]  # equal dims are trained once
-    assert out["winner"] == "power_law" and out["runner_up"] == "ham"
-    assert out["margin_vs_ham"] == pytest.approx(0.02) and out["margin_vs_runner_up"] == pytest.approx(0.02)
-    rows = {r["name"]: r for r in out["candidates"]}
-    assert set(rows) == set(candidates) and rows["ham_mask"]["same_as"] == "ham"
-    assert rows["uniform"]["kept_bytes"] == table_bytes(100, 4).total + table_bytes(50, 4).total
+    assert out.winner == "power_law" and out.runner_up == "ham"
+    assert out.margin_vs_ham == pytest.approx(0.02) and out.margin_vs_runner_up == pytest.approx(0.02)
+    rows = {r.name: r for r in out.candidates}
+    assert set(rows) == set(candidates) and rows["ham_mask"].same_as == "ham"
+    assert rows["uniform"].kept_bytes == table_bytes(100, 4).total + table_bytes(50, 4).total
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_ham_returns_the_best_checked_candidate_within_budget(config: Path) -> None:
-    from sharded_mde.search.cli import run_search
+    from sharded_mde.search.run import run_search
 
     cfg = load_config(config)
     env = init_distributed(prefer_cuda=False)
@@ -83,19 +83,18 @@ def test_ham_returns_the_best_checked_candidate_within_budget(config: Path) -> N
     finally:
         shutdown_distributed()
     assert reused["reused_check_training"] and not fresh["reused_check_training"]
-    won = next(r for r in load_dims(dims_path).extra["check"]["candidates"]
-               if r["name"] == load_dims(dims_path).extra["check"]["winner"])
-    assert round(reused["valid"]["auc"], 6) == won["valid_auc"]  # the very model the check scored
+    check = load_dims(dims_path).check
+    assert round(reused["valid"]["auc"], 6) == check.candidate(check.winner).valid_auc  # the very model the check scored
     back = load_dims(Path(cfg.run_dir) / "ham" / "dims.json", tables)
-    check = back.extra["check"]
-    rows = {r["name"]: r for r in check["candidates"]}
+    assert back.supernet_checkpoints == str(Path(cfg.run_dir) / "ham" / "checkpoints") and Path(check.winner_checkpoints).is_dir()
+    rows = {r.name: r for r in check.candidates}
     assert {"ham", "ham_mask", "uniform", "uniform_filled", "power_law"} <= set(rows)
-    best = max(rows.values(), key=lambda r: (r["valid_auc"], -r["valid_logloss"], -r["kept_bytes"]))
-    assert rows[check["winner"]]["valid_auc"] == best["valid_auc"]
-    assert {t.name: t.dim for t in dims.tables} == rows[check["winner"]]["dims"]
-    assert all(r["kept_bytes"] <= back.budget_bytes for r in rows.values())
+    best = max(rows.values(), key=lambda r: (r.valid_auc, -r.valid_logloss, -r.kept_bytes))
+    assert rows[check.winner].valid_auc == best.valid_auc
+    assert {t.name: t.dim for t in dims.tables} == rows[check.winner].dims
+    assert all(r.kept_bytes <= back.budget_bytes for r in rows.values())
     assert back.kept_bytes <= back.budget_bytes and all(t.dim >= 4 for t in back.tables)
     assert set(back.extra["loss_effect"]) == {t.name for t in tables}
     for r in rows.values():  # every candidate that was trained left its validation-scored stage
-        if r["same_as"] is None:
-            assert (Path(cfg.run_dir) / "ham" / f"check_{r['name']}" / "metrics.json").is_file()
+        if r.same_as is None:
+            assert (Path(cfg.run_dir) / "ham" / f"check_{r.name}" / "metrics.json").is_file()

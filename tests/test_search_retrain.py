@@ -53,7 +53,7 @@ def _body(rank: int, world: int, head: str, super_kind: str, compact_kind: str, 
     with torch.no_grad():
         want = dmp(_batch(rank, 99))[1][1]
 
-    dims = make_dims_file("ham", full, KEPT, 1.0, optimizer="adagrad", extra={"supernet_checkpoints": ckpt})
+    dims = make_dims_file("ham", full, KEPT, 1.0, optimizer="adagrad", supernet_checkpoints=ckpt)
     cfg = RunConfig(model=mcfg, train=tcfg, search=SearchConfig(retrain_warm_start=True))
     meta = SimpleNamespace(sparse_features=FEATURES, dense_features=[f"I{i}" for i in range(N_DENSE)])
     model, tables, warm = compact_ham(cfg, dims, full, meta)

@@ -15,7 +15,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from dist_utils import run_ranks, shard_with_reference
 from sharded_mde.config import TrainConfig
 from sharded_mde.modules.token_groups import FieldGroups, TokenGroupEBC, build_token_group_ebc, fields_from_dims
-from sharded_mde.dims import DimsFile, TableDims, TokenGroup, group_name, table_bytes
+from sharded_mde.dims import DimsFile, PmeRecord, TableDims, TokenGroup, group_name, table_bytes
 from sharded_mde.train.sharding import make_optimizer
 
 # field C3 keeps no token (dropped); C2 has size-0 tokens past its groups; C4 is not in the module at all;
@@ -105,13 +105,12 @@ def test_projection_count_and_router_drops_pruned_tokens() -> None:
 
 def test_from_dims_file_uses_plan_tables() -> None:
     groups = [TokenGroup(8, 3, table_bytes(3, 8).total), TokenGroup(0, 4, 0), TokenGroup(4, 5, table_bytes(5, 4).total)]
-    extra = {"pme": {"reserved_sizes": {"t_C1": [4, 8]}}}
     full = [EmbeddingBagConfig(name="t_C1", num_embeddings=12, embedding_dim=16, feature_names=["C1"]),
             EmbeddingBagConfig(name="t_C2", num_embeddings=7, embedding_dim=16, feature_names=["C2"])]
     tables = [TableDims("t_C1", ["C1"], 12, 16, 8, [], sum(g.bytes for g in groups), groups),
               TableDims("t_C2", ["C2"], 7, 16, 0, [], 0, [TokenGroup(0, 7, 0)])]
     dims = DimsFile("pme", 0.5, 1, sum(table_bytes(t.num_embeddings, 16).total for t in full),
-                    tables[0].bytes, tables, extra=extra)
+                    tables[0].bytes, tables, pme=PmeRecord(reserved_sizes={"t_C1": [4, 8]}))
     assert fields_from_dims(dims, full) == [FieldGroups("C1", 12, 8, ((8, 3), (4, 5)), reserved=(1, 0))]
     m = build_token_group_ebc(dims, full, "pad")
     assert [c.name for c in m.ebc.embedding_bag_configs()] == ["t_C1_s8", "t_C1_s4"]

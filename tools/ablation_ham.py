@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from sharded_mde.config import load_config, parse_overrides
+from sharded_mde.dims import load_dims
 from sharded_mde.io import atomic_write_text, read_json
 
 VARIANTS: Dict[str, List[str]] = {
@@ -52,16 +53,16 @@ def run_variant(config: str, name: str, sets: List[str], common: List[str]) -> D
     retrain = run_dir / f"{stage}_retrain" / "retrain.json"
     if not retrain.exists():
         _run(exe + ["retrain", config, "--dims", str(dims_path), "--stage", f"{stage}_retrain"] + overrides)
-    dims, trace, rt = read_json(dims_path), read_json(run_dir / stage / "trace.json"), read_json(retrain)
-    planted = dims["extra"].get("planted", {})
+    dims, trace, rt = load_dims(dims_path), read_json(run_dir / stage / "trace.json"), read_json(retrain)
+    planted = dims.planted
     evals = [e for e in trace["evals"] if e.get("auc") is not None]
     return {
         "variant": name, "overrides": " ".join(sets),
-        "spearman": planted.get("spearman"), "rank0_ok": planted.get("rank0_at_most_4"),
-        "kept_fraction": dims["kept_bytes"] / dims["full_bytes"],
+        "spearman": planted.spearman if planted else None, "rank0_ok": planted.rank0_at_most_4 if planted else None,
+        "kept_fraction": dims.kept_bytes / dims.full_bytes,
         "supernet_valid_auc": evals[-1]["auc"] if evals else float("nan"),
         "retrain_test_auc": rt["test"]["auc"], "retrain_test_logloss": rt["test"]["logloss"],
-        "dims": {t["name"]: t["dim"] for t in dims["tables"]},
+        "dims": {t.name: t.dim for t in dims.tables},
     }
 
 

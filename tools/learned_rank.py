@@ -30,7 +30,7 @@ from sharded_mde.data.vocab import vocab_path
 from sharded_mde.io import atomic_write_text
 from sharded_mde.modules.model import build_model
 from sharded_mde.plan.tables import full_table_configs
-from sharded_mde.search.cli import planted_ranks
+from sharded_mde.search.run import planted_ranks
 from sharded_mde.search.report import spearman
 from sharded_mde.search.retrain import load_dense, read_supernet, table_warm_start
 from sharded_mde.train.distributed import DistEnv, init_distributed, shutdown_distributed, tune_cpu_process

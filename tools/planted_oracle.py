@@ -24,7 +24,7 @@ from sharded_mde.io import atomic_write_text, read_json
 from sharded_mde.dims import DimsFile, save_dims
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import budget_bytes, make_dims_file
-from sharded_mde.search.cli import planted_ranks
+from sharded_mde.search.run import planted_ranks
 from sharded_mde.search.report import planted_agreement
 
 METHOD = "planted_oracle"
@@ -55,7 +55,7 @@ def oracle_dims(cfg: RunConfig, fraction: float) -> DimsFile:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if dims_at(mid).kept_bytes <= budget else (lo, mid)
     dims = dims_at(lo)
-    dims.extra["planted"] = planted_agreement(dims, ranks)
+    dims.planted = planted_agreement(dims, ranks)
     dims.extra["scale"] = lo
     return dims
 
@@ -81,7 +81,7 @@ def main() -> None:
                            check=True)
         test = read_json(result, "retrain result")["test"]
         rows.append({"budget": fraction, "kept_fraction": dims.kept_bytes / dims.full_bytes,
-                     "over_budget": dims.kept_bytes > dims.budget_bytes, "spearman": dims.extra["planted"]["spearman"],
+                     "over_budget": dims.kept_bytes > dims.budget_bytes, "spearman": dims.planted.spearman,
                      "test_auc": test["auc"], "test_logloss": test["logloss"],
                      "dims": {t.name: t.dim for t in dims.tables}})
     lines = ["# Rank-following dims on planted data (a reference, not a search)", "",

@@ -8,16 +8,19 @@ import shlex
 from pathlib import Path
 
 from sharded_mde.config import RunConfig
-from sharded_mde.train.cli import add_config_args, run_with_data
+from sharded_mde.dims.methods import SEARCH_METHODS
+from sharded_mde.train.cli import add_config_args, load_args_config
+from sharded_mde.train.launch import run_with_data
 from sharded_mde.train.distributed import DistEnv
 
 
 def _quality(args: argparse.Namespace) -> int:
-    from sharded_mde.bench.quality import BENCH_DIR, check_methods, copy_results, parse_budgets, run_quality
+    from sharded_mde.bench.quality import BENCH_DIR, copy_results, parse_budgets, run_quality
+    from sharded_mde.search.registry import check_search_methods
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = parse_budgets(args.budgets)
-    check_methods(methods)  # before the process group, the data or any training
+    check_search_methods(methods)  # before the process group, the data or any training
     if args.seeds < 1 or args.jobs < 1:
         raise ValueError(f"--seeds {args.seeds} --jobs {args.jobs}: both must be at least 1")
 
@@ -32,7 +35,7 @@ def _quality(args: argparse.Namespace) -> int:
                               "png": str(out / "auc_vs_bytes.png"), "copied_to": args.out}, indent=2))
         return 0
 
-    return run_with_data(args, body)
+    return run_with_data(load_args_config(args), body)
 
 
 def _lr(args: argparse.Namespace) -> int:
@@ -54,7 +57,7 @@ def _lr(args: argparse.Namespace) -> int:
             print(json.dumps({"table": str(out), "json": str(out.with_suffix(".json")), "best": doc["best"]}, indent=2))
         return 0
 
-    return run_with_data(args, body)
+    return run_with_data(load_args_config(args), body)
 
 
 def _speed(args: argparse.Namespace) -> int:
@@ -72,7 +75,7 @@ def _speed(args: argparse.Namespace) -> int:
             print(json.dumps({"saved": str(out), "machine": doc["machine"]}, indent=2))
         return 0
 
-    return run_with_data(args, body)
+    return run_with_data(load_args_config(args), body)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--budgets", default="0.1,0.25,0.5", help="byte budgets, fractions of the full model, comma-separated")
     q.add_argument("--seeds", type=int, default=5,
                    help="train.seed 0..N-1 (baseline, search and retrain each); paired intervals need >= 2")
-    q.add_argument("--methods", default="ham,uniform,power_law,magnitude,saliency,pme",
+    q.add_argument("--methods", default=",".join(SEARCH_METHODS),
                    help="search methods (search.method values), comma-separated")
     q.add_argument("--jobs", type=int, default=1,
                    help="seeds trained at once in processes of their own (one process launch only; e.g. 2 on 2 cores)")

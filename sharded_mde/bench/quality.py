@@ -25,14 +25,14 @@ from tqdm import tqdm
 
 from sharded_mde.bench.paired import mean_std, paired_difference
 from sharded_mde.config import RunConfig
-from sharded_mde.io import atomic_write_json, atomic_write_text, read_json
+from sharded_mde.io import atomic_write_json, atomic_write_text
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.pipeline.run import StageFn, run_pipeline
-from sharded_mde.dims import InfeasibleBudget
+from sharded_mde.dims import InfeasibleBudget, load_dims
 from sharded_mde.plots import pyplot, save_png
+from sharded_mde.search.registry import check_search_methods
 from sharded_mde.train.distributed import DistEnv
 
-DEFAULT_METHODS = ("ham", "uniform", "power_law", "magnitude", "saliency", "pme")
 BENCH_DIR = "bench_quality"
 REFERENCES = ("uniform", "power_law")  # the simple rules every method is compared with, seed by seed
 
@@ -47,15 +47,6 @@ def parse_budgets(text: str) -> List[float]:
     if not budgets or bad:
         raise ValueError(f"--budgets {text!r}: every budget must be a fraction in (0, 1]")
     return budgets
-
-
-def check_methods(methods: Sequence[str]) -> None:
-    """Raises one error naming the first method that no search provides (before any work starts)."""
-    from sharded_mde.search.cli import SEARCHES
-
-    for m in methods:
-        if m not in SEARCHES:
-            raise ValueError(f"search method {m!r} is not available (known: {', '.join(SEARCHES)})")
 
 
 def cell_stage(method: str, budget: float) -> str:
@@ -84,7 +75,7 @@ def _cell_stages(method: str, budget: float) -> List[Tuple[str, StageFn, bool]]:
     stage = cell_stage(method, budget)
 
     def search(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
-        from sharded_mde.search.cli import run_search
+        from sharded_mde.search.run import run_search
 
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, method=method, budget=budget))
         try:
@@ -141,7 +132,7 @@ def run_quality(cfg: RunConfig, env: DistEnv, methods: Sequence[str], budgets: S
                 seeds: int, jobs: int = 1) -> Optional[Dict[str, Any]]:
     """Runs every missing cell on every rank (with `jobs` > 1 on one rank: seeds in that many processes at
     once, each seed's cells in order); rank 0 writes and returns the results (None elsewhere)."""
-    check_methods(methods)
+    check_search_methods(methods)
     if jobs > 1:
         if env.world_size > 1:
             raise ValueError(f"--jobs {jobs}: runs seeds in parallel processes of one rank each; "
@@ -226,10 +217,10 @@ def paired_table(records: Sequence[Dict[str, Any]], methods: Sequence[str], budg
 def planted_score(dims_file: str) -> Dict[str, Any]:
     """On planted data: the Spearman correlation of the kept dims with the planted ranks, and the
     widest field planted at rank 0 (from the dims file's `planted` record; {} where it has none)."""
-    planted = read_json(dims_file, "dims file").get("extra", {}).get("planted")
-    if not planted or planted.get("spearman") is None or math.isnan(planted["spearman"]):
+    planted = load_dims(dims_file).planted
+    if planted is None or math.isnan(planted.spearman):
         return {}
-    return {"planted_spearman": planted["spearman"], "rank0_max_dim": max(planted["rank0_dims"].values(), default=0)}
+    return {"planted_spearman": planted.spearman, "rank0_max_dim": max(planted.rank0_dims.values(), default=0)}
 
 
 def summarize(baselines: Sequence[Dict[str, Any]], records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:

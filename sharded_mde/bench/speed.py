@@ -70,7 +70,7 @@ def run_speed(cfg: RunConfig, env: DistEnv, out: str | Path, dims_path: Optional
     from sharded_mde.dims import load_dims
     from sharded_mde.plan.tables import full_table_configs
     from sharded_mde.search.ham import build_supernet
-    from sharded_mde.search.retrain import COMPACT_BUILDERS
+    from sharded_mde.search.registry import compact_builder
     from sharded_mde.train.checkpoint import save_checkpoint
 
     work = Path(cfg.run_dir) / "bench_speed"
@@ -83,13 +83,13 @@ def run_speed(cfg: RunConfig, env: DistEnv, out: str | Path, dims_path: Optional
     torch.manual_seed(cfg.train.seed)
     models = {"plain": (build_model(cfg.model, full, meta.sparse_features, n_dense), full, False),
               "masked": (build_supernet(cfg, full, meta.sparse_features, n_dense), full, True)}
-    compact, compact_tables, _ = COMPACT_BUILDERS[dims.method](scratch, dims, full, meta)
+    compact, compact_tables, _ = compact_builder(dims.method, dims_file)(scratch, dims, full, meta)
     models["compact"] = (compact, compact_tables, False)
     dmps, step_fns = {}, {}
     for name, (model, tables, masked) in models.items():
         dmps[name], step_fns[name] = training_step(cfg, env, model, tables, masked)
     batches = _batches(cfg.data.dir, cfg, env, steps)
-    compact_batches = _batches(dims.extra.get("data_dir") or cfg.data.dir, cfg, env, steps)  # PME renumbers ids
+    compact_batches = _batches(dims.data_dir or cfg.data.dir, cfg, env, steps)  # PME renumbers ids
     times = interleaved_step_times(step_fns, {"plain": batches, "masked": batches, "compact": compact_batches},
                                    repeats, env.device)
     results: Dict[str, Any] = {

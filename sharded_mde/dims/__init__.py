@@ -24,6 +24,13 @@ from sharded_mde.dims.cost import (  # noqa: F401
     smallest_feasible_fraction,
     check_feasible,
 )
+from sharded_mde.dims.records import (  # noqa: F401
+    RuleRecord,
+    PlantedAgreement,
+    CandidateScore,
+    CandidateCheck,
+    PmeRecord,
+)
 from sharded_mde.dims.file import (  # noqa: F401
     FORMAT_VERSION,
     table_name,
@@ -37,4 +44,4 @@ from sharded_mde.dims.file import (  # noqa: F401
     check_against_tables,
 )
 
-__all__ = ["DIM_MULTIPLE", "WEIGHT_BYTES", "OPTIMIZER_BYTES", "legal_dim", "round_to_legal", "InfeasibleBudget", "TableBytes", "table_bytes", "column_cost", "dims_bytes", "full_bytes", "budget_bytes", "dim_cap", "floor_bytes", "smallest_feasible_fraction", "check_feasible", "FORMAT_VERSION", "table_name", "group_name", "TokenGroup", "TableDims", "DimsFile", "save_dims", "load_dims", "validate_dims", "check_against_tables"]
+__all__ = ["DIM_MULTIPLE", "WEIGHT_BYTES", "OPTIMIZER_BYTES", "legal_dim", "round_to_legal", "InfeasibleBudget", "TableBytes", "table_bytes", "column_cost", "dims_bytes", "full_bytes", "budget_bytes", "dim_cap", "floor_bytes", "smallest_feasible_fraction", "check_feasible", "RuleRecord", "PlantedAgreement", "CandidateScore", "CandidateCheck", "PmeRecord", "FORMAT_VERSION", "table_name", "group_name", "TokenGroup", "TableDims", "DimsFile", "save_dims", "load_dims", "validate_dims", "check_against_tables"]

@@ -1,20 +1,30 @@
 """The dims file that every search writes and the planner, retrain and export read.
 
-The dims file (JSON, `format_version` 1) says, per table, how many columns the search kept (and,
-for PME, how many rows each token group of a size holds). It is validated on load so that a bad
-file fails with one line naming the file and the table.
+The dims file (JSON, `format_version` 2) says, per table, how many columns the search kept (and,
+for PME, how many rows each token group of a size holds), and carries in typed fields what the
+stages after the search read (`dims/records.py`). It is validated on load so that a bad file fails
+with one line naming the file and the table or key. Version 1 files, which carried those records in
+the free-form `extra`, still load: their `extra` keys are moved into the typed fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from sharded_mde.dims.cost import DIM_MULTIPLE, OPTIMIZER_BYTES, WEIGHT_BYTES, legal_dim, table_bytes
+from sharded_mde.dims.records import CandidateCheck, PlantedAgreement, PmeRecord, RuleRecord, from_json
 from sharded_mde.io import atomic_write_json, read_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the records moved from `extra` into typed fields; 1 still loads (migrated)
+READABLE_VERSIONS = (1, 2)
+# the typed fields beyond the tables and the byte model (absent from the JSON when None)
+RECORDS = ("supernet_checkpoints", "data_dir", "trace_file", "rule", "planted", "check", "pme")
+
+
 def table_name(feature: str) -> str:
     """The project's table name for a feature: `t_<feature>`."""
     return f"t_{feature}"
@@ -61,7 +71,16 @@ class DimsFile:
         tables (List[TableDims]): per table: dim, kept columns (HAM) or token groups (PME), bytes.
         weight_dtype (str): the byte model's weight type.
         optimizer (str): the byte model's table optimizer.
-        extra (Dict[str, Any]): what the search records besides.
+        supernet_checkpoints (Optional[str]): the checkpoints of the model the search trained or scored
+            (HAM's supernet, the baseline of magnitude and saliency); retrain warm-starts from its kept columns.
+        data_dir (Optional[str]): the data renumbered by the search (PME), which the compact model reads.
+        trace_file (Optional[str]): the search's trace (kept bytes, lambda, AUC over steps), next to the file.
+        rule (Optional[RuleRecord]): the rule's formula, when a rule and not a search made the dims.
+        planted (Optional[PlantedAgreement]): the kept dims against the planted ranks of synthetic data.
+        check (Optional[CandidateCheck]): HAM's candidate check and its winner.
+        pme (Optional[PmeRecord]): PME's reserved-id sizes, combine mode, token statistics and selection.
+        extra (Dict[str, Any]): free-form notes of the search that no stage reads (settings, timings,
+            mask values, scores).
 
     Example::
 
@@ -77,6 +96,13 @@ class DimsFile:
     tables: List[TableDims]
     weight_dtype: str = "fp32"
     optimizer: str = "rowwise_adagrad"
+    supernet_checkpoints: Optional[str] = None
+    data_dir: Optional[str] = None
+    trace_file: Optional[str] = None
+    rule: Optional[RuleRecord] = None
+    planted: Optional[PlantedAgreement] = None
+    check: Optional[CandidateCheck] = None
+    pme: Optional[PmeRecord] = None
     extra: Dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -101,7 +127,8 @@ def save_dims(path: Union[str, Path], dims: DimsFile) -> None:
     """
     validate_dims(dims, str(path))
     out = asdict(dims)
-    out = {"format_version": out.pop("format_version"), **out}
+    out.pop("format_version")  # a file is written in this version whatever version it was read from
+    out = {"format_version": FORMAT_VERSION, **{k: v for k, v in out.items() if not (k in RECORDS and v is None)}}
     atomic_write_json(path, out)
 
 
@@ -134,18 +161,42 @@ def _need(obj: Dict[str, Any], key: str, tp: Any, where: str) -> Any:
     return v
 
 
+def _migrate_extra(extra: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Version 1: (the typed fields' JSON, the rest of `extra`) from a file whose records sat in `extra`."""
+    rest = dict(extra)
+    moved = {k: rest.pop(k) for k in ("supernet_checkpoints", "data_dir", "trace_file") if k in rest}
+    if "rule" in rest:  # a rule's dims: the formula with its alpha and scale
+        moved["rule"] = {"formula": rest.pop("rule"), **{k: rest.pop(k) for k in ("alpha", "scale") if k in rest}}
+    settings = rest.get("search")
+    if "pme" in rest and isinstance(settings, dict) and "combine" in settings:  # PME's combine sat with the settings
+        rest["pme"] = {**_need(rest, "pme", dict, f"{where}: extra"), "combine": settings["combine"]}
+    for key, record in (("planted", PlantedAgreement), ("check", CandidateCheck), ("pme", PmeRecord)):
+        if key in rest:  # the record's fields move; keys of older writers stay in `extra` as notes
+            old = _need(rest, key, dict, f"{where}: extra")
+            names = {f.name for f in dataclasses.fields(record)}
+            moved[key] = {k: v for k, v in old.items() if k in names}
+            rest.pop(key)
+            if set(old) - names:
+                rest[key] = {k: v for k, v in old.items() if k not in names}
+    return moved, rest
+
+
 def _from_json(raw: Any, where: str) -> DimsFile:
-    """Builds a DimsFile from parsed JSON, checking keys and types."""
+    """Builds a DimsFile from parsed JSON, checking keys and types (a version 1 file's `extra` is migrated)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: a dims file is a JSON object, got {type(raw).__name__}")
     version = _need(raw, "format_version", int, where)
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{where}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{where}: format_version {version} is not supported (expected one of {READABLE_VERSIONS})")
     known = {"format_version", "method", "budget_fraction", "budget_bytes", "full_bytes", "kept_bytes",
-             "weight_dtype", "optimizer", "tables", "extra"}
+             "weight_dtype", "optimizer", "tables", "extra", *(RECORDS if version == 2 else ())}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r}")
+    extra = _need(raw, "extra", dict, where) if "extra" in raw else {}
+    moved, extra = _migrate_extra(extra, where) if version == 1 else ({k: raw[k] for k in RECORDS if k in raw}, extra)
+    hints = typing.get_type_hints(DimsFile)
+    records = {k: from_json(hints[k], v, where, k) for k, v in moved.items()}
     tables = []
     for i, t in enumerate(_need(raw, "tables", list, where)):
         tw = f"{where}: tables[{i}]"
@@ -178,8 +229,8 @@ def _from_json(raw: Any, where: str) -> DimsFile:
         tables=tables,
         weight_dtype=_need(raw, "weight_dtype", str, where) if "weight_dtype" in raw else "fp32",
         optimizer=_need(raw, "optimizer", str, where) if "optimizer" in raw else "rowwise_adagrad",
-        extra=_need(raw, "extra", dict, where) if "extra" in raw else {},
-        format_version=version,
+        extra=extra,
+        **records,  # format_version: the current one, the records migrated
     )
 
 
@@ -222,6 +273,17 @@ def validate_dims(dims: DimsFile, where: str = "dims") -> None:
         raise ValueError(f"{where}: full_bytes {dims.full_bytes} != {full_total}, the sum over tables at full_dim")
     if dims.kept_bytes != kept_total:
         raise ValueError(f"{where}: kept_bytes {dims.kept_bytes} != {kept_total}, the sum of the tables' bytes")
+    _check_records(dims, seen, where)
+
+
+def _check_records(dims: DimsFile, tables: Collection[str], where: str) -> None:
+    """The records name tables of the file, and the check's winner is one of its candidates."""
+    if dims.pme is not None:
+        other = sorted(set(dims.pme.reserved_sizes) - set(tables))
+        if other:
+            raise ValueError(f"{where}: pme.reserved_sizes names table {other[0]}, which is not in the file")
+    if dims.check is not None and dims.check.winner not in {c.name for c in dims.check.candidates}:
+        raise ValueError(f"{where}: check.winner {dims.check.winner!r} is not one of check.candidates")
 
 
 def _check_columns(t: TableDims, tw: str) -> None:

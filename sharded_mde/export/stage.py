@@ -34,7 +34,7 @@ def export_stage(cfg: RunConfig, checkpoint: str | Path, out: str | Path, dims_p
     meta = DatasetMeta.load(cfg.data.dir)
     full = full_table_configs(cfg)
     dims = load_dims(dims_path, full) if dims_path else None
-    data_dir = (dims.extra.get("data_dir") if dims else None) or cfg.data.dir
+    data_dir = (dims.data_dir if dims else None) or cfg.data.dir
     return export_compact(checkpoint, out, cfg.model, meta.sparse_features, len(meta.dense_features), full, dims=dims,
                           export_cfg=cfg.export, data_dir=data_dir, overwrite=overwrite, progress=progress)
 

@@ -85,10 +85,10 @@ class FieldGroups:
 def fields_from_dims(dims: DimsFile, full_tables: Sequence[EmbeddingBagConfig]) -> List[FieldGroups]:
     """The token groups of every PME table of a dims file that kept any token (out dim = largest size).
 
-    The size of each reserved id is read from `extra.pme.reserved_sizes[table]` (absent: no reserved ids),
+    The size of each reserved id is read from `pme.reserved_sizes[table]` (absent: no reserved ids),
     each field's pooling from its full table in `full_tables`.
     """
-    reserved_sizes = dims.extra.get("pme", {}).get("reserved_sizes", {})
+    reserved_sizes = dims.pme.reserved_sizes if dims.pme else {}
     pooling = {t.name: t.pooling.value.lower() for t in full_tables}
     out = []
     for t in dims.tables:
@@ -106,8 +106,8 @@ def fields_from_dims(dims: DimsFile, full_tables: Sequence[EmbeddingBagConfig]) 
 
 
 def combine_of(dims: DimsFile, default: str = "project") -> str:
-    """The combine mode a PME dims file's bytes were counted for (its search config), else `default`."""
-    return dims.extra.get("search", {}).get("combine", default)
+    """The combine mode a PME dims file's bytes were counted for (its `pme.combine`), else `default`."""
+    return dims.pme.combine if dims.pme and dims.pme.combine else default
 
 
 def router_bytes(field: FieldGroups) -> int:

@@ -7,7 +7,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 from sharded_mde.config import RunConfig
-from sharded_mde.train.cli import add_config_args, run_with_data
+from sharded_mde.train.cli import add_config_args, load_args_config
+from sharded_mde.train.launch import run_with_data
 
 if TYPE_CHECKING:
     from sharded_mde.train.distributed import DistEnv
@@ -25,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     # The pipeline's own data stage prepares the data (and is recorded in the ledger).
-    return run_with_data(args, body, prepare_data=False)
+    return run_with_data(load_args_config(args), body, prepare_data=False)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -26,9 +26,10 @@ def stage_baseline(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[st
 
 
 def stage_search(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+    import dataclasses
     import time
 
-    from sharded_mde.search.cli import run_search
+    from sharded_mde.search.run import run_search
 
     t0 = time.perf_counter()
     dims = run_search(cfg, env)
@@ -36,13 +37,13 @@ def stage_search(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str,
            "full_bytes": dims.full_bytes, "budget_bytes": dims.budget_bytes, "kept_bytes": dims.kept_bytes,
            "search_seconds": time.perf_counter() - t0, "dims": {t.name: t.dim for t in dims.tables}}
     if dims.method == "pme":  # token-wise sizes: tokens per size of every field; planted data: size vs capacity
-        tokens = dims.extra["pme"]["tokens"]
+        tokens = dims.pme.tokens
         out["token_sizes"] = {f: v["tokens_per_size"] for f, v in tokens.items()}
         caps = [v["spearman_capacity"] for v in tokens.values() if v.get("spearman_capacity") is not None]
         if caps:
             out["planted"] = {"spearman_capacity_mean": sum(caps) / len(caps)}
-    elif "planted" in dims.extra:
-        out["planted"] = dims.extra["planted"]
+    elif dims.planted is not None:
+        out["planted"] = dataclasses.asdict(dims.planted)
     return out
 
 
@@ -51,7 +52,7 @@ def _dims_file(ledger: StageLedger) -> str:
 
 
 def stage_plan(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
-    from sharded_mde.plan.cli import plan_and_report
+    from sharded_mde.plan.run import plan_and_report
     from sharded_mde.dims import load_dims
     from sharded_mde.plan.tables import full_table_configs
 

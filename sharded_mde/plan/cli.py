@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any, Dict
 
 from sharded_mde.config import RunConfig, from_dict, load_config, load_yaml, merge, parse_overrides
-from sharded_mde.io import atomic_write_json, atomic_write_text
-from sharded_mde.dims import DimsFile, load_dims, save_dims
-from sharded_mde.plan.report import memory_report, render_console, render_markdown, render_png
+from sharded_mde.dims import load_dims, save_dims
+from sharded_mde.plan.report import render_console
 from sharded_mde.plan.rules import RULES, rule_dims
-from sharded_mde.plan.sharding import plan_sharding, save_plan
-from sharded_mde.plan.tables import full_table_configs, mean_bag_lengths, plan_tables
+from sharded_mde.plan.run import plan_and_report, source_line
+from sharded_mde.plan.tables import full_table_configs
 
 
 def register(subparsers: Any) -> None:
@@ -47,26 +45,6 @@ def load_plan_config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, over) if args.config else from_dict(RunConfig, over)
 
 
-def plan_and_report(cfg: RunConfig, dims: DimsFile, dims_path: str, out: Path) -> Dict[str, Any]:
-    """Plans full and compact tables on `cfg.plan`, saves both plans and the report (JSON, markdown, PNG)."""
-    full = full_table_configs(cfg)
-    compact = plan_tables(dims, full)
-    start = time.perf_counter()
-    bags = mean_bag_lengths(cfg)
-    full_planned = plan_sharding(full, cfg.plan, bag_lengths=bags)
-    compact_planned = plan_sharding(compact, cfg.plan, bag_lengths=bags)
-    seconds = time.perf_counter() - start
-    rep = memory_report(full, compact, cfg.plan, full_planned, compact_planned)
-    rep["source"] = {"dims_file": dims_path, "method": dims.method, "budget_fraction": dims.budget_fraction,
-                     "extra": dims.extra, "planning_seconds": round(seconds, 2)}
-    save_plan(out / "sharding_plan.json", compact_planned[0])
-    save_plan(out / "sharding_plan_full.json", full_planned[0])
-    atomic_write_json(out / "report.json", rep)
-    atomic_write_text(out / "report.md", render_markdown(rep, source_line(rep["source"])))
-    render_png(rep, out / "report.png")
-    return rep
-
-
 def run_plan(args: argparse.Namespace) -> int:
     """`sharded-mde plan`: the report for a dims file (or a rule's dims), printed and written to --out."""
     cfg = load_plan_config(args)
@@ -85,12 +63,3 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"\n{source_line(rep['source'])}\nplanned full + compact in {rep['source']['planning_seconds']:.1f} s; "
           f"wrote {out}/{{sharding_plan.json, sharding_plan_full.json, report.json, report.md, report.png}}")
     return 0
-
-
-def source_line(source: Dict[str, Any]) -> str:
-    """Where the compact dims came from, said honestly (a search, or a rule with its formula)."""
-    line = f"Dims: `{source['dims_file']}` (method {source['method']}, budget {source['budget_fraction']:g} of the full bytes"
-    if "rule" in source["extra"]:
-        line += f"; a rule, not a search: {source['extra']['rule']}, alpha {source['extra']['alpha']:g}"
-    return line + ")."
-

@@ -13,7 +13,7 @@ from typing import List
 
 from torchrec import EmbeddingBagConfig
 
-from sharded_mde.dims import DimsFile, InfeasibleBudget, TableDims, round_to_legal, table_bytes
+from sharded_mde.dims import DimsFile, InfeasibleBudget, RuleRecord, TableDims, round_to_legal, table_bytes
 
 RULES = ("power_law", "uniform")
 
@@ -56,6 +56,5 @@ def rule_dims(
               for t, d in zip(full_tables, dims)]
     return DimsFile(method=rule, budget_fraction=budget_fraction, budget_bytes=budget, full_bytes=full,
                     kept_bytes=kept(dims), tables=tables, weight_dtype=weight_dtype, optimizer=optimizer,
-                    extra={"rule": "dim = min(full_dim, floor4(scale * rows ** -alpha)), at least 4",
-                           "alpha": a, "scale": math.exp(lo),
-                           "kept_columns": "the first dim columns: a rule sizes tables, it does not pick columns"})
+                    rule=RuleRecord("dim = min(full_dim, floor4(scale * rows ** -alpha)), at least 4", a, math.exp(lo)),
+                    extra={"kept_columns": "the first dim columns: a rule sizes tables, it does not pick columns"})

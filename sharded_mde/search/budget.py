@@ -29,8 +29,9 @@ from sharded_mde.plan.tables import plan_tables
 
 def make_dims_file(method: str, tables: Sequence[EmbeddingBagConfig], kept: Mapping[str, Sequence[int]],
                    fraction: float, weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad",
-                   extra: Optional[Dict[str, Any]] = None) -> DimsFile:
-    """A dims file for kept column indices per table (absent or empty = dropped)."""
+                   extra: Optional[Dict[str, Any]] = None, **records: Any) -> DimsFile:
+    """A dims file for kept column indices per table (absent or empty = dropped); `records` are
+    DimsFile's typed fields (supernet_checkpoints, rule, check, ...)."""
     entries = []
     for t in tables:
         cols = sorted(int(c) for c in kept.get(t.name, []))
@@ -40,7 +41,8 @@ def make_dims_file(method: str, tables: Sequence[EmbeddingBagConfig], kept: Mapp
     return DimsFile(method=method, budget_fraction=fraction,
                     budget_bytes=budget_bytes(tables, fraction, weight_dtype, optimizer),
                     full_bytes=full_bytes(tables, weight_dtype, optimizer), kept_bytes=sum(e.bytes for e in entries),
-                    tables=entries, weight_dtype=weight_dtype, optimizer=optimizer, extra=dict(extra or {}))
+                    tables=entries, weight_dtype=weight_dtype, optimizer=optimizer, extra=dict(extra or {}),
+                    **records)
 
 
 def column_worth(values: torch.Tensor, cap: int, multiple: int = DIM_MULTIPLE) -> List[float]:

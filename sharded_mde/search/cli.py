@@ -1,53 +1,22 @@
 """`sharded-mde search CONFIG` and `sharded-mde retrain CONFIG --dims FILE` (one process or torchrun).
 
-`search` dispatches on `search.method` through `SEARCHES` (ham, pme, and the baselines uniform,
-power_law, magnitude, saliency: docs/baselines.md), each writing `<run_dir>/<stage>/dims.json`
-(stage defaults to the method name). `retrain` trains the compact model of any dims file whose
-method has a builder in `retrain.COMPACT_BUILDERS`.
+`search` runs the search that `search.method` names in the registry (`sharded_mde.dims.methods`:
+ham, pme, and the baselines uniform, power_law, magnitude, saliency: docs/baselines.md), each writing
+`<run_dir>/<stage>/dims.json` (stage defaults to the method name). `retrain` trains the compact
+model of any dims file whose method the registry knows.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
-from typing import Callable, Dict, Optional
 
 from sharded_mde.config import RunConfig
-from sharded_mde.dims import DimsFile
-from sharded_mde.train.cli import add_config_args, run_with_data
+from sharded_mde.search.run import run_search
+from sharded_mde.train.cli import add_config_args, load_args_config
+from sharded_mde.train.launch import run_with_data
 from sharded_mde.train.distributed import DistEnv
-
-
-# The dispatch point: `search.method` -> "module:function" with signature fn(cfg, env, stage, ranks) -> DimsFile.
-# Imported lazily so that `sharded-mde --help` stays fast.
-SEARCHES: Dict[str, str] = {
-    "ham": "sharded_mde.search.ham:run_ham",
-    "uniform": "sharded_mde.search.uniform:run_uniform",
-    "pme": "sharded_mde.search.pme:run_pme",
-    "power_law": "sharded_mde.search.power_law:run_power_law",
-    "magnitude": "sharded_mde.search.magnitude:run_magnitude",
-    "saliency": "sharded_mde.search.saliency:run_saliency",
-}
-
-
-def planted_ranks(cfg: RunConfig) -> Optional[Dict[str, int]]:
-    """Planted rank per feature when the data is synthetic with a ground truth, else None."""
-    from sharded_mde.data.synth import load_ground_truth
-
-    truth = load_ground_truth(Path(cfg.data.dir) / "ground_truth.json")
-    return {f: int(r) for f, r in truth["ranks"].items()} if truth else None
-
-
-def run_search(cfg: RunConfig, env: DistEnv, stage: Optional[str] = None) -> DimsFile:
-    """Runs the search named by `cfg.search.method` in `<run_dir>/<stage or method>/`."""
-    target = SEARCHES.get(cfg.search.method)
-    if target is None:
-        raise ValueError(f"search.method {cfg.search.method!r} is not available (known: {', '.join(SEARCHES)})")
-    module, fn = target.split(":")
-    search: Callable[..., DimsFile] = getattr(importlib.import_module(module), fn)
-    return search(cfg, env, stage or cfg.search.method, planted_ranks(cfg))
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -62,17 +31,17 @@ def _search(args: argparse.Namespace) -> int:
             summary = {"dims_file": str(out), "method": dims.method, "budget_bytes": dims.budget_bytes,
                        "kept_bytes": dims.kept_bytes, "kept_fraction": round(dims.kept_bytes / dims.full_bytes, 4),
                        "dims": {t.name: t.dim for t in dims.tables}}
-            if "planted" in dims.extra:
-                summary["planted_spearman"] = dims.extra["planted"]["spearman"]
-            if "check" in dims.extra:  # HAM's candidate check: who won, by how much, every candidate's score
-                c = dims.extra["check"]
-                summary["check"] = {"winner": c["winner"], "margin_vs_ham": c["margin_vs_ham"],
-                                    "runner_up": c["runner_up"], "margin_vs_runner_up": c["margin_vs_runner_up"],
-                                    "valid_auc": {r["name"]: r["valid_auc"] for r in c["candidates"]}}
+            if dims.planted is not None:
+                summary["planted_spearman"] = dims.planted.spearman
+            if dims.check is not None:  # HAM's candidate check: who won, by how much, every candidate's score
+                c = dims.check
+                summary["check"] = {"winner": c.winner, "margin_vs_ham": c.margin_vs_ham,
+                                    "runner_up": c.runner_up, "margin_vs_runner_up": c.margin_vs_runner_up,
+                                    "valid_auc": {r.name: r.valid_auc for r in c.candidates}}
             print(json.dumps(summary, indent=2))
         return 0
 
-    return run_with_data(args, body)
+    return run_with_data(load_args_config(args), body)
 
 
 def _retrain(args: argparse.Namespace) -> int:
@@ -87,7 +56,7 @@ def _retrain(args: argparse.Namespace) -> int:
             print(json.dumps({k: summary[k] for k in ("method", "init", "kept_bytes", "budget_bytes", "test")}, indent=2))
         return 0
 
-    return run_with_data(args, body)
+    return run_with_data(load_args_config(args), body)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

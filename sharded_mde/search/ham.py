@@ -21,7 +21,7 @@ import torch
 from sharded_mde.config import RunConfig
 from sharded_mde.modules.masked_ebc import MaskedEmbeddingBagCollection, find_gate
 from sharded_mde.modules.model import RecTrain, build_model
-from sharded_mde.dims import DimsFile, InfeasibleBudget, budget_bytes, check_feasible, dim_cap
+from sharded_mde.dims import CandidateCheck, DimsFile, InfeasibleBudget, budget_bytes, check_feasible, dim_cap
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import BudgetController, make_dims_file
 from sharded_mde.search.ham_check import (Scorer, candidate_dims, check_candidates, gate_scorer, harmless_drops,
@@ -73,10 +73,9 @@ def run_ham(cfg: RunConfig, env: DistEnv, stage: str = "ham", ranks: Optional[Di
     search_seconds = time.perf_counter() - t0
     values = gate.table_values()
     mask_score = gate_scorer(gate, lambda: trainer.evaluate("valid", max_batches=s.check_batches))
-    kept, check = validate_allocation(cfg, env, stage, tables, values, mask_score)
+    kept, check, notes = validate_allocation(cfg, env, stage, tables, values, mask_score)
     out = Path(cfg.run_dir) / stage
     extra = {
-        "supernet_checkpoints": str(out / "checkpoints"),
         "search": {k: v for k, v in dataclasses.asdict(cfg.search).items() if k != "pme"},
         "supernet_test": metrics["test"],
         "search_seconds": search_seconds,
@@ -84,17 +83,18 @@ def run_ham(cfg: RunConfig, env: DistEnv, stage: str = "ham", ranks: Optional[Di
         "search_steps": metrics["steps"],
         "hard_mask_columns": {t.name: int((values[t.name] > 0).sum()) for t in tables},
         "mask_values": {n: [round(float(x), 6) for x in v] for n, v in values.items()},
-        **check,
+        **notes,
     }
-    dims = make_dims_file("ham", tables, kept, cfg.search.budget, WEIGHT_DTYPE, optimizer, extra)
+    dims = make_dims_file("ham", tables, kept, cfg.search.budget, WEIGHT_DTYPE, optimizer, extra,
+                          supernet_checkpoints=str(out / "checkpoints"), check=check)
     if env.is_main:
         save_search_result(out, dims, controller.trace(), ranks)
     return dims
 
 
 def validate_allocation(cfg: RunConfig, env: DistEnv, stage: str, tables: List, values: Dict[str, torch.Tensor],
-                        mask_score: Scorer) -> Tuple[Dict[str, List[int]], Dict[str, Any]]:
-    """(kept columns, what to record) from the trained supernet's validation checks (`ham_check`).
+                        mask_score: Scorer) -> Tuple[Dict[str, List[int]], CandidateCheck, Dict[str, Any]]:
+    """(kept columns, the candidate check, notes to record) from the trained supernet's validation checks (`ham_check`).
 
     Measures each table's loss effect per width with the supernet's masks, finds the harmless
     drops (`search.allow_drop`), then trains every candidate allocation at the budget as `retrain`
@@ -120,18 +120,18 @@ def validate_allocation(cfg: RunConfig, env: DistEnv, stage: str, tables: List, 
     def retrain_score(name: str, dims: Dict[str, int]) -> Dict[str, float]:
 
         cand = make_dims_file("ham", tables, top_columns(order, dims), s.budget, WEIGHT_DTYPE, optimizer,
-                              {"supernet_checkpoints": ckpt})
+                              supernet_checkpoints=ckpt)
         metrics, _ = train_compact(check_cfg, env, cand, f"{stage}/check_{name}")
         return metrics["valid"]  # the test split's scores are never read
 
     check = check_candidates(retrain_score, tables, candidates, WEIGHT_DTYPE, optimizer)
-    check["rule"] = (f"best validation AUC of each candidate's compact model trained {check_cfg.train.epochs:g} "
-                     "epoch(s) as retrain would")
-    won = next(r for r in check["candidates"] if r["name"] == check["winner"])
-    check["winner_checkpoints"] = str(Path(cfg.run_dir) / stage / f"check_{won['same_as'] or won['name']}" / "checkpoints")
-    check["winner_trained_as"] = train_record(check_cfg)  # retrain reuses that training when it would train the same
-    kept = top_columns(order, candidates[check["winner"]])
-    record = {"check": check, "column_order": "mask value a, largest first",
-              "loss_effect": {n: {str(d): m for d, m in c.items()} for n, c in curves.items()},
-              "drops": drops, "dropped": [n for n, c in kept.items() if not c]}
-    return kept, record
+    check.rule = (f"best validation AUC of each candidate's compact model trained {check_cfg.train.epochs:g} "
+                  "epoch(s) as retrain would")
+    won = check.candidate(check.winner)
+    check.winner_checkpoints = str(Path(cfg.run_dir) / stage / f"check_{won.same_as or won.name}" / "checkpoints")
+    check.winner_trained_as = train_record(check_cfg)  # retrain reuses that training when it would train the same
+    kept = top_columns(order, candidates[check.winner])
+    notes = {"column_order": "mask value a, largest first",
+             "loss_effect": {n: {str(d): m for d, m in c.items()} for n, c in curves.items()},
+             "drops": drops, "dropped": [n for n, c in kept.items() if not c]}
+    return kept, check, notes

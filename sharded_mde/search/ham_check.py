@@ -23,7 +23,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.modules.masked_ebc import ColumnGate
-from sharded_mde.dims import DIM_MULTIPLE, budget_bytes, dim_cap, dims_bytes
+from sharded_mde.dims import DIM_MULTIPLE, CandidateCheck, CandidateScore, budget_bytes, dim_cap, dims_bytes
 from sharded_mde.search.budget import select_dims, select_widths
 from sharded_mde.search.uniform import uniform_fit
 
@@ -126,22 +126,21 @@ def candidate_dims(tables: Sequence[EmbeddingBagConfig], fraction: float, values
 
 
 def check_candidates(score: Callable[[str, Mapping[str, int]], Dict[str, float]], tables: Sequence[EmbeddingBagConfig],
-                     candidates: Mapping[str, Mapping[str, int]], weight_dtype: str, optimizer: str) -> Dict[str, Any]:
+                     candidates: Mapping[str, Mapping[str, int]], weight_dtype: str, optimizer: str) -> CandidateCheck:
     """Scores every candidate (`score(name, dims)` -> validation metrics; equal dims are scored once);
     returns all of them, the winner (best validation AUC, then lower logloss, then fewer bytes) and
     its margin over HAM's own allocation and over the runner-up."""
-    rows: List[Dict[str, Any]] = []
+    rows: List[CandidateScore] = []
     for name, dims in candidates.items():
-        same = next((r for r in rows if r["dims"] == dict(dims)), None)
-        m = {"auc": same["valid_auc"], "logloss": same["valid_logloss"]} if same else score(name, dims)
-        rows.append({"name": name, "dims": dict(dims), "kept_bytes": dims_bytes(tables, dims, weight_dtype, optimizer),
-                     "valid_auc": round(float(m["auc"]), 6), "valid_logloss": round(float(m["logloss"]), 6),
-                     "same_as": same["name"] if same else None})
-    ranked = sorted(rows, key=lambda r: (-r["valid_auc"], r["valid_logloss"], r["kept_bytes"]))
+        same = next((r for r in rows if r.dims == dict(dims)), None)
+        m = {"auc": same.valid_auc, "logloss": same.valid_logloss} if same else score(name, dims)
+        rows.append(CandidateScore(name=name, dims=dict(dims), kept_bytes=dims_bytes(tables, dims, weight_dtype, optimizer),
+                                   valid_auc=round(float(m["auc"]), 6), valid_logloss=round(float(m["logloss"]), 6),
+                                   same_as=same.name if same else None))
+    ranked = sorted(rows, key=lambda r: (-r.valid_auc, r.valid_logloss, r.kept_bytes))
     win = ranked[0]
-    own = next(r for r in rows if r["name"] == "ham")
-    others = [r for r in ranked if r["dims"] != win["dims"]]
-    return {"candidates": rows, "winner": win["name"],
-            "margin_vs_ham": round(win["valid_auc"] - own["valid_auc"], 6),
-            "runner_up": others[0]["name"] if others else None,
-            "margin_vs_runner_up": round(win["valid_auc"] - others[0]["valid_auc"], 6) if others else None}
+    own = next(r for r in rows if r.name == "ham")
+    others = [r for r in ranked if r.dims != win.dims]
+    return CandidateCheck(candidates=rows, winner=win.name, margin_vs_ham=round(win.valid_auc - own.valid_auc, 6),
+                          runner_up=others[0].name if others else None,
+                          margin_vs_runner_up=round(win.valid_auc - others[0].valid_auc, 6) if others else None)

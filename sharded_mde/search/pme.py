@@ -25,7 +25,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from sharded_mde.config import RunConfig
 from sharded_mde.modules.model import RecTrain, build_model
 from sharded_mde.modules.token_groups import TokenGroupEBC, combine_of, fields_from_dims
-from sharded_mde.dims import DimsFile, TableDims, TokenGroup
+from sharded_mde.dims import DimsFile, PmeRecord, TableDims, TokenGroup
 from sharded_mde.plan.tables import full_table_configs, plan_tables
 from sharded_mde.search.budget import budget_bytes, full_bytes
 from sharded_mde.search.pme_data import (NUM_RESERVED, plot_token_sizes, renumber_data, scoring_batches, split_counts, token_order,
@@ -92,18 +92,19 @@ def table_result(t: EmbeddingBagConfig, sizes: np.ndarray, legal: List[int], mod
 
 
 def make_pme_dims(cfg: RunConfig, tables: List[EmbeddingBagConfig], sel: Selection, model: ByteModel,
-                  extra: Dict[str, Any]) -> DimsFile:
-    """The dims file of a selection: per table its token groups, bytes and reserved-id sizes."""
+                  pme: PmeRecord, extra: Optional[Dict[str, Any]] = None, data_dir: Optional[str] = None) -> DimsFile:
+    """The dims file of a selection: per table its token groups and bytes; `pme` gets the reserved-id sizes."""
     optimizer = cfg.train.embedding_optimizer
     entries, reserved = [], {}
     for t in tables:
         entry, reserved[t.name] = table_result(t, sel.sizes[t.name].numpy(), sel.legal[t.name], model)
         entries.append(entry)
-    extra = {**extra, "pme": {**extra.get("pme", {}), "reserved_sizes": reserved}}
+    pme.reserved_sizes = reserved
     return DimsFile(method="pme", budget_fraction=cfg.search.budget,
                     budget_bytes=budget_bytes(tables, cfg.search.budget, WEIGHT_DTYPE, optimizer),
                     full_bytes=full_bytes(tables, WEIGHT_DTYPE, optimizer), kept_bytes=sum(e.bytes for e in entries),
-                    tables=entries, weight_dtype=WEIGHT_DTYPE, optimizer=optimizer, extra=extra)
+                    tables=entries, weight_dtype=WEIGHT_DTYPE, optimizer=optimizer, data_dir=data_dir, pme=pme,
+                    extra=dict(extra or {}))
 
 
 def run_pme(cfg: RunConfig, env: DistEnv, stage: str = "pme", ranks: Optional[Dict[str, int]] = None) -> DimsFile:
@@ -128,17 +129,14 @@ def run_pme(cfg: RunConfig, env: DistEnv, stage: str = "pme", ranks: Optional[Di
         renumber_data(cfg.data.dir, data_dir, {f: order[t.name] for t in tables for f in t.feature_names})
         timing["renumber_seconds"] = time.perf_counter() - t0
         timing["search_seconds"] = time.perf_counter() - t_start
-        extra = {
-            "data_dir": str(data_dir),
-            "search": {"budget": cfg.search.budget, **dataclasses.asdict(pme)},
-            "pme": {"price": sel.price, "selected_bytes": sel.bytes, "timing": timing,
-                    "tokens": token_stats(cfg.data.dir, tables, sel.sizes)},
-        }
-        dims = make_pme_dims(cfg, tables, sel, model, extra)
+        record = PmeRecord(combine=pme.combine, tokens=token_stats(cfg.data.dir, tables, sel.sizes), price=sel.price,
+                           selected_bytes=sel.bytes, timing=timing)
+        settings = {"search": {"budget": cfg.search.budget, **dataclasses.asdict(pme)}}
+        dims = make_pme_dims(cfg, tables, sel, model, record, settings, str(data_dir))
         if dims.kept_bytes > dims.budget_bytes:
             raise RuntimeError(f"PME kept {dims.kept_bytes} B over the budget {dims.budget_bytes} B")
         save_search_result(out, dims, None, ranks)
-        plot_token_sizes(out / "pme_sizes.png", extra["pme"]["tokens"], ranks)
+        plot_token_sizes(out / "pme_sizes.png", record.tokens, ranks)
     if env.world_size > 1:
         box = [dims]
         dist.broadcast_object_list(box, src=0)
@@ -150,13 +148,13 @@ def compact_pme(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
                 meta: Any) -> Tuple[RecTrain, List[EmbeddingBagConfig], None]:
     """The compact model of a PME dims file: TokenGroupEBC (group tables on the meta device) under the run's head.
 
-    It reads ids renumbered group by group, i.e. the data copy named by the dims file's `extra.data_dir`.
+    It reads ids renumbered group by group, i.e. the data copy named by the dims file's `data_dir`.
     """
     from sharded_mde.data import DatasetMeta
 
-    copy = dims.extra.get("data_dir")
+    copy = dims.data_dir
     if not copy:
-        raise ValueError("PME dims file without extra.data_dir (the renumbered data written by the search)")
+        raise ValueError("PME dims file without data_dir (the renumbered data written by the search)")
     if DatasetMeta.load(copy).fingerprint != DatasetMeta.load(cfg.data.dir).fingerprint:
         raise ValueError(f"{copy}: renumbered from other data than {cfg.data.dir} (it was prepared again since "
                          "the search); run the PME search again")

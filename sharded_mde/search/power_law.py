@@ -17,7 +17,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import RunConfig
-from sharded_mde.dims import DimsFile, check_feasible, column_cost
+from sharded_mde.dims import DimsFile, RuleRecord, check_feasible, column_cost
 from sharded_mde.plan.rules import rule_dims
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import make_dims_file, select_dims
@@ -31,8 +31,7 @@ def power_law_dims(tables: Sequence[EmbeddingBagConfig], fraction: float, alpha:
                    optimizer: str = "rowwise_adagrad") -> DimsFile:
     """The power-law baseline's dims file (method "power_law") at `fraction` of the full bytes."""
     check_feasible(tables, fraction, WEIGHT_DTYPE, optimizer, method="power_law")
-    rule = rule_dims(list(tables), "power_law", fraction, alpha, WEIGHT_DTYPE, optimizer)
-    scale = float(rule.extra["scale"])
+    scale = rule_dims(list(tables), "power_law", fraction, alpha, WEIGHT_DTYPE, optimizer).rule.scale
     ideal = {t.name: min(float(t.embedding_dim), scale * t.num_embeddings ** -alpha) for t in tables}
     # value per byte of column c: x_t - c, shifted by the widest table so that every value is
     # positive and the columns above x_t keep their order (nearest above the ideal dim first)
@@ -40,9 +39,10 @@ def power_law_dims(tables: Sequence[EmbeddingBagConfig], fraction: float, alpha:
     values = {t.name: (ideal[t.name] + shift - torch.arange(t.embedding_dim, dtype=torch.float64))
               * column_cost(t.num_embeddings, WEIGHT_DTYPE, optimizer) for t in tables}
     kept = select_dims(values, tables, fraction, (), WEIGHT_DTYPE, optimizer)
-    extra = {"rule": "dim ~ scale * rows ** -alpha, legal dims by select_dims at the budget (docs/baselines.md)",
-             "alpha": alpha, "scale": scale, "ideal_dims": {n: round(x, 3) for n, x in ideal.items()}}
-    return make_dims_file("power_law", tables, kept, fraction, WEIGHT_DTYPE, optimizer, extra)
+    rule = RuleRecord("dim ~ scale * rows ** -alpha, legal dims by select_dims at the budget (docs/baselines.md)",
+                      alpha, scale)
+    return make_dims_file("power_law", tables, kept, fraction, WEIGHT_DTYPE, optimizer,
+                          {"ideal_dims": {n: round(x, 3) for n, x in ideal.items()}}, rule=rule)
 
 
 def run_power_law(cfg: RunConfig, env: DistEnv, stage: str = "power_law",

@@ -3,19 +3,19 @@
 After HAM's candidate check, check.md lists every candidate allocation with its validation
 scores and names the winner. The PNG shows the kept dim of every table (with the planted rank when the data is synthetic) and,
 for searches with a trace, the kept bytes against the budget, lambda and validation AUC over the
-search. With planted data the dims file's `extra.planted` also scores the result against the
+search. With planted data the dims file's `planted` record also scores the result against the
 ground truth (Spearman correlation of kept dims with planted ranks, dims of rank-0 fields).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
 from sharded_mde.io import atomic_write_json, atomic_write_text
-from sharded_mde.dims import DimsFile, save_dims
+from sharded_mde.dims import CandidateCheck, DimsFile, PlantedAgreement, load_dims, save_dims
 from sharded_mde.plots import pyplot, save_png
 
 
@@ -37,28 +37,28 @@ def _average_ranks(v: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def planted_agreement(dims: DimsFile, ranks: Mapping[str, int]) -> Dict[str, Any]:
+def planted_agreement(dims: DimsFile, ranks: Mapping[str, int]) -> PlantedAgreement:
     """Kept dims against planted ranks per feature: Spearman, and the dims of fields planted at rank 0."""
     kept = {f: t.dim for t in dims.tables for f in t.features if f in ranks}
     feats = sorted(kept)
     rho = spearman(np.array([kept[f] for f in feats]), np.array([ranks[f] for f in feats]))
     rank0 = {f: kept[f] for f in feats if ranks[f] == 0}
-    return {"spearman": rho, "fields": len(feats), "rank0_dims": rank0,
-            "rank0_at_most_4": all(d <= 4 for d in rank0.values()),
-            "dims_vs_ranks": {f: [kept[f], int(ranks[f])] for f in feats}}
+    return PlantedAgreement(spearman=rho, fields=len(feats), rank0_dims=rank0,
+                            rank0_at_most_4=all(d <= 4 for d in rank0.values()),
+                            dims_vs_ranks={f: [kept[f], int(ranks[f])] for f in feats})
 
 
-def check_markdown(check: Mapping[str, Any]) -> str:
+def check_markdown(check: CandidateCheck) -> str:
     """The candidate check of a search as markdown: every candidate's validation scores and bytes, and the winner."""
     lines = ["| candidate | valid AUC | valid logloss | kept bytes | dims |", "|---|---|---|---|---|"]
-    for r in check["candidates"]:
-        name = f"**{r['name']}**" if r["name"] == check["winner"] else r["name"]
-        lines.append(f"| {name} | {r['valid_auc']:.4f} | {r['valid_logloss']:.4f} | {r['kept_bytes']:,} | "
-                     f"{' '.join(str(d) for d in r['dims'].values())} |")
-    runner = check.get("runner_up")
-    margin = (f", {check['margin_vs_runner_up']:+.4f} validation AUC over the runner-up {runner}" if runner else "")
-    lines += ["", f"Winner: {check['winner']}{margin}; {check['margin_vs_ham']:+.4f} over HAM's own allocation. "
-              f"Rule: {check.get('rule', 'best validation AUC')}."]
+    for r in check.candidates:
+        name = f"**{r.name}**" if r.name == check.winner else r.name
+        lines.append(f"| {name} | {r.valid_auc:.4f} | {r.valid_logloss:.4f} | {r.kept_bytes:,} | "
+                     f"{' '.join(str(d) for d in r.dims.values())} |")
+    runner = check.runner_up
+    margin = (f", {check.margin_vs_runner_up:+.4f} validation AUC over the runner-up {runner}" if runner else "")
+    lines += ["", f"Winner: {check.winner}{margin}; {check.margin_vs_ham:+.4f} over HAM's own allocation. "
+              f"Rule: {check.rule or 'best validation AUC'}."]
     return "\n".join(lines) + "\n"
 
 
@@ -68,13 +68,13 @@ def save_search_result(out_dir: str | Path, dims: DimsFile, trace: Optional[Dict
     after a candidate check, check.md; returns dims.json."""
     out = Path(out_dir)
     if ranks:
-        dims.extra["planted"] = planted_agreement(dims, ranks)
+        dims.planted = planted_agreement(dims, ranks)
     if trace is not None:
         atomic_write_json(out / "trace.json", trace)
-        dims.extra["trace_file"] = "trace.json"
+        dims.trace_file = "trace.json"
     save_dims(out / "dims.json", dims)
-    if "check" in dims.extra:
-        atomic_write_text(out / "check.md", check_markdown(dims.extra["check"]))
+    if dims.check is not None:
+        atomic_write_text(out / "check.md", check_markdown(dims.check))
     plot_search(out / "search.png", dims, trace, ranks)
     return out / "dims.json"
 
@@ -97,9 +97,8 @@ def plot_search(path: str | Path, dims: DimsFile, trace: Optional[Dict[str, Any]
     ax.set_ylabel("columns")
     title = (f"{dims.method}: kept {dims.kept_bytes / 2**20:,.1f} MiB of {dims.full_bytes / 2**20:,.1f} MiB "
              f"(budget {dims.budget_fraction:.0%} = {dims.budget_bytes / 2**20:,.1f} MiB)")
-    planted = dims.extra.get("planted")
-    if planted:
-        title += f"; Spearman vs planted rank {planted['spearman']:.2f}"
+    if dims.planted:
+        title += f"; Spearman vs planted rank {dims.planted.spearman:.2f}"
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     if panels == 2:
@@ -131,20 +130,18 @@ def _plot_trace(ax: Any, trace: Dict[str, Any]) -> None:
 def checks_summary(root: str | Path) -> str:
     """Markdown over every HAM dims file under `root` (e.g. a bench_quality directory): per budget,
     each candidate's mean validation AUC over the runs, and how often it won the check."""
-    import json
-
-    by_budget: Dict[float, list] = {}
+    by_budget: Dict[float, List[CandidateCheck]] = {}
     for path in sorted(Path(root).rglob("dims.json")):
-        doc = json.loads(path.read_text())
-        if doc.get("method") == "ham" and "check" in doc.get("extra", {}):
-            by_budget.setdefault(doc["budget_fraction"], []).append(doc["extra"]["check"])
+        dims = load_dims(path)
+        if dims.method == "ham" and dims.check is not None:
+            by_budget.setdefault(dims.budget_fraction, []).append(dims.check)
     lines = ["| budget | runs | candidate | mean valid AUC | mean vs ham | wins |", "|---|---|---|---|---|---|"]
     for budget, checks in sorted(by_budget.items()):
-        names = [r["name"] for r in checks[0]["candidates"]]
+        names = [r.name for r in checks[0].candidates]
         for name in names:
-            aucs = [next(r["valid_auc"] for r in c["candidates"] if r["name"] == name) for c in checks]
-            own = [next(r["valid_auc"] for r in c["candidates"] if r["name"] == "ham") for c in checks]
-            wins = sum(c["winner"] == name for c in checks)
+            aucs = [c.candidate(name).valid_auc for c in checks]
+            own = [c.candidate("ham").valid_auc for c in checks]
+            wins = sum(c.winner == name for c in checks)
             lines.append(f"| {budget:g} | {len(checks)} | {name} | {np.mean(aucs):.4f} | "
                          f"{np.mean(np.subtract(aucs, own)):+.4f} | {wins} |")
     return "\n".join(lines) + "\n"

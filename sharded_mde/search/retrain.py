@@ -9,8 +9,9 @@ the kept columns (a column that the legal rounding added but the search had mask
 zero), so before any update the compact model computes what the supernet computes with the mask
 "kept and 1[a > 0]" (the same model the export reproduces).
 
-`COMPACT_BUILDERS` maps a dims file's method to the function that builds its compact model, so
-other searches (PME) plug in their own model without a new command.
+The registry of search methods (`sharded_mde.dims.methods`) names, per dims file method, the function
+that builds its compact model (`compact_ham` here for every column-kept method, PME its own), so a
+search plugs in its own model without a new command.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from sharded_mde.modules.heads import find_head
 from sharded_mde.modules.model import RecTrain, build_model
 from sharded_mde.dims import DimsFile, load_dims
 from sharded_mde.plan.tables import full_table_configs, plan_tables
+from sharded_mde.search.registry import compact_builder
 from sharded_mde.train.checkpoint import COMPLETE, CONFIG, copy_full_into, latest_checkpoint, load_checkpoint
 from sharded_mde.train.distributed import DistEnv
 
@@ -96,7 +98,7 @@ def compact_ham(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
     tables = plan_tables(dims, full)
     if not tables:
         raise ValueError("the dims file keeps no table (every table dropped)")
-    ckpt = dims.extra.get("supernet_checkpoints")
+    ckpt = dims.supernet_checkpoints
     if not (cfg.search.retrain_warm_start and ckpt):
         return build_model(cfg.model, tables, meta.sparse_features, len(meta.dense_features)), tables, None
     kept = {t.name: t.kept_columns for t in dims.tables}
@@ -143,20 +145,6 @@ def load_dense(model: nn.Module, dense: Dict[str, torch.Tensor]) -> None:
             v.copy_(dense[k])
 
 
-def _compact_pme(*args: Any) -> Tuple[RecTrain, List[EmbeddingBagConfig], Optional[WarmStart]]:
-    from sharded_mde.search.pme import compact_pme  # imported on use: PME's modules are not needed otherwise
-
-    return compact_pme(*args)
-
-
-# power_law trains from scratch (no checkpoint in its dims file); magnitude and saliency name the
-# full-dimension baseline's checkpoints, so compact_ham warm-starts from its kept columns.
-COMPACT_BUILDERS: Dict[str, CompactBuilder] = {"ham": compact_ham, "uniform": compact_ham, "pme": _compact_pme,
-                                               "power_law": compact_ham, "magnitude": compact_ham,
-                                               "saliency": compact_ham,
-                                               "planted_oracle": compact_ham}  # tools/planted_oracle.py
-
-
 def train_record(cfg: RunConfig) -> Dict[str, Any]:
     """What makes two compact trainings of the same dims identical: the train and data config, the warm-start flag."""
     return json.loads(json.dumps({"train": dataclasses.asdict(cfg.train), "data_dir": cfg.data.dir,
@@ -168,9 +156,8 @@ def reuse_check(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> boo
     """Copies the final checkpoint of HAM's check training of the returned allocation into
     `<stage>/checkpoints` when it was trained exactly as this retrain would train it, so the
     retrain resumes at its end instead of training the same model again; returns whether it did."""
-    check = dims.extra.get("check") or {}
-    src = check.get("winner_checkpoints")
-    if not src or check.get("winner_trained_as") != train_record(cfg):
+    src = dims.check.winner_checkpoints if dims.check else None
+    if not src or dims.check.winner_trained_as != train_record(cfg):
         return False
     last = latest_checkpoint(src)
     dst = Path(cfg.run_dir) / stage / "checkpoints"
@@ -195,9 +182,10 @@ def train_compact(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> T
 
     meta = DatasetMeta.load(cfg.data.dir)
     torch.manual_seed(cfg.train.seed)  # a from-scratch compact model starts the same in every run
-    model, tables, warm = COMPACT_BUILDERS[dims.method](cfg, dims, full_table_configs(cfg), meta)
-    if dims.extra.get("data_dir"):  # the search renumbered the ids (PME): train on its copy of the data
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(dims.extra["data_dir"])))
+    build: CompactBuilder = compact_builder(dims.method)
+    model, tables, warm = build(cfg, dims, full_table_configs(cfg), meta)
+    if dims.data_dir:  # the search renumbered the ids (PME): train on its copy of the data
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=dims.data_dir))
     if cfg.search.retrain_embedding_lr:  # every method's compact model alike
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, embedding_lr=cfg.search.retrain_embedding_lr))
     _, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm)
@@ -208,8 +196,7 @@ def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Opti
     """Trains the compact model of `dims_path` in `<run_dir>/<stage>/` and returns its metrics."""
     full = full_table_configs(cfg)
     dims = load_dims(dims_path, full)
-    if dims.method not in COMPACT_BUILDERS:
-        raise ValueError(f"{dims_path}: no retrain builder for method {dims.method!r} (known: {', '.join(COMPACT_BUILDERS)})")
+    compact_builder(dims.method, str(dims_path))  # an unknown method fails before any work
     stage = stage or f"retrain_{dims.method}"
     reused = reuse_check(cfg, env, dims, stage)
     metrics, warm = train_compact(cfg, env, dims, stage)

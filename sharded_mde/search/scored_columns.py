@@ -5,7 +5,7 @@ stage `baseline`), reused when that stage finished and trained here otherwise, t
 highest-scoring columns under the byte budget with `select_dims` (value per byte, legal dims,
 every field at least 4 columns and at most its row cap, never above the budget, within one
 4-column step of it; no field is dropped). The dims file names the scored
-checkpoint (`extra.supernet_checkpoints`), so `retrain` warm-starts from its kept columns.
+checkpoint (`supernet_checkpoints`), so `retrain` warm-starts from its kept columns.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def save_scored_dims(method: str, cfg: RunConfig, env: DistEnv, stage: str, scor
     tables = full_table_configs(cfg)
     optimizer = cfg.train.embedding_optimizer
     kept = select_dims(scores, tables, cfg.search.budget, (), WEIGHT_DTYPE, optimizer)
-    extra = {"supernet_checkpoints": str(checkpoint), **extra,  # retrain warm-starts from the scored model
-             "scores": {n: [float(f"{float(x):.6g}") for x in v] for n, v in scores.items()}}
-    dims = make_dims_file(method, tables, kept, cfg.search.budget, WEIGHT_DTYPE, optimizer, extra)
+    extra = {**extra, "scores": {n: [float(f"{float(x):.6g}") for x in v] for n, v in scores.items()}}
+    dims = make_dims_file(method, tables, kept, cfg.search.budget, WEIGHT_DTYPE, optimizer, extra,
+                          supernet_checkpoints=str(checkpoint))  # retrain warm-starts from the scored model
     if env.is_main:
         save_search_result(Path(cfg.run_dir) / stage, dims, None, ranks)
     return dims

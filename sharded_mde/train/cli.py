@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from sharded_mde.config import RunConfig, load_config, parse_overrides
+from sharded_mde.train.launch import run_with_data
 
 if TYPE_CHECKING:
     from sharded_mde.train.distributed import DistEnv
@@ -25,29 +26,6 @@ def load_args_config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, parse_overrides(args.overrides))
 
 
-def run_with_data(args: argparse.Namespace, body: Callable[[RunConfig, DistEnv], int], prepare_data: bool = True) -> int:
-    """Loads the config, starts the process group, prepares the data on rank 0, then runs `body` on every rank."""
-    from sharded_mde.data import prepare
-    from sharded_mde.train.distributed import init_distributed, shutdown_distributed
-
-    cfg = load_args_config(args)
-    env = init_distributed()
-    finished = False
-    try:
-        if prepare_data:
-            if env.is_main:
-                prepare(cfg.data)
-            if env.world_size > 1:
-                import torch.distributed as dist
-
-                dist.barrier()
-        result = body(cfg, env)
-        finished = True
-        return result
-    finally:
-        shutdown_distributed(wait_for_peers=finished)
-
-
 def _train(args: argparse.Namespace) -> int:
     from sharded_mde.train.checkpoint import discard_checkpoints_of_other_configs
     from sharded_mde.train.run import train_stage
@@ -61,7 +39,7 @@ def _train(args: argparse.Namespace) -> int:
                               "examples_per_s": round(metrics["examples_per_s"])}, indent=2))
         return 0
 
-    return run_with_data(args, body)
+    return run_with_data(load_args_config(args), body)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
