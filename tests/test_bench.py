@@ -237,7 +237,7 @@ def _independent_serving(exports: dict, dtype: str, config: Path, run_dir: Path,
 
 def test_speed_reports_ratios_and_skips_tbe_without_cuda(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "speed.json"
-    assert main(["bench", "speed", str(config), "--repeats", "2", "--steps", "3", "--out", str(out),
+    assert main(["bench", "speed", str(config), "--repeats", "2", "--steps", "3", "--out", str(out), "--stock-dims", "4,8",
                  "--set", f"run_dir={tmp_path / 'speed_run'}", "--set", "search.budget=0.5"]) == 0
     doc = json.loads(out.read_text())
     r = doc["results"]
@@ -247,6 +247,11 @@ def test_speed_reports_ratios_and_skips_tbe_without_cuda(config: Path, tmp_path:
     for part, name in (("search_overhead", "masked"), ("train_step", "compact")):  # ratio of the medians it reports
         t = r[part]
         assert t["ratio"] == pytest.approx(t[f"{name}_median_step_ms"] / t["plain_median_step_ms"], rel=1e-9)
+    assert sorted(r["stock_dlrm"]) == ["4", "8"]
+    for dim, t in r["stock_dlrm"].items():  # MixedDimDLRM / stock DLRM, every table and the dense arch's end at dim
+        assert t["steps"] == 6 and t["dense_arch"][-1] == int(dim)
+        assert t["ratio"] == pytest.approx(t["mixed_median_step_ms"] / t["stock_median_step_ms"], rel=1e-9)
+    assert len(r["load_average"]["before"]) == 3
     for dtype in ("fp32", "int8"):
         s = r["serving"]["dtypes"][dtype]
         assert s["ratio_median"] > 0 and 0 < s["bytes_ratio"] < 1
@@ -262,6 +267,13 @@ def test_speed_reports_ratios_and_skips_tbe_without_cuda(config: Path, tmp_path:
     else:
         assert r["tbe"]["status"] == "skipped" and "tbe: skipped" in printed
         assert "forward_ms" not in json.dumps(r["tbe"])
+
+
+def test_speed_bad_stock_dims_is_one_line(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "speed", str(config), "--stock-dims", "16,x", "--set", f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--stock-dims '16,x'" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_lr_sweep_picks_the_best_validation_auc_and_resumes(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

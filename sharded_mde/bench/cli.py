@@ -61,15 +61,17 @@ def _lr(args: argparse.Namespace) -> int:
 
 
 def _speed(args: argparse.Namespace) -> int:
-    from sharded_mde.bench.speed import print_speed, run_speed
+    from sharded_mde.bench.speed import parse_stock_dims, print_speed, run_speed
 
     if min(args.repeats, args.steps, args.tbe_batch) < 1:
         raise ValueError("--repeats, --steps and --tbe-batch must be at least 1")
+    stock_dims = parse_stock_dims(args.stock_dims)
 
     def body(cfg: RunConfig, env: DistEnv) -> int:
         out = Path(args.out) if args.out else Path(cfg.run_dir) / "bench_speed.json"
         doc = run_speed(cfg, env, out, dims_path=args.dims, repeats=args.repeats, steps=args.steps,
-                        full_export=args.full_export, compact_export=args.compact_export, tbe_batch=args.tbe_batch)
+                        full_export=args.full_export, compact_export=args.compact_export, tbe_batch=args.tbe_batch,
+                        stock_dims=stock_dims)
         if env.is_main:
             print_speed(doc)
             print(json.dumps({"saved": str(out), "machine": doc["machine"]}, indent=2))
@@ -107,5 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--full-export", help="export of the full model to serve (default: one of a fresh model)")
     s.add_argument("--compact-export", help="export of the compact model to serve (default: one of a fresh model)")
     s.add_argument("--tbe-batch", type=int, default=16384, help="batch size of the FBGEMM TBE timing (CUDA only)")
+    s.add_argument("--stock-dims", default="16,128",
+                   help="dims at which MixedDimDLRM is timed against stock TorchRec DLRM, comma-separated ('' for none)")
     s.add_argument("--out", help="results JSON (default: RUN_DIR/bench_speed.json)")
     s.set_defaults(func=_speed)

@@ -8,13 +8,16 @@ same process on the same batches:
 - serving examples/s, compact / full export at fp32 and int8 (the models just stepped, exported,
   or the exports given);
 - with CUDA: FBGEMM TBE forward and forward+backward time, compact / full table set, at batch
-  16384, with the device name and the bytes ratio; without CUDA that part is reported as skipped.
+  16384, with the device name and the bytes ratio; without CUDA that part is reported as skipped;
+- training step, `MixedDimDLRM` / stock `torchrec.models.dlrm.DLRM` with every table at the same dim
+  (each of `--stock-dims`): the cost of the mixed-dim head's per-field projections.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -57,9 +60,54 @@ def compact_dims_file(cfg: RunConfig, out_dir: Path, env: DistEnv, dims_path: Op
     return path
 
 
+def parse_stock_dims(text: str) -> List[int]:
+    """`--stock-dims` ("16,128"; "" for none) as positive ints; anything else is a one-line ValueError."""
+    try:
+        dims = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--stock-dims {text!r}: comma-separated positive integers expected") from None
+    if any(d < 1 for d in dims):
+        raise ValueError(f"--stock-dims {text!r}: every dim must be at least 1")
+    return dims
+
+
+def stock_dlrm_steps(cfg: RunConfig, env: DistEnv, batches: List[Batch], repeats: int,
+                     dims: Sequence[int]) -> Dict[str, Any]:
+    """Step time of MixedDimDLRM / stock TorchRec DLRM, every table at `dim`, on the same batches, for each dim.
+
+    Both get the config's dense and over arch with the dense arch's last layer set to `dim` (stock
+    DLRM needs it equal to the tables' dim; MixedDimDLRM projects every field to it).
+    """
+    import dataclasses
+
+    from torchrec import EmbeddingBagCollection
+    from torchrec.models.dlrm import DLRM
+
+    from sharded_mde.bench.steps import interleaved_step_times, ratio_summary, training_step
+    from sharded_mde.data import DatasetMeta
+    from sharded_mde.modules.model import RecTrain, build_model
+    from sharded_mde.plan.tables import full_table_configs
+
+    meta = DatasetMeta.load(cfg.data.dir)
+    n_dense = len(meta.dense_features)
+    out: Dict[str, Any] = {}
+    for dim in dims:
+        tables = [dataclasses.replace(t, embedding_dim=dim) for t in full_table_configs(cfg)]
+        model_cfg = dataclasses.replace(cfg.model, head="dlrm", dense_arch=[*cfg.model.dense_arch[:-1], dim])
+        torch.manual_seed(cfg.train.seed)
+        models = {"mixed": build_model(model_cfg, tables, meta.sparse_features, n_dense),
+                  "stock": RecTrain(DLRM(EmbeddingBagCollection(tables=tables, device=torch.device("meta")), n_dense,
+                                         list(model_cfg.dense_arch), list(model_cfg.over_arch)))}
+        step_fns = {name: training_step(cfg, env, model, tables)[1] for name, model in models.items()}
+        times = interleaved_step_times(step_fns, {name: batches for name in models}, repeats, env.device)
+        out[str(dim)] = {"dense_arch": list(model_cfg.dense_arch), "over_arch": list(model_cfg.over_arch),
+                         **ratio_summary(times, "mixed", "stock")}
+    return out
+
+
 def run_speed(cfg: RunConfig, env: DistEnv, out: str | Path, dims_path: Optional[str | Path] = None, repeats: int = 5,
               steps: int = 10, full_export: Optional[str] = None, compact_export: Optional[str] = None,
-              tbe_batch: int = 16384) -> Dict[str, Any]:
+              tbe_batch: int = 16384, stock_dims: Sequence[int] = (16, 128)) -> Dict[str, Any]:
     """Measures every ratio on every rank (serving and TBE on rank 0) and saves the results JSON at `out`."""
     import dataclasses
 
@@ -92,6 +140,7 @@ def run_speed(cfg: RunConfig, env: DistEnv, out: str | Path, dims_path: Optional
     compact_batches = _batches(dims.data_dir or cfg.data.dir, cfg, env, steps)  # PME renumbers ids
     times = interleaved_step_times(step_fns, {"plain": batches, "masked": batches, "compact": compact_batches},
                                    repeats, env.device)
+    load_before = os.getloadavg()
     results: Dict[str, Any] = {
         "config": {"run_dir": cfg.run_dir, "data_dir": cfg.data.dir, "batch_size_per_rank": cfg.train.batch_size,
                    "world_size": env.world_size, "sharding": cfg.train.sharding, "head": cfg.model.head,
@@ -101,7 +150,11 @@ def run_speed(cfg: RunConfig, env: DistEnv, out: str | Path, dims_path: Optional
         "bytes_ratio": dims.kept_bytes / dims.full_bytes,
         "search_overhead": ratio_summary(times, "masked", "plain"),
         "train_step": ratio_summary(times, "compact", "plain"),
+        "stock_dlrm": stock_dlrm_steps(cfg, env, batches, repeats, stock_dims),
     }
+    # Other work on the machine slows every variant alike (they step in turn), but a loaded machine's
+    # absolute times and small ratios are noisier: the 1, 5, 15 minute load averages around the timing.
+    results["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     exports = {"compact": compact_export, "full": full_export}
     for name, model_name in (("compact", "compact"), ("full", "plain")):
         if not exports[name]:  # export the model just stepped (sharded checkpoint, then the export stage)
@@ -163,6 +216,9 @@ def print_speed(doc: Dict[str, Any]) -> None:
           f"mean step times {so['mean_ratio']:.3f})")
     print(f"train step: compact/full {ts['ratio']:.3f} ({ts['compact_median_step_ms']:.2f} / "
           f"{ts['plain_median_step_ms']:.2f} ms, step-by-step median {ts['stepwise_ratio_median']:.3f})")
+    for dim, st in r["stock_dlrm"].items():
+        print(f"train step at dim {dim}: MixedDimDLRM/stock DLRM {st['ratio']:.3f} ({st['mixed_median_step_ms']:.2f} / "
+              f"{st['stock_median_step_ms']:.2f} ms, step-by-step median {st['stepwise_ratio_median']:.3f})")
     for dtype, s in r["serving"]["dtypes"].items():
         print(f"serving {dtype}: compact/full examples/s {s['ratio_median']:.3f} "
               f"({s['compact']['examples_per_s_median']:,.0f} / {s['full']['examples_per_s_median']:,.0f}), "

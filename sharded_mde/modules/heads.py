@@ -53,6 +53,8 @@ class _MixedDimHead(nn.Module):
 class MixedDimDLRM(_MixedDimHead):
     """DLRM over per-field embeddings of any width: Linear(d_f -> D) per field, then DLRM arches.
 
+    The projections of all fields of one width run as one batched matmul.
+
     Stock `torchrec.models.dlrm.DLRM` asserts one dim for every table, so the compact model after a
     search uses this head (a searched model trains with `DLRM` itself: during the search every table
     keeps its full dim).
@@ -94,18 +96,40 @@ class MixedDimDLRM(_MixedDimHead):
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Logits of shape (B, 1)."""
         dense, embs = self._dense_and_fields(dense_features, sparse_features)
-        projected = torch.stack(
-            [self.projections[f](e) if self.feature_dims[f] else torch.zeros_like(dense) for f, e in zip(self.features, embs)],
-            dim=1,
-        )
-        return self.over_arch(self.inter_arch(dense, projected))
+        return self.over_arch(self.inter_arch(dense, self._project(dense, embs)))
+
+    def _project(self, dense: torch.Tensor, embs: List[torch.Tensor]) -> torch.Tensor:
+        """(B, F, D): every field's embedding times its projection, one batched matmul per group of equal widths.
+
+        The same products as applying each field's `projections[f]` alone (its weight is read, not
+        copied into another parameter, so the state dict keeps one Linear per field); a field
+        without a table gives zeros.
+        """
+        groups: Dict[int, List[int]] = {}
+        for i, f in enumerate(self.features):
+            if self.feature_dims[f] > 0:
+                groups.setdefault(self.feature_dims[f], []).append(i)
+        if len(groups) == 1 and len(next(iter(groups.values()))) == len(self.features):  # one group, in order
+            return self._project_group(embs, list(range(len(self.features)))).transpose(0, 1)
+        out = [torch.zeros_like(dense)] * len(self.features)
+        for positions in groups.values():
+            y = self._project_group(embs, positions)
+            for k, i in enumerate(positions):
+                out[i] = y[k]
+        return torch.stack(out, dim=1)
+
+    def _project_group(self, embs: List[torch.Tensor], positions: List[int]) -> torch.Tensor:
+        """(G, B, D): the fields at `positions` (all of one width d) through their (D, d) weights in one bmm."""
+        x = torch.stack([embs[i] for i in positions])  # (G, B, d)
+        w = torch.stack([self.projections[self.features[i]].weight for i in positions])  # (G, D, d)
+        return torch.bmm(x, w.transpose(1, 2))
 
     @torch.no_grad()
     def slice_inputs(self, kept: Mapping[str, torch.Tensor]) -> None:
         """Keeps only columns `kept[f]` of each field's projection input (empty = field dropped)."""
         for f, idx in kept.items():
             old = self.projections[f]
-            new = nn.Linear(max(len(idx), 1), old.out_features, bias=False)
+            new = nn.Linear(max(len(idx), 1), old.out_features, bias=False, device=old.weight.device)
             new.weight.zero_()
             if len(idx):
                 new.weight.copy_(old.weight[:, idx])
@@ -144,6 +168,8 @@ class MixedDimDCN(_MixedDimHead):
     ) -> None:
         super().__init__(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes)
         self.dense_dim = dense_arch_layer_sizes[-1]
+        self.over_arch_layer_sizes = list(over_arch_layer_sizes)
+        self.num_layers, self.low_rank = num_layers, low_rank
         width = self.dense_dim + sum(self.feature_dims.values())
         self.crossnet = LowRankCrossNet(in_features=width, num_layers=num_layers, low_rank=low_rank)
         self.over_arch = OverArch(width, over_arch_layer_sizes)
@@ -168,15 +194,27 @@ class MixedDimDCN(_MixedDimHead):
             offset += self.feature_dims[f]
             self.feature_dims[f] = int(idx.numel())
         cols = torch.cat(keep)
-        for v, w, b in zip(self.crossnet.V_kernels, self.crossnet.W_kernels, self.crossnet.bias):
-            v.data = v.data[:, cols].contiguous()
-            w.data = w.data[cols].contiguous()
-            b.data = b.data[cols].contiguous()
-        first: nn.Linear = self.over_arch.model[0]._mlp[0]._linear
-        new = nn.Linear(int(cols.numel()), first.out_features, bias=True)
-        new.weight.copy_(first.weight[:, cols])
-        new.bias.copy_(first.bias)
-        self.over_arch.model[0]._mlp[0]._linear = new
+        device = self.crossnet.bias[0].device
+        crossnet = LowRankCrossNet(in_features=int(cols.numel()), num_layers=self.num_layers, low_rank=self.low_rank).to(device)
+        for layer in range(self.num_layers):
+            crossnet.V_kernels[layer].copy_(self.crossnet.V_kernels[layer][:, cols])
+            crossnet.W_kernels[layer].copy_(self.crossnet.W_kernels[layer][cols])
+            crossnet.bias[layer].copy_(self.crossnet.bias[layer][cols])
+        self.crossnet = crossnet
+        self.over_arch = _over_arch_on_columns(self.over_arch, cols, self.over_arch_layer_sizes)
+
+
+def _over_arch_on_columns(old: OverArch, cols: torch.Tensor, layer_sizes: List[int]) -> OverArch:
+    """A new `OverArch` whose input is columns `cols` of `old`'s input, with `old`'s weights (the first layer's sliced).
+
+    Only public API: the first `nn.Linear` in `modules()` order is the layer that reads the input,
+    and a freshly built `OverArch` registers its parameters in the same order as `old`.
+    """
+    first = next(m for m in old.modules() if isinstance(m, nn.Linear)).weight
+    new = OverArch(int(cols.numel()), layer_sizes, device=first.device)
+    for target, source in zip(new.parameters(), old.parameters()):
+        target.detach().copy_(source[:, cols] if source is first else source)
+    return new
 
 
 def build_head(

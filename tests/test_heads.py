@@ -1,0 +1,141 @@
+"""The mixed-dim heads: batched projections equal the per-field ones, `slice_inputs` keeps outputs and
+state-dict names, and the heads trace and script for serving."""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List
+
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection
+from torchrec.fx import symbolic_trace
+
+from dist_utils import random_batch, table_configs
+from sharded_mde.export.serve import LEAF_MODULES, ServingModel
+from sharded_mde.modules.heads import MixedDimDCN, MixedDimDLRM, build_head
+
+N_DENSE, B = 3, 16
+MIXED = [("C1", 30, 8), ("C2", 20, 4), ("C3", 25, 8), ("C4", 15, 16), ("C5", 10, 4)]  # widths 8, 4, 16 interleaved
+EQUAL = [("C1", 30, 8), ("C2", 20, 8), ("C3", 25, 8)]  # one group in feature order
+
+
+class PerFieldDLRM(MixedDimDLRM):
+    """The head as it was: every field through its own Linear, one call per field (the reference)."""
+
+    def _project(self, dense: torch.Tensor, embs: List[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([self.projections[f](e) if self.feature_dims[f] else torch.zeros_like(dense)
+                            for f, e in zip(self.features, embs)], dim=1)
+
+
+def _heads(spec, feature_dims: Dict[str, int]):
+    """(batched head, per-field reference) holding the same weights."""
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=table_configs(spec))
+    head = MixedDimDLRM(ebc, feature_dims, N_DENSE, [8, 6], [8, 1])
+    ref = PerFieldDLRM(copy.deepcopy(ebc), feature_dims, N_DENSE, [8, 6], [8, 1])
+    ref.load_state_dict(head.state_dict())
+    return head, ref
+
+
+@pytest.mark.parametrize("spec,dropped", [(MIXED, []), (MIXED, ["C3"]), (EQUAL, [])],
+                         ids=["mixed", "mixed_with_a_dropped_field", "equal"])
+def test_batched_projections_equal_per_field_forward_and_backward(spec, dropped) -> None:
+    feature_dims = {f: (0 if f in dropped else d) for f, _, d in spec}
+    live = [(f, r, d) for f, r, d in spec if f not in dropped]
+    head, ref = _heads(live, feature_dims)
+    batch = random_batch(live, B, N_DENSE, seed=3)
+    out, want = head(batch.dense_features, batch.sparse_features), ref(batch.dense_features, batch.sparse_features)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(g)
+    want.backward(g)
+    grads = dict(ref.named_parameters())
+    for name, p in head.named_parameters():
+        if grads[name].grad is None:  # the unused Linear(1, D) of a field without a table
+            assert p.grad is None and name.split(".")[1] in dropped, name
+            continue
+        assert p.grad.abs().max() > 0, name
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_state_dict_keeps_one_linear_per_field() -> None:
+    """Exports and checkpoints of the per-field head load unchanged: same names, same shapes."""
+    head, _ = _heads(MIXED, {"C1": 8, "C2": 4, "C3": 0, "C4": 16, "C5": 4})
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items() if k.startswith("projections.")}
+    assert shapes == {"projections.C1.weight": (6, 8), "projections.C2.weight": (6, 4), "projections.C3.weight": (6, 1),
+                      "projections.C4.weight": (6, 16), "projections.C5.weight": (6, 4)}
+
+
+def _hard_masked(spec, kept: Dict[str, List[int]]) -> Dict[str, torch.Tensor]:
+    """Per table, a copy of its weight with every column outside `kept` zeroed (the search's hard mask)."""
+    out = {}
+    for f, _, d in spec:
+        mask = torch.zeros(d)
+        mask[kept[f]] = 1.0
+        out[f] = mask
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "dcn"])
+def test_slice_inputs_equals_the_hard_masked_head_and_loads_into_a_fresh_one(kind: str) -> None:
+    """The sliced head computes what the full head computes on masked embeddings, and its state dict (what
+    the export writes) loads strictly into a head built for the kept widths (what serving builds)."""
+    torch.manual_seed(0)
+    kept = {"C1": [0, 2, 5], "C2": [], "C3": list(range(8)), "C4": [1, 3, 4, 9], "C5": [2]}
+    full_dims = {f: d for f, _, d in MIXED}
+    head = build_head(kind, EmbeddingBagCollection(tables=table_configs(MIXED)), full_dims, N_DENSE, [8, 6], [8, 4, 1],
+                      dcn_layers=2, dcn_rank=3)
+    masks = _hard_masked(MIXED, kept)
+    with torch.no_grad():
+        for name, p in head.named_parameters():  # nonzero everywhere (the crossnet's bias starts at zero)
+            if not name.startswith("sparse_arch."):
+                p.add_(0.1 * torch.randn(p.shape))
+        for f, _, _ in MIXED:
+            head.sparse_arch.embedding_bags[f"t_{f}"].weight.mul_(masks[f])
+    batch = random_batch(MIXED, B, N_DENSE, seed=4)
+    with torch.no_grad():
+        want = head(batch.dense_features, batch.sparse_features)
+    compact_spec = [(f, r, len(kept[f])) for f, r, _ in MIXED if kept[f]]
+    compact = EmbeddingBagCollection(tables=table_configs(compact_spec))
+    with torch.no_grad():
+        for f, _, _ in compact_spec:
+            compact.embedding_bags[f"t_{f}"].weight.copy_(head.sparse_arch.embedding_bags[f"t_{f}"].weight[:, kept[f]])
+    head.slice_inputs({f: torch.tensor(c, dtype=torch.long) for f, c in kept.items()})
+    head.sparse_arch = compact
+    with torch.no_grad():
+        got = head(batch.dense_features, batch.sparse_features)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    fresh = build_head(kind, EmbeddingBagCollection(tables=table_configs(compact_spec)),
+                       {f: len(c) for f, c in kept.items()}, N_DENSE, [8, 6], [8, 4, 1], dcn_layers=2, dcn_rank=3)
+    assert set(fresh.state_dict()) == set(head.state_dict())
+    fresh.load_state_dict(head.state_dict())  # strict: same names and shapes
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(batch.dense_features, batch.sparse_features), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "dcn"])
+def test_heads_trace_and_script_for_serving(kind: str) -> None:
+    torch.manual_seed(0)
+    dims = {"C1": 8, "C2": 4, "C3": 0, "C4": 16, "C5": 4}
+    live = [t for t in MIXED if dims[t[0]]]
+    head = build_head(kind, EmbeddingBagCollection(tables=table_configs(live)), dims, N_DENSE, [8, 6], [8, 1])
+    model = ServingModel(head).eval()
+    scripted = torch.jit.script(symbolic_trace(model, leaf_modules=LEAF_MODULES))
+    batch = random_batch(live, B, N_DENSE, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(batch.dense_features, batch.sparse_features),
+                                   model(batch.dense_features, batch.sparse_features))
+
+
+def test_heads_read_no_private_attribute_of_another_object() -> None:
+    """The heads build TorchRec modules and use them through public attributes only (#17.5)."""
+    import inspect
+    import re
+
+    from sharded_mde.modules import heads
+
+    assert re.findall(r"(?<!self)\._(?!_)\w+", inspect.getsource(heads)) == []
