@@ -342,6 +342,7 @@ class PmeConfig:
     init_scale: float = 0.05  # tables start uniform(-s, s) when scored, so that fields' saliencies compare
     half_life: float = 0.25  # a row of d columns keeps 1 - 2^(-d / half_life) of a token's value (docs/pme.md)
     serve_split: str = ""  # "" or valid: a token's value is scaled by its count there over its training count
+    row_value: float = 0.0  # value added per scored row of a token: what a trained row learns beyond the first-order saliency (docs/pme.md)
 
     def validate(self) -> None:
         if not 0 < self.score_fraction <= 1:
@@ -356,6 +357,8 @@ class PmeConfig:
             raise ConfigError(f"half_life: columns, must be > 0, got {self.half_life}")
         if self.serve_split not in ("", "valid"):
             raise ConfigError(f"serve_split: '' or valid, got {self.serve_split!r}")
+        if self.row_value < 0:
+            raise ConfigError(f"row_value: value per scored row, must be >= 0, got {self.row_value}")
 
 
 @dataclass

@@ -126,6 +126,21 @@ def test_values_compare_across_fields_whatever_their_scale() -> None:
         assert torch.equal(base.sizes[t.name], scaled.sizes[t.name]), t.name
 
 
+def test_row_value_moves_rows_to_the_most_served_tokens() -> None:
+    """A value per row added to every seen token: at a large value per row the kept tokens are the most frequent."""
+    budget = int(0.05 * _full_bytes())
+    base = select_sizes(_scores(_layout("table_wise", 1), 0), budget, PAD)
+    count = {t.name: np.array([0.0, 0.0] + [400.0 / (k + 1) for k in range(t.num_embeddings - 2)]) for t in TABLES}
+    added = {n: 1e6 * c for n, c in count.items()}
+    sel = select_sizes(_scores(_layout("table_wise", 1), 0), budget, PAD, added=added)
+    assert sel.bytes <= budget
+    for name in ("t_A", "t_N"):  # ids are in frequency order: a prefix of them is kept
+        kept = sel.sizes[name][2:] > 0
+        assert int(kept.sum()) >= 1 and bool(kept[:int(kept.sum())].all()), name
+    # field N (no first-order evidence) gets rows for its frequent tokens, as it did not without the row value
+    assert int((sel.sizes["t_N"][2:] > 0).sum()) > int((base.sizes["t_N"][2:] > 0).sum()) == 1
+
+
 def test_infeasible_budget_is_an_error() -> None:
     with pytest.raises(ValueError, match="best token"):
         select_sizes(_scores(_layout("table_wise", 1), 0), 100, PAD)

@@ -1,4 +1,5 @@
-"""PME's serve weights: each token's held-out count (plus the prior) over its training count, read from the splits."""
+"""PME's serve weights (each token's held-out count plus the prior over its training count) and its row values
+(search.pme.row_value x each token's scored rows), read from the splits."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import ConfigError, DataConfig, PmeConfig
 from sharded_mde.data import prepare
-from sharded_mde.search.pme import HELD_OUT_PRIOR, served_weights
+from sharded_mde.search.pme import HELD_OUT_PRIOR, row_values, served_weights
 from sharded_mde.search.pme_data import split_counts
 
 
@@ -41,6 +42,21 @@ def test_served_weights_are_held_out_over_training_counts(tmp_path: Path) -> Non
     assert absent > 0  # some training tokens never occur in validation: they get the prior only
 
 
-def test_serve_split_is_validated() -> None:
+def test_row_values_are_the_scored_rows_times_the_value_per_row(tmp_path: Path) -> None:
+    meta = prepare(DataConfig(format="synth", dir=str(tmp_path / "data"), synth_rows=2000, synth_num_sparse=2,
+                              synth_num_dense=1, synth_vocab_min=20, synth_vocab_max=200), progress=False)
+    tables = [EmbeddingBagConfig(num_embeddings=meta.num_embeddings[f], embedding_dim=8, name=f"t_{f}", feature_names=[f])
+              for f in meta.sparse_features]
+    added = row_values(tmp_path / "data", tables, 0.03, 0.5)  # half an epoch scored
+    for t in tables:
+        train = _counts(meta, "train", t.feature_names[0])
+        want = np.array([0.03 * 0.5 * train.get(i, 0) for i in range(t.num_embeddings)])
+        np.testing.assert_allclose(added[t.name], want)
+        assert added[t.name].max() > 0
+
+
+def test_serve_split_and_row_value_are_validated() -> None:
     with pytest.raises(ConfigError, match="serve_split"):
         PmeConfig(serve_split="test").validate()
+    with pytest.raises(ConfigError, match="row_value"):
+        PmeConfig(row_value=-0.1).validate()

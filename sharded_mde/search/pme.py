@@ -52,6 +52,16 @@ def served_weights(data_dir: str | Path, split: str, tables: List[EmbeddingBagCo
     return {n: (served[n] + HELD_OUT_PRIOR) / np.maximum(train[n], 1) for n in train}
 
 
+def row_values(data_dir: str | Path, tables: List[EmbeddingBagConfig], per_row: float, scored: float) -> Dict[str, np.ndarray]:
+    """Per table, `per_row` x each token's scored rows (its training count x the `scored` share of an epoch).
+
+    The saliency at initialisation sees only a token's first-order evidence (how its labels depart from
+    its field's): the other fields' rows are random then, so what a trained row learns about its
+    interactions with them is invisible, and it grows with the rows the token is seen in.
+    """
+    return {n: per_row * scored * c.astype(float) for n, c in split_counts(data_dir, "train", tables).items()}
+
+
 def scoring_tables(tables: List[EmbeddingBagConfig], scale: float) -> List[EmbeddingBagConfig]:
     """The full tables, every one initialised uniform(-scale, scale) so that saliencies compare across fields."""
     return [dataclasses.replace(t, weight_init_min=-scale, weight_init_max=scale) for t in tables]
@@ -119,7 +129,9 @@ def run_pme(cfg: RunConfig, env: DistEnv, stage: str = "pme", ranks: Optional[Di
     budget = budget_bytes(tables, cfg.search.budget, WEIGHT_DTYPE, optimizer)
     t0 = time.perf_counter()
     weights = served_weights(cfg.data.dir, pme.serve_split, tables) if pme.serve_split else None
-    sel = select_sizes(scores, budget, model, pme.sizes, pme.half_life, weights)
+    added = (row_values(cfg.data.dir, tables, pme.row_value, min(1.0, timing["score_batches"] / timing["epoch_batches"]))
+             if pme.row_value else None)
+    sel = select_sizes(scores, budget, model, pme.sizes, pme.half_life, weights, added)
     timing["select_seconds"] = time.perf_counter() - t0
     dims = None
     if env.is_main:

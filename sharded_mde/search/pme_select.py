@@ -250,13 +250,19 @@ class _Allocator:
 
 
 def select_sizes(scores: TokenScores, budget_bytes: int, model: ByteModel, sizes: Sequence[int] = (),
-                 half_life: float = 0.25, weights: Optional[Dict[str, np.ndarray]] = None) -> Selection:
-    """Every token's legal size under `budget_bytes` (exact bytes, routing included), gathered on rank 0."""
+                 half_life: float = 0.25, weights: Optional[Dict[str, np.ndarray]] = None,
+                 added: Optional[Dict[str, np.ndarray]] = None) -> Selection:
+    """Every token's legal size under `budget_bytes` (exact bytes, routing included), gathered on rank 0.
+
+    `added` (per table, per token) is added to each seen token's value before `weights` multiply it.
+    """
     tables: List[EmbeddingBagConfig] = scores.tables
     legal = {t.name: default_sizes(t.embedding_dim, sizes) for t in tables}
     values = token_values(scores)
     if values is None:  # not rank 0: the result lives on rank 0
         return Selection({}, legal, 0.0, 0, budget_bytes, {})
+    if added is not None:
+        values = {n: (v + np.where(seen, added[n], 0.0), seen) for n, (v, seen) in values.items()}
     if weights is not None:
         values = {n: (v * weights[n], seen) for n, (v, seen) in values.items()}
     alloc = _Allocator(tables, values, legal, model, half_life)
