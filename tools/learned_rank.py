@@ -29,7 +29,7 @@ import torch
 from sharded_mde.bench.common import save_results
 from sharded_mde.config import RunConfig, load_config, parse_overrides
 from sharded_mde.data import DatasetMeta
-from sharded_mde.data.synth import make_teacher, synth_schema
+from sharded_mde.data.synth import load_ground_truth, make_teacher, synth_fingerprint, synth_schema
 from sharded_mde.data.vocab import vocab_path
 from sharded_mde.io import atomic_write_text
 from sharded_mde.modules.model import build_model
@@ -90,6 +90,11 @@ def planted_share(table: torch.Tensor, weights: torch.Tensor, vectors: np.ndarra
 def table_vectors(cfg: RunConfig, features: List[str], rows: Mapping[str, int]) -> Dict[str, np.ndarray]:
     """The factorised teacher's token vector of every table row ([rows, K], reserved ids 0), else {}."""
     if cfg.data.format != "synth" or cfg.data.synth_teacher != "factorised":
+        return {}
+    truth = load_ground_truth(Path(cfg.data.dir) / "ground_truth.json")
+    if truth is None or truth.get("fingerprint") != synth_fingerprint(cfg.data):
+        print(f"{cfg.data.dir}: ground_truth.json is not from this config's generator settings; no planted share",
+              file=sys.stderr)
         return {}
     teacher, fields = make_teacher(cfg.data), list(synth_schema(cfg.data).sparse)
     out = {}
