@@ -83,7 +83,9 @@ def planted_share(table: torch.Tensor, weights: torch.Tensor, vectors: np.ndarra
     x, e = table.double(), torch.from_numpy(vectors).double()
     x = (x - (p * p * x).sum(0)) * p
     e = (e - (p * p * e).sum(0)) * p
-    fit = e @ torch.linalg.lstsq(e, x, rcond=None).solution if e.abs().sum() > 0 else torch.zeros_like(x)
+    u, sv, _ = torch.linalg.svd(e, full_matrices=False)  # planted vectors are rank r_f < K: project on their span
+    q = u[:, sv > sv.max() * 1e-8] if sv.numel() and sv.max() > 0 else u[:, :0]
+    fit = q @ (q.T @ x)
     return float((fit * fit).sum() / (x * x).sum().clamp_min(1e-30))
 
 
