@@ -133,6 +133,17 @@ def test_factorised_token_vectors_have_the_planted_rank():
             assert np.mean(np.sum(z * z, axis=1)) == pytest.approx(1.0, rel=0.25)
 
 
+def test_factorised_value_vectors_follow_raw_values():
+    """Raw values (in any order, as a vocabulary lists them) map to their tokens' vectors; unknown values to 0."""
+    teacher = make_teacher(DataConfig(**FACT))
+    values = teacher.value_strings(0).to_pylist()
+    order = [7, 0, 123, 299]
+    got = teacher.value_vectors(0, [values[i] for i in order] + ["not-a-value"])
+    assert got.shape == (5, FACT["synth_latent_dim"])
+    assert np.allclose(got[:4], teacher.token_vectors(0)[order]) and not np.any(got[4])
+    assert np.linalg.norm(got[:4], axis=1).min() > 0
+
+
 def test_factorised_logit_needs_exactly_r_directions_per_field():
     """Cutting a field's token vectors to their top r_f directions keeps the logit; r_f - 1 changes it."""
     teacher = make_teacher(DataConfig(**FACT))

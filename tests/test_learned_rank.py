@@ -45,3 +45,24 @@ def test_rows_without_count_do_not_shape_the_directions():
     assert tool.spectrum_stats(var)["k95"] <= 2
     _, var_all, _ = tool.principal_directions(table, torch.ones_like(weights))
     assert tool.spectrum_stats(var_all)["k95"] > 2
+
+
+def test_planted_share_separates_signal_from_noise():
+    """A table that maps the planted vectors linearly has share 1; added noise lowers it; unseen rows do not count."""
+    import numpy as np
+
+    tool = _tool()
+    g = torch.Generator().manual_seed(2)
+    vectors = torch.randn(300, 8, generator=g)
+    vectors[:, 3:] = 0  # rank 3, as a factorised field's token vectors
+    table = 0.5 + vectors @ torch.randn(8, 16, generator=g)
+    weights = torch.ones(300, dtype=torch.float64)
+    assert tool.planted_share(table, weights, vectors.numpy()) > 0.9999
+    noisy = table + 0.5 * torch.randn(300, 16, generator=g)
+    assert 0.3 < tool.planted_share(noisy, weights, vectors.numpy()) < 0.95
+    assert tool.planted_share(torch.randn(300, 16, generator=g), weights, vectors.numpy()) < 0.1
+    garbage = table.clone()
+    garbage[:50] = 10 * torch.randn(50, 16, generator=g)
+    weights[:50] = 0
+    assert tool.planted_share(garbage, weights, vectors.numpy()) > 0.9999
+    assert tool.planted_share(table, weights, np.zeros((300, 8), dtype=np.float32)) == 0.0

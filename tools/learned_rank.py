@@ -7,7 +7,10 @@ share of that variance in the top 1 and 4 directions and the effective rank (par
 (sum s)^2 / sum s^2), then scores the test split with every table replaced by its projection onto
 its top k directions, for each k of `--ks`. On planted synthetic data it adds the planted rank of
 every field and the Spearman correlation between effective and planted ranks: a search that reads
-importance from training can only find ranks that training put into the tables.
+importance from training can only find ranks that training put into the tables. With the
+factorised teacher it also reports each table's planted share: the part of its weighted row
+variance that a least-squares fit on the teacher's token vectors explains (the rest is what
+training added that the teacher does not use, which lifts the effective rank of a low-rank table).
 
     .venv/bin/python tools/learned_rank.py configs/ham_planted.yaml --out docs/learned_rank.md
 """
@@ -26,6 +29,7 @@ import torch
 from sharded_mde.bench.common import save_results
 from sharded_mde.config import RunConfig, load_config, parse_overrides
 from sharded_mde.data import DatasetMeta
+from sharded_mde.data.synth import load_ground_truth, make_teacher, synth_fingerprint, synth_schema
 from sharded_mde.data.vocab import vocab_path
 from sharded_mde.io import atomic_write_text
 from sharded_mde.modules.model import build_model
@@ -73,6 +77,38 @@ def spectrum_stats(var: torch.Tensor) -> Dict[str, float]:
             "k95": int((share < 0.95).sum()) + 1}
 
 
+def planted_share(table: torch.Tensor, weights: torch.Tensor, vectors: np.ndarray) -> float:
+    """Share of the count-weighted, centred row variance of `table` explained linearly by the planted vectors."""
+    p = (weights / weights.sum().clamp_min(1e-30)).sqrt()[:, None]
+    x, e = table.double(), torch.from_numpy(vectors).double()
+    x = (x - (p * p * x).sum(0)) * p
+    e = (e - (p * p * e).sum(0)) * p
+    u, sv, _ = torch.linalg.svd(e, full_matrices=False)  # planted vectors are rank r_f < K: project on their span
+    q = u[:, sv > sv.max() * 1e-8] if sv.numel() and sv.max() > 0 else u[:, :0]
+    fit = q @ (q.T @ x)
+    return float((fit * fit).sum() / (x * x).sum().clamp_min(1e-30))
+
+
+def table_vectors(cfg: RunConfig, features: List[str], rows: Mapping[str, int]) -> Dict[str, np.ndarray]:
+    """The factorised teacher's token vector of every table row ([rows, K], reserved ids 0), else {}."""
+    if cfg.data.format != "synth" or cfg.data.synth_teacher != "factorised":
+        return {}
+    truth = load_ground_truth(Path(cfg.data.dir) / "ground_truth.json")
+    if truth is None or truth.get("fingerprint") != synth_fingerprint(cfg.data):
+        print(f"{cfg.data.dir}: ground_truth.json is not from this config's generator settings; no planted share",
+              file=sys.stderr)
+        return {}
+    teacher, fields = make_teacher(cfg.data), list(synth_schema(cfg.data).sparse)
+    out = {}
+    for feature in features:
+        vocab = pq.read_table(str(vocab_path(cfg.data.dir, feature)), columns=["value", "id"])
+        e = np.zeros((rows[feature], cfg.data.synth_latent_dim), dtype=np.float32)
+        e[vocab.column("id").to_numpy().astype(np.int64)] = teacher.value_vectors(
+            fields.index(feature), vocab.column("value").to_pylist())
+        out[feature] = e
+    return out
+
+
 def evaluate_with(cfg: RunConfig, env: DistEnv, meta: DatasetMeta, tables: List[Any],
                   weights: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]) -> Dict[str, float]:
     """Test AUC and log loss of the full model with the given table weights and dense tensors."""
@@ -90,12 +126,16 @@ def to_markdown(command: str, result: Dict[str, Any]) -> str:
     for row in result["truncations"]:
         lines.append(f"| {row['k']} | {row['auc']:.4f} | {row['logloss']:.4f} |")
     planted = result.get("planted")
-    lines += ["", "| table | rows | planted rank | top-1 share | top-4 share | effective rank | directions for 95% |",
-              "|---|---|---|---|---|---|---|"]
+    share = any("planted_share" in t for t in result["tables"])
+    lines += ["", "| table | rows | planted rank | top-1 share | top-4 share | effective rank | directions for 95% |"
+              + (" planted share |" if share else ""), "|---|---|---|---|---|---|---|" + ("---|" if share else "")]
     for t in result["tables"]:
         rank = "" if t.get("planted_rank") is None else t["planted_rank"]
         lines.append(f"| {t['name']} | {t['rows']:,} | {rank} | {t['top1_share']:.3f} | {t['top4_share']:.3f} | "
-                     f"{t['effective_rank']:.2f} | {t['k95']} |")
+                     f"{t['effective_rank']:.2f} | {t['k95']} |" + (f" {t['planted_share']:.3f} |" if share else ""))
+    if share:
+        lines += ["", "Planted share: the part of a table's count-weighted row variance that a least-squares fit on the "
+                  "teacher's token vectors explains (rank-0 tables: 0)."]
     if planted:
         lines += ["", f"Spearman correlation of effective rank with planted rank: {planted['spearman_all']:.3f} over all "
                   f"tables, {planted['spearman_informative']:.3f} over the tables planted at rank > 0."]
@@ -119,13 +159,17 @@ def main() -> None:
     ckpt = Path(cfg.run_dir) / args.stage / "checkpoints"
     weights, dense = read_supernet(ckpt, {t.name: range(t.embedding_dim) for t in tables})
     ranks = planted_ranks(cfg) or {}
+    vectors = table_vectors(cfg, [t.feature_names[0] for t in tables], {t.feature_names[0]: t.num_embeddings for t in tables})
     directions, rows = {}, []
     for t in tables:
         feature = t.feature_names[0]
-        mean, var, vec = principal_directions(weights[t.name], row_weights(cfg.data.dir, feature, t.num_embeddings))
+        counts = row_weights(cfg.data.dir, feature, t.num_embeddings)
+        mean, var, vec = principal_directions(weights[t.name], counts)
         directions[t.name] = (mean, vec)
         rows.append({"name": t.name, "feature": feature, "rows": t.num_embeddings,
                      "planted_rank": ranks.get(feature), **spectrum_stats(var)})
+        if feature in vectors:
+            rows[-1]["planted_share"] = planted_share(weights[t.name], counts, vectors[feature])
     truncations = []
     for k in [int(x) for x in args.ks.split(",")] + [max(t.embedding_dim for t in tables)]:
         cut = {n: truncate(weights[n], mean, vec, k) for n, (mean, vec) in directions.items()}

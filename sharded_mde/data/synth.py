@@ -281,10 +281,10 @@ class FactorisedTeacher(PlantedTeacher):
     Token v of field f has the vector e_v = A_f z_v in R^K (K = synth_latent_dim), z_v ~ N(0, I / r_f)
     and A_f a random K x r_f map with orthonormal columns, so the token vectors of field f span exactly
     r_f dimensions and every field carries the same variance whatever its rank. A row's context is
-    h(x) = relu(M x) in R^K, x its standardised processed dense features and M a random K x D map
-    with orthonormal rows (columns when D < K), and score = sum_f <e_f, h(x) - E h>. A DLRM whose
+    h(x) = M x in R^K, x its standardised processed dense features and M a random K x D map
+    with orthonormal rows (columns when D < K), and score = sum_f <e_f, h(x)>. A DLRM whose
     table f has at least r_f columns represents it exactly: embedding z_v, projection A_f, a dense
-    arch that outputs h(x) and a constant (which carries -E h), dots summed by the over arch. With
+    arch that outputs h(x) + c and a constant (which carries -c), dots summed by the over arch. With
     fewer columns the field loses its remaining directions. Each token's effect is linear in its
     embedding given the dense arch, so training learns every direction from the start (pairwise
     products of two fields' embeddings, zero at initialisation, were not learnt: docs/synthetic_data.md).
@@ -310,6 +310,17 @@ class FactorisedTeacher(PlantedTeacher):
     def token_vectors(self, f: int) -> np.ndarray:
         """Every token's vector e_v = A_f z_v of field f, [V_f, K] (rank r_f)."""
         return self.latents[f] @ self.maps[f]
+
+    def value_vectors(self, f: int, values: List[str]) -> np.ndarray:
+        """The token vectors [n, K] of field f's raw values (as in the data, e.g. a vocabulary); unknown: 0.
+
+        Lets a trained table be compared row by row with what the teacher planted (tools/learned_rank.py).
+        """
+        index = {v: i for i, v in enumerate(self.value_strings(f).to_pylist())}
+        pos = np.array([index.get(v, -1) for v in values], dtype=np.int64)
+        out = self.token_vectors(f)[np.maximum(pos, 0)] if len(pos) else np.zeros((0, self.cfg.synth_latent_dim))
+        out[pos < 0] = 0.0
+        return out.astype(np.float32)
 
     def _score(self, tokens: np.ndarray, dense: np.ndarray) -> np.ndarray:
         """sum_f <e_f, h(x)> per row (a missing token has e = 0)."""
