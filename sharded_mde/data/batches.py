@@ -201,7 +201,8 @@ def _read(meta: DatasetMeta, blocks: Sequence[_Block]) -> _Share:
     shares = []
     for b in blocks:
         try:
-            table = pq.ParquetFile(b.path).read_row_group(b.group, columns=columns)
+            with pq.ParquetFile(b.path) as part:
+                table = part.read_row_group(b.group, columns=columns)
         except (OSError, ValueError) as e:
             raise ValueError(f"{b.path}: cannot read data part ({e})") from None
         shares.append(_share_of(table.slice(b.lo, len(b)), meta.dense_features, meta.sparse_features))
