@@ -1,6 +1,10 @@
-"""Batches from prepared splits: equal per rank, disjoint shares, exact eval coverage, KJT layout."""
+"""Batches from prepared splits: equal per rank, disjoint shares, exact eval coverage, KJT layout, and
+streamed input: the documented order (in-memory order within one window, else a block shuffle), resume,
+bounded rows held and bounded memory over an epoch."""
 
 from __future__ import annotations
+
+import tracemalloc
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +15,7 @@ import torch
 from sharded_mde.config import DataConfig
 from sharded_mde.data import (DatasetMeta, iterate_batches, iterate_eval_batches, num_batches, num_eval_batches,
                               prepare)
+from sharded_mde.data.batches import TrainStream
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +114,152 @@ def test_bad_arguments_and_missing_data(tmp_path, data_dir):
         list(iterate_batches(data_dir, "dev", 10))
     with pytest.raises(ValueError, match="rank < world_size"):
         list(iterate_batches(data_dir, "train", 10, rank=2, world_size=2))
+
+
+# ---------------------------------------------------------------- streamed input
+
+def small_row_groups(data_dir, rows: int) -> None:
+    """Rewrites every prepared part in row groups of `rows` rows (same rows, same meta.json)."""
+    meta = DatasetMeta.load(data_dir)
+    for parts in meta.parts.values():
+        for p, _ in parts:
+            pq.write_table(pq.read_table(data_dir / p), data_dir / p, row_group_size=rows)
+
+
+@pytest.fixture(scope="module")
+def multi_dir(tmp_path_factory):
+    """Prepared data with a dense, a single-valued and a multi-valued (list<int32>) field, in row groups of 250."""
+    d = tmp_path_factory.mktemp("stream")
+    rng = np.random.default_rng(0)
+    n = 3000
+    tags = [None if i % 17 == 3 else [f"t{j}" for j in rng.integers(0, 30, rng.integers(0, 4))] for i in range(n)]
+    pq.write_table(pa.table({"label": pa.array((rng.random(n) < 0.3).astype(np.float32)),
+                             "x": pa.array(rng.random(n).astype(np.float32)),
+                             "user": [f"u{i}" for i in rng.integers(0, 50, n)],
+                             "tags": pa.array(tags, pa.list_(pa.string()))}), d / "in.parquet")
+    prepare(DataConfig(format="parquet", paths=[str(d / "in.parquet")], dir=str(d / "data")), progress=False)
+    small_row_groups(d / "data", 250)
+    return d / "data"
+
+
+def table_rows(data_dir, split: str) -> list:
+    """The split's rows in stored order as (label, dense, ((ids of key) per key)), read whole by pyarrow."""
+    meta = DatasetMeta.load(data_dir)
+    t = pa.concat_tables([pq.read_table(data_dir / p) for p, _ in meta.parts[split]]).to_pydict()
+    return [(t["label"][i], tuple(t[c][i] for c in meta.dense_features),
+             tuple(tuple(t[k][i] or []) if k in meta.multi_valued else (t[k][i],) for k in meta.sparse_features))
+            for i in range(len(t["label"]))]
+
+
+def kjt_batch_rows(batch) -> list:
+    """A batch's rows in the form of `table_rows`, read back through TorchRec's per-key view."""
+    per_key = batch.sparse_features.to_dict()
+    keys = batch.sparse_features.keys()
+    ids = [[tuple(r.tolist()) for r in per_key[k].to_dense()] for k in keys]
+    return [(float(batch.labels[i]), tuple(batch.dense_features[i].tolist()), tuple(ids[j][i] for j in range(len(keys))))
+            for i in range(batch.labels.shape[0])]
+
+
+def documented_order(n_rows: int, group_sizes: list, seed: int, epoch: int, rank: int, window: int) -> np.ndarray:
+    """The module docstring's training order over a share's rows, from the whole share at once (the reference)."""
+    key = [seed, epoch, rank]
+    if n_rows <= window:
+        return np.random.default_rng(key).permutation(n_rows)
+    starts = np.cumsum([0] + group_sizes)
+    windows = []
+    for i in np.random.default_rng(key).permutation(len(group_sizes)):
+        if not windows or sum(group_sizes[j] for j in windows[-1]) + group_sizes[i] > window:
+            windows.append([])
+        windows[-1].append(i)
+    order = []
+    for w, blocks in enumerate(windows):
+        rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in blocks])
+        order.append(rows[np.random.default_rng(key + [w + 1]).permutation(len(rows))])
+    return np.concatenate(order)
+
+
+@pytest.mark.parametrize("window", [10_000, 700])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_streamed_batches_follow_the_documented_order(multi_dir, window, world_size):
+    """A share within one window: the in-memory order (one permutation of the share); a larger share:
+    the block shuffle. Multi-valued bags arrive whole, per-rank shares are today's contiguous halves."""
+    meta = DatasetMeta.load(multi_dir)
+    assert meta.multi_valued == ["tags"]
+    rows = table_rows(multi_dir, "train")
+    per, batch_size = meta.rows["train"] // world_size, 96
+    for rank in range(world_size):
+        lo = rank * per
+        # row groups are 250 rows from the start of the part: the share cuts its first and last
+        edges = sorted({lo, lo + per} | set(range(0, meta.rows["train"], 250)))
+        sizes = [b - a for a, b in zip(edges, edges[1:]) if lo <= a < lo + per]
+        assert len(sizes) > 3
+        for epoch in (0, 1):
+            order = documented_order(per, sizes, 7, epoch, rank, window)
+            got = [r for b in iterate_batches(multi_dir, "train", batch_size, rank, world_size, seed=7, epoch=epoch,
+                                              window_rows=window) for r in kjt_batch_rows(b)]
+            n = (per // batch_size) * batch_size
+            assert got == [rows[lo + i] for i in order[:n]]
+            assert any(len(r[2][1]) == 0 for r in got) and any(len(r[2][1]) > 1 for r in got)
+
+
+def test_streamed_resume_and_epoch_cover_the_share(multi_dir):
+    full = [kjt_batch_rows(b) for b in iterate_batches(multi_dir, "train", 64, seed=3, epoch=2, window_rows=600)]
+    for start in (1, 9, len(full) - 1):  # batch 9 spans two windows of 600 rows
+        resumed = [kjt_batch_rows(b) for b in iterate_batches(multi_dir, "train", 64, seed=3, epoch=2,
+                                                               start_batch=start, window_rows=600)]
+        assert resumed == full[start:]
+    every = [r for b in iterate_batches(multi_dir, "train", 64, seed=3, epoch=2, drop_last=False, window_rows=600)
+             for r in kjt_batch_rows(b)]
+    assert sorted(every) == sorted(table_rows(multi_dir, "train")) and every != table_rows(multi_dir, "train")
+    other = [r for b in iterate_batches(multi_dir, "train", 64, seed=3, epoch=3, window_rows=600)
+             for r in kjt_batch_rows(b)]
+    assert other[:64] != every[:64]
+
+
+@pytest.mark.parametrize("window", [300, 600, 1000])
+def test_stream_holds_one_window_and_a_batch(multi_dir, window):
+    stream = TrainStream(multi_dir, "train", 50, seed=1, window_rows=window)
+    assert stream.rows > 2 * window and len(stream.windows) > 2
+    assert all(sum(map(len, w)) <= window for w in stream.windows)
+    n = sum(b.labels.shape[0] for b in stream.batches())
+    assert n == stream.rows and window // 2 < stream.peak_rows < window + 50
+    whole = TrainStream(multi_dir, "train", 50, seed=1, window_rows=stream.rows)
+    list(whole.batches())
+    assert whole.peak_rows == stream.rows  # the check can fail: an unbounded reader holds the share
+
+
+@pytest.mark.parametrize("world_size, batch_size", [(1, 128), (2, 100), (3, 1000)])
+def test_streamed_eval_batches_are_the_rows_in_order_then_padding(multi_dir, world_size, batch_size):
+    rows = table_rows(multi_dir, "valid")
+    total = len(rows)
+    for rank in range(world_size):
+        per, extra = divmod(total, world_size)
+        lo = rank * per + min(rank, extra)
+        size = per + (rank < extra)
+        got = [r for b, _ in iterate_eval_batches(multi_dir, "valid", batch_size, rank, world_size)
+               for r in kjt_batch_rows(b)]
+        assert got == [rows[lo + i % size] for i in range(len(got))] and len(got) >= size
+
+
+def epoch_peak_bytes(data_dir, window: int) -> int:
+    """Peak bytes the Python heap and numpy held over one training epoch (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        for _ in iterate_batches(data_dir, "train", 64, window_rows=window):
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_epoch_memory_does_not_grow_with_rows(tmp_path):
+    dirs = []
+    for rows in (3000, 12000):
+        d = tmp_path / f"r{rows}"
+        prepare(DataConfig(dir=str(d), synth_rows=rows, synth_vocab_min=10, synth_vocab_max=50), progress=False)
+        small_row_groups(d, 200)
+        dirs.append(d)
+    small, large = (epoch_peak_bytes(d, 1000) for d in dirs)
+    assert large < 1.2 * small
+    small, large = (epoch_peak_bytes(d, 1 << 20) for d in dirs)  # in memory: the measurement sees the rows
+    assert large > 3 * small

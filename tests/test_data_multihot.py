@@ -13,7 +13,7 @@ import pytest
 
 from sharded_mde.config import DataConfig
 from sharded_mde.data import Vocabulary, iterate_eval_batches, prepare
-from sharded_mde.data.batches import _concat_shares, _load_share, _share_of, batch_from_table
+from sharded_mde.data.batches import _blocks, _concat_shares, _read, _share_of, batch_from_table
 from sharded_mde.data.readers import SourceReader, split_values
 from sharded_mde.data.splits import assign_splits
 from sharded_mde.data.vocab import MISSING_ID, OOV_ID
@@ -109,9 +109,9 @@ def kjt_rows(kjt, keys) -> List[Dict[str, list]]:
 def test_batches_match_the_per_row_reference(prepared) -> None:
     cfg, meta, ref = prepared
     train = [row for row, s in zip(ref["rows"], ref["split"]) if s == 0]
-    share = _load_share(meta.dir, meta.fingerprint, "train", 0, meta.rows["train"])
+    share = _read(meta, _blocks(meta, "train", 0, meta.rows["train"]))
     idx = np.array([1, 5, 0, 16, 16, 3])  # a repeated row, the ["x", "x"] bag, the null (empty) bag
-    batch = share.batch(idx)
+    batch = share.take(idx).to_batch()
     kjt = batch.sparse_features
     assert kjt.keys() == ["user", "tags"] and kjt.stride() == len(idx)
     assert kjt_rows(kjt, kjt.keys()) == [{"user": train[i]["user"], "tags": train[i]["tags"]} for i in idx]

@@ -1,19 +1,29 @@
-"""Training and evaluation batches from a prepared data directory, sharded over ranks.
+"""Training and evaluation batches from a prepared data directory, sharded over ranks, streamed.
 
-Each rank loads only its contiguous share of a split into numpy arrays (cached per process) and
-builds TorchRec `Batch`es with vectorised gathers: one id per row for single-valued fields, a bag
-of ids (offsets + ids, possibly empty) for multi-valued ones, so the KJT carries real lengths. Every rank gets the same number of batches of
-the same size, as DistributedModelParallel requires. Training batches are shuffled per
-(seed, epoch, rank); evaluation batches cover every row exactly once over all ranks, padded by
-repeating rows, with the count of real rows alongside.
+Each rank reads only its contiguous share of a split, a Parquet row group at a time (a "block": a
+row group cut to the share), and builds TorchRec `Batch`es with vectorised gathers: one id per row
+for single-valued fields, a bag of ids (offsets + ids, possibly empty) for multi-valued ones, so the
+KJT carries real lengths. Every rank gets the same number of batches of the same size, as
+DistributedModelParallel requires. Resident memory does not grow with the split: training holds one
+shuffle window (at most `window_rows` rows, or one block where a block is larger) and one batch;
+evaluation holds one block and one batch.
+
+Training order, per (seed, epoch, rank): a share of at most `window_rows` rows is one window, its
+rows in stored order permuted by rng(seed, epoch, rank), the order before streaming. A larger
+share is block-shuffled: its blocks in an order drawn from rng(seed, epoch, rank), grouped in turn
+into windows of at most `window_rows` rows (a larger block is a window of its own), the rows of
+window w permuted by rng(seed, epoch, rank, w + 1). Batches are consecutive `batch_size` rows of
+that order (a batch may span two windows), so batch b depends only on (seed, epoch, rank) and a
+resume at batch b skips the windows before it unread. Evaluation batches cover every row exactly
+once over all ranks, in stored order, padded by repeating rows, with the count of real rows alongside.
 """
 
 from __future__ import annotations
 
-import functools
+import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -26,12 +36,13 @@ from sharded_mde.data.meta import DatasetMeta
 from sharded_mde.data.readers import LABEL
 
 PathLike = Union[str, Path]
+SHUFFLE_WINDOW_ROWS = 1 << 18  # rows a training rank shuffles together (and holds) at once
 
 
 @dataclass(frozen=True)
 class _Share:
-    """One rank's rows of a split: labels [n], dense [n, D], single-valued ids key-major [F1, n] and,
-    per multi-valued field, its bags as (offsets [n + 1], ids)."""
+    """Rows of a split: labels [n], dense [n, D], single-valued ids key-major [F1, n] and, per
+    multi-valued field, its bags as (offsets [n + 1] from 0, ids)."""
 
     keys: Tuple[str, ...]
     labels: np.ndarray
@@ -42,26 +53,32 @@ class _Share:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, idx: Union[np.ndarray, slice]) -> Batch:
-        """The rows `idx` as a Batch: per key and row its ids (one for single-valued keys, a bag,
-        possibly empty, for multi-valued ones), key-major as TorchRec expects."""
+    def take(self, rows: np.ndarray) -> "_Share":
+        """The rows `rows` (any order, repeats allowed) as a new share."""
+        bags = {}
+        for k, (offsets, ids) in self.bags.items():
+            values, lengths = _gather_bags(offsets, ids, rows)
+            bags[k] = (np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths, dtype=np.int64)]), values)
+        return _Share(keys=self.keys, labels=self.labels[rows], dense=self.dense[rows], sparse=self.sparse[:, rows],
+                      bags=bags)
+
+    def to_batch(self) -> Batch:
+        """Every row as a Batch: per key and row its ids (one for single-valued keys, a bag, possibly
+        empty, for multi-valued ones), key-major as TorchRec expects."""
+        b = len(self)
         if self.bags:
-            rows = np.arange(len(self))[idx]
-            b = len(rows)
-            single = iter(self.sparse[:, rows])
-            parts = [_gather_bags(*self.bags[k], rows) if k in self.bags else (next(single), np.ones(b, np.int32))
-                     for k in self.keys]
+            single = iter(self.sparse)
+            parts = [(self.bags[k][1], np.diff(self.bags[k][0])) if k in self.bags
+                     else (next(single), np.ones(b, np.int64)) for k in self.keys]
             values = np.concatenate([v for v, _ in parts]) if parts else np.zeros(0, np.int32)
             lengths = torch.from_numpy(np.concatenate([n for _, n in parts]).astype(np.int32))
         else:
-            ids = self.sparse[:, idx]
-            b = ids.shape[1]
-            values, lengths = ids.reshape(-1), torch.ones(len(self.keys) * b, dtype=torch.int32)
+            values, lengths = self.sparse.reshape(-1), torch.ones(len(self.keys) * b, dtype=torch.int32)
         return Batch(
-            dense_features=torch.from_numpy(np.ascontiguousarray(self.dense[idx])),
+            dense_features=torch.from_numpy(np.ascontiguousarray(self.dense)),
             sparse_features=KeyedJaggedTensor(keys=list(self.keys), values=torch.from_numpy(values.astype(np.int64)),
                                               lengths=lengths, stride=b),
-            labels=torch.from_numpy(np.ascontiguousarray(self.labels[idx])),
+            labels=torch.from_numpy(np.ascontiguousarray(self.labels)),
         )
 
 
@@ -99,6 +116,8 @@ def _share_of(table: pa.Table, dense_features: Sequence[str], sparse_features: S
 
 def _concat_shares(shares: List[_Share]) -> _Share:
     """Row-wise concatenation of shares of the same keys."""
+    if len(shares) == 1:
+        return shares[0]
     first = shares[0]
     bags = {}
     for k in first.bags:
@@ -116,7 +135,7 @@ def _concat_shares(shares: List[_Share]) -> _Share:
 
 def batch_from_table(table: pa.Table, dense_features: Sequence[str], sparse_features: Sequence[str]) -> Batch:
     """Every row of a processed table (a prepared part, or a slice of one) as one Batch."""
-    return _share_of(table, dense_features, sparse_features).batch(slice(None))
+    return _share_of(table, dense_features, sparse_features).to_batch()
 
 
 def _train_range(total: int, rank: int, world_size: int) -> Tuple[int, int]:
@@ -139,28 +158,133 @@ def _check(meta: DatasetMeta, split: str, batch_size: int, rank: int, world_size
     return meta.rows[split]
 
 
-@functools.lru_cache(maxsize=4)
-def _load_share(data_dir: str, fingerprint: str, split: str, start: int, stop: int) -> _Share:
-    """Rows [start, stop) of a split, reading only the parts that overlap them."""
-    meta = DatasetMeta.load(data_dir)
-    shares = []
+@dataclass(frozen=True)
+class _Block:
+    """Rows [lo, hi) of row group `group` of a Parquet part: the unit read from disk."""
+
+    path: str
+    group: int
+    lo: int
+    hi: int
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+
+def _blocks(meta: DatasetMeta, split: str, start: int, stop: int) -> List[_Block]:
+    """The row groups holding rows [start, stop) of a split, cut to them, in stored order; only the
+    footers of the parts overlapping the range are read."""
+    blocks: List[_Block] = []
     offset = 0
     for path, n in meta.split_parts(split):
-        lo, hi = max(start, offset), min(stop, offset + n)
-        if lo < hi:
+        if offset < stop and start < offset + n:
             try:
-                table = pq.read_table(str(path)).slice(lo - offset, hi - lo)
+                footer = pq.read_metadata(str(path))
             except (OSError, ValueError) as e:
                 raise ValueError(f"{path}: cannot read data part ({e})") from None
-            shares.append(_share_of(table, meta.dense_features, meta.sparse_features))
+            if footer.num_rows != n:
+                raise ValueError(f"{path}: holds {footer.num_rows} rows, meta.json says {n}; prepare the data again")
+            at = offset
+            for g in range(footer.num_row_groups):
+                size = footer.row_group(g).num_rows
+                lo, hi = max(start - at, 0), min(stop - at, size)
+                if lo < hi:
+                    blocks.append(_Block(str(path), g, lo, hi))
+                at += size
         offset += n
-    if not shares:
-        single = [f for f in meta.sparse_features if f not in meta.multi_valued]
-        return _Share(keys=tuple(meta.sparse_features), labels=np.zeros(0, np.float32),
-                      dense=np.zeros((0, len(meta.dense_features)), np.float32),
-                      sparse=np.zeros((len(single), 0), np.int32),
-                      bags={f: (np.zeros(1, np.int64), np.zeros(0, np.int32)) for f in meta.multi_valued})
-    return shares[0] if len(shares) == 1 else _concat_shares(shares)
+    return blocks
+
+
+def _read(meta: DatasetMeta, blocks: Sequence[_Block]) -> _Share:
+    """The rows of `blocks`, in order, one row group in memory at a time."""
+    columns = [LABEL] + list(meta.dense_features) + list(meta.sparse_features)
+    shares = []
+    for b in blocks:
+        try:
+            with pq.ParquetFile(b.path) as part:
+                table = part.read_row_group(b.group, columns=columns)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{b.path}: cannot read data part ({e})") from None
+        shares.append(_share_of(table.slice(b.lo, len(b)), meta.dense_features, meta.sparse_features))
+        del table
+    return _concat_shares(shares)
+
+
+Pieces = Iterator[Tuple[_Share, np.ndarray]]
+
+
+def _rebatch(pieces: Pieces, batch_size: int, on_hold: Callable[[int], None]) -> Iterator[_Share]:
+    """Consecutive `batch_size`-row shares (the last may be shorter) of the rows `order` of each
+    (share, order) piece in turn; `on_hold` hears the rows held whenever a piece arrives."""
+    held: List[_Share] = []
+    have = 0
+    for share, order in pieces:
+        on_hold(len(share) + have)
+        i = 0
+        while i < len(order):
+            k = min(batch_size - have, len(order) - i)
+            held.append(share.take(order[i:i + k]))
+            have, i = have + k, i + k
+            if have == batch_size:
+                yield _concat_shares(held)
+                held, have = [], 0
+        del share, order  # the next piece is read only after this one is let go
+    if held:
+        yield _concat_shares(held)
+
+
+class TrainStream:
+    """One rank's rows of a split for one epoch, in the module's documented order, read a window at a time."""
+
+    def __init__(self, data_dir: PathLike, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, epoch: int = 0, window_rows: int = SHUFFLE_WINDOW_ROWS) -> None:
+        if window_rows < 1:
+            raise ValueError(f"need window_rows >= 1, got {window_rows}")
+        self.meta = DatasetMeta.load(data_dir)
+        start, stop = _train_range(_check(self.meta, split, batch_size, rank, world_size), rank, world_size)
+        self.rows, self.batch_size = stop - start, batch_size
+        self.key = [seed, epoch, rank]
+        self.shuffle = split == "train"
+        blocks = _blocks(self.meta, split, start, stop)
+        if not self.shuffle:  # in stored order, a block at a time
+            self.windows = [[b] for b in blocks]
+        elif self.rows <= window_rows:
+            self.windows = [blocks] if blocks else []
+        else:
+            self.windows = []
+            for i in np.random.default_rng(self.key).permutation(len(blocks)):
+                if not self.windows or sum(map(len, self.windows[-1])) + len(blocks[i]) > window_rows:
+                    self.windows.append([])
+                self.windows[-1].append(blocks[i])
+        self.starts = np.cumsum([0] + [sum(map(len, w)) for w in self.windows]).tolist()
+        self.peak_rows = 0  # the most rows held at once so far (a window and a batch's worth)
+
+    def _order(self, w: int) -> np.ndarray:
+        """The order of window w's rows."""
+        n = self.starts[w + 1] - self.starts[w]
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng(self.key if len(self.windows) == 1 else self.key + [w + 1]).permutation(n)
+
+    def _pieces(self, first: int, last: int) -> Pieces:
+        """(window rows, order) covering positions [first, last) of the epoch's order; earlier windows are not read."""
+        if first >= last:
+            return
+        for w in range(max(bisect.bisect_right(self.starts, first) - 1, 0), len(self.windows)):
+            if self.starts[w] >= last:
+                return
+            lo, hi = first - self.starts[w], last - self.starts[w]
+            yield _read(self.meta, self.windows[w]), self._order(w)[max(lo, 0):hi]
+
+    def _hold(self, rows: int) -> None:
+        self.peak_rows = max(self.peak_rows, rows)
+
+    def batches(self, start_batch: int = 0, count: Optional[int] = None) -> Iterator[Batch]:
+        """Batches start_batch .. count - 1 of the epoch (default count: every row, the last batch shorter)."""
+        b = self.batch_size
+        last = self.rows if count is None else min(count * b, self.rows)
+        for share in _rebatch(self._pieces(start_batch * b, last), b, self._hold):
+            yield share.to_batch()
 
 
 def num_batches(data_dir: PathLike, split: str, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
@@ -171,17 +295,11 @@ def num_batches(data_dir: PathLike, split: str, batch_size: int, world_size: int
 
 
 def iterate_batches(data_dir: PathLike, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                    seed: int = 0, epoch: int = 0, start_batch: int = 0, drop_last: bool = True) -> Iterator[Batch]:
-    """Training batches of this rank's share, shuffled per (seed, epoch, rank) when split is train."""
-    meta = DatasetMeta.load(data_dir)
-    total = _check(meta, split, batch_size, rank, world_size)
-    start, stop = _train_range(total, rank, world_size)
-    share = _load_share(str(data_dir), meta.fingerprint, split, start, stop)
-    n = len(share)
-    order = np.random.default_rng([seed, epoch, rank]).permutation(n) if split == "train" else np.arange(n)
-    count = num_batches(data_dir, split, batch_size, world_size, drop_last)
-    for b in range(start_batch, count):
-        yield share.batch(order[b * batch_size:(b + 1) * batch_size])
+                    seed: int = 0, epoch: int = 0, start_batch: int = 0, drop_last: bool = True,
+                    window_rows: int = SHUFFLE_WINDOW_ROWS) -> Iterator[Batch]:
+    """Training batches of this rank's share, streamed, shuffled per (seed, epoch, rank) when split is train."""
+    stream = TrainStream(data_dir, split, batch_size, rank, world_size, seed, epoch, window_rows)
+    yield from stream.batches(start_batch, num_batches(data_dir, split, batch_size, world_size, drop_last))
 
 
 def num_eval_batches(data_dir: PathLike, split: str, batch_size: int, world_size: int = 1, max_batches: int = 0) -> int:
@@ -192,20 +310,24 @@ def num_eval_batches(data_dir: PathLike, split: str, batch_size: int, world_size
     return min(count, max_batches) if max_batches > 0 else count
 
 
+def _eval_pieces(meta: DatasetMeta, split: str, start: int, size: int, served: int, batch_size: int) -> Pieces:
+    """This rank's rows [start, start + size) in order, block by block, then padding up to `served`
+    positions: position i repeats row i mod size (the first split row where the share is empty)."""
+    real = min(size, served)
+    for block in _blocks(meta, split, start, start + real):
+        yield _read(meta, [block]), np.arange(len(block))
+    if served > real:  # i - size < batch_size for every padded position: the first batch's rows suffice
+        lo, n = (start, min(size, batch_size)) if size else (0, 1)
+        yield _read(meta, _blocks(meta, split, lo, lo + n)), np.arange(real, served) % max(size, 1)
+
+
 def iterate_eval_batches(data_dir: PathLike, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
                          max_batches: int = 0) -> Iterator[Tuple[Batch, int]]:
     """(batch, n_valid): this rank's rows in order, the tail padded by repeating rows; the first
     n_valid rows of each batch are real, and over all ranks every row appears exactly once."""
     meta = DatasetMeta.load(data_dir)
-    total = _check(meta, split, batch_size, rank, world_size)
-    start, stop = _eval_range(total, rank, world_size)
-    if stop == start and total:  # an empty share pads with the split's first row
-        share = _load_share(str(data_dir), meta.fingerprint, split, 0, 1)
-        size = 0
-    else:
-        share = _load_share(str(data_dir), meta.fingerprint, split, start, stop)
-        size = len(share)
-    for b in range(num_eval_batches(data_dir, split, batch_size, world_size, max_batches)):
-        rows = np.arange(b * batch_size, (b + 1) * batch_size)
-        n_valid = int(np.clip(size - b * batch_size, 0, batch_size))
-        yield share.batch(rows % len(share)), n_valid
+    start, stop = _eval_range(_check(meta, split, batch_size, rank, world_size), rank, world_size)
+    count = num_eval_batches(data_dir, split, batch_size, world_size, max_batches)
+    pieces = _eval_pieces(meta, split, start, stop - start, count * batch_size, batch_size)
+    for b, share in enumerate(_rebatch(pieces, batch_size, lambda rows: None)):
+        yield share.to_batch(), int(np.clip(stop - start - b * batch_size, 0, batch_size))

@@ -1,4 +1,8 @@
-"""Writes a stream of tables as numbered Parquet parts of a fixed row count, each atomically."""
+"""Writes a stream of tables as numbered Parquet parts of a fixed row count, each atomically.
+
+Parts are written in row groups of ROW_GROUP_ROWS rows: a row group is what a training rank reads
+at a time (data/batches.py), so it bounds the memory of streamed training input.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import pyarrow.parquet as pq
 from sharded_mde.io import atomic_path
 
 PART_ROWS = 1 << 20
+ROW_GROUP_ROWS = 1 << 16
 
 
 class PartWriter:
@@ -36,7 +41,7 @@ class PartWriter:
         part, rest = table.slice(0, rows), table.slice(rows)
         rel = f"{self.prefix}part-{len(self.parts):05d}.parquet"
         with atomic_path(self.out / rel) as tmp:
-            pq.write_table(part, tmp)
+            pq.write_table(part, tmp, row_group_size=ROW_GROUP_ROWS)
         self.parts.append((rel, part.num_rows))
         self.buffer = [rest] if rest.num_rows else []
         self.buffered = rest.num_rows

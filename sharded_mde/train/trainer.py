@@ -21,7 +21,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from sharded_mde.config import TrainConfig
-from sharded_mde.data.batches import iterate_batches, iterate_eval_batches, num_batches
+from sharded_mde.data.batches import iterate_batches, iterate_eval_batches, num_batches, num_eval_batches
 from sharded_mde.train.checkpoint import latest_checkpoint, load_checkpoint, load_portable, save_checkpoint
 from sharded_mde.train.distributed import DistEnv
 from sharded_mde.train.metrics import classification_metrics
@@ -201,14 +201,18 @@ class Trainer:
         model = self.pipeline.detach()
         was_training = model.training
         model.eval()
-        logits, labels = [], []
+        # Copied into one buffer each: keeping every batch's output tensors alive pinned the memory
+        # around them, and resident memory grew by megabytes per evaluation batch.
+        size = num_eval_batches(self.data_dir, split, self.cfg.batch_size, self.env.world_size, max_batches)
+        logits, labels, n = torch.empty(size * self.cfg.batch_size), torch.empty(size * self.cfg.batch_size), 0
         for batch, n_valid in iterate_eval_batches(self.data_dir, split, self.cfg.batch_size, self.env.rank,
                                                    self.env.world_size, max_batches=max_batches):
             _, (_, out, lab) = model(batch.to(self.env.device))
-            logits.append(out[:n_valid].cpu())
-            labels.append(lab[:n_valid].cpu())
+            logits[n:n + n_valid] = out[:n_valid].cpu()
+            labels[n:n + n_valid] = lab[:n_valid].cpu()
+            n += n_valid
         model.train(was_training)
-        local = (torch.cat(logits) if logits else torch.empty(0), torch.cat(labels) if labels else torch.empty(0))
+        local = (logits[:n].clone(), labels[:n].clone())
         if self.env.world_size == 1:
             return local
         gathered: List[Any] = [None] * self.env.world_size
