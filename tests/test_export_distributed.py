@@ -22,7 +22,7 @@ from sharded_mde.modules.masked_ebc import MaskedEmbeddingBagCollection
 from sharded_mde.modules.model import build_model
 from sharded_mde.dims import DimsFile, TableDims, table_bytes
 from sharded_mde.plan.sharding import manual_plan
-from sharded_mde.train.checkpoint import save_checkpoint
+from sharded_mde.train.checkpoint import MODEL, save_checkpoint
 from sharded_mde.train.sharding import ebc_path, make_optimizer, wrap_model
 
 FEATURES = ["C1", "C2", "C3", "C4", "C5"]
@@ -71,7 +71,7 @@ def _train(rank: int, world: int, root: str) -> None:
                 _, (_, logits, _) = dmp(_batch(999 + rank))
             out = Path(root) / kind / name
             atomic_torch_save(out / f"dmp_logits_rank{rank}.pt", logits)
-            save_checkpoint(out / "checkpoints", STEPS, rank, world, {"model": dmp.state_dict(), "step": STEPS}, {})
+            save_checkpoint(out / "checkpoints", STEPS, {MODEL: dmp.state_dict()}, {})
 
 
 @pytest.fixture(scope="module")

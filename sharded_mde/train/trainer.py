@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from sharded_mde.config import TrainConfig
 from sharded_mde.data.batches import iterate_batches, iterate_eval_batches, num_batches
-from sharded_mde.train.checkpoint import latest_checkpoint, load_checkpoint, load_portable, save_checkpoint
+from sharded_mde.train.checkpoint import MODEL, OPTIMIZER, latest_checkpoint, load_checkpoint, save_checkpoint
 from sharded_mde.train.distributed import DistEnv
 from sharded_mde.train.metrics import classification_metrics
 from sharded_mde.train.sharding import make_optimizer
@@ -37,58 +37,9 @@ class Callback(Protocol):
 
     def on_eval(self, trainer: "Trainer", step: int, metrics: Dict[str, float]) -> None: ...
 
-    def state_dict(self) -> Dict[str, Any]: ...
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
-
-
-@dataclass
-class TrainResult:
-    """What a finished training run reports."""
-
-    steps: int
-    examples_per_s: float
-    train_seconds: float
-    valid: Dict[str, float] = field(default_factory=dict)
-    history: List[Dict[str, float]] = field(default_factory=list)
-    steady_examples_per_s: float = 0.0
-
-
-class Trainer:
-    """Trains a DMP-wrapped model on a prepared data directory, resuming from its checkpoints."""
-
-    def __init__(
-        self,
-        dmp: DistributedModelParallel,
-        cfg: TrainConfig,
-        env: DistEnv,
-        data_dir: str | Path,
-        checkpoint_dir: Optional[str | Path] = None,
-        callbacks: Optional[List[Callback]] = None,
-        valid_split: str = "valid",
-    ) -> None:
-        self.dmp = dmp
-        self.cfg = cfg
-        self.env = env
-        self.data_dir = Path(data_dir)
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.callbacks = list(callbacks or [])
-        self.valid_split = valid_split
-        self.optimizer = make_optimizer(dmp, cfg)
-        self.pipeline = TrainPipelineSparseDist(dmp, self.optimizer, env.device)
-        self.step = 0
-        self.history: List[Dict[str, float]] = []
-        self.batches_per_epoch = num_batches(self.data_dir, "train", cfg.batch_size, env.world_size)
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.data_dir}: the train split has fewer rows than one global batch "
-                             f"({cfg.batch_size} x {env.world_size} ranks)")
-        self.total_steps = max(1, int(math.ceil(cfg.epochs * self.batches_per_epoch)))
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> Dict[str, Any]:
+    def local_state(self) -> Dict[str, Any]:
+        """This rank's trainer state beside the model and optimizer: step, eval history, callbacks, RNG."""
         return {
-            "model": self.dmp.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "history": self.history,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
@@ -98,26 +49,30 @@ class Trainer:
     def save(self) -> None:
         if self.checkpoint_dir is None:
             return
-        save_checkpoint(self.checkpoint_dir, self.step, self.env.rank, self.env.world_size, self.state_dict(),
-                        {"total_steps": self.total_steps})
+        save_checkpoint(self.checkpoint_dir, self.step,
+                        {MODEL: self.dmp.state_dict(), OPTIMIZER: self.optimizer.state_dict()},
+                        {"total_steps": self.total_steps}, local=self.local_state())
 
     def try_resume(self) -> bool:
-        """Loads the newest finished checkpoint, if any; returns whether it did."""
+        """Loads the newest finished checkpoint, if any (made on any world size and plan); returns whether it did."""
         if self.checkpoint_dir is None:
             return False
         d = latest_checkpoint(self.checkpoint_dir)
         if d is None:
             return False
-        payload, _ = load_checkpoint(d, self.env.rank, self.env.world_size)
         self.optimizer.init_state()  # a fresh Adam has no state yet and KeyedOptimizer will not load into that
         self.optimizer.zero_grad(set_to_none=True)
-        self.dmp.load_state_dict(load_portable(self.dmp.state_dict(), payload["model"]))
-        self.optimizer.load_state_dict(load_portable(self.optimizer.state_dict(), payload["optimizer"]))
-        self.step = int(payload["step"])
-        self.history = list(payload["history"])
-        for cb, st in zip(self.callbacks, payload["callbacks"]):
+        model, optimizer = self.dmp.state_dict(), self.optimizer.state_dict()
+        local = load_checkpoint(d, model, optimizer)
+        self.dmp.load_state_dict(model)
+        self.optimizer.load_state_dict(optimizer)
+        if local is None:
+            raise ValueError(f"{d}: checkpoint holds no trainer state (not written by the trainer)")
+        self.step = int(local["step"])
+        self.history = list(local["history"])
+        for cb, st in zip(self.callbacks, local["callbacks"]):
             cb.load_state_dict(st)
-        torch.set_rng_state(payload["rng"])
+        torch.set_rng_state(local["rng"])
         return True
 
     # ------------------------------------------------------------------ loops
