@@ -11,7 +11,7 @@ weights, the HAM mask and Adam's state, and the trainer state of the saving rank
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -33,20 +33,32 @@ MCFG = ModelConfig(head="dlrm", dense_arch=[8, 8], over_arch=[8, 1])
 TCFG = TrainConfig(embedding_optimizer="rowwise_adagrad", embedding_lr=0.1, dense_optimizer="adam", dense_lr=0.01)
 
 
-def _full(value: Any) -> torch.Tensor:
-    """The whole tensor on rank 0 (a ShardedTensor gathered; every rank must call)."""
-    if not isinstance(value, ShardedTensor):
-        return value.detach().clone()
-    out = torch.empty(value.size(), dtype=value.dtype) if dist.get_rank() == 0 else None
-    value.gather(dst=0, out=out)
-    return out
-
-
 def _gathered(dmp: Any, opt: Any) -> Dict[str, torch.Tensor]:
-    state = {f"model/{k}": _full(v) for k, v in dmp.state_dict().items()}
-    for p, entries in opt.state_dict()["state"].items():
-        state.update({f"optimizer/{p}/{n}": _full(v) for n, v in entries.items()})
-    return state
+    """Every full tensor of the model and optimizer state, assembled from all ranks' local shards.
+
+    Gathered as objects, not with ShardedTensor.gather: under a table-wise plan the fused
+    optimizer holds a table's state on its owner rank only, so the ranks' key sets differ.
+    """
+    entries = {f"model/{k}": v for k, v in dmp.state_dict().items()}
+    for p, state in opt.state_dict()["state"].items():
+        entries.update({f"optimizer/{p}/{n}": v for n, v in state.items()})
+    local = []  # (name, global size, offsets, tensor)
+    for name, v in entries.items():
+        if isinstance(v, ShardedTensor):
+            local += [(name, tuple(v.size()), list(s.metadata.shard_offsets), s.tensor.detach().clone())
+                      for s in v.local_shards()]
+        elif dist.get_rank() == 0:  # replicated: rank 0's copy
+            local.append((name, tuple(v.shape), [0] * v.dim(), v.detach().clone()))
+    parts: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    full: Dict[str, torch.Tensor] = {}
+    filled: Dict[str, int] = {}
+    for name, size, offsets, t in (x for part in parts for x in part):
+        out = full.setdefault(name, torch.zeros(size, dtype=t.dtype))
+        out[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))] = t
+        filled[name] = filled.get(name, 0) + t.numel()
+    assert all(filled[n] == full[n].numel() for n in full), "a tensor is not covered by its shards"
+    return full
 
 
 def _model(rank: int, world: int, kind: str, seed: int) -> tuple:

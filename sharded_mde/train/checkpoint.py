@@ -219,7 +219,13 @@ def load_checkpoint(d: Path, model: Dict[str, Any], optimizer: Dict[str, Any]) -
     _load(d, {MODEL: model, OPTIMIZER: {"state": opt_state}}, no_dist=not dist.is_initialized())
     for p, entries in opt_state.items():
         optimizer["state"][p].update(entries)
-    key = _LOCAL.format(_rank() if info["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1) else 0)
+    same_world = info["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1)
+    return _trainer_state(d, saved, _rank() if same_world else 0)
+
+
+def _trainer_state(d: Path, saved: Mapping[str, Any], rank: int) -> Any:
+    """Rank `rank`'s trainer state blob of the checkpoint (None if it has none)."""
+    key = _LOCAL.format(rank)
     if key not in saved:
         return None
     blob = torch.empty(saved[key].size, dtype=torch.uint8)
@@ -256,7 +262,7 @@ class CheckpointReader:
     def __init__(self, path: str | Path) -> None:
         self.dir = resolve_checkpoint(path)
         self.info = read_marker(self.dir)
-        saved = _read_metadata(self.dir).state_dict_metadata
+        self._saved = saved = _read_metadata(self.dir).state_dict_metadata
         prefix = f"{MODEL}."
         self._meta: Dict[str, TensorStorageMetadata] = {
             k[len(prefix):]: m for k, m in saved.items() if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
@@ -279,6 +285,10 @@ class CheckpointReader:
         out = {k: torch.empty(self._meta[k].size, dtype=self._meta[k].properties.dtype) for k in keys}
         _load(self.dir, {MODEL: out})
         return out
+
+    def trainer_state(self, rank: int) -> Any:
+        """Rank `rank`'s trainer state (step, history, callback states, RNG), None if it saved none."""
+        return _trainer_state(self.dir, self._saved, rank)
 
     def pieces(self, key: str) -> Iterator[Tuple[List[int], torch.Tensor]]:
         """(global offsets, tensor) of every piece of model entry `key` as saved (a shard), one read at a time."""

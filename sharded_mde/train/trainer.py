@@ -37,6 +37,54 @@ class Callback(Protocol):
 
     def on_eval(self, trainer: "Trainer", step: int, metrics: Dict[str, float]) -> None: ...
 
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run reports."""
+
+    steps: int
+    examples_per_s: float
+    train_seconds: float
+    valid: Dict[str, float] = field(default_factory=dict)
+    history: List[Dict[str, float]] = field(default_factory=list)
+    steady_examples_per_s: float = 0.0
+
+
+class Trainer:
+    """Trains a DMP-wrapped model on a prepared data directory, resuming from its checkpoints."""
+
+    def __init__(
+        self,
+        dmp: DistributedModelParallel,
+        cfg: TrainConfig,
+        env: DistEnv,
+        data_dir: str | Path,
+        checkpoint_dir: Optional[str | Path] = None,
+        callbacks: Optional[List[Callback]] = None,
+        valid_split: str = "valid",
+    ) -> None:
+        self.dmp = dmp
+        self.cfg = cfg
+        self.env = env
+        self.data_dir = Path(data_dir)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.callbacks = list(callbacks or [])
+        self.valid_split = valid_split
+        self.optimizer = make_optimizer(dmp, cfg)
+        self.pipeline = TrainPipelineSparseDist(dmp, self.optimizer, env.device)
+        self.step = 0
+        self.history: List[Dict[str, float]] = []
+        self.batches_per_epoch = num_batches(self.data_dir, "train", cfg.batch_size, env.world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{self.data_dir}: the train split has fewer rows than one global batch "
+                             f"({cfg.batch_size} x {env.world_size} ranks)")
+        self.total_steps = max(1, int(math.ceil(cfg.epochs * self.batches_per_epoch)))
+
+    # ------------------------------------------------------------------ state
     def local_state(self) -> Dict[str, Any]:
         """This rank's trainer state beside the model and optimizer: step, eval history, callbacks, RNG."""
         return {
@@ -64,10 +112,10 @@ class Callback(Protocol):
         self.optimizer.zero_grad(set_to_none=True)
         model, optimizer = self.dmp.state_dict(), self.optimizer.state_dict()
         local = load_checkpoint(d, model, optimizer)
-        self.dmp.load_state_dict(model)
-        self.optimizer.load_state_dict(optimizer)
         if local is None:
             raise ValueError(f"{d}: checkpoint holds no trainer state (not written by the trainer)")
+        self.dmp.load_state_dict(model)
+        self.optimizer.load_state_dict(optimizer)
         self.step = int(local["step"])
         self.history = list(local["history"])
         for cb, st in zip(self.callbacks, local["callbacks"]):
