@@ -108,7 +108,7 @@ def _resume(rank: int, world: int, kind: str, root: str) -> None:
     (2, "row_wise", 1, "table_wise"),
     (1, "table_wise", 2, "row_wise"),
     (2, "table_wise", 2, "row_wise"),
-    (2, "row_wise", 2, "row_wise"),
+    (2, "row_wise", 2, "table_wise"),
 ])
 def test_resume_on_another_world_size_and_plan_restores_weights_and_optimizer_state(
         tmp_path: Path, save_world: int, save_kind: str, load_world: int, load_kind: str) -> None:

@@ -167,11 +167,12 @@ def read_marker(d: Path) -> Dict[str, Any]:
 
 
 def _is_old_format(d: Path) -> bool:
+    """Whether `d` is a finished checkpoint of the earlier per-rank format (a readable marker without a format)."""
     try:
-        read_marker(d)
-    except ValueError as e:
-        return "earlier version" in str(e)
-    return False
+        info = read_json(d / COMPLETE, "checkpoint marker")
+    except ValueError:
+        return False  # a damaged marker: reported when the checkpoint is read
+    return isinstance(info, dict) and info.get("format") != FORMAT
 
 
 def _read_metadata(d: Path) -> Any:
@@ -216,9 +217,7 @@ def load_checkpoint(d: Path, model: Dict[str, Any], optimizer: Dict[str, Any]) -
         raise ValueError(f"{d}: checkpoint lacks model entry {missing[0]} (made with another model config?)")
     opt_state = {p: {n: v for n, v in entries.items() if _optimizer_key(p, n) in saved}
                  for p, entries in optimizer.get("state", {}).items()}
-    _load(d, {MODEL: model, OPTIMIZER: {"state": opt_state}}, no_dist=not dist.is_initialized())
-    for p, entries in opt_state.items():
-        optimizer["state"][p].update(entries)
+    _load(d, {MODEL: model, OPTIMIZER: {"state": opt_state}}, no_dist=not dist.is_initialized())  # in place
     same_world = info["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1)
     return _trainer_state(d, saved, _rank() if same_world else 0)
 
