@@ -15,11 +15,9 @@ scorers): whole dense tensors, and tables one saved piece at a time.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import warnings
@@ -33,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from sharded_mde.io import atomic_write_json, read_json
+from sharded_mde.io import atomic_write_json, failed_write, read_json
 from sharded_mde.train.state import table_of
 
 COMPLETE = "COMPLETE.json"
@@ -72,11 +70,7 @@ def _save_error(e: BaseException, d: Path) -> BaseException:
     cause = _first_failure(e)
     if isinstance(cause, OSError):
         return cause
-    full = d.parent.exists() and shutil.disk_usage(d.parent).free < (1 << 20)
-    if isinstance(cause, RuntimeError) and (full or "write" in str(cause)):  # torch's zip writer on a full disk
-        code = errno.ENOSPC if full else errno.EIO
-        return OSError(code, os.strerror(code), str(d))
-    return cause
+    return failed_write(cause, d) or cause
 
 
 def _blob(obj: Any) -> torch.Tensor:
