@@ -42,16 +42,6 @@ def table_prefix(keys: Iterable[str], table: str) -> str:
     raise ValueError(f"the state holds no weight of table {table} (no '...embedding_bags.{table}.weight')")
 
 
-def table_keys(keys: Iterable[str]) -> Dict[str, str]:
-    """{state key: table name} of every table weight among `keys`."""
-    out = {}
-    for key in keys:
-        name = table_of(key)
-        if name is not None:
-            out[key] = name
-    return out
-
-
 def sparse_arch_prefix(keys: Iterable[str]) -> str:
     """The key prefix of the model's sparse arch (e.g. `model.sparse_arch.`), from its first table."""
     for key in keys:
@@ -64,12 +54,7 @@ def sparse_arch_prefix(keys: Iterable[str]) -> str:
 
 def gate_state(state: Mapping[str, Any]) -> Dict[str, Any]:
     """The entries of the HAM gate in `state`, keyed relative to the gate (`mask`, `momentum`, ...)."""
-    out = {}
-    for key, value in state.items():
-        dotted = f".{key}"
-        if f".{GATE}" in dotted:
-            out[dotted.split(f".{GATE}", 1)[1]] = value
-    return out
+    return {f".{key}".split(f".{GATE}", 1)[1]: value for key, value in state.items() if is_gate_key(key)}
 
 
 def is_gate_key(key: str) -> bool:
