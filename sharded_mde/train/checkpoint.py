@@ -143,7 +143,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def _old_format_error(d: Path) -> ValueError:
     return ValueError(f"{d}: a checkpoint in the per-rank format of an earlier version (rank<R>.pt), which this "
-                      "version does not read; rerun the stage that wrote it with --force to train it again")
+                      f"version does not read; convert it with `python tools/convert_checkpoint.py {d}`, or rerun "
+                      "the stage that wrote it with --force to train it again")
 
 
 def read_marker(d: Path) -> Dict[str, Any]:
