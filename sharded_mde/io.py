@@ -117,13 +117,25 @@ def atomic_torch_save(path: PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         try:
             torch.save(obj, tmp)
-        except RuntimeError as e:  # torch's zip writer reports a failed write (e.g. a full disk) this way
-            # On a full disk the message may name only the writer's position ("unexpected pos 64 vs 0").
-            full = shutil.disk_usage(tmp.parent).free < (1 << 20)
-            if not full and "write" not in str(e):
+        except RuntimeError as e:
+            failed = failed_write(e, tmp)
+            if failed is None:
                 raise
-            code = errno.ENOSPC if full else errno.EIO
-            raise OSError(code, os.strerror(code), str(tmp)) from None
+            raise failed from None
+
+
+def failed_write(e: BaseException, path: PathLike) -> Optional[OSError]:
+    """The OSError behind torch's zip writer's RuntimeError for a failed write of `path` (a full disk: ENOSPC),
+    None for any other error."""
+    if not isinstance(e, RuntimeError):
+        return None
+    # On a full disk the message may name only the writer's position ("unexpected pos 64 vs 0").
+    parent = Path(path).parent
+    full = parent.exists() and shutil.disk_usage(parent).free < (1 << 20)
+    if not full and "write" not in str(e):
+        return None
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
 
 
 def read_json(path: PathLike, what: str = "file") -> Any:

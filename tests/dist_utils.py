@@ -19,7 +19,7 @@ from torchrec.optim import RowWiseAdagrad
 
 from sharded_mde.config import TrainConfig
 from sharded_mde.plan.sharding import manual_plan
-from sharded_mde.train.checkpoint import copy_full_into
+from sharded_mde.train.state import copy_full_into
 from sharded_mde.train.distributed import free_port, shutdown_distributed
 from sharded_mde.train.sharding import ebc_path, make_optimizer, wrap_model
 

@@ -17,7 +17,7 @@ from sharded_mde.export.serve import score
 from sharded_mde.export.stage import load_requests
 from sharded_mde.modules.model import build_model
 from sharded_mde.plan.tables import full_table_configs
-from sharded_mde.train.checkpoint import save_checkpoint
+from sharded_mde.train.checkpoint import MODEL, save_checkpoint
 from sharded_mde.train.metrics import classification_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def run(tmp_path_factory: pytest.TempPathFactory):
         cfg_dim = load_config(config, {"model": {**model_cfg, "embedding_dim": dim}})
         model = build_model(cfg_dim.model, full_table_configs(cfg_dim), meta.sparse_features, len(meta.dense_features),
                             device=torch.device("cpu"))
-        save_checkpoint(d / name / "checkpoints", 5, 0, 1, {"model": model.state_dict(), "step": 5}, {})
+        save_checkpoint(d / name / "checkpoints", 5, {MODEL: model.state_dict()}, {})
         if name == "small":
             model.eval()
             requests = load_requests(cfg.data.dir, "test", 256, torch.device("cpu"))

@@ -22,7 +22,7 @@ from sharded_mde.modules.masked_ebc import MaskedEmbeddingBagCollection
 from sharded_mde.modules.model import build_model
 from sharded_mde.dims import DimsFile, TableDims, table_bytes
 from sharded_mde.plan.sharding import manual_plan
-from sharded_mde.train.checkpoint import save_checkpoint
+from sharded_mde.train.checkpoint import MODEL, CheckpointReader, save_checkpoint
 from sharded_mde.train.sharding import ebc_path, make_optimizer, wrap_model
 
 FEATURES = ["C1", "C2", "C3", "C4", "C5"]
@@ -71,7 +71,7 @@ def _train(rank: int, world: int, root: str) -> None:
                 _, (_, logits, _) = dmp(_batch(999 + rank))
             out = Path(root) / kind / name
             atomic_torch_save(out / f"dmp_logits_rank{rank}.pt", logits)
-            save_checkpoint(out / "checkpoints", STEPS, rank, world, {"model": dmp.state_dict(), "step": STEPS}, {})
+            save_checkpoint(out / "checkpoints", STEPS, {MODEL: dmp.state_dict()}, {})
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +82,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _gathered(ckpt: Path) -> Dict[str, torch.Tensor]:
-    """The whole model state from the per-rank files (test reference: simply all in memory)."""
-    full: Dict[str, torch.Tensor] = {}
-    for path in sorted(ckpt.glob("rank*.pt")):
-        for k, v in torch.load(path, weights_only=False)["model"].items():
-            if isinstance(v, dict) and v.get("__sharded__"):
-                t = full.setdefault(k, torch.full(v["global_size"], float("nan")))
-                for (r, c), s in v["shards"]:
-                    t[r:r + s.shape[0], c:c + s.shape[1]] = s
-            else:
-                full[k] = v
-    assert not any(torch.isnan(t).any() for t in full.values())
-    return full
+    """The whole model state of the checkpoint (test reference: simply all in memory, assembled by DCP)."""
+    reader = CheckpointReader(ckpt)
+    return reader.tensors(reader.keys)
 
 
 def _reference(head: str, masked: bool, state: Dict[str, torch.Tensor], zero_outside: Optional[Dict[str, List[int]]]):

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.inference.modules import quantize_embeddings
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
+
+from ckpt_utils import cut, write_pieces
 
 from sharded_mde.config import ExportConfig, ModelConfig
 from sharded_mde.export import export_compact, load_export, load_tables, read_manifest, script, serving_bytes
 from sharded_mde.modules.model import build_model
 from sharded_mde.dims import DimsFile, TableDims, table_bytes
-from sharded_mde.train.checkpoint import save_checkpoint
+from sharded_mde.train.checkpoint import MODEL as SAVED_MODEL
 
 FEATURES = ["a", "b", "c"]
 N_DENSE = 3
@@ -36,24 +40,9 @@ def _model(spec=SPEC):
 
 
 def _write_checkpoint(root: Path, state: Dict[str, torch.Tensor], cuts: Dict[str, Tuple[str, List[int]]]) -> Path:
-    """A 2-rank portable checkpoint: table `t` cut at rows ("rw") or columns ("cw"), pieces dealt to ranks in turn."""
-    payloads: List[Dict[str, object]] = [{}, {}]
-    for key, value in state.items():
-        table = key.split(".")[-2] if "embedding_bags" in key else None
-        if table not in cuts:
-            for p in payloads:
-                p[key] = value
-            continue
-        how, at = cuts[table]
-        bounds = [0] + at + [value.shape[0 if how == "rw" else 1]]
-        for p in payloads:
-            p[key] = {"__sharded__": True, "global_size": list(value.shape), "shards": []}
-        for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-            piece = value[lo:hi] if how == "rw" else value[:, lo:hi]
-            payloads[i % 2][key]["shards"].append(([lo, 0] if how == "rw" else [0, lo], piece.clone()))
-    for rank in (1, 0):  # rank 0 writes the COMPLETE marker
-        save_checkpoint(root, 7, rank, 2, {"model": payloads[rank], "step": 7}, {})
-    return root / "step_000000007"
+    """A checkpoint whose table `t` is saved in pieces cut at rows ("rw") or columns ("cw")."""
+    key = "model.sparse_arch.embedding_bags.{}.weight".format
+    return write_pieces(root, 7, state, {key(t): cut(state[key(t)], how, at) for t, (how, at) in cuts.items()})
 
 
 def _kjt(spec=SPEC, b: int = 9, seed: int = 0) -> KeyedJaggedTensor:
@@ -200,9 +189,10 @@ def test_failed_export_leaves_nothing_and_existing_export_is_kept(tmp_path: Path
     # a checkpoint that lacks rows of one table fails after other tables were written
     state = _model().state_dict()
     ckpt = _write_checkpoint(tmp_path / "holes", state, {"t_c": ("rw", [20])})
-    rank1 = torch.load(ckpt / "rank1.pt", weights_only=False)
-    rank1["model"]["model.sparse_arch.embedding_bags.t_c.weight"]["shards"] = []
-    torch.save(rank1, ckpt / "rank1.pt")
+    metadata = dcp.FileSystemReader(ckpt).read_metadata()  # drop the piece of rows [20, 40) from the checkpoint
+    metadata.state_dict_metadata[f"{SAVED_MODEL}.model.sparse_arch.embedding_bags.t_c.weight"].chunks.pop()
+    with open(ckpt / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
     with pytest.raises(ValueError, match=r"table t_c: rows \[20, 40\) are in no checkpoint shard"):
         export_compact(ckpt, root, MODEL, FEATURES, N_DENSE, _tables(SPEC), overwrite=True, progress=False)
     assert (root / "manifest.json").read_text() == before

@@ -18,7 +18,7 @@ from sharded_mde.modules.masked_ebc import MaskedEmbeddingBagCollection
 from sharded_mde.modules.model import build_model
 from sharded_mde.modules.token_groups import build_token_group_ebc
 from sharded_mde.dims import DimsFile, PmeRecord, TableDims, TokenGroup, table_bytes
-from sharded_mde.train.checkpoint import save_checkpoint
+from sharded_mde.train.checkpoint import MODEL as SAVED_MODEL, save_checkpoint
 from test_multihot import multi_hot_kjt
 
 N_DENSE, B = 3, 64
@@ -30,7 +30,7 @@ VOCAB = {"A": 30, "B": 25}
 
 
 def _save(model: torch.nn.Module, root: Path) -> Path:
-    save_checkpoint(root / "checkpoints", 1, 0, 1, {"model": model.state_dict(), "step": 1}, {})
+    save_checkpoint(root / "checkpoints", 1, {SAVED_MODEL: model.state_dict()}, {})
     return root / "checkpoints"
 
 

@@ -13,7 +13,7 @@ from torchrec.fx import symbolic_trace
 
 from dist_utils import random_batch, table_configs
 from sharded_mde.export.serve import LEAF_MODULES, ServingModel
-from sharded_mde.modules.heads import MixedDimDCN, MixedDimDLRM, build_head
+from sharded_mde.modules.heads import MixedDimDLRM, build_head
 
 N_DENSE, B = 3, 16
 MIXED = [("C1", 30, 8), ("C2", 20, 4), ("C3", 25, 8), ("C4", 15, 16), ("C5", 10, 4)]  # widths 8, 4, 16 interleaved

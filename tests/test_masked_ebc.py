@@ -100,17 +100,17 @@ def test_update_is_the_discrete_gradient_plus_byte_price() -> None:
     price = torch.tensor([column_cost(r) / full for _, r, d in SPEC for _ in range(d)])
     price = price / price.mean()
     torch.testing.assert_close(gate.price, price)
-    gate.weight[:5] = -0.1  # five pruned columns
+    gate.mask[:5] = -0.1  # five pruned columns
     g1, g2 = (torch.randn(20, generator=torch.Generator().manual_seed(i)) for i in (0, 1))
     gate.update(g1, lam=5.0, lr=0.01, batch_size=64, move=False)  # statistics only
-    assert torch.equal(gate.weight[5:], torch.full((15,), 0.1))
-    before = gate.weight.clone()
+    assert torch.equal(gate.mask[5:], torch.full((15,), 0.1))
+    before = gate.mask.clone()
     gate.update(g2, lam=2.0, lr=0.01, batch_size=64)
     mom = 0.1 * g1 * 0.9 + 0.1 * g2
     fisher = 64 * (0.01 * g1 * g1 * 0.99 + 0.01 * g2 * g2) / (1 - 0.99 ** 2)
     m = (before > 0).float()
     d = (mom + (0.5 - m) * fisher) / (fisher.mean() / 2)
-    torch.testing.assert_close(gate.weight, before - 0.01 * (d + 2.0 * price))
+    torch.testing.assert_close(gate.mask, before - 0.01 * (d + 2.0 * price))
     # a kept column with zero mean gradient but a large curvature is worth keeping: it moves up
     imp = ColumnGate(_tables(), mask_init=0.1)
     for i in range(50):
@@ -118,11 +118,11 @@ def test_update_is_the_discrete_gradient_plus_byte_price() -> None:
         g[0] = 1.0 if i % 2 else -1.0
         g[1:] = 0.01 * (1.0 if i % 2 else -1.0)
         imp.update(g, lam=0.5, lr=0.01, batch_size=64)
-    assert imp.weight[0] > 0.1 and (imp.weight[1:] < 0.1).all()
+    assert imp.mask[0] > 0.1 and (imp.mask[1:] < 0.1).all()
     clipped = ColumnGate(_tables(), mask_init=0.1, surrogate="clipped")  # |a / mask_init| > 1 does not move
-    clipped.weight.copy_(torch.tensor([0.3, 0.05] + [-0.05] * 18))
+    clipped.mask.copy_(torch.tensor([0.3, 0.05] + [-0.05] * 18))
     clipped.update(g1, lam=1.0, lr=0.01, batch_size=64)
-    assert clipped.weight[0] == 0.3 and clipped.weight[1] != 0.05
+    assert clipped.mask[0] == 0.3 and clipped.mask[1] != 0.05
 
 
 def test_price_mixes_a_uniform_share() -> None:

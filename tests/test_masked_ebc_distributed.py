@@ -40,9 +40,9 @@ def _one_plan(rank: int, world: int, kind: str, surrogate: str) -> None:
     model = build_model(ModelConfig(head="dlrm", dense_arch=[8, 8], over_arch=[16, 1]), tables, FEATURES, N_DENSE,
                         sparse_arch=masked, device=torch.device("cpu"))
     # a mixed start: some columns already pruned, values inside and outside the clipped range |a| <= 0.05
-    a = torch.randn(masked.gate.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.1
+    a = torch.randn(masked.gate.mask.shape, generator=torch.Generator().manual_seed(1)) * 0.1
     a[::3] *= 0.01  # near zero: the first mask steps flip some of these
-    masked.gate.weight.copy_(a)
+    masked.gate.mask.copy_(a)
     dmp, ref = shard_with_reference(model, tables, kind, world, tcfg)
     gate, ref_gate = find_gate(dmp), find_gate(ref)
     kept_before, changed = gate.kept_counts(), False

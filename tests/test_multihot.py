@@ -53,8 +53,8 @@ def _tables() -> List[EmbeddingBagConfig]:
 def test_masked_ebc_pools_bags_like_a_per_row_sum_or_mean() -> None:
     torch.manual_seed(0)
     m = MaskedEmbeddingBagCollection(_tables())
-    a = torch.randn(m.gate.weight.shape, generator=torch.Generator().manual_seed(3))
-    m.gate.weight.copy_(a)  # about half the columns pruned
+    a = torch.randn(m.gate.mask.shape, generator=torch.Generator().manual_seed(3))
+    m.gate.mask.copy_(a)  # about half the columns pruned
     mask = (a > 0).float()
     kjt = multi_hot_kjt({f: r for f, r, _, _ in SPEC}, B, seed=1)
     out = m(kjt).to_dict()

@@ -62,7 +62,7 @@ def _ham(rank: int, world: int, kind: str) -> None:
     torch.manual_seed(0)
     tables = [dataclasses.replace(t, pooling=POOLING[t.feature_names[0]]) for t in table_configs(SPEC)]
     masked = MaskedEmbeddingBagCollection(tables, device=torch.device("cpu"), mask_init=0.05)
-    masked.gate.weight.copy_(torch.randn(masked.gate.weight.shape, generator=torch.Generator().manual_seed(1)))
+    masked.gate.mask.copy_(torch.randn(masked.gate.mask.shape, generator=torch.Generator().manual_seed(1)))
     model = build_model(HEAD, tables, list(POOLING), N_DENSE, sparse_arch=masked, device=torch.device("cpu"))
     dmp, ref = shard_with_reference(model, tables, kind, world, TCFG)
     gate, ref_gate = find_gate(dmp), find_gate(ref)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
+from ckpt_utils import cut, write_pieces
 from dist_utils import run_ranks
 from sharded_mde.config import ModelConfig, TrainConfig, load_config
 from sharded_mde.modules.model import build_model
@@ -27,7 +28,7 @@ from sharded_mde.search.pme_score import PooledCapture
 from sharded_mde.search.power_law import power_law_dims
 from sharded_mde.search.saliency import column_saliency
 from sharded_mde.search.uniform import uniform_dims
-from sharded_mde.train.checkpoint import copy_full_into, save_checkpoint
+from sharded_mde.train.state import copy_full_into
 from sharded_mde.train.distributed import init_distributed, shutdown_distributed
 from sharded_mde.train.sharding import ebc_path, wrap_model
 from tiny_configs import tiny_planted_config
@@ -128,17 +129,9 @@ def test_magnitude_keeps_the_columns_with_the_largest_norms_from_sharded_files(t
         w = torch.randn(10, 8, generator=g)
         full[name] = w / w.norm(dim=0) * torch.tensor(n, dtype=torch.float32)
     key = "model.sparse_arch.embedding_bags.{}.weight".format
-
-    def sharded(shards):
-        return {"__sharded__": True, "global_size": [10, 8], "shards": shards}
-
-    # t_a row-wise (rows 0-4 on rank 0, 5-9 on rank 1), t_b column-wise (columns 0-3, 4-7)
-    payload = [{"model": {key("t_a"): sharded([([0, 0], full["t_a"][:5])]),
-                          key("t_b"): sharded([([0, 0], full["t_b"][:, :4])])}},
-               {"model": {key("t_a"): sharded([([5, 0], full["t_a"][5:])]),
-                          key("t_b"): sharded([([0, 4], full["t_b"][:, 4:])])}}]
-    for rank in (1, 0):
-        save_checkpoint(tmp_path, 7, rank, 2, payload[rank], {})
+    # t_a row-wise (rows 0-4, 5-9), t_b column-wise (columns 0-3, 4-7)
+    write_pieces(tmp_path, 7, {key(n): w for n, w in full.items()},
+                 {key("t_a"): cut(full["t_a"], "rw", [5]), key("t_b"): cut(full["t_b"], "cw", [4])})
     tables = _tables([("a", 10, 8), ("b", 10, 8)])
     got = column_norms(tmp_path, tables)
     for name, n in norms.items():

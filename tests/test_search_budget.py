@@ -153,11 +153,11 @@ def test_controller_dual_ascent_mask_steps_and_state_round_trip() -> None:
     for s in range(1, 20):  # warm-up: no penalty, the mask does not move (its statistics do)
         gate.grad_sum.fill_(0.5)
         ctl.on_step_end(trainer, s)
-        assert ctl.lam == 0.0 and torch.equal(gate.weight, torch.full((16,), 0.05))
+        assert ctl.lam == 0.0 and torch.equal(gate.mask, torch.full((16,), 0.05))
     assert int(gate.updates) == 19 and gate.grad_sum.abs().max() == 0
     ctl.on_step_end(trainer, 20)  # pruning starts: the target is still the full bytes, kept == target
     assert ctl.lam == pytest.approx(1e-3) and ctl.steps[-1]["target"] == full_bytes(tables)
-    assert (gate.weight != 0.05).all()  # the mask moves once pruning starts
+    assert (gate.mask != 0.05).all()  # the mask moves once pruning starts
     ctl.on_step_end(trainer, 45)  # target halfway down: kept is far above it, lambda grows by exp(dual_lr)
     assert ctl.lam == pytest.approx(1e-3 * math.exp(0.1))
     assert ctl.steps[-1]["target"] == pytest.approx(target_bytes(0.45, full_bytes(tables), budget, 0.2, 0.5), abs=1)

@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import load_config

@@ -15,7 +15,7 @@ from sharded_mde.modules.model import build_model
 from sharded_mde.plan.sharding import manual_plan
 from sharded_mde.search.budget import make_dims_file
 from sharded_mde.search.retrain import compact_ham, read_supernet
-from sharded_mde.train.checkpoint import save_checkpoint
+from sharded_mde.train.checkpoint import MODEL, save_checkpoint
 from sharded_mde.train.sharding import ebc_path, make_optimizer, wrap_model
 
 FEATURES = ["C1", "C2", "C3", "C4", "C5"]
@@ -40,11 +40,11 @@ def _body(rank: int, world: int, head: str, super_kind: str, compact_kind: str, 
                      torch.device("cpu"))
     gate = find_gate(dmp)
     with torch.no_grad():  # some kept columns end masked (a <= 0): the warm start must fold them to zero
-        gate.weight.copy_(torch.randn(gate.weight.shape, generator=torch.Generator().manual_seed(2)))
+        gate.mask.copy_(torch.randn(gate.mask.shape, generator=torch.Generator().manual_seed(2)))
     opt = make_optimizer(dmp, tcfg)
     for step in range(3):  # move every weight away from its initial value
         train_step(dmp, opt, _batch(rank, step))
-    save_checkpoint(ckpt, 3, rank, world, {"model": dmp.state_dict()}, {})
+    save_checkpoint(ckpt, 3, {MODEL: dmp.state_dict()}, {})
     a = gate.table_values()
     final = {n: [c for c in cols if a[n][c] > 0] for n, cols in KEPT.items()}
     assert sum(map(len, final.values())) < sum(map(len, KEPT.values()))

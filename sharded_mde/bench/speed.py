@@ -119,7 +119,7 @@ def run_speed(cfg: RunConfig, env: DistEnv, out: str | Path, dims_path: Optional
     from sharded_mde.plan.tables import full_table_configs
     from sharded_mde.search.ham import build_supernet
     from sharded_mde.search.registry import compact_builder
-    from sharded_mde.train.checkpoint import save_checkpoint
+    from sharded_mde.train.checkpoint import MODEL, save_checkpoint
 
     work = Path(cfg.run_dir) / "bench_speed"
     meta = DatasetMeta.load(cfg.data.dir)
@@ -158,7 +158,7 @@ def run_speed(cfg: RunConfig, env: DistEnv, out: str | Path, dims_path: Optional
     exports = {"compact": compact_export, "full": full_export}
     for name, model_name in (("compact", "compact"), ("full", "plain")):
         if not exports[name]:  # export the model just stepped (sharded checkpoint, then the export stage)
-            save_checkpoint(work / name / "checkpoints", 0, env.rank, env.world_size, {"model": dmps[model_name].state_dict()}, {})
+            save_checkpoint(work / name / "checkpoints", 0, {MODEL: dmps[model_name].state_dict()}, {})
     if env.is_main:
         results["serving"] = _serving(cfg, work, exports, dims_file, repeats)
         results["tbe"] = _tbe(cfg, full, compact_tables, tbe_batch, repeats)

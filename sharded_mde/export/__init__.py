@@ -1,6 +1,7 @@
 """Compact export for serving: checkpoint -> compact tables + manifest -> (quantised) EBC + serving module."""
 
-from sharded_mde.export.export import export_compact, resolve_checkpoint
+from sharded_mde.export.export import export_compact
+from sharded_mde.train.checkpoint import resolve_checkpoint
 from sharded_mde.export.load import load_export, load_tables, serving_bytes
 from sharded_mde.export.manifest import FORMAT_VERSION, Manifest, read_manifest, verify_files
 from sharded_mde.export.serve import ServingModel, script

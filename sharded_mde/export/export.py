@@ -1,6 +1,6 @@
 """Compact export: from a (sharded) training checkpoint to compact table files, head weights and a manifest.
 
-The per-rank checkpoint files are read one at a time (memory-mapped). Every local shard is cut to
+The DCP checkpoint is read in one process, one saved shard at a time. Every shard is cut to
 the table's surviving columns in row blocks, multiplied by the HAM hard mask of those columns (the
 mask folded into the weights) and spooled to a scratch piece; then each table is assembled from
 its pieces block by block (row-wise shards are row ranges, column-wise shards column ranges) and
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -32,14 +31,14 @@ from tqdm import tqdm
 
 from sharded_mde.config import ExportConfig, ModelConfig
 from sharded_mde.data.vocab import vocab_path
-from sharded_mde.io import atomic_path, fsync_dir, make_temp_dir, read_json
+from sharded_mde.io import atomic_path, fsync_dir, make_temp_dir
 from sharded_mde.modules.heads import build_head
-from sharded_mde.modules.masked_ebc import ColumnGate
 from sharded_mde.modules.model import feature_dims_of
 from sharded_mde.modules.token_groups import combine_of, fields_from_dims
 from sharded_mde.dims import DimsFile
 from sharded_mde.plan.tables import plan_tables, source_tables
-from sharded_mde.train.checkpoint import COMPLETE, latest_checkpoint
+from sharded_mde.train.checkpoint import CheckpointReader
+from sharded_mde.train.state import GATE, hard_gates, sparse_arch_prefix
 from sharded_mde.export.arrowfile import write_weights
 from sharded_mde.export.groups import COMBINER, write_token_groups
 from sharded_mde.export.manifest import (
@@ -47,8 +46,6 @@ from sharded_mde.export.manifest import (
     writer_versions)
 from sharded_mde.export.tablefile import check_dim, write_table
 
-_TABLE_KEY = re.compile(r"^(?P<arch>(?:.*\.)?sparse_arch\.)(?:.*\.)?embedding_bags\.(?P<table>[^.]+)\.weight$")
-_GATE = "gate."  # MaskedEmbeddingBagCollection's child that holds the HAM mask
 HEAD_WEIGHTS = "head.arrow"
 
 
@@ -78,69 +75,6 @@ class _TableJob:
     kept: torch.Tensor
     gate: Optional[torch.Tensor]
     pieces: List[_Piece] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- checkpoint reading
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A finished checkpoint directory: `path` itself, its newest `step_*`, or that of `path/checkpoints`."""
-    p = Path(path)
-    if (p / COMPLETE).is_file():
-        return p
-    for root in (p, p / "checkpoints"):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
-    raise ValueError(f"{p}: no finished checkpoint (a step_* directory with {COMPLETE}) here or under checkpoints/")
-
-
-def _rank_files(ckpt: Path) -> Tuple[List[Path], Dict[str, Any]]:
-    """The rank<R>.pt files of a finished checkpoint (all must exist) and its COMPLETE marker."""
-    info = read_json(ckpt / COMPLETE, "checkpoint marker")
-    world = info.get("world_size") if isinstance(info, dict) else None
-    if not isinstance(world, int) or world < 1:
-        raise ValueError(f"{ckpt / COMPLETE}: missing a positive world_size")
-    files = [ckpt / f"rank{r}.pt" for r in range(world)]
-    for f in files:
-        if not f.is_file():
-            raise ValueError(f"{f}: checkpoint shard missing (the checkpoint was written by {world} ranks)")
-    return files, info
-
-
-def _load_state(path: Path) -> Dict[str, Any]:
-    """The model state of one rank file, memory-mapped so that shards are read only when sliced."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # a damaged file: torch raises several unrelated types
-        raise ValueError(f"{path}: checkpoint shard unreadable ({e.__class__.__name__}: {e})") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
-        raise ValueError(f"{path}: not a training checkpoint (no 'model' state)")
-    return payload["model"]
-
-
-def table_shards(state: Mapping[str, Any], rank: int, path: Path) -> Iterator[Tuple[str, List[int], torch.Tensor]]:
-    """(table, [row, col] offsets, local tensor) of every table shard in one rank's portable state.
-
-    A replicated (data-parallel) table is a plain tensor on every rank; only rank 0's copy is yielded.
-    """
-    for key, value in state.items():
-        m = _TABLE_KEY.match(key)
-        if not m:
-            continue
-        if isinstance(value, torch.Tensor):
-            if rank == 0:
-                yield m.group("table"), [0, 0], value
-        elif isinstance(value, dict) and value.get("__sharded__"):
-            for offsets, tensor in value["shards"]:
-                yield m.group("table"), list(offsets), tensor
-        else:
-            raise ValueError(f"{path}: entry {key} is neither a tensor nor a sharded tensor")
-
-
-def _global_size(value: Any) -> Tuple[int, int]:
-    size = value.shape if isinstance(value, torch.Tensor) else value["global_size"]
-    return int(size[0]), int(size[1])
 
 
 # --------------------------------------------------------------------------- what to keep
@@ -174,48 +108,21 @@ def _kept_columns(name: str, rows: int, dim: int, dims: Optional[DimsFile]) -> T
                      f"{entry.full_dim} nor its kept dim {entry.dim}")
 
 
-def hard_gates(sparse_state: Mapping[str, Any], tables: Sequence[EmbeddingBagConfig]) -> Optional[Dict[str, torch.Tensor]]:
-    """The HAM supernet's 0/1 column mask per table from the sparse arch's saved state (None: no mask saved)."""
-    gate_state = {k[len(_GATE):]: v for k, v in sparse_state.items() if k.startswith(_GATE)}
-    if not gate_state:
-        return None
-    gate = ColumnGate(tables)
-    try:
-        gate.load_state_dict(gate_state)
-    except RuntimeError as e:
-        raise ValueError(f"the checkpoint's column mask does not fit the config's tables "
-                         f"({str(e).splitlines()[-1].strip()})") from None
-    return {name: (a > 0).float() for name, a in gate.table_values().items()}
-
-
-def _sparse_arch_prefix(state: Mapping[str, Any]) -> str:
-    """The state key prefix of the sparse arch (`model.sparse_arch.`), from its first table."""
-    for key in state:
-        m = _TABLE_KEY.match(key)
-        if m:
-            return m.group("arch")
-    raise ValueError("the checkpoint holds no embedding tables (no '...sparse_arch...embedding_bags.<table>.weight')")
-
-
 def _plan_jobs(
-    state: Mapping[str, Any],
+    reader: CheckpointReader,
     tables: Sequence[EmbeddingBagConfig],
     dims: Optional[DimsFile],
     gates: Optional[Mapping[str, torch.Tensor]],
 ) -> Dict[str, _TableJob]:
-    """One job per table of the checkpoint (from rank 0's state): its shape, kept columns and folded gate."""
+    """One job per table of the checkpoint: its shape, kept columns and folded gate."""
     known = _known_configs(tables, dims)
     sources = source_tables(list(known.values()), list(tables)) if dims is not None else {}
     jobs: Dict[str, _TableJob] = {}
-    for key, value in state.items():
-        m = _TABLE_KEY.match(key)
-        if not m:
-            continue
-        name = m.group("table")
+    for key, name in reader.tables().items():
         if name not in known:
             raise ValueError(f"table {name} of the checkpoint is not a table of the config "
                              f"(known: {', '.join(sorted(known)[:8])}{', ...' if len(known) > 8 else ''})")
-        rows, dim = _global_size(value)
+        rows, dim = reader.shape(key)
         kept, full_dim, source_columns = _kept_columns(name, rows, dim, dims)
         gate = None
         if gates is not None and name in gates:
@@ -230,7 +137,7 @@ def _plan_jobs(
                               "the export computes the supernet with those columns masked too", stacklevel=3)
             gate = g[kept]
         cfg = dataclasses.replace(known[name], num_embeddings=rows, embedding_dim=dim)
-        jobs[name] = _TableJob(cfg, sources.get(name, name), full_dim, source_columns, kept, gate)
+        jobs[key] = _TableJob(cfg, sources.get(name, name), full_dim, source_columns, kept, gate)
     return jobs
 
 
@@ -258,16 +165,12 @@ def _spool_shard(job: _TableJob, offsets: List[int], tensor: torch.Tensor, scrat
     job.pieces.append(_Piece(r0, n, k0, m, path))
 
 
-def _spool_checkpoint(files: List[Path], first_state: Mapping[str, Any], jobs: Dict[str, _TableJob],
-                      scratch: Path, block_rows: int, progress: bool) -> None:
-    """Pass 1: every rank file in turn, every local shard of every table cut to its kept columns."""
-    for rank, path in enumerate(tqdm(files, desc="export: read shards", unit="rank", disable=not progress)):
-        state = first_state if rank == 0 else _load_state(path)
-        for table, offsets, tensor in table_shards(state, rank, path):
-            if table not in jobs:
-                raise ValueError(f"{path}: table {table} is not in rank 0's state")
-            _spool_shard(jobs[table], offsets, tensor, scratch, block_rows)
-        del state
+def _spool_checkpoint(reader: CheckpointReader, jobs: Dict[str, _TableJob], scratch: Path, block_rows: int,
+                      progress: bool) -> None:
+    """Pass 1: every saved shard of every table in turn, cut to its kept columns."""
+    for key, job in tqdm(list(jobs.items()), desc="export: read shards", unit="table", disable=not progress):
+        for offsets, tensor in reader.pieces(key):
+            _spool_shard(job, offsets, tensor, scratch, block_rows)
 
 
 # --------------------------------------------------------------------------- pass 2: assembly
@@ -417,19 +320,18 @@ def export_compact(
         manifest = export_compact("runs/demo/retrain/checkpoints", "runs/demo/export", ModelConfig(),
                                   features, dense_in_features=13, tables=tables, dims=dims)
     """
-    ckpt = resolve_checkpoint(checkpoint)
-    files, info = _rank_files(ckpt)
+    reader = CheckpointReader(checkpoint)
     out = Path(out)
-    state = _load_state(files[0])
-    arch = _sparse_arch_prefix(state)
-    sparse_state = {k[len(arch):]: v for k, v in state.items() if k.startswith(arch) and not _TABLE_KEY.match(k)}
+    arch = sparse_arch_prefix(reader.keys)
+    state = reader.tensors([k for k in reader.keys if k not in reader.tables()])  # the dense tensors, small
+    sparse_state = {k[len(arch):]: v for k, v in state.items() if k.startswith(arch)}
     fields = fields_from_dims(dims, tables) if dims is not None and any(t.groups for t in dims.tables) else None
-    other = [k for k in sparse_state if not k.startswith(_GATE) and not (fields is not None and k.startswith(COMBINER))]
+    other = [k for k in sparse_state if not k.startswith(GATE) and not (fields is not None and k.startswith(COMBINER))]
     if other:
         raise ValueError(f"sparse arch state {arch}{other[0]} cannot be exported (only plain and HAM-masked embedding "
                          "bag collections, and token-group modules with their PME dims file, can)")
     gates = hard_gates(sparse_state, tables)
-    jobs = _plan_jobs(state, tables, dims, gates)
+    jobs = _plan_jobs(reader, tables, dims, gates)
     for job in jobs.values():
         check_dim(int(job.kept.numel()), export_cfg.dtype, job.config.name)
     if fields is None:
@@ -445,7 +347,7 @@ def export_compact(
     with _staging_dir(out, overwrite) as root:
         scratch = root / ".pieces"
         scratch.mkdir()
-        _spool_checkpoint(files, state, jobs, scratch, export_cfg.block_rows, progress)
+        _spool_checkpoint(reader, jobs, scratch, export_cfg.block_rows, progress)
         del state
         exported: List[ExportedTable] = []
         for job in tqdm(list(jobs.values()), desc="export: write tables", unit="table", disable=not progress):
@@ -476,8 +378,8 @@ def export_compact(
             head=HeadSpec(model_cfg.head, dense_in_features, list(model_cfg.dense_arch), list(model_cfg.over_arch),
                           model_cfg.dcn_layers, model_cfg.dcn_rank, HEAD_WEIGHTS),
             files={rel: file_entry(root, rel) for rel in listed},
-            source={"checkpoint": str(ckpt.resolve()), "step": info.get("step"),
-                    "world_size": len(files), "dims_method": dims.method if dims else None,
+            source={"checkpoint": str(reader.dir.resolve()), "step": reader.info["step"],
+                    "world_size": reader.info["world_size"], "dims_method": dims.method if dims else None,
                     "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
                     "masked": gates is not None,
                     "dropped_tables": [t.name for t in tables if t.name not in {e.source_table for e in exported}]},

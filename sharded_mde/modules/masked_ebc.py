@@ -129,7 +129,7 @@ class ColumnGate(nn.Module):
             t.num_embeddings, weight_dtype, optimizer) / full + uniform_price / cols) for t in tables])
         # The mask is a buffer, not a parameter: the search's controller updates it (`update`), so
         # neither DDP nor the dense optimizer touch it; it is saved and restored with the model.
-        self.register_buffer("weight", torch.full((cols,), self.mask_init))
+        self.register_buffer("mask", torch.full((cols,), self.mask_init))
         self.register_buffer("momentum", torch.zeros(cols))
         self.register_buffer("grad_sq", torch.zeros(cols))
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
@@ -142,27 +142,27 @@ class ColumnGate(nn.Module):
     # ------------------------------------------------------------------ mask values
     def values(self) -> torch.Tensor:
         """The mask vector a (all tables, table order); column j of table t is kept iff a > 0."""
-        return self.weight
+        return self.mask
 
     def table_values(self) -> Dict[str, torch.Tensor]:
         """a_t per table (detached, on the CPU)."""
-        a = self.weight.detach().cpu()
+        a = self.mask.detach().cpu()
         return {n: a[o:o + d] for n, o, d in zip(self.table_names, self.offsets, self.dims)}
 
     def kept_counts(self) -> torch.Tensor:
         """Number of kept columns per table (table order), on the mask's device."""
-        m = (self.weight > 0).to(torch.int64)
+        m = (self.mask > 0).to(torch.int64)
         return torch.stack([m[o:o + d].sum() for o, d in zip(self.offsets, self.dims)])
 
     @torch.no_grad()
     def set_kept(self, kept: Mapping[str, Sequence[int]], magnitude: float = 1.0) -> None:
         """Sets a to +magnitude on the listed columns of each table and -magnitude elsewhere (tables not listed: all off)."""
-        a = torch.full_like(self.weight, -magnitude)
+        a = torch.full_like(self.mask, -magnitude)
         for name, cols in kept.items():
             i = self.table_names.index(name)
             idx = torch.as_tensor(list(cols), dtype=torch.long, device=a.device)
             a[self.offsets[i] + idx] = magnitude
-        self.weight.copy_(a)
+        self.mask.copy_(a)
 
     # ------------------------------------------------------------------ the HAM update
     @torch.no_grad()
@@ -187,7 +187,7 @@ class ColumnGate(nn.Module):
         dimensionless: at lambda = 1 a column of average importance and average price is balanced.
         """
         fisher = batch_size * self.grad_sq / (1 - self.FISHER_DECAY ** max(1, int(self.updates)))
-        m = (self.weight > 0).to(fisher.dtype)
+        m = (self.mask > 0).to(fisher.dtype)
         unit = (fisher.mean() / 2).clamp_min(1e-20)
         return (self.momentum + (0.5 - m) * fisher) / unit
 
@@ -203,7 +203,7 @@ class ColumnGate(nn.Module):
         self.updates += 1
         if move:
             step = self.discrete_grad(batch_size) + lam * self.price
-            self.weight.sub_(lr * surrogate_grad(self.weight / self.mask_init, self.surrogate) * step)
+            self.mask.sub_(lr * surrogate_grad(self.mask / self.mask_init, self.surrogate) * step)
 
     # ------------------------------------------------------------------ forward
     def _layout(self, keys: List[str], widths: List[int], device: torch.device) -> _Layout:
@@ -237,7 +237,7 @@ class ColumnGate(nn.Module):
         """The pooled embeddings with pruned columns zeroed; in training also records dL/dm and the regularity."""
         keys, widths, values = kt.keys(), kt.length_per_key(), kt.values()
         lay = self._layout(keys, widths, values.device)
-        mk = (self.weight > 0).to(values.dtype).index_select(0, lay.perm)
+        mk = (self.mask > 0).to(values.dtype).index_select(0, lay.perm)
         collect = self.training and self.collect_grad
         masked = _MaskColumns.apply(values, mk, self if collect else None, lay.perm)
         self._aux = None

@@ -34,13 +34,13 @@ def gate_scorer(gate: ColumnGate, evaluate: Callable[[], Dict[str, float]]) -> S
     """A scorer: sets the gate to keep exactly the given columns, evaluates, restores the gate's mask."""
 
     def score(kept: Mapping[str, Sequence[int]]) -> Dict[str, float]:
-        saved = gate.weight.detach().clone()
+        saved = gate.mask.detach().clone()
         try:
             gate.set_kept(kept)
             m = evaluate()
         finally:
             with torch.no_grad():
-                gate.weight.copy_(saved)
+                gate.mask.copy_(saved)
         return {"auc": float(m["auc"]), "logloss": float(m["logloss"])}
 
     return score

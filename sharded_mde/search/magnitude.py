@@ -1,7 +1,7 @@
 """The magnitude baseline: keep the columns of the trained full model with the largest L2 norm.
 
 Score of column c of table t: ||E_t[:, c]||_2 over all rows, read shard by shard from the
-baseline's per-rank checkpoint files (any world size and sharding: row-wise shards add their
+baseline's checkpoint (any world size and sharding: row-wise shards add their
 squared sums, column-wise shards fill their columns). Columns are kept by score per byte under
 the budget (scored_columns); `retrain` warm-starts from them or trains from scratch.
 """
@@ -15,29 +15,26 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import RunConfig
-from sharded_mde.export.export import resolve_checkpoint, table_shards
-from sharded_mde.io import read_json
 from sharded_mde.dims import DimsFile
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.scored_columns import baseline_checkpoint, save_scored_dims
-from sharded_mde.train.checkpoint import COMPLETE, load_checkpoint
+from sharded_mde.train.checkpoint import CheckpointReader
 from sharded_mde.train.distributed import DistEnv
 
 BLOCK_ROWS = 1 << 16  # rows squared at a time (bounds the float64 copy of a shard)
 
 
 def column_norms(checkpoint: str | Path, tables: Sequence[EmbeddingBagConfig]) -> Dict[str, torch.Tensor]:
-    """L2 norm over rows of every column of every table (float64), from a finished checkpoint's rank files."""
-    d = resolve_checkpoint(checkpoint)
-    world = int(read_json(d / COMPLETE, "checkpoint marker")["world_size"])
+    """L2 norm over rows of every column of every table (float64), from a finished checkpoint's shards."""
+    reader = CheckpointReader(checkpoint)
+    d = reader.dir
     sq = {t.name: torch.zeros(t.embedding_dim, dtype=torch.float64) for t in tables}
     covered = {t.name: 0 for t in tables}
     shapes = {t.name: (t.num_embeddings, t.embedding_dim) for t in tables}
-    for rank in range(world):
-        payload, _ = load_checkpoint(d, rank, world)
-        for name, (r0, c0), w in table_shards(payload["model"], rank, d / f"rank{rank}.pt"):
-            if name not in sq:
-                continue
+    for key, name in reader.tables().items():
+        if name not in sq:
+            continue
+        for (r0, c0), w in reader.pieces(key):
             rows, dim = shapes[name]
             if r0 + w.shape[0] > rows or c0 + w.shape[1] > dim:
                 raise ValueError(f"{d}: table {name} has a shard at {[r0, c0]} of {tuple(w.shape)} outside its "

@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 import torch
 from torchrec import EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from sharded_mde.data.batches import batch_from_table
 from sharded_mde.data.meta import DatasetMeta

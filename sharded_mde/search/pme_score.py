@@ -18,7 +18,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from tqdm import tqdm
 
 from sharded_mde.train.sharding import unwrap
+from sharded_mde.train.state import table_key, table_prefix
 
 
 
@@ -84,7 +85,7 @@ def shard_layout(state: Dict[str, object], tables: Sequence[EmbeddingBagConfig],
     """Every table's shards from the DMP state dict (a replicated, data-parallel table counts as rank 0's)."""
     out = []
     for t in tables:
-        w = state[f"{prefix}embedding_bags.{t.name}.weight"]
+        w = state[table_key(prefix, t.name)]
         if isinstance(w, ShardedTensor):
             for m in sorted(w.metadata().shards_metadata, key=lambda m: (m.shard_offsets, m.placement.rank())):
                 out.append(ShardInfo(t.name, m.shard_offsets[0], m.shard_offsets[1], m.shard_sizes[0], m.shard_sizes[1],
@@ -100,7 +101,7 @@ def local_weights(state: Dict[str, object], layout: List[ShardInfo], prefix: str
     for i, s in enumerate(layout):
         if s.rank != rank:
             continue
-        w = state[f"{prefix}embedding_bags.{s.table}.weight"]
+        w = state[table_key(prefix, s.table)]
         if isinstance(w, ShardedTensor):
             found = [ls.tensor for ls in w.local_shards() if list(ls.metadata.shard_offsets) == [s.row0, s.col0]]
             if len(found) != 1:
@@ -227,8 +228,7 @@ def score_tokens(
     capture = PooledCapture.find(dmp, "PME scoring")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     state = dmp.state_dict()
-    prefix = next(k for k in state if k.endswith(f"embedding_bags.{tables[0].name}.weight"))
-    prefix = prefix[: -len(f"embedding_bags.{tables[0].name}.weight")]
+    prefix = table_prefix(state, tables[0].name)
     layout = shard_layout(state, tables, prefix)
     weights = local_weights(state, layout, prefix, rank)
     acc = {i: torch.zeros(w.shape, device=w.device) for i, w in weights.items()}

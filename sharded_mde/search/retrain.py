@@ -2,7 +2,7 @@
 
 The compact model keeps each table at its kept dim (dropped tables are gone; their fields feed
 zeros) and slices the head's projection / first-layer inputs to the kept columns. A warm start
-reads the supernet's final checkpoint (one portable file per rank, see train/checkpoint.py),
+reads the supernet's final checkpoint (DCP, see train/checkpoint.py) in one process,
 assembles each table's kept columns from whatever shards hold them, and copies the dense and
 head parameters before slicing them with `slice_inputs`. The supernet's 0/1 mask is folded into
 the kept columns (a column that the legal rounding added but the search had masked starts at
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -30,21 +29,19 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed import DistributedModelParallel
 
 from sharded_mde.config import RunConfig
-from sharded_mde.export.export import hard_gates, table_shards
-from sharded_mde.io import atomic_write_json, read_json
+from sharded_mde.io import atomic_write_json
 from sharded_mde.modules.heads import find_head
 from sharded_mde.modules.model import RecTrain, build_model
 from sharded_mde.dims import DimsFile, load_dims
 from sharded_mde.plan.tables import full_table_configs, plan_tables
 from sharded_mde.search.registry import compact_builder
-from sharded_mde.train.checkpoint import COMPLETE, CONFIG, copy_full_into, latest_checkpoint, load_checkpoint
+from sharded_mde.train.checkpoint import CONFIG, CheckpointReader, find_checkpoint, latest_checkpoint
+from sharded_mde.train.state import copy_full_into, hard_gates, is_gate_key, table_of
 from sharded_mde.train.distributed import DistEnv
 
 if TYPE_CHECKING:
     from sharded_mde.data import DatasetMeta
 
-_TABLE_KEY = re.compile(r"(?:^|\.)embedding_bags\.([^.]+)\.weight$")
-_GATE = "gate."  # MaskedEmbeddingBagCollection's child holding the mask (and its statistics)
 WarmStart = Callable[[DistributedModelParallel], None]
 CompactBuilder = Callable[[RunConfig, DimsFile, List[EmbeddingBagConfig], "DatasetMeta"],
                           Tuple[RecTrain, List[EmbeddingBagConfig], Optional[WarmStart]]]
@@ -55,41 +52,30 @@ def read_supernet(ckpt: str | Path, kept: Dict[str, Sequence[int]]) -> Tuple[Dic
 
     `ckpt` is a checkpoint directory or a `checkpoints/` root (its newest finished checkpoint).
     """
-    d = Path(ckpt)
-    if not (d / COMPLETE).is_file():
-        latest = latest_checkpoint(d)
-        if latest is None:
-            raise FileNotFoundError(f"{d}: no finished supernet checkpoint (run the search first, or retrain from scratch "
-                                    "with --set search.retrain_warm_start=false)")
-        d = latest
-    world = int(read_json(d / COMPLETE, "checkpoint marker")["world_size"])
+    d = find_checkpoint(ckpt)
+    if d is None:
+        raise FileNotFoundError(f"{ckpt}: no finished supernet checkpoint (run the search first, or retrain from "
+                                "scratch with --set search.retrain_warm_start=false)")
+    reader = CheckpointReader(d)
     cols = {n: torch.as_tensor(list(c), dtype=torch.long) for n, c in kept.items() if len(c)}
     out: Dict[str, torch.Tensor] = {}
     filled: Dict[str, int] = {n: 0 for n in cols}
-    dense: Dict[str, torch.Tensor] = {}
-    for rank in range(world):
-        state = load_checkpoint(d, rank, world)[0]["model"]
-        rows: Dict[str, int] = {}  # each table's full row count
-        for key, entry in state.items():
-            m = _TABLE_KEY.search(key)
-            if m is not None:
-                rows[m.group(1)] = entry["global_size"][0] if isinstance(entry, dict) else entry.shape[0]
-            elif rank == 0 and isinstance(entry, torch.Tensor):
-                dense[key] = entry
-        for name, (r0, c0), t in table_shards(state, rank, d / f"rank{rank}.pt"):
-            if name not in cols:
-                continue
-            idx = cols[name]
+    tables = reader.tables()
+    for key, name in tables.items():
+        if name not in cols:
+            continue
+        idx = cols[name]
+        for (r0, c0), t in reader.pieces(key):
             if name not in out:
-                out[name] = torch.zeros(rows[name], len(idx), dtype=t.dtype)
+                out[name] = torch.zeros(reader.shape(key)[0], len(idx), dtype=t.dtype)
             inside = (idx >= c0) & (idx < c0 + t.shape[1])
             pos = inside.nonzero().squeeze(1)
             out[name][r0:r0 + t.shape[0], pos] = t[:, idx[pos] - c0]
             filled[name] += t.shape[0] * len(pos)
     for n, idx in cols.items():
         if n not in out or filled[n] != out[n].shape[0] * len(idx):
-            raise ValueError(f"{d}: the checkpoint does not hold every kept column of table {n}")
-    return out, dense
+            raise ValueError(f"{reader.dir}: the checkpoint does not hold every kept column of table {n}")
+    return out, reader.tensors([k for k in reader.keys if k not in tables])
 
 
 def compact_ham(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
@@ -103,9 +89,9 @@ def compact_ham(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
         return build_model(cfg.model, tables, meta.sparse_features, len(meta.dense_features)), tables, None
     kept = {t.name: t.kept_columns for t in dims.tables}
     weights, dense = read_supernet(ckpt, kept)
-    gate = {_GATE + f".{k}".split(f".{_GATE}", 1)[1]: dense.pop(k) for k in list(dense) if f".{_GATE}" in f".{k}"}
-    if gate:  # fold the search's hard mask into the kept columns
-        masks = hard_gates(gate, full)
+    masks = hard_gates(dense, full)
+    dense = {k: v for k, v in dense.items() if not is_gate_key(k)}
+    if masks is not None:  # fold the search's hard mask into the kept columns
         for name, w in weights.items():
             w.mul_(masks[name][torch.as_tensor(kept[name], dtype=torch.long)])
     ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
@@ -123,8 +109,8 @@ def table_warm_start(weights: Dict[str, torch.Tensor]) -> WarmStart:
         live = dmp.state_dict()
         src: Dict[str, Any] = {}
         for k, v in live.items():
-            m = _TABLE_KEY.search(k)
-            src[k] = weights[m.group(1)] if m else v
+            name = table_of(k)
+            src[k] = weights[name] if name is not None else v
         copy_full_into(live, src)
 
     return warm
@@ -133,12 +119,12 @@ def table_warm_start(weights: Dict[str, torch.Tensor]) -> WarmStart:
 def load_dense(model: nn.Module, dense: Dict[str, torch.Tensor]) -> None:
     """Copies the supernet's dense tensors into the model's parameters and buffers of the same name and shape."""
     state = model.state_dict()
-    missing = [k for k in state if not _TABLE_KEY.search(k) and k not in dense]
+    missing = [k for k in state if table_of(k) is None and k not in dense]
     if missing:
         raise ValueError(f"supernet checkpoint lacks dense tensor {missing[0]} (different model config?)")
     with torch.no_grad():
         for k, v in state.items():
-            if _TABLE_KEY.search(k):
+            if table_of(k) is not None:
                 continue
             if dense[k].shape != v.shape:
                 raise ValueError(f"supernet tensor {k} has shape {tuple(dense[k].shape)}, the model {tuple(v.shape)}")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from sharded_mde.config import TrainConfig
 from sharded_mde.data.batches import iterate_batches, iterate_eval_batches, num_batches, num_eval_batches
-from sharded_mde.train.checkpoint import latest_checkpoint, load_checkpoint, load_portable, save_checkpoint
+from sharded_mde.train.checkpoint import MODEL, OPTIMIZER, latest_checkpoint, load_checkpoint, save_checkpoint
 from sharded_mde.train.distributed import DistEnv
 from sharded_mde.train.metrics import classification_metrics
 from sharded_mde.train.sharding import make_optimizer
@@ -85,10 +85,9 @@ class Trainer:
         self.total_steps = max(1, int(math.ceil(cfg.epochs * self.batches_per_epoch)))
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> Dict[str, Any]:
+    def local_state(self) -> Dict[str, Any]:
+        """This rank's trainer state beside the model and optimizer: step, eval history, callbacks, RNG."""
         return {
-            "model": self.dmp.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "history": self.history,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
@@ -98,26 +97,30 @@ class Trainer:
     def save(self) -> None:
         if self.checkpoint_dir is None:
             return
-        save_checkpoint(self.checkpoint_dir, self.step, self.env.rank, self.env.world_size, self.state_dict(),
-                        {"total_steps": self.total_steps})
+        save_checkpoint(self.checkpoint_dir, self.step,
+                        {MODEL: self.dmp.state_dict(), OPTIMIZER: self.optimizer.state_dict()},
+                        {"total_steps": self.total_steps}, local=self.local_state())
 
     def try_resume(self) -> bool:
-        """Loads the newest finished checkpoint, if any; returns whether it did."""
+        """Loads the newest finished checkpoint, if any (made on any world size and plan); returns whether it did."""
         if self.checkpoint_dir is None:
             return False
         d = latest_checkpoint(self.checkpoint_dir)
         if d is None:
             return False
-        payload, _ = load_checkpoint(d, self.env.rank, self.env.world_size)
         self.optimizer.init_state()  # a fresh Adam has no state yet and KeyedOptimizer will not load into that
         self.optimizer.zero_grad(set_to_none=True)
-        self.dmp.load_state_dict(load_portable(self.dmp.state_dict(), payload["model"]))
-        self.optimizer.load_state_dict(load_portable(self.optimizer.state_dict(), payload["optimizer"]))
-        self.step = int(payload["step"])
-        self.history = list(payload["history"])
-        for cb, st in zip(self.callbacks, payload["callbacks"]):
+        model, optimizer = self.dmp.state_dict(), self.optimizer.state_dict()
+        local = load_checkpoint(d, model, optimizer)
+        if local is None:
+            raise ValueError(f"{d}: checkpoint holds no trainer state (not written by the trainer)")
+        self.dmp.load_state_dict(model)
+        self.optimizer.load_state_dict(optimizer)
+        self.step = int(local["step"])
+        self.history = list(local["history"])
+        for cb, st in zip(self.callbacks, local["callbacks"]):
             cb.load_state_dict(st)
-        torch.set_rng_state(payload["rng"])
+        torch.set_rng_state(local["rng"])
         return True
 
     # ------------------------------------------------------------------ loops
