@@ -23,6 +23,14 @@ from sharded_mde.dims.cost import (  # noqa: F401
     floor_bytes,
     smallest_feasible_fraction,
     check_feasible,
+    SERVING_DTYPES,
+    SCALE_BIAS_BYTES,
+    TABLE_ALIGNMENT,
+    serving_dim_multiple,
+    legal_serving_dim,
+    serving_row_bytes,
+    serving_table_bytes,
+    serving_bytes_of,
 )
 from sharded_mde.dims.records import (  # noqa: F401
     RuleRecord,

@@ -127,3 +127,64 @@ def check_feasible(tables: Sequence[Any], fraction: float, weight_dtype: str = "
         f"{DIM_MULTIPLE} needs {need:,} B; the smallest feasible budget is {f:.4f} ({need:,} B of "
         f"{full_bytes(tables, weight_dtype, optimizer):,} B). Raise search.budget, use search.method: pme, "
         f"or set search.allow_drop: true (HAM drops a field only where validation shows it harmless)")
+
+
+# --------------------------------------------------------------------------- serving bytes (inference tables)
+
+SERVING_DTYPES = ("fp32", "fp16", "int8", "int4")
+SERVING_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+SCALE_BIAS_BYTES = 4  # fused int8/int4 rows end with an fp16 scale and an fp16 bias (FBGEMM's DEFAULT_SCALE_BIAS_SIZE_IN_BYTES)
+TABLE_ALIGNMENT = 128  # FBGEMM's inference TBE pads each table's storage to a 128-byte cache line
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _check_serving_dtype(dtype: str) -> None:
+    if dtype not in SERVING_BITS:
+        raise ValueError(f"serving dtype must be one of {', '.join(SERVING_DTYPES)}, got {dtype!r}")
+
+
+def serving_dim_multiple(dtype: str) -> int:
+    """The multiple every served dim of `dtype` must be: 1 for fp32/fp16, 2 for int8, 4 for int4.
+
+    FBGEMM's row-wise quantiser (`FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf`, which TorchRec's
+    `quantize_embeddings` and our export use) needs a row's packed data to be whole 2-byte units
+    (dim * bits % 16 == 0); the inference TBE itself only needs whole bytes (`dim % (8 / bit_rate)`).
+    """
+    _check_serving_dtype(dtype)
+    bits = SERVING_BITS[dtype]
+    return 1 if bits >= 16 else 16 // bits
+
+
+def legal_serving_dim(dim: int, dtype: str) -> bool:
+    """True if a table of `dim` can be quantised to and served as `dtype` (see `serving_dim_multiple`)."""
+    return legal_dim(dim, serving_dim_multiple(dtype))
+
+
+def serving_row_bytes(dim: int, dtype: str, row_alignment: int = 1) -> int:
+    """Bytes of one stored row in FBGEMM's inference TBE: fp32 4 x dim, fp16 2 x dim, int8 dim + 4,
+    int4 dim / 2 + 4, rounded up to `row_alignment` (FBGEMM's `rounded_row_size_in_bytes`)."""
+    _check_serving_dtype(dtype)
+    if row_alignment < 1:
+        raise ValueError(f"row_alignment must be >= 1, got {row_alignment}")
+    bits = SERVING_BITS[dtype]
+    data = dim * bits // 8
+    return _round_up(data if bits >= 16 else data + SCALE_BIAS_BYTES, row_alignment)
+
+
+def serving_table_bytes(rows: int, dim: int, dtype: str, row_alignment: int = 1) -> int:
+    """Bytes a served table holds (0 when dim is 0): fp32 is a TorchRec EBC parameter, rows x dim x 4;
+    fp16/int8/int4 live in FBGEMM's inference TBE, rows x `serving_row_bytes` padded to a 128-byte line."""
+    _check_serving_dtype(dtype)
+    if dim <= 0:
+        return 0
+    if dtype == "fp32":
+        return rows * dim * 4
+    return _round_up(rows * serving_row_bytes(dim, dtype, row_alignment), TABLE_ALIGNMENT)
+
+
+def serving_bytes_of(tables: Sequence[Any], dtype: str, row_alignment: int = 1) -> int:
+    """Serving bytes of TorchRec table configs (`num_embeddings` x `embedding_dim`) all served as `dtype`."""
+    return sum(serving_table_bytes(t.num_embeddings, t.embedding_dim, dtype, row_alignment) for t in tables)

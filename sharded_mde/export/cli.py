@@ -9,7 +9,7 @@ from sharded_mde.train.cli import add_config_args, load_args_config
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sharded_mde.export.stage import export_bytes, export_stage
+    from sharded_mde.export.stage import export_bytes, export_stage, serving_bytes_by_dtype
 
     cfg = load_args_config(args)
     manifest = export_stage(cfg, args.checkpoint, args.out, args.dims, overwrite=args.force)
@@ -22,6 +22,7 @@ def _export(args: argparse.Namespace) -> int:
         "dtype": cfg.export.dtype,
         "elements": raw,
         "bytes": export_bytes(args.out, manifest),
+        "serving_bytes": serving_bytes_by_dtype(manifest, cfg.export.row_alignment),
     }, indent=2))
     return 0
 

@@ -15,22 +15,20 @@ from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 import torch
-from fbgemm_gpu.split_embedding_configs import SparseType
-from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
 from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import DataType
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
+from sharded_mde.dims import SCALE_BIAS_BYTES, serving_table_bytes
 from sharded_mde.export.arrowfile import read_weights
 from sharded_mde.export.groups import serving_token_groups, token_group_bytes
 from sharded_mde.export.manifest import ExportedTable, Manifest, read_manifest, verify_files
 from sharded_mde.export.serve import ServingModel
-from sharded_mde.export.tablefile import DTYPES, QUANT_BITS, SCALE_BIAS_BYTES, encode, read_blocks, to_float
+from sharded_mde.export.tablefile import DTYPES, QUANT_BITS, encode, read_blocks, to_float
 from sharded_mde.modules.heads import build_head
 
 _DATA_TYPE = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8, "int4": DataType.INT4}
-_SPARSE_TYPE = {"fp32": SparseType.FP32, "fp16": SparseType.FP16, "int8": SparseType.INT8, "int4": SparseType.INT4}
 
 
 def _converted_blocks(root: Path, t: ExportedTable, dtype: str) -> Iterator[Tuple[int, torch.Tensor]]:
@@ -94,15 +92,11 @@ def resolve_dtype(manifest: Manifest, dtype: Optional[str] = None) -> str:
 
 
 def serving_bytes(manifest: Manifest, dtype: str, row_alignment: int = 1) -> int:
-    """Bytes the serving tables take: rows x FBGEMM's rounded row size (fp32 EBC: rows x dim x 4).
+    """Bytes the serving tables take, from the one serving byte model (`dims.serving_table_bytes`).
 
     For token groups, the remap and the (fp32) group projections are counted too.
     """
-    if dtype == "fp32":
-        tables = sum(t.rows * t.dim * 4 for t in manifest.tables)
-    else:
-        tables = sum(t.rows * rounded_row_size_in_bytes(t.dim, _SPARSE_TYPE[dtype], row_alignment)
-                     for t in manifest.tables)
+    tables = sum(serving_table_bytes(t.rows, t.dim, dtype, row_alignment) for t in manifest.tables)
     return tables + token_group_bytes(manifest)
 
 

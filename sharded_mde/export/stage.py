@@ -18,7 +18,7 @@ from sharded_mde.export.load import load_export, resolve_dtype, serving_bytes
 from sharded_mde.export.manifest import MANIFEST, Manifest, read_manifest, vocabulary_digest
 from sharded_mde.export.serve import Request, score, script
 from sharded_mde.io import sha256_file
-from sharded_mde.dims import load_dims
+from sharded_mde.dims import SERVING_DTYPES, legal_serving_dim, load_dims, serving_table_bytes
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.train.metrics import classification_metrics
 
@@ -71,6 +71,15 @@ def export_bytes(root: str | Path, manifest: Manifest) -> Dict[str, int]:
             "projections": manifest.files[groups.projections_file]["bytes"] if groups else 0}
 
 
+def serving_bytes_by_dtype(manifest: Manifest, row_alignment: int) -> Dict[str, int]:
+    """`serving_bytes` of an export for each dtype it can be served as: a float export every dtype its
+    dims are legal for, an int8/int4 export its own dtype (the planner report shows the same figures)."""
+    stored = {t.dtype for t in manifest.tables}
+    dtypes = [d for d in SERVING_DTYPES if all(legal_serving_dim(t.dim, d) for t in manifest.tables)] \
+        if stored <= {"fp32", "fp16"} else sorted(stored)
+    return {d: serving_bytes(manifest, d, row_alignment) for d in dtypes}
+
+
 def data_vocabulary_digest(data_dir: Path, features: List[str]) -> str:
     """`vocabulary_digest` of the vocabulary files of `features` in a processed data directory."""
     from sharded_mde.data.vocab import vocab_path
@@ -120,6 +129,9 @@ def serve_check(cfg: RunConfig, export_dir: str | Path, dtype: Optional[str] = N
         "dtype": dtype,
         "row_alignment": cfg.export.row_alignment,
         "serving_table_bytes": serving_bytes(manifest, dtype, cfg.export.row_alignment),
+        "serving_bytes_by_table": {t.name: serving_table_bytes(t.rows, t.dim, dtype, cfg.export.row_alignment)
+                                   for t in manifest.tables},
+        "serving_bytes_by_dtype": serving_bytes_by_dtype(manifest, cfg.export.row_alignment),
         "export_bytes": export_bytes(export_dir, manifest),
         "data_dir": str(data_dir),
         "examples_per_s": labels.numel() / max(seconds, 1e-9),

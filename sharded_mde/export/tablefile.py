@@ -17,27 +17,25 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from sharded_mde.dims import SERVING_DTYPES, legal_serving_dim, serving_dim_multiple, serving_row_bytes
 from sharded_mde.io import atomic_path
 
-DTYPES = ("fp32", "fp16", "int8", "int4")
+DTYPES = SERVING_DTYPES
 QUANT_BITS = {"int8": 8, "int4": 4}
-SCALE_BIAS_BYTES = 4  # fp16 scale + fp16 bias at the end of a fused row
 _FLOAT = {"fp32": (pa.float32(), torch.float32), "fp16": (pa.float16(), torch.float16)}
 
 
 def row_bytes(dim: int, dtype: str) -> int:
-    """Bytes of one stored row: 4 or 2 per element, or dim*bits/8 + 4 for the fused int formats."""
-    if dtype in _FLOAT:
-        return dim * torch.finfo(_FLOAT[dtype][1]).bits // 8
-    return dim * QUANT_BITS[dtype] // 8 + SCALE_BIAS_BYTES
+    """Bytes of one stored row, unpadded: 4 or 2 per element, or dim*bits/8 + 4 for the fused int formats."""
+    return serving_row_bytes(dim, dtype, 1)
 
 
 def check_dim(dim: int, dtype: str, table: str) -> None:
-    """int4 rows need dim % 4 == 0 (TorchRec's quantised kernels); raises ValueError naming the table."""
+    """A dim FBGEMM's quantiser accepts (`dims.legal_serving_dim`); raises ValueError naming the table."""
     if dtype not in DTYPES:
         raise ValueError(f"table {table}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "int4" and dim % 4:
-        raise ValueError(f"table {table}: int4 needs a dim that is a multiple of 4, got {dim}")
+    if not legal_serving_dim(dim, dtype):
+        raise ValueError(f"table {table}: {dtype} needs a dim that is a multiple of {serving_dim_multiple(dtype)}, got {dim}")
 
 
 def arrow_type(dim: int, dtype: str) -> pa.DataType:

@@ -16,7 +16,7 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DataType
 
 from sharded_mde.config import PlanConfig
-from sharded_mde.dims import table_bytes
+from sharded_mde.dims import SERVING_DTYPES, legal_serving_dim, serving_bytes_of, table_bytes
 from sharded_mde.plan.sharding import GiB, check_constraint_keys, plan_sharding
 from sharded_mde.plan.tables import source_tables
 from sharded_mde.plots import pyplot, save_png
@@ -57,6 +57,13 @@ def _side(tables: Sequence[EmbeddingBagConfig], options: List[ShardingOption], o
     return {"tables": per_table, "shards": shards, "ranks": ranks}
 
 
+def serving_bytes_by_dtype(tables: Sequence[EmbeddingBagConfig], row_alignment: int) -> Dict[str, Optional[int]]:
+    """Serving bytes of the tables served as each dtype (`dims.serving_bytes_of`; None where a dim is illegal for it)."""
+    return {d: serving_bytes_of(tables, d, row_alignment)
+            if all(legal_serving_dim(t.embedding_dim, d) for t in tables if t.embedding_dim > 0) else None
+            for d in SERVING_DTYPES}
+
+
 def _sum(rows: List[Dict[str, int]]) -> Dict[str, int]:
     return {k: sum(r[k] for r in rows) for k in ("weight", "optimizer", "total", "planner_hbm", "planner_ddr")}
 
@@ -78,6 +85,7 @@ def memory_report(
     full_plan: Optional[Planned] = None,
     compact_plan: Optional[Planned] = None,
     bag_lengths: Optional[Mapping[str, float]] = None,
+    row_alignment: int = 1,
 ) -> Dict[str, Any]:
     """Plans (unless given; pooling factors from `bag_lengths`) the full and compact tables on `cfg`'s topology
     and compares their memory.
@@ -88,6 +96,7 @@ def memory_report(
         cfg (PlanConfig): the topology both are planned on.
         full_plan, compact_plan (Optional): plans already made (`plan_sharding`'s result).
         bag_lengths (Optional[Mapping[str, float]]): mean ids per bag by feature (pooling factors).
+        row_alignment (int): the serving row alignment of the "serving bytes per dtype" totals.
 
     Example::
 
@@ -134,7 +143,9 @@ def memory_report(
               "imbalance_full": _imbalance([r["total"] for r in full["ranks"]]),
               "imbalance_compact": _imbalance([r["total"] for r in comp["ranks"]]),
               "planner_imbalance_full": _imbalance([r[f"planner_{tier}"] for r in full["ranks"]]),
-              "planner_imbalance_compact": _imbalance([r[f"planner_{tier}"] for r in comp["ranks"]])}
+              "planner_imbalance_compact": _imbalance([r[f"planner_{tier}"] for r in comp["ranks"]]),
+              "serving": {"row_alignment": row_alignment, "full": serving_bytes_by_dtype(full_tables, row_alignment),
+                          "compact": serving_bytes_by_dtype(compact_tables, row_alignment)}}
     topology = {"world_size": world, "local_world_size": cfg.local_world_size or world, "compute_device": cfg.compute_device,
                 "tier": tier, "capacity_per_rank": cap, "storage_reserve": cfg.storage_reserve if tier == "hbm" else 0.0,
                 "batch_size": cfg.batch_size, "optimizer": opt}
@@ -184,6 +195,10 @@ def _sections(rep: Dict[str, Any], max_shards: Optional[int]) -> List[Tuple[str,
               ["largest rank (raw)", fmt_bytes(t["max_rank_full"]), fmt_bytes(t["max_rank_compact"]), ""],
               ["imbalance max/mean (raw)", f"{t['imbalance_full']:.2f}", f"{t['imbalance_compact']:.2f}", ""],
               ["imbalance max/mean (planner)", f"{t['planner_imbalance_full']:.2f}", f"{t['planner_imbalance_compact']:.2f}", ""]]
+    sv = t["serving"]
+    exact = [(d, [sv[side][d] for side in ("full", "compact")]) for d in SERVING_DTYPES]  # to the byte, as the export
+    totals += [[f"serving tables {d} (row alignment {sv['row_alignment']})"] + ["-" if n is None else f"{n:,} B" for n in ns]
+               + [""] for d, ns in exact]
     more = "" if len(shown) == len(shards) else f" (largest {len(shown)} of {len(shards)}; all in report.json / report.md)"
     return [
         ("Per table", [["table", "rows", "dim", "dim after", "sharding", "kernel", "shards", "bytes before", "bytes after", "saving"]] + tables),

@@ -24,7 +24,7 @@ def plan_and_report(cfg: RunConfig, dims: DimsFile, dims_path: str, out: Path) -
     full_planned = plan_sharding(full, cfg.plan, bag_lengths=bags)
     compact_planned = plan_sharding(compact, cfg.plan, bag_lengths=bags)
     seconds = time.perf_counter() - start
-    rep = memory_report(full, compact, cfg.plan, full_planned, compact_planned)
+    rep = memory_report(full, compact, cfg.plan, full_planned, compact_planned, row_alignment=cfg.export.row_alignment)
     rep["source"] = {"dims_file": dims_path, "method": dims.method, "budget_fraction": dims.budget_fraction,
                      **({"rule": dataclasses.asdict(dims.rule)} if dims.rule else {}),
                      "extra": dims.extra, "planning_seconds": round(seconds, 2)}
