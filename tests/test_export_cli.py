@@ -13,6 +13,7 @@ import yaml
 from sharded_mde.cli import main
 from sharded_mde.config import load_config
 from sharded_mde.data import DatasetMeta, prepare
+from sharded_mde.export import read_manifest
 from sharded_mde.export.serve import score
 from sharded_mde.export.stage import load_requests
 from sharded_mde.modules.model import build_model
@@ -90,5 +91,10 @@ def test_bench_serving_compares_two_exports(run, tmp_path: Path) -> None:
     for dtype in ("fp32", "int8"):
         r = doc["results"]["dtypes"][dtype]
         assert len(r["compact"]["examples_per_s"]) == 2 and r["ratio_median"] > 0
-        # rows x dim x 4 for fp32; int8 rows are dim + 4 bytes (fp16 scale and bias), alignment 1
-        assert r["bytes_ratio"] == pytest.approx({"fp32": 8 / 16, "int8": (8 + 4) / (16 + 4)}[dtype])
+        # rows x dim x 4 for fp32; int8 rows are dim + 4 bytes (fp16 scale and bias), alignment 1, each table
+        # padded to FBGEMM's 128-byte line
+        rows = [t.rows for t in read_manifest(tmp_path / "small").tables]
+        line = {"fp32": 1, "int8": 128}[dtype]
+        small, wide = ({"fp32": 4 * dim, "int8": dim + 4}[dtype] for dim in (8, 16))
+        padded = [sum(-(-n * width // line) * line for n in rows) for width in (small, wide)]
+        assert r["bytes_ratio"] == pytest.approx(padded[0] / padded[1])
