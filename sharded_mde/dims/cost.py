@@ -138,10 +138,12 @@ TABLE_ALIGNMENT = 128  # FBGEMM's inference TBE pads each table's storage to a 1
 
 
 def _round_up(n: int, multiple: int) -> int:
+    """`n` rounded up to a multiple of `multiple`."""
     return -(-n // multiple) * multiple
 
 
 def _check_serving_dtype(dtype: str) -> None:
+    """Raises a one-line ValueError for a dtype outside the serving byte model."""
     if dtype not in SERVING_BITS:
         raise ValueError(f"serving dtype must be one of {', '.join(SERVING_DTYPES)}, got {dtype!r}")
 
