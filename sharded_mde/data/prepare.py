@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -33,10 +34,11 @@ from sharded_mde.data.parts import PartWriter
 from sharded_mde.data.readers import DataWarning, SourceReader, expand_paths
 from sharded_mde.data.splits import SPLITS, assign_splits
 from sharded_mde.data.synth import generate, load_ground_truth, synth_fingerprint, synth_paths
-from sharded_mde.data.vocab import ValueCounter, Vocabulary, build_vocab, save_vocab
+from sharded_mde.data.vocab import ValueCounter, Vocabulary, save_vocab
 from sharded_mde.io import atomic_path, atomic_write_json, read_json
 
 VOCAB_DONE = "vocab/_complete.json"
+_NOT_IN_FINGERPRINT = ("dir", "count_memory_mb")  # settings that do not change the processed data
 
 
 def _sources(cfg: DataConfig, out: Path) -> Tuple[str, List[Path], Dict]:
@@ -57,7 +59,7 @@ def _sources(cfg: DataConfig, out: Path) -> Tuple[str, List[Path], Dict]:
 
 def fingerprint(cfg: DataConfig, inputs: Dict) -> str:
     """Digest of everything that determines the processed data (not the output directory)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k != "dir" and not (k.startswith("synth_"))}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT and not (k.startswith("synth_"))}
     blob = json.dumps({"format_version": FORMAT_VERSION, "config": settings, "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -99,19 +101,21 @@ def _build_vocabs(cfg: DataConfig, fmt: str, files: List[Path], out: Path, fp: s
     skipped lines, the split's row total)."""
     reader = _reader(cfg, fmt, files)
     total = _split_total(cfg, reader)
-    counter = ValueCounter(reader.schema.sparse)
+    out.mkdir(parents=True, exist_ok=True)
     rows = 0
-    with tqdm(desc="prepare: counting values", unit=" rows", disable=not progress) as bar:
-        for table, phys in _limited(reader.blocks(), cfg.max_rows):
-            train = assign_splits(phys, total, cfg.split, cfg.split_by) == 0
-            counter.update(table.filter(pa.array(train)))
-            rows += table.num_rows
-            bar.update(table.num_rows)
     vocabs = {}
-    for f in reader.schema.sparse:
-        table = build_vocab(counter.counts(f), cfg.min_count, cfg.max_vocab)
-        save_vocab(out, f, table)
-        vocabs[f] = Vocabulary(table.column("value").combine_chunks())
+    with tempfile.TemporaryDirectory(prefix="_counting.", dir=out) as spill_dir:
+        counter = ValueCounter(reader.schema.sparse, cfg.count_memory_mb, Path(spill_dir))
+        with tqdm(desc="prepare: counting values", unit=" rows", disable=not progress) as bar:
+            for table, phys in _limited(reader.blocks(), cfg.max_rows):
+                train = assign_splits(phys, total, cfg.split, cfg.split_by) == 0
+                counter.update(table.filter(pa.array(train)))
+                rows += table.num_rows
+                bar.update(table.num_rows)
+        for f in reader.schema.sparse:
+            table = counter.vocab(f, cfg.min_count, cfg.max_vocab)
+            save_vocab(out, f, table)
+            vocabs[f] = Vocabulary(table.column("value").combine_chunks())
     atomic_write_json(out / VOCAB_DONE, {"fingerprint": fp, "rows": rows, "skipped_lines": reader.skipped,
                                          "split_total": total})
     return vocabs, rows, reader.skipped, total
