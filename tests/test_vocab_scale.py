@@ -65,8 +65,8 @@ def test_encoder_equals_old_reference_on_single_and_multi_valued_fields():
     counter.update(train)
     vocab_f, vocab_bag = (Vocabulary(build_vocab(counter.counts(n), min_count=2).column("value").combine_chunks())
                           for n in ("f", "bag"))
-    for block in range(3):  # one index serves every block
-        column = random_values(rng, 2000, 6000)
+    for size in (500, 700, 20_000):  # blocks smaller than the vocabulary share one index; larger: index_in
+        column = random_values(rng, size, 6000)
         got = vocab_f.encode(column)
         assert got.dtype == np.int32 and np.array_equal(got, reference_encode(vocab_f.values, column))
         assert (got[pc.is_null(column).to_numpy(zero_copy_only=False)] == MISSING_ID).all()
@@ -76,8 +76,9 @@ def test_encoder_equals_old_reference_on_single_and_multi_valued_fields():
     flat = pc.list_flatten(bags)
     assert np.array_equal(pc.list_flatten(got).to_numpy(), reference_encode(vocab_bag.values, flat))
     assert pc.list_value_length(got).to_pylist() == pc.fill_null(pc.list_value_length(bags), 0).to_pylist()
-    assert vocab_f.encode(pa.chunked_array([column.slice(0, 5), column.slice(5)])).tolist() == \
-        vocab_f.encode(column).tolist()
+    assert vocab_f._index is not None and len(vocab_f.values) > 700  # both paths were taken
+    assert vocab_f.encode(pa.chunked_array([column.slice(0, 5), column.slice(5, 600)])).tolist() == \
+        vocab_f.encode(column.slice(0, 605)).tolist()
     assert vocab_f.encode(["definitely unseen", None]).tolist() == [OOV_ID, MISSING_ID]
 
 

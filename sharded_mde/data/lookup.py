@@ -47,31 +47,46 @@ def hash_strings(values: Union[pa.Array, pa.ChunkedArray]) -> np.ndarray:
     words = np.ndarray(shape=(len(data) + 1,), dtype="<u8", buffer=padded, strides=(1,))  # 8 bytes from each byte
     lengths = offsets[1:] - offsets[:-1]
     with np.errstate(over="ignore"):
-        h = _fmix64(lengths.astype(np.uint64) * _P)
-        rows = np.arange(n)
+        h = lengths.astype(np.uint64) * _P
+        rows = None  # round 0 takes every string, later rounds those longer than 8k bytes
         k = 0
-        while len(rows):  # round k mixes bytes [8k, 8k + 8) of the strings that long
-            rest = lengths[rows] - 8 * k
-            mask = np.where(rest >= 8, _ALL, (np.uint64(1) << (np.minimum(rest, 8).astype(np.uint64) * np.uint64(8)))
-                            - np.uint64(1))
-            h[rows] = _fmix64((h[rows] ^ (words[offsets[rows] + 8 * k] & mask)) * _P)
+        while rows is None or len(rows):  # round k mixes bytes [8k, 8k + 8) of the strings
+            rest = (lengths if rows is None else lengths[rows]) - 8 * k
+            word = words[(offsets[:-1] if rows is None else offsets[rows]) + 8 * k]
+            short = rest < 8
+            if short.any():  # keep only the string's own bytes of a word that runs past its end
+                word[short] &= (np.uint64(1) << (np.maximum(rest[short], 0).astype(np.uint64) * np.uint64(8))) \
+                    - np.uint64(1)
+            if rows is None:
+                h = _fmix64((h ^ word) * _P)
+                rows = np.flatnonzero(rest > 8)
+            else:
+                h[rows] = _fmix64((h[rows] ^ word) * _P)
+                rows = rows[rest > 8]
             k += 1
-            rows = rows[rest > 8]
     return h
 
 
 class ValueIndex:
-    """Position of each value in a fixed string array, built once (hashes sorted) and reused per lookup."""
+    """Position of each value in a fixed string array, built once and reused for every lookup.
+
+    The values' hashes are kept sorted, with a directory of where each run of equal top bits starts
+    (about one hash per run), so a lookup costs a few memory reads per row, whatever the size.
+    """
 
     def __init__(self, values: pa.Array, hash_bits: int = 64) -> None:
-        """`hash_bits` < 64 keeps only that many hash bits (tests use it to force collisions)."""
+        """`hash_bits` < 64 keeps only that many (top) hash bits (tests use it to force collisions)."""
         self.values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-        self._mask = _ALL if hash_bits >= 64 else np.uint64((1 << hash_bits) - 1)
+        self._mask = _ALL ^ (_ALL >> np.uint64(hash_bits)) if hash_bits < 64 else _ALL
         hashes = hash_strings(self.values) & self._mask
         self._order = np.argsort(hashes, kind="stable")
         self._sorted = hashes[self._order]
         shared = self._sorted[1:] == self._sorted[:-1]
         self._shared = np.unique(self._sorted[1:][shared])  # hashes of two or more values: looked up exactly
+        bits = min(max(int(len(hashes)).bit_length() - 1, 0), 32)
+        self._shift = np.uint64(64 - bits)
+        starts = np.arange(1 << bits, dtype=np.uint64) << self._shift if bits else np.zeros(1, np.uint64)
+        self._dir = np.append(np.searchsorted(self._sorted, starts), len(hashes))  # run k: _dir[k]:_dir[k + 1]
 
     def find(self, column: pa.Array) -> np.ndarray:
         """int64 position in `values` of each string of `column`; -1 where absent or null."""
@@ -80,11 +95,15 @@ class ValueIndex:
         if n == 0 or len(self.values) == 0:
             return out
         h = hash_strings(column) & self._mask
-        by_hash = np.argsort(h)  # sorted queries: each binary search starts near the previous one
-        slot = np.empty(n, dtype=np.int64)
-        slot[by_hash] = np.searchsorted(self._sorted, h[by_hash])
-        slot = np.minimum(slot, len(self._sorted) - 1)
-        hit = np.flatnonzero(self._sorted[slot] == h)
+        run = (h >> self._shift).astype(np.int64) if self._shift < 64 else np.zeros(n, np.int64)
+        slot, end = self._dir[run], self._dir[run + 1]
+        rows = np.flatnonzero(slot < end)
+        while len(rows):  # step along the run while its hashes are smaller (about one step per row)
+            rows = rows[self._sorted[slot[rows]] < h[rows]]
+            slot[rows] += 1
+            rows = rows[slot[rows] < end[rows]]
+        hit = np.flatnonzero(slot < end)
+        hit = hit[self._sorted[slot[hit]] == h[hit]]
         if len(hit):
             cand = self._order[slot[hit]]
             same = pc.equal(column.take(pa.array(hit)), self.values.take(pa.array(cand)))

@@ -121,6 +121,16 @@ def _build_vocabs(cfg: DataConfig, fmt: str, files: List[Path], out: Path, fp: s
     return vocabs, rows, reader.skipped, total
 
 
+def prepare_vocabs(cfg: DataConfig, progress: bool = True) -> Dict[str, Vocabulary]:
+    """The counting pass alone: writes the vocabularies of `cfg.dir`, which a later `prepare` reuses."""
+    out = Path(cfg.dir)
+    fmt, files, inputs = _sources(cfg, out)
+    _clear(out, keep_vocab=False)
+    if cfg.format == "synth":
+        _ensure_synth(cfg, out, progress)
+    return _build_vocabs(cfg, fmt, files, out, fingerprint(cfg, inputs), progress)[0]
+
+
 def prepare(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
     """Builds (or finds up to date) the processed data directory `cfg.dir` and returns its metadata."""
     out = Path(cfg.dir)

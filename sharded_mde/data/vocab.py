@@ -154,7 +154,7 @@ class Vocabulary:
 
     def __init__(self, values: pa.Array) -> None:
         self.values = values.cast(pa.string())
-        self._index: Optional[ValueIndex] = None  # built on the first encode, then reused for every block
+        self._index: Optional[ValueIndex] = None  # built on the first block smaller than the vocabulary, then reused
 
     @classmethod
     def load(cls, data_dir: Union[str, Path], field: str) -> "Vocabulary":
@@ -183,9 +183,12 @@ class Vocabulary:
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
         column = column.cast(pa.string())
-        if self._index is None:
-            self._index = ValueIndex(self.values)
-        found = self._index.find(column)
+        if len(self.values) <= len(column):  # rebuilding a hash table no larger than the block is cheapest
+            found = pc.fill_null(pc.index_in(column, value_set=self.values), -1).to_numpy(zero_copy_only=False)
+        else:
+            if self._index is None:
+                self._index = ValueIndex(self.values)
+            found = self._index.find(column)
         ids = np.where(found >= 0, found + NUM_RESERVED, OOV_ID).astype(np.int32)
         if column.null_count:
             ids[pc.is_null(column).to_numpy(zero_copy_only=False)] = MISSING_ID
