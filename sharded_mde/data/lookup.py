@@ -72,6 +72,7 @@ class ValueIndex:
 
     The values' hashes are kept sorted, with a directory of where each run of equal top bits starts
     (about one hash per run), so a lookup costs a few memory reads per row, whatever the size.
+    Memory: 8 bytes of hash, 4 of order and at most 4 of directory per value, beside the values.
     """
 
     def __init__(self, values: pa.Array, hash_bits: int = 64) -> None:
@@ -79,14 +80,15 @@ class ValueIndex:
         self.values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
         self._mask = _ALL ^ (_ALL >> np.uint64(hash_bits)) if hash_bits < 64 else _ALL
         hashes = hash_strings(self.values) & self._mask
-        self._order = np.argsort(hashes, kind="stable")
+        index_type = np.int32 if len(hashes) < 1 << 31 else np.int64
+        self._order = np.argsort(hashes, kind="stable").astype(index_type)
         self._sorted = hashes[self._order]
         shared = self._sorted[1:] == self._sorted[:-1]
         self._shared = np.unique(self._sorted[1:][shared])  # hashes of two or more values: looked up exactly
         bits = min(max(int(len(hashes)).bit_length() - 1, 0), 32)
         self._shift = np.uint64(64 - bits)
         starts = np.arange(1 << bits, dtype=np.uint64) << self._shift if bits else np.zeros(1, np.uint64)
-        self._dir = np.append(np.searchsorted(self._sorted, starts), len(hashes))  # run k: _dir[k]:_dir[k + 1]
+        self._dir = np.searchsorted(self._sorted, starts).astype(index_type)  # where the hashes with top bits k start
 
     def find(self, column: pa.Array) -> np.ndarray:
         """int64 position in `values` of each string of `column`; -1 where absent or null."""
@@ -96,14 +98,16 @@ class ValueIndex:
             return out
         h = hash_strings(column) & self._mask
         run = (h >> self._shift).astype(np.int64) if self._shift < 64 else np.zeros(n, np.int64)
-        slot, end = self._dir[run], self._dir[run + 1]
-        rows = np.flatnonzero(slot < end)
-        while len(rows):  # step along the run while its hashes are smaller (about one step per row)
-            rows = rows[self._sorted[slot[rows]] < h[rows]]
+        last = len(self._sorted) - 1
+        slot = self._dir[run].astype(np.int64)  # the first hash of the run of h's top bits (or of a later run)
+        cur = self._sorted[np.minimum(slot, last)]
+        rows = np.flatnonzero((cur < h) & (slot <= last))
+        while len(rows):  # step while the hashes (sorted over all runs) are smaller: rarely more than once
             slot[rows] += 1
-            rows = rows[slot[rows] < end[rows]]
-        hit = np.flatnonzero(slot < end)
-        hit = hit[self._sorted[slot[hit]] == h[hit]]
+            rows = rows[slot[rows] <= last]
+            cur[rows] = self._sorted[slot[rows]]
+            rows = rows[cur[rows] < h[rows]]
+        hit = np.flatnonzero((cur == h) & (slot <= last))
         if len(hit):
             cand = self._order[slot[hit]]
             same = pc.equal(column.take(pa.array(hit)), self.values.take(pa.array(cand)))
