@@ -11,7 +11,8 @@ in the train split (so vocabulary sizes can be checked against DuckDB's distinct
   seconds inside `Encoder.encode`; on its first --old-rows rows also the encoding as it was before
   the persistent index (`pc.index_in` over the whole vocabulary per block), side by side;
 - duckdb: one GROUP BY over the unpivoted categorical columns of the same file, with DuckDB's
-  memory limit set to the same bound and one thread (the counting pass is one thread too).
+  memory limit set to the same bound (--duckdb-memory-mb to change it) and one thread (the
+  counting pass is one thread too).
 Writes docs/bench_prepare.json (--out) and prints it. Timings on a loaded machine: compare the
 ratios of one run, not absolute figures across runs.
 
@@ -204,6 +205,7 @@ def main() -> int:
     p.add_argument("--small-vocab", type=int, default=10_000, help="largest vocabulary of the small file")
     p.add_argument("--zipf", type=float, default=0.5, help="Zipf exponent of every field (low: many distinct values)")
     p.add_argument("--count-memory-mb", type=int, default=512, help="data.count_memory_mb of the bounded counting")
+    p.add_argument("--duckdb-memory-mb", type=int, default=0, help="DuckDB's memory_limit (0: --count-memory-mb)")
     p.add_argument("--old-rows", type=int, default=200_000, help="rows encoded the old way side by side (0: none)")
     p.add_argument("--note", default="", help="what else ran on the machine (saved with the figures)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench_prepare.json"), help="JSON output ('' = print only)")
@@ -236,7 +238,8 @@ def main() -> int:
     same = all(pq.read_table(work / "high" / "vocab" / f"C{i + 1}.parquet").equals(
         pq.read_table(work / "high_free" / "vocab" / f"C{i + 1}.parquet")) for i in range(NUM_SPARSE))
     for name in ("small", "high"):
-        res[f"duckdb_{name}"] = _run_child(["duckdb", files[name]["path"], str(mb), str(work / "duckdb_tmp")])
+        res[f"duckdb_{name}"] = _run_child(["duckdb", files[name]["path"], str(args.duckdb_memory_mb or mb),
+                                            str(work / "duckdb_tmp")])
     summary: Dict[str, Any] = {
         "bounded_vocabularies_identical_to_unbounded": same,
         "high_fields_distinct_values": sorted(res["count_high"]["vocab_sizes"].values())[-args.high_fields:],
