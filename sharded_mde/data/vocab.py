@@ -23,7 +23,7 @@ MISSING_ID = 0
 OOV_ID = 1
 NUM_RESERVED = 2
 _MERGE_ROWS = 4_000_000  # merge partial counts once the unmerged ones hold this many (value, count) rows
-_MEMORY_OVERHEAD = 3  # the process memory of held counts per byte of their Arrow tables (merging included)
+_MEMORY_OVERHEAD = 4  # the process memory of held counts per byte of their Arrow tables (merging included)
 _SPILL_BITS = 8
 SPILL_BUCKETS = 1 << _SPILL_BITS  # hash partitions of spilled counts: one is added up at a time
 _COUNTS_SCHEMA = pa.schema([("value", pa.string()), ("count", pa.int64())])
@@ -98,6 +98,8 @@ class ValueCounter:
         self._spills[f].append(path)
         self._held -= counts.nbytes
         self._parts[f], self._pending[f], self._merged[f] = [], 0, 0
+        del counts, columns, order
+        pa.default_memory_pool().release_unused()  # hand the freed counts back to the system
 
     def _buckets(self, f: str) -> Iterator[pa.Table]:
         """(value, count) of the spilled values of `f`, one hash bucket at a time."""
@@ -117,7 +119,8 @@ class ValueCounter:
         return self._parts[field][0]
 
     def vocab(self, field: str, min_count: int = 1, max_vocab: int = 0) -> pa.Table:
-        """`build_vocab` of the counts of `field`; after a spill, built one bucket at a time."""
+        """`build_vocab` of the counts of `field`; after a spill, built one bucket at a time (and the
+        field's spill files removed: call it once per field, last)."""
         if not self._spills[field]:
             return build_vocab(self.counts(field), min_count, max_vocab)
         kept: List[pa.Table] = []
@@ -125,6 +128,9 @@ class ValueCounter:
             kept.append(part.filter(pc.greater_equal(part.column("count"), min_count)))
             if max_vocab > 0 and sum(t.num_rows for t in kept) > 2 * max_vocab:  # only the top max_vocab can stay
                 kept = [build_vocab(pa.concat_tables(kept), max_vocab=max_vocab).select(["value", "count"])]
+        for path in self._spills[field]:  # added up: the disk space goes back too
+            path.unlink()
+        self._spills[field] = []
         return build_vocab(pa.concat_tables(kept), min_count, max_vocab)
 
 
