@@ -185,6 +185,9 @@ class DataConfig:
     synth_teacher: str = "mlp"  # mlp (original: network on summed latents) | factorised (pairwise dot products)
     synth_latent_dim: int = 32  # factorised teacher: dim K of the shared space the token vectors live in
     synth_vocab_sizes: List[int] = field(default_factory=list)  # per field; empty = log-spaced synth_vocab_min..max
+    # counting pass: MB of value counts held in memory; beyond it they spill to hash-partitioned files
+    # under data.dir, added up one partition at a time (same vocabularies; 0 = no bound)
+    count_memory_mb: int = 1024
 
     def __post_init__(self) -> None:
         # one spelling per code ("-1", -1 and -1.0 alike), so that the fingerprint's JSON is well defined
@@ -208,6 +211,8 @@ class DataConfig:
         for name, sep in self.multi_valued.items():
             if not sep:
                 raise ConfigError(f"multi_valued.{name}: the separator must not be empty")
+        if self.count_memory_mb < 0:
+            raise ConfigError(f"count_memory_mb: must be >= 0 (0 = no bound), got {self.count_memory_mb}")
         self._validate_schema()
 
     def _validate_schema(self) -> None:

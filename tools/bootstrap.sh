@@ -31,7 +31,7 @@ fi
 # dependencies and add the ones it really imports.
 "${pip[@]}" --no-deps "torchrec==$TORCHREC_VERSION"
 "${pip[@]}" tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath \
-  pyarrow pyyaml matplotlib pytest hypothesis numpy
+  pyarrow pyyaml matplotlib pytest hypothesis numpy duckdb
 "${pip[@]}" --no-deps -e "$root"
 echo "$want" > "$stamp"
 echo "bootstrap: ready ($("$venv/bin/python" -c 'import torch, torchrec; print("torch", torch.__version__, "torchrec", torchrec.__version__)'))" >&2

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -34,10 +35,13 @@ from sharded_mde.data.readers import DataWarning, SourceReader, expand_paths
 from sharded_mde.data.schema import input_schema
 from sharded_mde.data.splits import SPLITS, assign_splits
 from sharded_mde.data.synth import generate, load_ground_truth, synth_fingerprint, synth_paths
-from sharded_mde.data.vocab import ValueCounter, Vocabulary, build_vocab, save_vocab
+from sharded_mde.data.vocab import ValueCounter, Vocabulary, save_vocab
 from sharded_mde.io import atomic_path, atomic_write_json, read_json
 
 VOCAB_DONE = "vocab/_complete.json"
+_NOT_IN_FINGERPRINT = ("dir", "count_memory_mb")  # settings that do not change the processed data
+# Text parsed per block: Arrow's CSV reader holds about 36 times this (600 MB at 16 MB); 4 MB reads as fast.
+_TEXT_BLOCK_BYTES = 4 << 20
 
 
 def _sources(cfg: DataConfig, out: Path) -> Tuple[str, List[Path], Dict]:
@@ -58,7 +62,7 @@ def _sources(cfg: DataConfig, out: Path) -> Tuple[str, List[Path], Dict]:
 
 def fingerprint(cfg: DataConfig, inputs: Dict) -> str:
     """Digest of everything that determines the processed data (not the output directory)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k != "dir" and not (k.startswith("synth_"))}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT and not (k.startswith("synth_"))}
     blob = json.dumps({"format_version": FORMAT_VERSION, "config": settings, "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -75,7 +79,8 @@ def _limited(blocks: Iterable[Tuple[pa.Table, np.ndarray]], max_rows: int) -> It
 
 def _reader(cfg: DataConfig, fmt: str, files: List[Path]) -> SourceReader:
     """The reader of the inputs by their declared schema, checking labels."""
-    return SourceReader(input_schema(cfg, fmt), [str(p) for p in files], strict=cfg.strict, labels=cfg.label_codes())
+    return SourceReader(input_schema(cfg, fmt), [str(p) for p in files], strict=cfg.strict, labels=cfg.label_codes(),
+                        block_size=_TEXT_BLOCK_BYTES)
 
 
 def _split_total(cfg: DataConfig, reader: SourceReader) -> int:
@@ -94,27 +99,40 @@ def _clear(out: Path, keep_vocab: bool) -> None:
 
 
 def _build_vocabs(cfg: DataConfig, fmt: str, files: List[Path], out: Path, fp: str,
-                  progress: bool) -> Tuple[Dict[str, Vocabulary], int, int, int]:
-    """Pass 1: counts the train split's values, writes vocab/<field>.parquet; returns (vocabs, rows read,
-    skipped lines, the split's row total)."""
+                  progress: bool) -> Tuple[Dict[str, int], int, int, int]:
+    """Pass 1: counts the train split's values, writes vocab/<field>.parquet; returns (values per vocabulary,
+    rows read, skipped lines, the split's row total). Holds no vocabulary: the encoding pass loads them."""
     reader = _reader(cfg, fmt, files)
     total = _split_total(cfg, reader)
-    counter = ValueCounter(reader.schema.sparse)
+    out.mkdir(parents=True, exist_ok=True)
     rows = 0
-    with tqdm(desc="prepare: counting values", unit=" rows", disable=not progress) as bar:
-        for table, phys in _limited(reader.blocks(), cfg.max_rows):
-            train = assign_splits(phys, total, cfg.split, cfg.split_by) == 0
-            counter.update(table.filter(pa.array(train)))
-            rows += table.num_rows
-            bar.update(table.num_rows)
-    vocabs = {}
-    for f in reader.schema.sparse:
-        table = build_vocab(counter.counts(f), cfg.min_count, cfg.max_vocab)
-        save_vocab(out, f, table)
-        vocabs[f] = Vocabulary(table.column("value").combine_chunks())
+    sizes = {}
+    with tempfile.TemporaryDirectory(prefix="_counting.", dir=out) as spill_dir:
+        counter = ValueCounter(reader.schema.sparse, cfg.count_memory_mb, Path(spill_dir))
+        with tqdm(desc="prepare: counting values", unit=" rows", disable=not progress) as bar:
+            for table, phys in _limited(reader.blocks(), cfg.max_rows):
+                train = assign_splits(phys, total, cfg.split, cfg.split_by) == 0
+                counter.update(table.filter(pa.array(train)))
+                rows += table.num_rows
+                bar.update(table.num_rows)
+        for f in reader.schema.sparse:
+            table = counter.vocab(f, cfg.min_count, cfg.max_vocab)
+            save_vocab(out, f, table)
+            sizes[f] = table.num_rows
     atomic_write_json(out / VOCAB_DONE, {"fingerprint": fp, "rows": rows, "skipped_lines": reader.skipped,
                                          "split_total": total})
-    return vocabs, rows, reader.skipped, total
+    return sizes, rows, reader.skipped, total
+
+
+def prepare_vocabs(cfg: DataConfig, progress: bool = True) -> Dict[str, int]:
+    """The counting pass alone: writes the vocabularies of `cfg.dir` (which a later `prepare` reuses);
+    returns the number of values of each."""
+    out = Path(cfg.dir)
+    fmt, files, inputs = _sources(cfg, out)
+    _clear(out, keep_vocab=False)
+    if cfg.format == "synth":
+        _ensure_synth(cfg, out, progress)
+    return _build_vocabs(cfg, fmt, files, out, fingerprint(cfg, inputs), progress)[0]
 
 
 def prepare(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
@@ -136,10 +154,10 @@ def prepare(cfg: DataConfig, progress: bool = True) -> DatasetMeta:
     reader = _reader(cfg, fmt, files)
     schema = reader.schema
     if resume:
-        vocabs = {f: Vocabulary.load(out, f) for f in schema.sparse}
         rows, skipped, total = int(done["rows"]), int(done["skipped_lines"]), int(done["split_total"])
     else:
-        vocabs, rows, skipped, total = _build_vocabs(cfg, fmt, files, out, fp, progress)
+        _, rows, skipped, total = _build_vocabs(cfg, fmt, files, out, fp, progress)
+    vocabs = {f: Vocabulary.load(out, f) for f in schema.sparse}
     encoder = Encoder(schema, vocabs)
     writers = {s: PartWriter(out, f"{s}/") for s in SPLITS}
     bag_values = {f: 0 for f in schema.multi}  # ids in the train split's bags

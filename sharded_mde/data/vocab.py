@@ -9,29 +9,48 @@ reused unchanged at serving.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sharded_mde.data.lookup import ValueIndex, hash_strings
 from sharded_mde.io import atomic_path
 
 MISSING_ID = 0
 OOV_ID = 1
 NUM_RESERVED = 2
 _MERGE_ROWS = 4_000_000  # merge partial counts once the unmerged ones hold this many (value, count) rows
+_MEMORY_OVERHEAD = 4  # the process memory of held counts per byte of their Arrow tables (merging included)
+_SPILL_BITS = 8
+SPILL_BUCKETS = 1 << _SPILL_BITS  # hash partitions of spilled counts: one is added up at a time
+_COUNTS_SCHEMA = pa.schema([("value", pa.string()), ("count", pa.int64())])
 
 
 class ValueCounter:
-    """Streaming per-field value counts (the vocabulary's first pass)."""
+    """Streaming per-field value counts (the vocabulary's first pass), in bounded memory when asked.
 
-    def __init__(self, fields: Sequence[str]) -> None:
+    With `memory_mb` > 0, once the counts held in memory (times the working overhead of merging
+    them) outgrow that bound, every field's counts are merged and spilled to one Arrow IPC file
+    per field under `spill_dir`, hash-partitioned into `SPILL_BUCKETS` record batches. `vocab`
+    then adds up one bucket at a time over all spills, so the counting never holds more than a
+    bound's worth of counts plus the values kept for the vocabulary.
+    """
+
+    def __init__(self, fields: Sequence[str], memory_mb: int = 0, spill_dir: Optional[Path] = None) -> None:
+        if memory_mb > 0 and spill_dir is None:
+            raise ValueError("ValueCounter: a memory bound needs a spill directory")
         self.fields = list(fields)
+        self._budget = memory_mb << 20
+        self._spill_dir = Path(spill_dir) if spill_dir is not None else None
         self._parts: Dict[str, List[pa.Table]] = {f: [] for f in self.fields}
         self._pending: Dict[str, int] = {f: 0 for f in self.fields}  # rows not yet merged
         self._merged: Dict[str, int] = {f: 0 for f in self.fields}  # rows of the merged table
+        self._held = 0  # bytes of every field's parts
+        self._spills: Dict[str, List[Path]] = {f: [] for f in self.fields}
+        self.spill_count = 0  # times the counts were spilled to disk
 
     def update(self, table: pa.Table) -> None:
         """Adds the non-null values of every field of `table`."""
@@ -40,25 +59,79 @@ class ValueCounter:
             if pa.types.is_list(col.type):  # a multi-valued field: every value of every bag counts
                 col = pc.list_flatten(col)
             vc = pc.value_counts(pc.drop_null(col))
-            part = pa.table({"value": vc.field("values"), "count": vc.field("counts").cast(pa.int64())})
+            part = pa.table({"value": vc.field("values").cast(pa.string()), "count": vc.field("counts").cast(pa.int64())})
             self._parts[f].append(part)
+            self._held += part.nbytes
             self._pending[f] += part.num_rows
             # Merge only when the new parts outgrow the merged table as well: a field with many
             # distinct values would otherwise re-merge all of its counts on every block (quadratic).
             if self._pending[f] > max(_MERGE_ROWS, self._merged[f]):
                 self._merge(f)
+        if self._budget and self._held * _MEMORY_OVERHEAD > self._budget:
+            for f in self.fields:
+                self._spill(f)
+            self.spill_count += 1
 
     def _merge(self, f: str) -> None:
+        before = sum(p.nbytes for p in self._parts[f])
         merged = pa.concat_tables(self._parts[f]).group_by("value").aggregate([("count", "sum")])
         self._parts[f] = [merged.rename_columns(["value", "count"])]
         self._pending[f], self._merged[f] = 0, self._parts[f][0].num_rows
+        self._held += self._parts[f][0].nbytes - before
+
+    def _spill(self, f: str) -> None:
+        """Writes the merged counts of `f` to a new spill file, bucket b as record batch b, and drops them."""
+        if not self._parts[f]:
+            return
+        self._merge(f)
+        counts = self._parts[f][0]
+        bucket = (hash_strings(counts.column("value")) >> np.uint64(64 - _SPILL_BITS)).astype(np.int64)
+        order = pa.array(np.argsort(bucket, kind="stable"))
+        columns = [counts.column(n).combine_chunks().take(order) for n in ("value", "count")]
+        ends = np.cumsum(np.bincount(bucket, minlength=SPILL_BUCKETS))
+        path = self._spill_dir / f"{self.fields.index(f)}.{len(self._spills[f])}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, _COUNTS_SCHEMA) as writer:
+            for b in range(SPILL_BUCKETS):  # one record batch per bucket, empty ones included
+                start = ends[b - 1] if b else 0
+                writer.write_batch(pa.record_batch([c.slice(start, ends[b] - start) for c in columns],
+                                                   schema=_COUNTS_SCHEMA))
+        self._spills[f].append(path)
+        self._held -= counts.nbytes
+        self._parts[f], self._pending[f], self._merged[f] = [], 0, 0
+        del counts, columns, order
+        pa.default_memory_pool().release_unused()  # hand the freed counts back to the system
+
+    def _buckets(self, f: str) -> Iterator[pa.Table]:
+        """(value, count) of the spilled values of `f`, one hash bucket at a time."""
+        self._spill(f)
+        readers = [pa.ipc.open_file(pa.OSFile(str(p))) for p in self._spills[f]]
+        for b in range(SPILL_BUCKETS):
+            part = pa.Table.from_batches([r.get_batch(b) for r in readers], schema=_COUNTS_SCHEMA)
+            yield part.group_by("value").aggregate([("count", "sum")]).rename_columns(["value", "count"])
 
     def counts(self, field: str) -> pa.Table:
-        """(value, count) of every distinct value of `field` seen so far."""
+        """(value, count) of every distinct value of `field` seen so far (all in memory)."""
+        if self._spills[field]:
+            return pa.concat_tables(self._buckets(field))
         if not self._parts[field]:
-            return pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+            return _COUNTS_SCHEMA.empty_table()
         self._merge(field)
         return self._parts[field][0]
+
+    def vocab(self, field: str, min_count: int = 1, max_vocab: int = 0) -> pa.Table:
+        """`build_vocab` of the counts of `field`; after a spill, built one bucket at a time (and the
+        field's spill files removed: call it once per field, last)."""
+        if not self._spills[field]:
+            return build_vocab(self.counts(field), min_count, max_vocab)
+        kept: List[pa.Table] = []
+        for part in self._buckets(field):
+            kept.append(part.filter(pc.greater_equal(part.column("count"), min_count)))
+            if max_vocab > 0 and sum(t.num_rows for t in kept) > 2 * max_vocab:  # only the top max_vocab can stay
+                kept = [build_vocab(pa.concat_tables(kept), max_vocab=max_vocab).select(["value", "count"])]
+        for path in self._spills[field]:  # added up: the disk space goes back too
+            path.unlink()
+        self._spills[field] = []
+        return build_vocab(pa.concat_tables(kept), min_count, max_vocab)
 
 
 def build_vocab(counts: pa.Table, min_count: int = 1, max_vocab: int = 0) -> pa.Table:
@@ -87,6 +160,7 @@ class Vocabulary:
 
     def __init__(self, values: pa.Array) -> None:
         self.values = values.cast(pa.string())
+        self._index: Optional[ValueIndex] = None  # built on the first block smaller than the vocabulary, then reused
 
     @classmethod
     def load(cls, data_dir: Union[str, Path], field: str) -> "Vocabulary":
@@ -112,12 +186,19 @@ class Vocabulary:
         """int32 ids of raw values (None = missing -> 0, unknown -> 1)."""
         if not isinstance(column, (pa.Array, pa.ChunkedArray)):
             column = pa.array(column, pa.string())
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
         column = column.cast(pa.string())
-        found = pc.index_in(column, value_set=self.values)
-        ids = pc.fill_null(pc.add(found.cast(pa.int32()), NUM_RESERVED), OOV_ID)
-        ids = pc.if_else(pc.is_null(column), MISSING_ID, ids)
-        out = ids.to_numpy() if isinstance(ids, pa.Array) else ids.combine_chunks().to_numpy()
-        return out.astype(np.int32, copy=False)
+        if len(self.values) <= len(column):  # rebuilding a hash table no larger than the block is cheapest
+            found = pc.fill_null(pc.index_in(column, value_set=self.values), -1).to_numpy(zero_copy_only=False)
+        else:
+            if self._index is None:
+                self._index = ValueIndex(self.values)
+            found = self._index.find(column)
+        ids = np.where(found >= 0, found + NUM_RESERVED, OOV_ID).astype(np.int32)
+        if column.null_count:
+            ids[pc.is_null(column).to_numpy(zero_copy_only=False)] = MISSING_ID
+        return ids
 
     def encode_bags(self, column: Union[pa.Array, pa.ChunkedArray]) -> pa.ListArray:
         """list<int32> ids of bags of raw values (a null bag is empty; a null value inside one -> 0, unknown -> 1)."""
