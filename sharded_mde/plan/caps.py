@@ -18,7 +18,7 @@ from torchrec.distributed.planner.types import ShardingOption
 from torchrec.distributed.types import ShardingPlan
 
 from sharded_mde.config import PlanConfig
-from sharded_mde.plan.sharding import GiB, PlanningError, make_topology, plan_sharding
+from sharded_mde.plan.sharding import GiB, PlanningError, plan_sharding
 
 Planned = Tuple[ShardingPlan, List[ShardingOption]]
 ROOMY_GB = 2.0**20  # GiB per rank that no table set approaches: the planner's unconstrained choice sizes the search
@@ -60,8 +60,8 @@ def cap_key(cfg: PlanConfig) -> str:
 
 def rank_caps(cfg: PlanConfig) -> Dict[str, int]:
     """Bytes per rank the planner may fill, per tier: HBM less `storage_reserve`, DDR in full."""
-    storage = make_topology(cfg).devices[0].storage
-    return {"hbm": int((1 - cfg.storage_reserve) * storage.hbm), "ddr": storage.ddr}
+    hbm, ddr = int(cfg.hbm_cap_gb * GiB), int(cfg.ddr_cap_gb * GiB)  # as `make_topology` builds each device
+    return {"hbm": int((1 - cfg.storage_reserve) * hbm), "ddr": ddr}
 
 
 def with_cap(cfg: PlanConfig, cap_gb: float) -> PlanConfig:
