@@ -32,7 +32,8 @@ class Fit:
 
     When it did not, `planned` is the plan at `smallest_cap_gb`, the smallest cap (a multiple of
     `step_gb`, in the config's GiB before the reserve) with which the planner finds a plan;
-    `smallest_cap_gb - step_gb` finds none. `error` is the planner's one-line failure on the configured cap.
+    `smallest_cap_gb - step_gb` finds none. `error` is the planner's one-line failure on the configured cap;
+    `planner_calls` counts every planner run, that one included.
     """
 
     planned: Planned
@@ -142,4 +143,4 @@ def smallest_cap(tables: Sequence[EmbeddingBagConfig], cfg: PlanConfig, error: s
             lo = mid
     planned = attempt(hi * step)
     assert planned is not None  # hi is a tried cap that found a plan
-    return Fit(planned, fits=False, smallest_cap_gb=hi * step, step_gb=step, planner_calls=calls, error=error)
+    return Fit(planned, fits=False, smallest_cap_gb=hi * step, step_gb=step, planner_calls=calls + 1, error=error)
