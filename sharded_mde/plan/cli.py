@@ -10,7 +10,7 @@ from sharded_mde.config import RunConfig, from_dict, load_config, load_yaml, mer
 from sharded_mde.dims import load_dims, save_dims
 from sharded_mde.plan.report import render_console
 from sharded_mde.plan.rules import RULES, rule_dims
-from sharded_mde.plan.run import plan_and_report, source_line
+from sharded_mde.plan.run import PLAN_FILES, plan_and_report, source_line
 from sharded_mde.plan.tables import full_table_configs
 
 
@@ -58,8 +58,10 @@ def run_plan(args: argparse.Namespace) -> int:
                          alpha=args.alpha, optimizer=cfg.plan.optimizer)
         dims_path = str(out / f"dims_{args.rule}.json")
         save_dims(dims_path, dims)
-    rep = plan_and_report(cfg, dims, dims_path, out)
+    rep = plan_and_report(cfg, dims, dims_path, out)  # compact tables that do not fit: one-line error, exit 2
     print(render_console(rep), end="")
-    print(f"\n{source_line(rep['source'])}\nplanned full + compact in {rep['source']['planning_seconds']:.1f} s; "
-          f"wrote {out}/{{sharding_plan.json, sharding_plan_full.json, report.json, report.md, report.png}}")
+    written = [PLAN_FILES[side] for side in ("compact", "full") if rep["fit"][side]["fits"]]
+    calls = sum(rep["fit"][side]["planner_calls"] for side in ("full", "compact"))
+    print(f"\n{source_line(rep['source'])}\nplanned full + compact in {rep['source']['planning_seconds']:.1f} s "
+          f"({calls} planner runs); wrote {out}/{{{', '.join(written + ['report.json', 'report.md', 'report.png'])}}}")
     return 0

@@ -2,7 +2,9 @@
 
 Raw bytes (weights + optimizer state, from `dims.table_bytes` on each shard's rows x cols) are
 computed independently of the planner; the planner's estimate (which adds input/output buffers)
-is shown beside them. Renderers: console text, markdown, JSON (the dict itself) and a PNG.
+is shown beside them. Per rank: the cap (`caps.rank_caps`), the planner's bytes, the headroom and
+whether it fits; a table set that does not fit is reported at the smallest cap that does.
+Renderers: console text, markdown, JSON (the dict itself) and a PNG.
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torchrec import EmbeddingBagConfig
 from torchrec.distributed.planner.types import ShardingOption
-from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DataType
 
 from sharded_mde.config import PlanConfig
 from sharded_mde.dims import SERVING_DTYPES, legal_serving_dim, serving_bytes_of, table_bytes
-from sharded_mde.plan.sharding import GiB, check_constraint_keys, plan_sharding
+from sharded_mde.plan.caps import Fit, Planned, cap_key, cap_tier, checked_tiers, fit_plan, rank_caps
+from sharded_mde.plan.sharding import GiB, check_constraint_keys
 from sharded_mde.plan.tables import source_tables
 from sharded_mde.plots import pyplot, save_png
 
-Planned = Tuple[ShardingPlan, List[ShardingOption]]
 DTYPES = {DataType.FP32: "fp32", DataType.FP16: "fp16"}
 CONSOLE_SHARDS = 15  # largest shards shown on the console (all are in JSON and markdown)
 
@@ -82,33 +83,36 @@ def memory_report(
     full_tables: List[EmbeddingBagConfig],
     compact_tables: List[EmbeddingBagConfig],
     cfg: PlanConfig,
-    full_plan: Optional[Planned] = None,
-    compact_plan: Optional[Planned] = None,
+    full_plan: Optional[Union[Planned, Fit]] = None,
+    compact_plan: Optional[Union[Planned, Fit]] = None,
     bag_lengths: Optional[Mapping[str, float]] = None,
     row_alignment: int = 1,
 ) -> Dict[str, Any]:
     """Plans (unless given; pooling factors from `bag_lengths`) the full and compact tables on `cfg`'s topology
-    and compares their memory.
+    and compares their memory, and each rank's bytes with its cap.
+
+    A table set the planner cannot place on `cfg` is planned at the smallest cap that fits (`caps.fit_plan`);
+    `rep["fit"][side]` says so in one line (`line`) and its ranks show negative headroom.
 
     Args:
         full_tables (List[EmbeddingBagConfig]): the tables before the search.
         compact_tables (List[EmbeddingBagConfig]): `plan_tables` of the dims file.
         cfg (PlanConfig): the topology both are planned on.
-        full_plan, compact_plan (Optional): plans already made (`plan_sharding`'s result).
+        full_plan, compact_plan (Optional): plans already made (`plan_sharding`'s result or `fit_plan`'s Fit).
         bag_lengths (Optional[Mapping[str, float]]): mean ids per bag by feature (pooling factors).
         row_alignment (int): the serving row alignment of the "serving bytes per dtype" totals.
 
     Example::
 
         rep = memory_report(tables, compact, PlanConfig(world_size=2))
-        print(render_markdown(rep))  # per table and per rank: bytes before and after
+        print(render_markdown(rep))  # per table and per rank: bytes before and after, cap and headroom
     """
     check_constraint_keys(cfg, full_tables)
-    full_plan = full_plan or plan_sharding(full_tables, cfg, bag_lengths=bag_lengths)
-    compact_plan = compact_plan or plan_sharding(compact_tables, cfg, bag_lengths=bag_lengths)
+    fits = {"full": _as_fit(full_plan, full_tables, cfg, bag_lengths),
+            "compact": _as_fit(compact_plan, compact_tables, cfg, bag_lengths)}
     world, opt = cfg.world_size, cfg.optimizer
-    full = _side(full_tables, full_plan[1], opt, world)
-    comp = _side(compact_tables, compact_plan[1], opt, world)
+    full = _side(full_tables, fits["full"].planned[1], opt, world)
+    comp = _side(compact_tables, fits["compact"].planned[1], opt, world)
     src = source_tables(compact_tables, full_tables)
 
     tables = []
@@ -129,14 +133,17 @@ def memory_report(
         s["full_total"] = match[s["index"]]["total"] if same_cut else None
         s["saving"] = s["full_total"] - s["total"] if same_cut else None
 
-    tier = "hbm" if cfg.compute_device == "cuda" else "ddr"
-    cap = int((cfg.hbm_cap_gb if tier == "hbm" else cfg.ddr_cap_gb) * GiB)
+    tier, caps = cap_tier(cfg), rank_caps(cfg)
+    cap = caps[tier]
     ranks = []
     for r in range(world):
         f, c = full["ranks"][r], comp["ranks"][r]
-        ranks.append({"rank": r, "full": f, "compact": c, "capacity": cap,
-                      "headroom_full": cap - f[f"planner_{tier}"], "headroom_compact": cap - c[f"planner_{tier}"],
-                      "saving": f["total"] - c["total"], "saving_pct": _pct(f["total"] - c["total"], f["total"])})
+        row: Dict[str, Any] = {"rank": r, "full": f, "compact": c, "cap": cap}
+        for side, x in (("full", f), ("compact", c)):
+            row[f"bytes_{side}"] = x[f"planner_{tier}"]
+            row[f"headroom_{side}"] = cap - x[f"planner_{tier}"]
+            row[f"fits_{side}"] = all(x[f"planner_{t}"] <= caps[t] for t in checked_tiers(cfg))
+        ranks.append({**row, "saving": f["total"] - c["total"], "saving_pct": _pct(f["total"] - c["total"], f["total"])})
     tf, tc = _sum(full["ranks"]), _sum(comp["ranks"])
     totals = {"full": tf, "compact": tc, "saving": tf["total"] - tc["total"], "saving_pct": _pct(tf["total"] - tc["total"], tf["total"]),
               "max_rank_full": max(r["total"] for r in full["ranks"]), "max_rank_compact": max(r["total"] for r in comp["ranks"]),
@@ -147,10 +154,46 @@ def memory_report(
               "serving": {"row_alignment": row_alignment, "full": serving_bytes_by_dtype(full_tables, row_alignment),
                           "compact": serving_bytes_by_dtype(compact_tables, row_alignment)}}
     topology = {"world_size": world, "local_world_size": cfg.local_world_size or world, "compute_device": cfg.compute_device,
-                "tier": tier, "capacity_per_rank": cap, "storage_reserve": cfg.storage_reserve if tier == "hbm" else 0.0,
-                "batch_size": cfg.batch_size, "optimizer": opt}
-    return {"topology": topology, "tables": tables, "shards": {"full": full["shards"], "compact": comp["shards"]},
-            "ranks": ranks, "totals": totals}
+                "tier": tier, "capacity_per_rank": int(getattr(cfg, cap_key(cfg)) * GiB), "cap_per_rank": cap,
+                "storage_reserve": cfg.storage_reserve if tier == "hbm" else 0.0, "batch_size": cfg.batch_size, "optimizer": opt}
+    rep = {"topology": topology, "tables": tables, "shards": {"full": full["shards"], "compact": comp["shards"]},
+           "ranks": ranks, "totals": totals}
+    rep["fit"] = {side: _fit_record(rep, side, fits[side], cfg) for side in ("full", "compact")}
+    return rep
+
+
+def _as_fit(given: Optional[Union[Planned, Fit]], tables: List[EmbeddingBagConfig], cfg: PlanConfig,
+            bag_lengths: Optional[Mapping[str, float]]) -> Fit:
+    """A given plan (or Fit) as a Fit; without one, `fit_plan` plans the tables."""
+    if given is None:
+        return fit_plan(tables, cfg, bag_lengths)
+    return given if isinstance(given, Fit) else Fit(given)
+
+
+def _fit_record(rep: Dict[str, Any], side: str, fit: Fit, cfg: PlanConfig) -> Dict[str, Any]:
+    """Whether `side` fits every rank's cap, its busiest rank, and (if not) the smallest cap that fits."""
+    busiest = max(rep["ranks"], key=lambda r: r[f"bytes_{side}"])
+    rec = {"fits": fit.fits and all(r[f"fits_{side}"] for r in rep["ranks"]), "planner_found_plan": fit.fits,
+           "tier": cap_tier(cfg), "cap_key": f"plan.{cap_key(cfg)}", "cap_gb": getattr(cfg, cap_key(cfg)),
+           "cap": busiest["cap"], "busiest_rank": busiest["rank"], "busiest_bytes": busiest[f"bytes_{side}"],
+           "headroom": busiest[f"headroom_{side}"], "smallest_cap_gb": fit.smallest_cap_gb, "step_gb": fit.step_gb,
+           "planner_calls": fit.planner_calls, "planner_error": fit.error}
+    return {**rec, "line": fit_line(rec, side, cfg.world_size)}
+
+
+def fit_line(rec: Dict[str, Any], side: str, world: int) -> str:
+    """One line: does `side` fit the caps; if not, its busiest rank and the smallest cap with which the planner fits it."""
+    tier = rec["tier"].upper()
+    busiest = f"busiest rank {rec['busiest_rank']} needs {fmt_bytes(rec['busiest_bytes'])}"
+    caps = f"{world} ranks of {rec['cap_gb']:g} GiB {tier}"
+    if rec["fits"]:
+        return f"the {side} tables fit {caps}: {busiest} of {fmt_bytes(rec['cap'])} usable ({fmt_bytes(rec['headroom'])} headroom)"
+    line = f"{'no plan fits: ' if side == 'compact' else ''}the {side} tables do not fit {caps}"
+    if rec["smallest_cap_gb"] is None:
+        return f"{line}: {busiest} of {fmt_bytes(rec['cap'])} usable"
+    return (f"{line} ({fmt_bytes(rec['cap'])} usable each); the smallest cap with which the planner finds a plan is "
+            f"{rec['smallest_cap_gb']!r} GiB {tier} per rank (--set {rec['cap_key']}={rec['smallest_cap_gb']!r}, "
+            f"bisection step {rec['step_gb']!r} GiB), where {busiest}")
 
 
 # --------------------------------------------------------------------------- renderers
@@ -181,10 +224,11 @@ def _sections(rep: Dict[str, Any], max_shards: Optional[int]) -> List[Tuple[str,
     shard_rows = [[s["table"], str(s["rank"]), f"{s['rows']:,} x {s['cols']}", fmt_bytes(s["weight"]), fmt_bytes(s["optimizer"]),
                    fmt_bytes(s["planner_hbm"] if tier == "HBM" else s["planner_ddr"]), fmt_bytes(s["full_total"]),
                    fmt_bytes(s["saving"])] for s in shown]
-    ranks = [[str(r["rank"]), fmt_bytes(r["full"]["total"]), fmt_bytes(r["compact"]["total"]),
-              fmt_bytes(r["full"][f"planner_{tier.lower()}"]), fmt_bytes(r["compact"][f"planner_{tier.lower()}"]),
-              fmt_bytes(r["capacity"]), fmt_bytes(r["headroom_compact"]), fmt_bytes(r["saving"]), f"{r['saving_pct']:.1f}%"]
-             for r in rep["ranks"]]
+    yes = {True: "yes", False: "NO"}
+    ranks = [[str(r["rank"]), fmt_bytes(r["full"]["total"]), fmt_bytes(r["compact"]["total"]), fmt_bytes(r["cap"]),
+              fmt_bytes(r["bytes_full"]), fmt_bytes(r["headroom_full"]), yes[r["fits_full"]],
+              fmt_bytes(r["bytes_compact"]), fmt_bytes(r["headroom_compact"]), yes[r["fits_compact"]],
+              fmt_bytes(r["saving"]), f"{r['saving_pct']:.1f}%"] for r in rep["ranks"]]
     t = rep["totals"]
     totals = [["raw weights + optimizer", fmt_bytes(t["full"]["total"]), fmt_bytes(t["compact"]["total"]),
                f"{fmt_bytes(t['saving'])} ({t['saving_pct']:.1f}%)"],
@@ -204,8 +248,9 @@ def _sections(rep: Dict[str, Any], max_shards: Optional[int]) -> List[Tuple[str,
         ("Per table", [["table", "rows", "dim", "dim after", "sharding", "kernel", "shards", "bytes before", "bytes after", "saving"]] + tables),
         (f"Per shard of the compact plan{more}", [["table", "rank", "rows x cols", "weights", "optimizer",
                                                         f"planner {tier}", "same shard, full", "saving"]] + shard_rows),
-        ("Per rank (raw = weights + optimizer state)", [["rank", "raw before", "raw after", f"planner {tier} before",
-                                                               f"planner {tier} after", "capacity", "headroom after", "saving", "saving %"]] + ranks),
+        (f"Per rank (raw = weights + optimizer state; cap = {tier} the planner may fill; headroom = cap - planner {tier})",
+         [["rank", "raw before", "raw after", "cap", f"planner {tier} before", "headroom before", "fits before",
+           f"planner {tier} after", "headroom after", "fits after", "saving", "saving %"]] + ranks),
         ("Totals", [["", "full", "compact", "saving"]] + totals),
     ]
 
@@ -218,9 +263,14 @@ def _headline(rep: Dict[str, Any]) -> str:
             f"{fmt_bytes(t['max_rank_compact'])}")
 
 
+def _fit_lines(rep: Dict[str, Any]) -> List[str]:
+    """The full and the compact tables' fit lines (a side planned at its smallest cap says so)."""
+    return [rep["fit"][side]["line"] for side in ("full", "compact")]
+
+
 def render_console(rep: Dict[str, Any]) -> str:
     """Plain-text report for the terminal (largest shards only)."""
-    out = [_headline(rep)]
+    out = [_headline(rep)] + _fit_lines(rep)
     for title, grid in _sections(rep, CONSOLE_SHARDS):
         widths = [max(len(r[i]) for r in grid) for i in range(len(grid[0]))]
         out += ["", title]
@@ -240,6 +290,7 @@ def render_markdown(rep: Dict[str, Any], source: str = "") -> str:
         Path("memory.md").write_text(render_markdown(memory_report(tables, compact, PlanConfig())))
     """
     out = ["# Memory report: full vs compact tables", "", _headline(rep) + ".", ""]
+    out += [f"- {line}." for line in _fit_lines(rep)] + [""]
     if source:
         out += [source, ""]
     for title, grid in _sections(rep, None):
@@ -264,6 +315,7 @@ def render_png(rep: Dict[str, Any], path: Union[str, Path]) -> None:
         ax.bar(xs, [r[side]["total"] / GiB for r in rep["ranks"]], w, color=color, label=f"{side}: weights + optimizer")
         ax.scatter(xs, [r[side][f"planner_{tier}"] / GiB for r in rep["ranks"]], marker="_", s=80, color=mark,
                    label=f"{side}: planner estimate", zorder=3)
+    ax.axhline(rep["topology"]["cap_per_rank"] / GiB, color="tab:red", linestyle="--", label="cap (planner may fill)")
     t = rep["totals"]
     ax.set_title(f"{len(ranks)} ranks, {fmt_bytes(rep['topology']['capacity_per_rank'])} {tier.upper()} each: "
                  f"saving {fmt_bytes(t['saving'])} ({t['saving_pct']:.1f}%)", fontsize=10)

@@ -1,4 +1,9 @@
-"""Plans the full and the compact tables of a dims file on a topology and writes both plans and the memory report."""
+"""Plans the full and the compact tables of a dims file on a topology and writes both plans and the memory report.
+
+A table set that does not fit the caps has no plan file (a stale one is removed); its figures in
+the report are of the plan at the smallest cap that fits. Compact tables that do not fit are an
+error (PlanningError, one line) raised after the report is written.
+"""
 
 from __future__ import annotations
 
@@ -10,29 +15,36 @@ from typing import Any, Dict
 from sharded_mde.config import RunConfig
 from sharded_mde.dims import DimsFile
 from sharded_mde.io import atomic_write_json, atomic_write_text
+from sharded_mde.plan.caps import fit_plan
 from sharded_mde.plan.report import memory_report, render_markdown, render_png
-from sharded_mde.plan.sharding import plan_sharding, save_plan
+from sharded_mde.plan.sharding import PlanningError, save_plan
 from sharded_mde.plan.tables import full_table_configs, mean_bag_lengths, plan_tables
+
+PLAN_FILES = {"compact": "sharding_plan.json", "full": "sharding_plan_full.json"}
 
 
 def plan_and_report(cfg: RunConfig, dims: DimsFile, dims_path: str, out: Path) -> Dict[str, Any]:
-    """Plans full and compact tables on `cfg.plan`, saves both plans and the report (JSON, markdown, PNG)."""
+    """Plans full and compact tables on `cfg.plan`, saves the plans that fit and the report (JSON, markdown, PNG)."""
     full = full_table_configs(cfg)
     compact = plan_tables(dims, full)
     start = time.perf_counter()
     bags = mean_bag_lengths(cfg)
-    full_planned = plan_sharding(full, cfg.plan, bag_lengths=bags)
-    compact_planned = plan_sharding(compact, cfg.plan, bag_lengths=bags)
+    fits = {"full": fit_plan(full, cfg.plan, bags), "compact": fit_plan(compact, cfg.plan, bags)}
     seconds = time.perf_counter() - start
-    rep = memory_report(full, compact, cfg.plan, full_planned, compact_planned, row_alignment=cfg.export.row_alignment)
+    rep = memory_report(full, compact, cfg.plan, fits["full"], fits["compact"], row_alignment=cfg.export.row_alignment)
     rep["source"] = {"dims_file": dims_path, "method": dims.method, "budget_fraction": dims.budget_fraction,
                      **({"rule": dataclasses.asdict(dims.rule)} if dims.rule else {}),
                      "extra": dims.extra, "planning_seconds": round(seconds, 2)}
-    save_plan(out / "sharding_plan.json", compact_planned[0])
-    save_plan(out / "sharding_plan_full.json", full_planned[0])
+    for side, name in PLAN_FILES.items():
+        if rep["fit"][side]["fits"]:
+            save_plan(out / name, fits[side].planned[0])
+        else:  # no plan on this topology: a file from an earlier run would be mistaken for one
+            (out / name).unlink(missing_ok=True)
     atomic_write_json(out / "report.json", rep)
     atomic_write_text(out / "report.md", render_markdown(rep, source_line(rep["source"])))
     render_png(rep, out / "report.png")
+    if not rep["fit"]["compact"]["fits"]:
+        raise PlanningError(f"{rep['fit']['compact']['line']}; figures in {out / 'report.json'}")
     return rep
 
 
