@@ -31,10 +31,11 @@ def row_bytes(dim: int, dtype: str) -> int:
 
 
 def check_dim(dim: int, dtype: str, table: str) -> None:
-    """A dim FBGEMM's quantiser accepts (`dims.legal_serving_dim`); raises ValueError naming the table."""
+    """A dim FBGEMM's quantiser accepts (`dims.legal_serving_dim`), or 0 for a dropped table (no rows
+    stored); raises ValueError naming the table."""
     if dtype not in DTYPES:
         raise ValueError(f"table {table}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if not legal_serving_dim(dim, dtype):
+    if dim != 0 and not legal_serving_dim(dim, dtype):
         raise ValueError(f"table {table}: {dtype} needs a dim that is a multiple of {serving_dim_multiple(dtype)}, got {dim}")
 
 
