@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -188,8 +187,11 @@ def _write_tsv(path: Path, rows: int, vocab_sizes: List[int], zipf: float) -> Di
 
 
 def _machine() -> Dict[str, Any]:
+    """`bench.common.machine_info` plus what this benchmark depends on: memory, load, pyarrow, numpy, duckdb."""
     import numpy
     import pyarrow
+
+    from sharded_mde.bench.common import machine_info
 
     try:
         import duckdb
@@ -198,9 +200,8 @@ def _machine() -> Dict[str, Any]:
         duck = None
     mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal")), None)
-    return {"cores": os.cpu_count(), "memory_mb": mem, "load_average": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(), "pyarrow": pyarrow.__version__, "numpy": numpy.__version__,
-            "duckdb": duck, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {**machine_info(), "memory_mb": mem, "load_average": [round(x, 2) for x in os.getloadavg()],
+            "pyarrow": pyarrow.__version__, "numpy": numpy.__version__, "duckdb": duck}
 
 
 def main() -> int:
