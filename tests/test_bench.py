@@ -13,6 +13,7 @@ import yaml
 from sharded_mde.bench.paired import paired_difference, t_cdf, t_quantile, verdict
 from sharded_mde.bench.quality import paired_table, results_markdown, summarize
 from sharded_mde.cli import main
+from tiny_configs import write_run_config
 
 METHODS, BUDGETS, SEEDS = ["ham", "uniform"], [0.35, 0.5], 2  # every field at dim 4 of 16 is 29% of the bytes
 
@@ -20,16 +21,10 @@ METHODS, BUDGETS, SEEDS = ["ham", "uniform"], [0.35, 0.5], 2  # every field at d
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("bench")
-    path = d / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "run_dir": str(d / "run"),
-        "data": {"format": "synth", "dir": str(d / "data"), "synth_rows": 3000, "synth_num_sparse": 4,
-                 "synth_num_dense": 3, "synth_vocab_min": 20, "synth_vocab_max": 300},
-        "model": {"embedding_dim": 16, "dense_arch": [8, 8], "over_arch": [8, 1]},
-        "train": {"batch_size": 256, "epochs": 1, "checkpoint_every": 0, "sharding": "table_wise", "progress": False},
-        "search": {"epochs": 1},
-        "export": {"serve_batch_size": 256},
-    }))
+    path = write_run_config(
+        d, data={"format": "synth"},
+        train={"batch_size": 256, "epochs": 1, "checkpoint_every": 0, "sharding": "table_wise", "progress": False},
+        search={"epochs": 1}, export={"serve_batch_size": 256})
     return path
 
 

@@ -20,6 +20,7 @@ from sharded_mde.modules.model import build_model
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.train.checkpoint import MODEL, save_checkpoint
 from sharded_mde.train.metrics import classification_metrics
+from tiny_configs import write_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,14 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(tmp_path_factory: pytest.TempPathFactory):
     """A small prepared data set, a config, and a one-rank checkpoint of the full model and of a wider one."""
     d = tmp_path_factory.mktemp("export_cli")
-    config = d / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "run_dir": str(d / "run"),
-        "data": {"dir": str(d / "data"), "synth_rows": 3000, "synth_num_sparse": 4, "synth_num_dense": 3,
-                 "synth_vocab_min": 20, "synth_vocab_max": 300},
-        "model": {"embedding_dim": 8, "dense_arch": [8, 8], "over_arch": [8, 1]},
-        "export": {"serve_batch_size": 256},
-    }))
+    config = write_run_config(d, model={"embedding_dim": 8}, export={"serve_batch_size": 256})
     cfg = load_config(config)
     prepare(cfg.data, progress=False)
     meta = DatasetMeta.load(cfg.data.dir)

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from dist_utils import run_ranks
 from sharded_mde.config import load_config
@@ -20,20 +19,16 @@ from sharded_mde.data import DatasetMeta, prepare
 from sharded_mde.dims import load_dims
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.train.distributed import init_distributed
+from tiny_configs import write_run_config
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pme_search")
-    path = d / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "run_dir": str(d / "run"),
-        "data": {"dir": str(d / "data"), "synth_rows": 12000, "synth_num_sparse": 4, "synth_num_dense": 3,
-                 "synth_vocab_min": 30, "synth_vocab_max": 2000, "synth_tail_capacity": True},
-        "model": {"embedding_dim": 16, "dense_arch": [8, 8], "over_arch": [8, 1]},
-        "train": {"batch_size": 256, "epochs": 1, "checkpoint_every": 0, "sharding": "row_wise", "progress": False},
-        "search": {"method": "pme", "budget": 0.2, "pme": {"score_fraction": 0.25}},
-    }))
+    path = write_run_config(
+        d, data={"synth_rows": 12000, "synth_vocab_min": 30, "synth_vocab_max": 2000, "synth_tail_capacity": True},
+        train={"batch_size": 256, "epochs": 1, "checkpoint_every": 0, "sharding": "row_wise", "progress": False},
+        search={"method": "pme", "budget": 0.2, "pme": {"score_fraction": 0.25}})
     prepare(load_config(path).data, progress=False)
     return path
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from sharded_mde.cli import main
+from tiny_configs import write_run_config
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,15 +31,10 @@ def _train_on_cpu(config: Path, stage: str) -> None:
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("gpu")
-    path = d / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "run_dir": str(d / "run"),
-        "data": {"format": "synth", "dir": str(d / "data"), "synth_rows": 3000, "synth_num_sparse": 4,
-                 "synth_num_dense": 3, "synth_vocab_min": 20, "synth_vocab_max": 300},
-        "model": {"embedding_dim": 16, "dense_arch": [8, 8], "over_arch": [8, 1]},
-        "train": {"batch_size": 256, "epochs": 1, "checkpoint_every": 4, "sharding": "table_wise", "progress": False},
-        "export": {"serve_batch_size": 256},
-    }))
+    path = write_run_config(
+        d, data={"format": "synth"},
+        train={"batch_size": 256, "epochs": 1, "checkpoint_every": 4, "sharding": "table_wise", "progress": False},
+        export={"serve_batch_size": 256})
     return path
 
 

@@ -8,7 +8,6 @@ from typing import List, Tuple
 
 import pytest
 import torch
-import yaml
 from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
 from torch import nn
@@ -27,6 +26,7 @@ from sharded_mde.modules.model import build_model
 from sharded_mde.plan.report import memory_report, render_markdown
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.train.checkpoint import MODEL, save_checkpoint
+from tiny_configs import write_run_config
 
 SPARSE = {"fp32": SparseType.FP32, "fp16": SparseType.FP16, "int8": SparseType.INT8, "int4": SparseType.INT4}
 DATA = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8, "int4": DataType.INT4}
@@ -92,14 +92,8 @@ def test_table_bytes_are_the_quantised_tbe_storage(row_alignment: int) -> None:
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Path]:
     """A small prepared data set, a config, and an export of a model with 12-dim tables."""
     d = tmp_path_factory.mktemp("serving_bytes")
-    config = d / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "run_dir": str(d / "run"),
-        "data": {"dir": str(d / "data"), "synth_rows": 2000, "synth_num_sparse": 4, "synth_num_dense": 3,
-                 "synth_vocab_min": 20, "synth_vocab_max": 300},
-        "model": {"embedding_dim": 12, "dense_arch": [8, 12], "over_arch": [8, 1]},
-        "export": {"serve_batch_size": 512},
-    }))
+    config = write_run_config(d, data={"synth_rows": 2000}, model={"embedding_dim": 12, "dense_arch": [8, 12]},
+                              export={"serve_batch_size": 512})
     cfg = load_config(config)
     prepare(cfg.data, progress=False)
     meta = DatasetMeta.load(cfg.data.dir)
