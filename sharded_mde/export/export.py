@@ -38,7 +38,7 @@ from sharded_mde.modules.token_groups import combine_of, fields_from_dims
 from sharded_mde.dims import DimsFile
 from sharded_mde.plan.tables import plan_tables, source_tables
 from sharded_mde.train.checkpoint import CheckpointReader
-from sharded_mde.train.state import GATE, hard_gates, sparse_arch_prefix
+from sharded_mde.train.state import GATE, SPARSE_ARCH, hard_gates, sparse_arch_prefix
 from sharded_mde.export.arrowfile import write_weights
 from sharded_mde.export.groups import COMBINER, write_token_groups
 from sharded_mde.export.manifest import (
@@ -341,7 +341,7 @@ def export_compact(
         kept_by_feature = {}
         head_dims = {**{f: 0 for f in features}, **{g.feature: g.out_dim for g in fields}}
     inputs = {g.feature: set(g.keys()) for g in fields or []}  # the table features that feed a field
-    head_weights = _compact_head(model_cfg, head_dims, dense_in_features, state, arch[: -len("sparse_arch.")],
+    head_weights = _compact_head(model_cfg, head_dims, dense_in_features, state, arch[: -len(SPARSE_ARCH)],
                                  kept_by_feature)
 
     with _staging_dir(out, overwrite) as root:

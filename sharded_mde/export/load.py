@@ -27,6 +27,7 @@ from sharded_mde.export.manifest import ExportedTable, Manifest, read_manifest, 
 from sharded_mde.export.serve import ServingModel
 from sharded_mde.export.tablefile import DTYPES, QUANT_BITS, encode, read_blocks, to_float
 from sharded_mde.modules.heads import build_head
+from sharded_mde.train.state import SPARSE_ARCH
 
 _DATA_TYPE = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8, "int4": DataType.INT4}
 
@@ -133,7 +134,7 @@ def load_export(
     head = build_head(h.kind, sparse, {f.name: f.dim for f in manifest.features},
                       h.dense_in_features, list(h.dense_arch), list(h.over_arch), h.dcn_layers, h.dcn_rank)
     weights = read_weights(root / h.weights_file)
-    expected = {k for k in head.state_dict() if not k.startswith("sparse_arch.")}
+    expected = {k for k in head.state_dict() if not k.startswith(SPARSE_ARCH)}
     if set(weights) != expected:
         extra = sorted(set(weights) ^ expected)
         raise ValueError(f"{root / h.weights_file}: weight {extra[0]} does not match head {h.kind!r} "
