@@ -25,6 +25,7 @@ from torchrec.datasets.utils import Batch
 
 from sharded_mde.data.batches import batch_from_table
 from sharded_mde.data.meta import DatasetMeta
+from sharded_mde.data.parts import ROW_GROUP_ROWS
 from sharded_mde.data.readers import LABEL
 from sharded_mde.data.vocab import NUM_RESERVED, OOV_ID, vocab_path
 from sharded_mde.io import atomic_path, read_json
@@ -112,8 +113,8 @@ def renumber_data(src: str | Path, dst: str | Path, new_ids: Mapping[str, np.nda
                     rows = field_col == f
                     ids[rows] = new_ids[f][ids[rows]]
                 table = _set_ids(table, "id", ids)
-            with atomic_path(target) as tmp:
-                pq.write_table(table, str(tmp))
+            with atomic_path(target) as tmp:  # row groups as prepare writes them: the unit a training rank streams
+                pq.write_table(table, str(tmp), row_group_size=ROW_GROUP_ROWS)
         else:
             with atomic_path(target) as tmp:
                 shutil.copyfile(path, tmp)
