@@ -125,3 +125,19 @@ def test_damaged_records_load_or_name_the_file(tmp_path: Path, data: st.DataObje
     for name, tp in (("rule", RuleRecord), ("planted", PlantedAgreement), ("check", CandidateCheck), ("pme", PmeRecord)):
         assert getattr(dims, name) is None or isinstance(getattr(dims, name), tp)
     assert dims.supernet_checkpoints is None or isinstance(dims.supernet_checkpoints, str)
+
+
+def test_per_table_serving_dtype_round_trips_and_is_checked(tmp_path: Path) -> None:
+    dims = _dims()
+    save_dims(tmp_path / "plain.json", dims)
+    assert "dtype" not in json.loads((tmp_path / "plain.json").read_text())["tables"][0]  # none chosen: key left out
+    dims.tables[0].dtype = "int4"
+    save_dims(tmp_path / "dims.json", dims)
+    back = load_dims(tmp_path / "dims.json", TABLES)
+    assert [t.dtype for t in back.tables] == ["int4", ""]
+    dims.tables[1].dtype = "int3"
+    with pytest.raises(ValueError, match="table t_B: dtype 'int3' is not one of"):
+        save_dims(tmp_path / "bad.json", dims)
+    dims.tables[1].dtype = "int4"
+    dims.tables[1].dim, dims.tables[1].kept_columns = 4, [1, 2, 3, 4]
+    save_dims(tmp_path / "ok.json", dims)  # int4 rows of 4 columns are whole 2-byte units

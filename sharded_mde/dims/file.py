@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
-from sharded_mde.dims.cost import DIM_MULTIPLE, OPTIMIZER_BYTES, WEIGHT_BYTES, legal_dim, table_bytes
+from sharded_mde.dims.cost import (DIM_MULTIPLE, OPTIMIZER_BYTES, SERVING_DTYPES, WEIGHT_BYTES, legal_dim,
+                                   legal_serving_dim, serving_dim_multiple, table_bytes)
 from sharded_mde.dims.records import CandidateCheck, PlantedAgreement, PmeRecord, RuleRecord, from_json
 from sharded_mde.io import atomic_write_json, read_json
 
@@ -42,6 +43,7 @@ class TokenGroup:
     size: int
     rows: int
     bytes: int
+    dtype: str = ""  # serving dtype of this group's table (fp32 | fp16 | int8 | int4); "" = the table's
 
 
 @dataclass
@@ -56,6 +58,7 @@ class TableDims:
     kept_columns: List[int]
     bytes: int
     groups: List[TokenGroup] = field(default_factory=list)
+    dtype: str = ""  # serving dtype chosen for this table (fp32 | fp16 | int8 | int4); "" = export.dtype
 
 
 @dataclass
@@ -129,6 +132,9 @@ def save_dims(path: Union[str, Path], dims: DimsFile) -> None:
     out = asdict(dims)
     out.pop("format_version")  # a file is written in this version whatever version it was read from
     out = {"format_version": FORMAT_VERSION, **{k: v for k, v in out.items() if not (k in RECORDS and v is None)}}
+    for entry in out["tables"] + [g for t in out["tables"] for g in t["groups"]]:
+        if not entry["dtype"]:  # no per-table dtype chosen: the export's dtype applies (key left out)
+            del entry["dtype"]
     atomic_write_json(path, out)
 
 
@@ -204,22 +210,24 @@ def _from_json(raw: Any, where: str) -> DimsFile:
             raise ValueError(f"{tw}: expected an object")
         name = _need(t, "name", str, tw)
         tw = f"{where}: table {name}"
-        unknown = sorted(set(t) - {"name", "features", "num_embeddings", "full_dim", "dim", "kept_columns", "bytes", "groups"})
+        unknown = sorted(set(t) - {"name", "features", "num_embeddings", "full_dim", "dim", "kept_columns", "bytes", "groups", "dtype"})
         if unknown:
             raise ValueError(f"{tw}: unknown key {unknown[0]!r}")
         groups = []
         for j, g in enumerate(t.get("groups", [])):
             gw = f"{tw} groups[{j}]"
-            if not isinstance(g, dict) or set(g) != {"size", "rows", "bytes"}:
-                raise ValueError(f"{gw}: expected an object with size, rows and bytes")
-            groups.append(TokenGroup(_need(g, "size", int, gw), _need(g, "rows", int, gw), _need(g, "bytes", int, gw)))
+            if not isinstance(g, dict) or not {"size", "rows", "bytes"} <= set(g) <= {"size", "rows", "bytes", "dtype"}:
+                raise ValueError(f"{gw}: expected an object with size, rows, bytes and an optional dtype")
+            groups.append(TokenGroup(_need(g, "size", int, gw), _need(g, "rows", int, gw), _need(g, "bytes", int, gw),
+                                     _need(g, "dtype", str, gw) if "dtype" in g else ""))
         features = _need(t, "features", list, tw)
         kept = _need(t, "kept_columns", list, tw)
         if not all(isinstance(f, str) for f in features) or not all(isinstance(c, int) and not isinstance(c, bool) for c in kept):
             raise ValueError(f"{tw}: features must be strings and kept_columns integers")
         tables.append(TableDims(name=name, features=features, num_embeddings=_need(t, "num_embeddings", int, tw),
                                 full_dim=_need(t, "full_dim", int, tw), dim=_need(t, "dim", int, tw),
-                                kept_columns=kept, bytes=_need(t, "bytes", int, tw), groups=groups))
+                                kept_columns=kept, bytes=_need(t, "bytes", int, tw), groups=groups,
+                                dtype=_need(t, "dtype", str, tw) if "dtype" in t else ""))
     return DimsFile(
         method=_need(raw, "method", str, where),
         budget_fraction=float(_need(raw, "budget_fraction", (int, float), where)),
@@ -258,6 +266,9 @@ def validate_dims(dims: DimsFile, where: str = "dims") -> None:
         if t.dim > t.full_dim:
             raise ValueError(f"{tw}: dim {t.dim} exceeds full_dim {t.full_dim}")
         _check_columns(t, tw)
+        _check_dtype(t.dtype, t.dim, tw)
+        for g in t.groups:
+            _check_dtype(g.dtype, g.size, f"{tw} group of size {g.size}")
         if t.groups:  # PME: the groups' bytes, plus any remap bytes the search counted
             expected = _check_groups(t, dims, tw)
             bad = t.bytes < expected
@@ -284,6 +295,17 @@ def _check_records(dims: DimsFile, tables: Collection[str], where: str) -> None:
             raise ValueError(f"{where}: pme.reserved_sizes names table {other[0]}, which is not in the file")
     if dims.check is not None and dims.check.winner not in {c.name for c in dims.check.candidates}:
         raise ValueError(f"{where}: check.winner {dims.check.winner!r} is not one of check.candidates")
+
+
+def _check_dtype(dtype: str, dim: int, where: str) -> None:
+    """A table's or group's serving dtype: "" (the export's) or a serving dtype whose FBGEMM rows can hold `dim`."""
+    if not dtype:
+        return
+    if dtype not in SERVING_DTYPES:
+        raise ValueError(f"{where}: dtype {dtype!r} is not one of {', '.join(SERVING_DTYPES)}")
+    if dim and not legal_serving_dim(dim, dtype):
+        raise ValueError(f"{where}: dim {dim} is not legal for {dtype} serving rows "
+                         f"(a multiple of {serving_dim_multiple(dtype)})")
 
 
 def _check_columns(t: TableDims, tw: str) -> None:
