@@ -278,6 +278,7 @@ def label_code(key: Any) -> Optional[float]:
 
 
 POOLING_MODES = ("sum", "mean")  # how a multi-valued field's bag of ids is pooled (TorchRec PoolingType)
+FULL_WIDTH_MODES = ("project", "identity")  # model.full_width: what the dlrm head does with a field already at D
 
 
 @dataclass
@@ -291,11 +292,17 @@ class ModelConfig:
     over_arch: List[int] = field(default_factory=lambda: [64, 32, 1])
     dcn_layers: int = 2
     dcn_rank: int = 16
+    # dlrm head, a field whose width equals the interaction dim (dense_arch[-1]): project (a learned
+    # Linear(D -> D) like every narrower field) | identity (passed through, no parameters: the
+    # reference MD-embeddings code, and stock DLRM when every field is at D)
+    full_width: str = "project"
     pooling: Dict[str, str] = field(default_factory=dict)  # feature -> sum | mean (bag pooling); unlisted: sum
 
     def validate(self) -> None:
         if self.head not in ("dlrm", "dcn"):
             raise ConfigError(f"head: must be dlrm or dcn, got {self.head!r}")
+        if self.full_width not in FULL_WIDTH_MODES:
+            raise ConfigError(f"full_width: must be {' or '.join(FULL_WIDTH_MODES)}, got {self.full_width!r}")
         for feature, mode in self.pooling.items():
             if mode not in POOLING_MODES:
                 raise ConfigError(f"pooling.{feature}: one of {', '.join(POOLING_MODES)}, got {mode!r}")

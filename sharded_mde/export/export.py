@@ -230,7 +230,7 @@ def _compact_head(
 ) -> Dict[str, torch.Tensor]:
     """The head's dense weights from the checkpoint (fields of `feature_dims` wide), inputs cut to the kept columns."""
     head = build_head(model_cfg.head, nn.Module(), feature_dims, dense_in_features, list(model_cfg.dense_arch),
-                      list(model_cfg.over_arch), model_cfg.dcn_layers, model_cfg.dcn_rank)
+                      list(model_cfg.over_arch), model_cfg.dcn_layers, model_cfg.dcn_rank, model_cfg.full_width)
     wanted = list(head.state_dict())
     missing = [k for k in wanted if prefix + k not in state]
     if missing:
@@ -376,7 +376,7 @@ def export_compact(
             tables=exported,
             features=feats,
             head=HeadSpec(model_cfg.head, dense_in_features, list(model_cfg.dense_arch), list(model_cfg.over_arch),
-                          model_cfg.dcn_layers, model_cfg.dcn_rank, HEAD_WEIGHTS),
+                          model_cfg.dcn_layers, model_cfg.dcn_rank, HEAD_WEIGHTS, model_cfg.full_width),
             files={rel: file_entry(root, rel) for rel in listed},
             source={"checkpoint": str(reader.dir.resolve()), "step": reader.info["step"],
                     "world_size": reader.info["world_size"], "dims_method": dims.method if dims else None,

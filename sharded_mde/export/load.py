@@ -132,7 +132,8 @@ def load_export(
     sparse = ebc if manifest.token_groups is None else serving_token_groups(root, manifest, ebc)
     h = manifest.head
     head = build_head(h.kind, sparse, {f.name: f.dim for f in manifest.features},
-                      h.dense_in_features, list(h.dense_arch), list(h.over_arch), h.dcn_layers, h.dcn_rank)
+                      h.dense_in_features, list(h.dense_arch), list(h.over_arch), h.dcn_layers, h.dcn_rank,
+                      h.full_width)
     weights = read_weights(root / h.weights_file)
     expected = {k for k in head.state_dict() if not k.startswith(SPARSE_ARCH)}
     if set(weights) != expected:

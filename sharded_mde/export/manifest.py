@@ -86,6 +86,7 @@ class HeadSpec:
     dcn_layers: int
     dcn_rank: int
     weights_file: str
+    full_width: str = "project"  # model.full_width; left out of the JSON when "project" (exports before it)
 
 
 @dataclass
@@ -155,6 +156,8 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
     data = asdict(manifest)
     if data["token_groups"] is None:
         del data["token_groups"]
+    if data["head"]["full_width"] == "project":
+        del data["head"]["full_width"]
     atomic_write_json(root / MANIFEST, {"format_version": data.pop("format_version"), **data})
 
 

@@ -1,6 +1,6 @@
 """Model heads that accept a different embedding dim per table.
 
-TorchRec's `DLRM` asserts equal dims, so `MixedDimDLRM` projects every pooled field embedding to
+TorchRec's `DLRM` asserts equal dims, so `MixedDimDLRM` projects the pooled field embeddings to
 the common dim (the MD-embeddings DLRM of Ginart et al.) and then reuses TorchRec's `DenseArch`,
 `InteractionArch` and `OverArch`; `MixedDimDCN` runs TorchRec's `LowRankCrossNet` on the
 concatenation. Both read the sparse module's `KeyedTensor` by key (sharded EBCs may reorder keys),
@@ -18,6 +18,8 @@ from torch import nn
 from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from sharded_mde.config import FULL_WIDTH_MODES
 
 
 def _field_embeddings(kt: KeyedTensor, features: List[str], dims: Mapping[str, int], batch: int,
@@ -53,7 +55,13 @@ class _MixedDimHead(nn.Module):
 class MixedDimDLRM(_MixedDimHead):
     """DLRM over per-field embeddings of any width: Linear(d_f -> D) per field, then DLRM arches.
 
-    The projections of all fields of one width run as one batched matmul.
+    The projections of all fields of one width run as one batched matmul. `full_width` says what a
+    field already at the interaction width D gets: "project" a learned Linear(D -> D) like every
+    other field; "identity" no projection and no parameters (`nn.Identity` in `projections`), which
+    is the reference MD-embeddings code: facebookresearch/dlrm `tricks/md_embedding_bag.py`,
+    `PrEmbeddingBag`, uses `nn.Identity()` when `embedding_dim == base_dim` and a Linear only when
+    `embedding_dim < base_dim`. With every field at D, "identity" is stock DLRM (the same logits for
+    the same weights); a field of any other width keeps its learned projection.
 
     Stock `torchrec.models.dlrm.DLRM` asserts one dim for every table, so the compact model after a
     search uses this head (a searched model trains with `DLRM` itself: during the search every table
@@ -65,6 +73,7 @@ class MixedDimDLRM(_MixedDimHead):
         dense_in_features (int): dense input width.
         dense_arch_layer_sizes (List[int]): the dense MLP; its last size D is the interaction width.
         over_arch_layer_sizes (List[int]): the over MLP, ending in 1.
+        full_width (str): "project" (default) or "identity": see above.
 
     Example::
 
@@ -82,12 +91,17 @@ class MixedDimDLRM(_MixedDimHead):
         dense_in_features: int,
         dense_arch_layer_sizes: List[int],
         over_arch_layer_sizes: List[int],
+        full_width: str = "project",
     ) -> None:
         super().__init__(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes)
+        if full_width not in FULL_WIDTH_MODES:
+            raise ValueError(f"full_width: {' or '.join(FULL_WIDTH_MODES)}, got {full_width!r}")
         d = dense_arch_layer_sizes[-1]
+        self.out_dim = d
         # No bias: a zero (pruned or dropped) field embedding must project to zero.
         self.projections = nn.ModuleDict(
-            {f: nn.Linear(max(dim, 1), d, bias=False) for f, dim in self.feature_dims.items()}
+            {f: nn.Identity() if full_width == "identity" and dim == d else nn.Linear(max(dim, 1), d, bias=False)
+             for f, dim in self.feature_dims.items()}
         )
         self.inter_arch = InteractionArch(num_sparse_features=len(self.features))
         f = len(self.features)
@@ -102,16 +116,18 @@ class MixedDimDLRM(_MixedDimHead):
         """(B, F, D): every field's embedding times its projection, one batched matmul per group of equal widths.
 
         The same products as applying each field's `projections[f]` alone (its weight is read, not
-        copied into another parameter, so the state dict keeps one Linear per field); a field
-        without a table gives zeros.
+        copied into another parameter, so the state dict keeps one Linear per field); an identity
+        field passes through as it is; a field without a table gives zeros.
         """
+        out = [torch.zeros_like(dense)] * len(self.features)
         groups: Dict[int, List[int]] = {}
         for i, f in enumerate(self.features):
-            if self.feature_dims[f] > 0:
+            if isinstance(self.projections[f], nn.Identity):
+                out[i] = embs[i]
+            elif self.feature_dims[f] > 0:
                 groups.setdefault(self.feature_dims[f], []).append(i)
         if len(groups) == 1 and len(next(iter(groups.values()))) == len(self.features):  # one group, in order
             return self._project_group(embs, list(range(len(self.features)))).transpose(0, 1)
-        out = [torch.zeros_like(dense)] * len(self.features)
         for positions in groups.values():
             y = self._project_group(embs, positions)
             for k, i in enumerate(positions):
@@ -126,13 +142,24 @@ class MixedDimDLRM(_MixedDimHead):
 
     @torch.no_grad()
     def slice_inputs(self, kept: Mapping[str, torch.Tensor]) -> None:
-        """Keeps only columns `kept[f]` of each field's projection input (empty = field dropped)."""
+        """Keeps only columns `kept[f]` of each field's projection input (empty = field dropped).
+
+        An identity field keeping all its columns stays an identity; keeping fewer, it becomes a
+        Linear whose weight is the identity's kept columns, so it computes what the masked field did.
+        """
+        device = next(self.dense_arch.parameters()).device
         for f, idx in kept.items():
             old = self.projections[f]
-            new = nn.Linear(max(len(idx), 1), old.out_features, bias=False, device=old.weight.device)
+            if isinstance(old, nn.Identity):
+                if torch.equal(torch.as_tensor(idx, dtype=torch.long), torch.arange(self.out_dim)):
+                    continue
+                weight = torch.eye(self.out_dim, device=device)
+            else:
+                weight = old.weight
+            new = nn.Linear(max(len(idx), 1), self.out_dim, bias=False, device=weight.device)
             new.weight.zero_()
             if len(idx):
-                new.weight.copy_(old.weight[:, idx])
+                new.weight.copy_(weight[:, idx])
             self.projections[f] = new
             self.feature_dims[f] = len(idx)
 
@@ -226,10 +253,12 @@ def build_head(
     over_arch_layer_sizes: List[int],
     dcn_layers: int = 2,
     dcn_rank: int = 16,
+    full_width: str = "project",
 ) -> nn.Module:
-    """The head named by `ModelConfig.head` ("dlrm" or "dcn") around `sparse_arch`."""
+    """The head named by `ModelConfig.head` ("dlrm" or "dcn") around `sparse_arch` (`full_width`: the DLRM head's)."""
     if head == "dlrm":
-        return MixedDimDLRM(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes, over_arch_layer_sizes)
+        return MixedDimDLRM(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes, over_arch_layer_sizes,
+                            full_width)
     if head == "dcn":
         return MixedDimDCN(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes,
                            over_arch_layer_sizes, dcn_layers, dcn_rank)

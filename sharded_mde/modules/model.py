@@ -63,5 +63,5 @@ def build_model(
     """
     sparse = sparse_arch if sparse_arch is not None else EmbeddingBagCollection(tables=tables, device=device)
     head = build_head(cfg.head, sparse, feature_dims_of(tables, features), dense_in_features,
-                      list(cfg.dense_arch), list(cfg.over_arch), cfg.dcn_layers, cfg.dcn_rank)
+                      list(cfg.dense_arch), list(cfg.over_arch), cfg.dcn_layers, cfg.dcn_rank, cfg.full_width)
     return RecTrain(head)
