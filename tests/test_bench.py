@@ -246,6 +246,9 @@ def test_speed_reports_ratios_and_skips_tbe_without_cuda(config: Path, tmp_path:
     for dim, t in r["stock_dlrm"].items():  # MixedDimDLRM / stock DLRM, every table and the dense arch's end at dim
         assert t["steps"] == 6 and t["dense_arch"][-1] == int(dim)
         assert t["ratio"] == pytest.approx(t["mixed_median_step_ms"] / t["stock_median_step_ms"], rel=1e-9)
+        i = t["identity"]  # MixedDimDLRM(full_width=identity) / the same stock steps
+        assert i["steps"] == 6 and i["stock_median_step_ms"] == t["stock_median_step_ms"]
+        assert i["ratio"] == pytest.approx(i["identity_median_step_ms"] / i["stock_median_step_ms"], rel=1e-9)
     assert len(r["load_average"]["before"]) == 3
     for dtype in ("fp32", "int8"):
         s = r["serving"]["dtypes"][dtype]
@@ -257,6 +260,7 @@ def test_speed_reports_ratios_and_skips_tbe_without_cuda(config: Path, tmp_path:
         # Timed by this test's own loop: the ratio agrees within 3x (a loaded 2-core machine is noisy).
         assert 1 / 3 < s["ratio_median"] / independent["ratio"] < 3, (dtype, s["ratio_median"], independent["ratio"])
     printed = capsys.readouterr().out
+    assert "train step at dim 8: MixedDimDLRM/stock DLRM, full_width project" in printed and "identity" in printed
     if torch.cuda.is_available():
         assert r["tbe"]["status"] == "measured" and r["tbe"]["forward_ratio"] > 0
     else:

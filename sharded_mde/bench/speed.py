@@ -10,7 +10,9 @@ same process on the same batches:
 - with CUDA: FBGEMM TBE forward and forward+backward time, compact / full table set, at batch
   16384, with the device name and the bytes ratio; without CUDA that part is reported as skipped;
 - training step, `MixedDimDLRM` / stock `torchrec.models.dlrm.DLRM` with every table at the same dim
-  (each of `--stock-dims`): the cost of the mixed-dim head's per-field projections.
+  (each of `--stock-dims`), for both `model.full_width` modes: "project" (a learned Linear(D -> D)
+  per field, the cost of the per-field projections) and "identity" (fields at D pass through, as in
+  the reference MD-embeddings code: the head's own overhead over stock DLRM).
 """
 
 from __future__ import annotations
@@ -75,8 +77,11 @@ def stock_dlrm_steps(cfg: RunConfig, env: DistEnv, batches: List[Batch], repeats
                      dims: Sequence[int]) -> Dict[str, Any]:
     """Step time of MixedDimDLRM / stock TorchRec DLRM, every table at `dim`, on the same batches, for each dim.
 
-    Both get the config's dense and over arch with the dense arch's last layer set to `dim` (stock
-    DLRM needs it equal to the tables' dim; MixedDimDLRM projects every field to it).
+    Three models step in turn on the same batches: stock DLRM, MixedDimDLRM with `full_width:
+    project` ("mixed": the keys `mixed_median_step_ms`, `ratio`, ... as before) and with `full_width:
+    identity` (under "identity": `identity_median_step_ms`, `ratio`, ...), both ratios to the same
+    stock steps. All get the config's dense and over arch with the dense arch's last layer set to
+    `dim` (stock DLRM needs it equal to the tables' dim; MixedDimDLRM projects to it).
     """
     import dataclasses
 
@@ -94,14 +99,18 @@ def stock_dlrm_steps(cfg: RunConfig, env: DistEnv, batches: List[Batch], repeats
     for dim in dims:
         tables = [dataclasses.replace(t, embedding_dim=dim) for t in full_table_configs(cfg)]
         model_cfg = dataclasses.replace(cfg.model, head="dlrm", dense_arch=[*cfg.model.dense_arch[:-1], dim])
+        models = {}
+        for name, full_width in (("mixed", "project"), ("identity", "identity")):
+            torch.manual_seed(cfg.train.seed)
+            models[name] = build_model(dataclasses.replace(model_cfg, full_width=full_width), tables,
+                                       meta.sparse_features, n_dense)
         torch.manual_seed(cfg.train.seed)
-        models = {"mixed": build_model(model_cfg, tables, meta.sparse_features, n_dense),
-                  "stock": RecTrain(DLRM(EmbeddingBagCollection(tables=tables, device=torch.device("meta")), n_dense,
-                                         list(model_cfg.dense_arch), list(model_cfg.over_arch)))}
+        models["stock"] = RecTrain(DLRM(EmbeddingBagCollection(tables=tables, device=torch.device("meta")), n_dense,
+                                        list(model_cfg.dense_arch), list(model_cfg.over_arch)))
         step_fns = {name: training_step(cfg, env, model, tables)[1] for name, model in models.items()}
         times = interleaved_step_times(step_fns, {name: batches for name in models}, repeats, env.device)
         out[str(dim)] = {"dense_arch": list(model_cfg.dense_arch), "over_arch": list(model_cfg.over_arch),
-                         **ratio_summary(times, "mixed", "stock")}
+                         **ratio_summary(times, "mixed", "stock"), "identity": ratio_summary(times, "identity", "stock")}
     return out
 
 
@@ -217,8 +226,11 @@ def print_speed(doc: Dict[str, Any]) -> None:
     print(f"train step: compact/full {ts['ratio']:.3f} ({ts['compact_median_step_ms']:.2f} / "
           f"{ts['plain_median_step_ms']:.2f} ms, step-by-step median {ts['stepwise_ratio_median']:.3f})")
     for dim, st in r["stock_dlrm"].items():
-        print(f"train step at dim {dim}: MixedDimDLRM/stock DLRM {st['ratio']:.3f} ({st['mixed_median_step_ms']:.2f} / "
-              f"{st['stock_median_step_ms']:.2f} ms, step-by-step median {st['stepwise_ratio_median']:.3f})")
+        ident = st["identity"]
+        print(f"train step at dim {dim}: MixedDimDLRM/stock DLRM, full_width project {st['ratio']:.3f} "
+              f"({st['mixed_median_step_ms']:.2f} / {st['stock_median_step_ms']:.2f} ms, step-by-step median "
+              f"{st['stepwise_ratio_median']:.3f}), identity {ident['ratio']:.3f} ({ident['identity_median_step_ms']:.2f} / "
+              f"{ident['stock_median_step_ms']:.2f} ms, step-by-step median {ident['stepwise_ratio_median']:.3f})")
     for dtype, s in r["serving"]["dtypes"].items():
         print(f"serving {dtype}: compact/full examples/s {s['ratio_median']:.3f} "
               f"({s['compact']['examples_per_s_median']:,.0f} / {s['full']['examples_per_s_median']:,.0f}), "
