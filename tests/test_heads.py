@@ -17,7 +17,7 @@ from torchrec.models.dlrm import DLRM
 from dist_utils import random_batch, table_configs
 from sharded_mde.config import load_config
 from sharded_mde.export.serve import LEAF_MODULES, ServingModel
-from sharded_mde.modules.heads import MixedDimDLRM, build_head
+from sharded_mde.modules.heads import MixedDimDLRM, build_head, projected_fields
 
 N_DENSE, B = 3, 16
 MIXED = [("C1", 30, 8), ("C2", 20, 4), ("C3", 25, 8), ("C4", 15, 16), ("C5", 10, 4)]  # widths 8, 4, 16 interleaved
@@ -138,15 +138,17 @@ KEPT = {"C1": [0, 2, 5], "C2": [], "C3": list(range(8)), "C4": [1, 3, 4, 9], "C5
 @pytest.mark.parametrize("kind,full_width,dense_arch,kept", [
     ("dlrm", "project", [8, 6], KEPT), ("dcn", "project", [8, 6], KEPT),
     ("dlrm", "identity", [8, 8], KEPT),  # C1 (8 wide, 3 kept) and C3 (all kept) are identity fields
-    ("dlrm", "identity", [8, 8], {**KEPT, "C1": [], "C3": [1, 7]})],  # an identity field dropped, another cut
-    ids=["dlrm", "dcn", "dlrm_identity", "dlrm_identity_dropped"])
+    ("dlrm", "identity", [8, 8], {**KEPT, "C1": [], "C3": [1, 7]}),  # an identity field dropped, another cut
+    ("dlrm", "identity", [8, 8], {**KEPT, "C4": [0, 1, 2, 5, 8, 9, 12, 15]})],  # a 16-wide field cut to D = 8
+    ids=["dlrm", "dcn", "dlrm_identity", "dlrm_identity_dropped", "dlrm_identity_wide_field_cut_to_d"])
 def test_slice_inputs_equals_the_hard_masked_head_and_loads_into_a_fresh_one(kind: str, full_width: str,
                                                                               dense_arch: List[int], kept) -> None:
     """The sliced head computes what the full head computes on masked embeddings, and its state dict (what
     the export writes) loads strictly into a head built for the kept widths (what serving builds).
 
     A cut identity field becomes a Linear whose weight is the identity's kept columns; one that keeps
-    every column stays an identity (no weight), as a head built for the kept widths has it."""
+    every column stays an identity (no weight), as a head built for the kept widths has it; a wider
+    field cut to D keeps its learned Linear, which the rebuilt head reads from the state's keys."""
     torch.manual_seed(0)
     full_dims = {f: d for f, _, d in MIXED}
     head = build_head(kind, EmbeddingBagCollection(tables=table_configs(MIXED)), full_dims, N_DENSE, dense_arch,
@@ -176,6 +178,8 @@ def test_slice_inputs_equals_the_hard_masked_head_and_loads_into_a_fresh_one(kin
             else:
                 want_weight = torch.eye(dense_arch[-1])[:, c] if c else torch.zeros(dense_arch[-1], 1)
                 torch.testing.assert_close(proj.weight, want_weight, rtol=0, atol=0)
+        elif kind == "dlrm":  # a projected field stays a Linear, also when cut to width D
+            assert isinstance(head.projections[f], nn.Linear), f
     with torch.no_grad():
         got = head(batch.dense_features, batch.sparse_features)
     assert want.abs().max() > 0
@@ -183,7 +187,7 @@ def test_slice_inputs_equals_the_hard_masked_head_and_loads_into_a_fresh_one(kin
 
     fresh = build_head(kind, EmbeddingBagCollection(tables=table_configs(compact_spec)),
                        {f: len(c) for f, c in kept.items()}, N_DENSE, dense_arch, [8, 4, 1], dcn_layers=2, dcn_rank=3,
-                       full_width=full_width)
+                       full_width=full_width, projected=projected_fields(head.state_dict()))
     assert set(fresh.state_dict()) == set(head.state_dict())
     fresh.load_state_dict(head.state_dict())  # strict: same names and shapes
     with torch.no_grad():

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from sharded_mde.config import ExportConfig, ModelConfig
 from sharded_mde.data.vocab import vocab_path
 from sharded_mde.io import atomic_path, fsync_dir, make_temp_dir
-from sharded_mde.modules.heads import build_head
+from sharded_mde.modules.heads import build_head, projected_fields
 from sharded_mde.modules.model import feature_dims_of
 from sharded_mde.modules.token_groups import combine_of, fields_from_dims
 from sharded_mde.dims import DimsFile
@@ -229,8 +229,9 @@ def _compact_head(
     kept: Mapping[str, torch.Tensor],
 ) -> Dict[str, torch.Tensor]:
     """The head's dense weights from the checkpoint (fields of `feature_dims` wide), inputs cut to the kept columns."""
+    saved = projected_fields(k[len(prefix):] for k in state if k.startswith(prefix))
     head = build_head(model_cfg.head, nn.Module(), feature_dims, dense_in_features, list(model_cfg.dense_arch),
-                      list(model_cfg.over_arch), model_cfg.dcn_layers, model_cfg.dcn_rank, model_cfg.full_width)
+                      list(model_cfg.over_arch), model_cfg.dcn_layers, model_cfg.dcn_rank, model_cfg.full_width, saved)
     wanted = list(head.state_dict())
     missing = [k for k in wanted if prefix + k not in state]
     if missing:

@@ -26,7 +26,7 @@ from sharded_mde.export.groups import serving_token_groups, token_group_bytes
 from sharded_mde.export.manifest import ExportedTable, Manifest, read_manifest, verify_files
 from sharded_mde.export.serve import ServingModel
 from sharded_mde.export.tablefile import DTYPES, QUANT_BITS, encode, read_blocks, to_float
-from sharded_mde.modules.heads import build_head
+from sharded_mde.modules.heads import build_head, projected_fields
 from sharded_mde.train.state import SPARSE_ARCH
 
 _DATA_TYPE = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8, "int4": DataType.INT4}
@@ -131,10 +131,10 @@ def load_export(
     ebc = load_tables(root, manifest, resolve_dtype(manifest, dtype), row_alignment, device)
     sparse = ebc if manifest.token_groups is None else serving_token_groups(root, manifest, ebc)
     h = manifest.head
+    weights = read_weights(root / h.weights_file)
     head = build_head(h.kind, sparse, {f.name: f.dim for f in manifest.features},
                       h.dense_in_features, list(h.dense_arch), list(h.over_arch), h.dcn_layers, h.dcn_rank,
-                      h.full_width)
-    weights = read_weights(root / h.weights_file)
+                      h.full_width, projected_fields(weights))
     expected = {k for k in head.state_dict() if not k.startswith(SPARSE_ARCH)}
     if set(weights) != expected:
         extra = sorted(set(weights) ^ expected)

@@ -11,7 +11,7 @@ to the kept columns, which makes the compact model compute exactly what the hard
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Collection, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -61,7 +61,10 @@ class MixedDimDLRM(_MixedDimHead):
     is the reference MD-embeddings code: facebookresearch/dlrm `tricks/md_embedding_bag.py`,
     `PrEmbeddingBag`, uses `nn.Identity()` when `embedding_dim == base_dim` and a Linear only when
     `embedding_dim < base_dim`. With every field at D, "identity" is stock DLRM (the same logits for
-    the same weights); a field of any other width keeps its learned projection.
+    the same weights); a field of any other width keeps its learned projection, and so does a field
+    in `projected`: a wider field cut to width D (a compact model sliced from a supernet) keeps its
+    learned Linear(D -> D), so a head rebuilt from a saved state names those fields
+    (`projected_fields` of the state's keys).
 
     Stock `torchrec.models.dlrm.DLRM` asserts one dim for every table, so the compact model after a
     search uses this head (a searched model trains with `DLRM` itself: during the search every table
@@ -74,6 +77,7 @@ class MixedDimDLRM(_MixedDimHead):
         dense_arch_layer_sizes (List[int]): the dense MLP; its last size D is the interaction width.
         over_arch_layer_sizes (List[int]): the over MLP, ending in 1.
         full_width (str): "project" (default) or "identity": see above.
+        projected (Collection[str]): fields at width D that keep a Linear under "identity".
 
     Example::
 
@@ -92,6 +96,7 @@ class MixedDimDLRM(_MixedDimHead):
         dense_arch_layer_sizes: List[int],
         over_arch_layer_sizes: List[int],
         full_width: str = "project",
+        projected: Collection[str] = (),
     ) -> None:
         super().__init__(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes)
         if full_width not in FULL_WIDTH_MODES:
@@ -100,8 +105,8 @@ class MixedDimDLRM(_MixedDimHead):
         self.out_dim = d
         # No bias: a zero (pruned or dropped) field embedding must project to zero.
         self.projections = nn.ModuleDict(
-            {f: nn.Identity() if full_width == "identity" and dim == d else nn.Linear(max(dim, 1), d, bias=False)
-             for f, dim in self.feature_dims.items()}
+            {f: nn.Identity() if full_width == "identity" and dim == d and f not in projected
+             else nn.Linear(max(dim, 1), d, bias=False) for f, dim in self.feature_dims.items()}
         )
         self.inter_arch = InteractionArch(num_sparse_features=len(self.features))
         f = len(self.features)
@@ -162,6 +167,11 @@ class MixedDimDLRM(_MixedDimHead):
                 new.weight.copy_(weight[:, idx])
             self.projections[f] = new
             self.feature_dims[f] = len(idx)
+
+
+def projected_fields(keys: Iterable[str]) -> List[str]:
+    """The fields with a projection weight among the state-dict keys of a MixedDimDLRM (keys relative to the head)."""
+    return [k[len("projections."):-len(".weight")] for k in keys if k.startswith("projections.") and k.endswith(".weight")]
 
 
 class MixedDimDCN(_MixedDimHead):
@@ -254,11 +264,12 @@ def build_head(
     dcn_layers: int = 2,
     dcn_rank: int = 16,
     full_width: str = "project",
+    projected: Collection[str] = (),
 ) -> nn.Module:
-    """The head named by `ModelConfig.head` ("dlrm" or "dcn") around `sparse_arch` (`full_width`: the DLRM head's)."""
+    """The head named by `ModelConfig.head` ("dlrm" or "dcn") around `sparse_arch` (`full_width`, `projected`: the DLRM head's)."""
     if head == "dlrm":
         return MixedDimDLRM(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes, over_arch_layer_sizes,
-                            full_width)
+                            full_width, projected)
     if head == "dcn":
         return MixedDimDCN(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes,
                            over_arch_layer_sizes, dcn_layers, dcn_rank)
