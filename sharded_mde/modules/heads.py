@@ -124,7 +124,7 @@ class MixedDimDLRM(_MixedDimHead):
         copied into another parameter, so the state dict keeps one Linear per field); an identity
         field passes through as it is; a field without a table gives zeros.
         """
-        out = [torch.zeros_like(dense)] * len(self.features)
+        out: List[Optional[torch.Tensor]] = [None] * len(self.features)
         groups: Dict[int, List[int]] = {}
         for i, f in enumerate(self.features):
             if isinstance(self.projections[f], nn.Identity):
@@ -137,7 +137,7 @@ class MixedDimDLRM(_MixedDimHead):
             y = self._project_group(embs, positions)
             for k, i in enumerate(positions):
                 out[i] = y[k]
-        return torch.stack(out, dim=1)
+        return torch.stack([x if x is not None else torch.zeros_like(dense) for x in out], dim=1)
 
     def _project_group(self, embs: List[torch.Tensor], positions: List[int]) -> torch.Tensor:
         """(G, B, D): the fields at `positions` (all of one width d) through their (D, d) weights in one bmm."""
