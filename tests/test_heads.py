@@ -217,3 +217,42 @@ def test_heads_read_no_private_attribute_of_another_object() -> None:
     from sharded_mde.modules import heads
 
     assert re.findall(r"(?<!self)\._(?!_)\w+", inspect.getsource(heads)) == []
+
+
+def test_identity_head_exports_and_loads_like_the_hard_masked_supernet(tmp_path) -> None:
+    """`full_width: identity` end to end: a supernet checkpoint cut by a dims file (an identity field cut,
+    one kept whole, a 16-wide field cut to D) exports, and `load_export` rebuilds the same head from the
+    manifest and the head weights (the manifest records `full_width` only when it is not `project`)."""
+    import json
+
+    from sharded_mde.config import ModelConfig
+    from sharded_mde.dims import DimsFile, TableDims, table_bytes
+    from sharded_mde.export import export_compact, load_export
+    from sharded_mde.modules.heads import find_head
+    from sharded_mde.modules.model import build_model
+    from sharded_mde.train.checkpoint import MODEL, save_checkpoint
+
+    kept = {**KEPT, "C4": [0, 1, 2, 5, 8, 9, 12, 15]}
+    tables = table_configs(MIXED)
+    model_cfg = ModelConfig(head="dlrm", dense_arch=[8, 8], over_arch=[8, 4, 1], full_width="identity")
+    torch.manual_seed(0)
+    model = build_model(model_cfg, tables, [f for f, _, _ in MIXED], N_DENSE, device=torch.device("cpu"))
+    save_checkpoint(tmp_path / "checkpoints", 1, {MODEL: model.state_dict()}, {})
+    dims = DimsFile(method="ham", budget_fraction=0.5, budget_bytes=1, full_bytes=1, kept_bytes=1, tables=[
+        TableDims(name=f"t_{f}", features=[f], num_embeddings=r, full_dim=d, dim=len(kept[f]), kept_columns=kept[f],
+                  bytes=table_bytes(r, len(kept[f])).total) for f, r, d in MIXED])
+    manifest = export_compact(tmp_path / "checkpoints", tmp_path / "export", model_cfg, [f for f, _, _ in MIXED], N_DENSE,
+                              tables, dims=dims, progress=False)
+    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["head"]["full_width"] == "identity"
+    served = load_export(tmp_path / "export")
+    kinds = {f: type(m).__name__ for f, m in find_head(served).projections.items()}
+    assert kinds == {"C1": "Linear", "C2": "Linear", "C3": "Identity", "C4": "Linear", "C5": "Linear"}
+    assert find_head(served).feature_dims == {f: len(c) for f, c in kept.items()} and manifest.head.full_width == "identity"
+    with torch.no_grad():  # the supernet with every column outside the dims file zeroed
+        for f, _, _ in MIXED:
+            model.model.sparse_arch.embedding_bags[f"t_{f}"].weight.mul_(_hard_masked(MIXED, kept)[f])
+        batch = random_batch(MIXED, B, N_DENSE, seed=7)
+        want = model.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        got = served(batch.dense_features, batch.sparse_features)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
