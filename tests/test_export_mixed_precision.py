@@ -32,7 +32,7 @@ from sharded_mde.export import export_compact, fake_quantize_table, load_export,
 from sharded_mde.export.manifest import MANIFEST
 from sharded_mde.export.mixed import MixedPrecisionEBC
 from sharded_mde.export.serve import score
-from sharded_mde.export.stage import load_requests
+from sharded_mde.export.stage import load_requests, serving_bytes_by_dtype
 from sharded_mde.export.tablefile import encode
 from sharded_mde.modules.model import build_model
 from sharded_mde.plan.report import memory_report, render_markdown
@@ -109,7 +109,7 @@ def test_fake_quantize_table_is_what_the_export_stores_dequantised() -> None:
         want = codes.float() * scale_bias[:, :1] + scale_bias[:, 1:]
         torch.testing.assert_close(fq, want, rtol=0, atol=1e-6)
     assert fake_quantize_table(torch.randn(5, 0), "int4").shape == (5, 0)
-    with pytest.raises(ValueError, match=r"^table fake_quantize_table: int4 needs a dim that is a multiple of 4, got 6$"):
+    with pytest.raises(ValueError, match=r"^fake_quantize_table: int4 needs a dim that is a multiple of 4, got 6$"):
         fake_quantize_table(torch.randn(3, 6), "int4")
     with pytest.raises(ValueError, match=r"^fake_quantize_table: dtype must be one of fp32, fp16, int8, int4, got 'int2'$"):
         fake_quantize_table(w, "int2")
@@ -197,6 +197,10 @@ def test_mixed_export_scores_like_the_fake_quantised_model_and_bytes_agree(
                         dtypes=serving_dtypes(dims, "fp32"))
     total = sum(model_bytes.values())
     assert check["serving_bytes_by_table"] == model_bytes
+    assert check["serving_bytes_by_dtype"] == {}  # int8 and int4 rows: no one dtype serves every table
+    next(t for t in manifest.tables if t.name == "t_C4").dtype = "int8"  # t_C4: fp32, fp16 and int8 tables can all be served as int8 only
+    assert serving_bytes_by_dtype(manifest, row_alignment) == {"int8": sum(
+        serving_table_bytes(t.num_embeddings, t.embedding_dim, "int8", row_alignment) for t in tables)}
     assert check["serving_table_bytes"] == total == _storage_bytes(ebc) == rep["totals"]["serving"]["compact"]["per_table"]
     assert f"| serving tables, per-table dtypes (row alignment {row_alignment}) | - | {total:,} B |" in render_markdown(rep)
     assert total < rep["totals"]["serving"]["compact"]["fp16"] < rep["totals"]["serving"]["compact"]["fp32"]
@@ -230,7 +234,7 @@ def test_bad_dtype_in_the_manifest_is_one_line_naming_it_and_version_1_still_loa
     assert torch.equal(load_export(out)(b, kjt), want)
     for dtype, msg in (("int2", "dtype must be one of fp32, fp16, int8, int4, got 'int2'"),
                        ("int8", None)):
-        raw["tables"][3]["dtype"] = dtype  # t_C4 (dim 20) as int2; then as int8 while its file holds int4 rows
+        next(t for t in raw["tables"] if t["name"] == "t_C4")["dtype"] = dtype  # t_C4 (dim 20) as int2; then as int8 while its file holds int4 rows
         (out / MANIFEST).write_text(json.dumps(raw))
         if msg:
             with pytest.raises(ValueError) as e:

@@ -1,12 +1,12 @@
 """The export manifest: what a compact export holds, checked before anything is loaded from it.
 
-`manifest.json` is written last into the export directory; it lists the tables (rows, dim, the dtype
-each is stored and served in, kept columns, the full table they came from), the features and which tables feed each (the group
-layout), for PME the token groups (remap and projection files), the head that consumes them,
-every other file with its size and sha256, and the versions that wrote it. A reader refuses a newer
-`format_version`, a table dtype that is not a serving dtype or cannot hold its dim, a missing or
-changed file, and (when a table is read) a table whose shape disagrees, each with an error that
-names the file (and the table).
+`manifest.json` is written last into the export directory; it lists the tables (rows, dim, the
+dtype each is stored and served in, kept columns, the full table they came from), the features and
+which tables feed each (the group layout), for PME the token groups (remap and projection files),
+the head that consumes them, every other file with its size and sha256, and the versions that
+wrote it. A reader refuses a newer `format_version`, a table dtype that is not a serving dtype or
+cannot hold its dim, a missing or changed file, and (when a table is read) a table whose shape
+disagrees, each with an error that names the file (and the table).
 
 Format versions: 2 lets the tables of one export differ in dtype (the dims file's per-table choice,
 each table served in its own); in 1 every table had the export's one dtype. The fields are the same,

@@ -72,12 +72,11 @@ def export_bytes(root: str | Path, manifest: Manifest) -> Dict[str, int]:
 
 
 def serving_bytes_by_dtype(manifest: Manifest, row_alignment: int) -> Dict[str, int]:
-    """`serving_bytes` of an export for each one dtype all its tables can be served as: a float export every
-    dtype its dims are legal for, an export of one int8/int4 dtype that dtype, a mixed export with int8/int4
-    tables none (the planner report shows the same figures)."""
-    stored = {t.dtype for t in manifest.tables}
-    dtypes = [d for d in SERVING_DTYPES if all(legal_serving_dim(t.dim, d) for t in manifest.tables)] \
-        if stored <= {"fp32", "fp16"} else sorted(stored) if len(stored) == 1 else []
+    """`serving_bytes` of an export for each one dtype all its tables can be served as (the planner report shows
+    the same figures): a dtype every dim is legal for, and the dtype of every int8/int4 table (their rows are
+    not converted back to floats), so a float export has every legal dtype and one with int8 and int4 none."""
+    fused = {t.dtype for t in manifest.tables} - {"fp32", "fp16"}
+    dtypes = [d for d in SERVING_DTYPES if fused <= {d} and all(legal_serving_dim(t.dim, d) for t in manifest.tables)]
     return {d: serving_bytes(manifest, d, row_alignment) for d in dtypes}
 
 
