@@ -23,11 +23,10 @@ from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
 from dist_utils import random_batch, run_ranks, table_configs, train_step
 from sharded_mde.cli import main
-from sharded_mde.config import ModelConfig, PlanConfig, TrainConfig, load_config
+from sharded_mde.config import ModelConfig, TrainConfig, load_config
 from sharded_mde.data import DatasetMeta, prepare
 from sharded_mde.data.batches import iterate_batches
 from sharded_mde.dims import DimsFile, TableDims, save_dims, serving_table_bytes, table_bytes
-from sharded_mde.dims.file import serving_dtypes
 from sharded_mde.export import export_compact, fake_quantize_table, load_export, load_tables, read_manifest
 from sharded_mde.export.manifest import MANIFEST
 from sharded_mde.export.mixed import MixedPrecisionEBC
@@ -35,7 +34,8 @@ from sharded_mde.export.serve import score
 from sharded_mde.export.stage import load_requests, serving_bytes_by_dtype
 from sharded_mde.export.tablefile import encode
 from sharded_mde.modules.model import build_model
-from sharded_mde.plan.report import memory_report, render_markdown
+from sharded_mde.plan.report import render_markdown
+from sharded_mde.plan.run import plan_and_report
 from sharded_mde.plan.sharding import manual_plan
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.train.checkpoint import MODEL, CheckpointReader, save_checkpoint
@@ -193,8 +193,8 @@ def test_mixed_export_scores_like_the_fake_quantised_model_and_bytes_agree(
                    for t in tables}
     ebc = load_tables(out, manifest, row_alignment=row_alignment)
     assert isinstance(ebc, MixedPrecisionEBC)
-    rep = memory_report(tables, tables, PlanConfig(world_size=1), row_alignment=row_alignment,
-                        dtypes=serving_dtypes(dims, "fp32"))
+    cfg = load_config(config, {"export": {"row_alignment": row_alignment, "serve_batch_size": BATCH}})
+    rep = plan_and_report(cfg, dims, str(d / f"mixed{row_alignment}.dims.json"), d / f"plan{row_alignment}")
     total = sum(model_bytes.values())
     assert check["serving_bytes_by_table"] == model_bytes
     assert check["serving_bytes_by_dtype"] == {}  # int8 and int4 rows: no one dtype serves every table
