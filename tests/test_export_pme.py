@@ -19,13 +19,13 @@ import yaml
 from dist_utils import run_ranks
 from sharded_mde.config import load_config
 from sharded_mde.data import DatasetMeta, iterate_eval_batches, prepare
-from sharded_mde.export import load_export, read_manifest, serving_bytes
+from sharded_mde.export import fake_quantize_table, load_export, read_manifest, serving_bytes
 from sharded_mde.export.arrowfile import read_arrow, write_arrow
-from sharded_mde.export.groups import REMAP_FILE
+from sharded_mde.export.groups import REMAP_FILE, token_group_bytes
 from sharded_mde.export.stage import export_bytes, export_stage, serve_check
 from sharded_mde.io import atomic_torch_save, read_json
 from sharded_mde.modules.token_groups import fields_from_dims, router_bytes
-from sharded_mde.dims import load_dims
+from sharded_mde.dims import group_name, load_dims, save_dims, serving_table_bytes
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.train.distributed import init_distributed
 
@@ -125,6 +125,39 @@ def test_quantised_serving_of_token_groups(exported, dtype: str, tol: float) -> 
             assert float((quant(b.dense_features, b.sparse_features) - want).abs().max()) < tol
     manifest = read_manifest(out)
     assert serving_bytes(manifest, dtype) < serving_bytes(manifest, "fp32")
+
+
+def test_token_group_tables_served_in_their_own_dtypes(exported, tmp_path: Path) -> None:
+    """Per-group dtypes in the dims file: each group table is stored and served in its own, and the served
+    model is the fp32 export's with those group tables fake-quantised (`fake_quantize_table`)."""
+    cfg, out = exported
+    run = Path(cfg.run_dir)
+    dims = load_dims(run / "pme" / "dims.json", full_table_configs(cfg))
+    cycle, chosen = ["int8", "fp16", "int4", "fp32"], {}
+    for t in dims.tables:
+        for g in t.groups:
+            if g.size and g.rows:
+                g.dtype = cycle[len(chosen) % len(cycle)]
+                chosen[group_name(t.name, g.size)] = g.dtype
+    assert len(set(chosen.values())) == 4
+    save_dims(tmp_path / "dims.json", dims)
+    manifest = export_stage(cfg, run / "retrain" / "checkpoints", tmp_path / "mixed", dims_path=tmp_path / "dims.json",
+                            progress=False)
+    assert manifest.format_version == 2 and {t.name: t.dtype for t in manifest.tables} == chosen
+    ref = load_export(out)
+    with torch.no_grad():
+        for name, bag in ref.head.sparse_arch.ebc.embedding_bags.items():
+            bag.weight.copy_(fake_quantize_table(bag.weight, chosen[name]))
+    served = load_export(tmp_path / "mixed")
+    with torch.no_grad():
+        for b, _ in iterate_eval_batches(manifest.source["data_dir"], "test", 512, 0, 1):
+            torch.testing.assert_close(served(b.dense_features, b.sparse_features), ref(b.dense_features, b.sparse_features),
+                                       rtol=0, atol=1e-5)
+    check = serve_check(cfg, tmp_path / "mixed")
+    assert check["dtype"] == "mixed" and check["dtypes"] == chosen
+    assert check["serving_bytes_by_table"] == {t.name: serving_table_bytes(t.rows, t.dim, chosen[t.name], 1)
+                                               for t in manifest.tables}
+    assert check["serving_table_bytes"] == sum(check["serving_bytes_by_table"].values()) + token_group_bytes(manifest)
 
 
 def test_damaged_remap_is_refused_naming_it(exported, tmp_path: Path) -> None:

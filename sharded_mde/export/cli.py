@@ -9,20 +9,24 @@ from sharded_mde.train.cli import add_config_args, load_args_config
 
 
 def _export(args: argparse.Namespace) -> int:
+    from sharded_mde.export.load import dtype_label, served_dtypes, serving_bytes
     from sharded_mde.export.stage import export_bytes, export_stage, serving_bytes_by_dtype
 
     cfg = load_args_config(args)
     manifest = export_stage(cfg, args.checkpoint, args.out, args.dims, overwrite=args.force)
     raw = sum(t.rows * t.dim for t in manifest.tables)
+    stored = served_dtypes(manifest)
     print(json.dumps({
         "out": args.out,
         "checkpoint": manifest.source["checkpoint"],
         "tables": {t.name: [t.rows, t.dim] for t in manifest.tables},
         "dropped_tables": manifest.source["dropped_tables"],
-        "dtype": cfg.export.dtype,
+        "dtype": dtype_label(stored),
+        "dtypes": stored,
         "elements": raw,
         "bytes": export_bytes(args.out, manifest),
         "serving_bytes": serving_bytes_by_dtype(manifest, cfg.export.row_alignment),
+        "serving_bytes_as_stored": serving_bytes(manifest, None, cfg.export.row_alignment),
     }, indent=2))
     return 0
 
@@ -54,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(p)
     p.add_argument("--export", required=True, help="export directory")
     p.add_argument("--dtype", choices=["fp32", "fp16", "int8", "int4"],
-                   help="serving dtype (default: export.serve_dtype, else as stored)")
+                   help="one serving dtype for every table (default: export.serve_dtype, else each table as stored)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-batches", type=int, default=0, help="score only this many batches (0 = all)")
     p.add_argument("--eager", action="store_true", help="run the eager module instead of the TorchScript one")

@@ -4,7 +4,8 @@ The DCP checkpoint is read in one process, one saved shard at a time. Every shar
 the table's surviving columns in row blocks, multiplied by the HAM hard mask of those columns (the
 mask folded into the weights) and spooled to a scratch piece; then each table is assembled from
 its pieces block by block (row-wise shards are row ranges, column-wise shards column ranges) and
-written in the export dtype. No process ever holds a whole table. The head is rebuilt from the
+written in its own dtype: the dims file's choice for the table (or PME token group), else
+`export.dtype`. No process ever holds a whole table. The head is rebuilt from the
 checkpoint's dense weights and cut with `slice_inputs` to the same columns, so the export computes
 what the hard-masked (or compact) model computed. Everything is written into a hidden temporary
 directory, the manifest last, which is then renamed onto the output: an export that did not finish
@@ -36,6 +37,7 @@ from sharded_mde.modules.heads import build_head, projected_fields
 from sharded_mde.modules.model import feature_dims_of
 from sharded_mde.modules.token_groups import combine_of, fields_from_dims
 from sharded_mde.dims import DimsFile
+from sharded_mde.dims.file import serving_dtypes
 from sharded_mde.plan.tables import plan_tables, source_tables
 from sharded_mde.train.checkpoint import CheckpointReader
 from sharded_mde.train.state import GATE, SPARSE_ARCH, hard_gates, sparse_arch_prefix
@@ -311,7 +313,7 @@ def export_compact(
         dense_in_features (int): dense input width.
         tables (Sequence[EmbeddingBagConfig]): the run's full tables.
         dims (Optional[DimsFile]): the search result to compact to.
-        export_cfg (ExportConfig): dtype and block size of the written tables.
+        export_cfg (ExportConfig): dtype (of tables the dims file gives none) and block size of the written tables.
         data_dir (Optional[str | Path]): where the vocabularies are.
         overwrite (bool): replace an existing export.
         progress (bool): show a progress bar.
@@ -333,8 +335,10 @@ def export_compact(
                          "bag collections, and token-group modules with their PME dims file, can)")
     gates = hard_gates(sparse_state, tables)
     jobs = _plan_jobs(reader, tables, dims, gates)
+    dtypes = serving_dtypes(dims, export_cfg.dtype) if dims is not None else {}
+    dtype_of = {job.config.name: dtypes.get(job.config.name, export_cfg.dtype) for job in jobs.values()}
     for job in jobs.values():
-        check_dim(int(job.kept.numel()), export_cfg.dtype, job.config.name)
+        check_dim(int(job.kept.numel()), dtype_of[job.config.name], job.config.name)
     if fields is None:
         kept_by_feature = {f: j.kept for j in jobs.values() for f in j.config.feature_names}
         head_dims = feature_dims_of([j.config for j in jobs.values()], list(features))
@@ -356,12 +360,12 @@ def export_compact(
             if k == 0:
                 continue  # dropped by the search: the head already reads zeros for its features
             rel = f"tables/{job.config.name}.arrow"
-            write_table(root / rel, k, export_cfg.dtype, _row_blocks(job, export_cfg.block_rows))
+            write_table(root / rel, k, dtype_of[job.config.name], _row_blocks(job, export_cfg.block_rows))
             for p in job.pieces:
                 p.path.unlink()
             exported.append(ExportedTable(
                 name=job.config.name, features=list(job.config.feature_names), rows=job.config.num_embeddings,
-                dim=k, dtype=export_cfg.dtype, file=rel, source_table=job.source, full_dim=job.full_dim,
+                dim=k, dtype=dtype_of[job.config.name], file=rel, source_table=job.source, full_dim=job.full_dim,
                 kept_columns=job.source_columns, pooling=job.config.pooling.value))
         shutil.rmtree(scratch)
         write_weights(root / HEAD_WEIGHTS, head_weights)

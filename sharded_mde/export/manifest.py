@@ -1,10 +1,16 @@
 """The export manifest: what a compact export holds, checked before anything is loaded from it.
 
-`manifest.json` is written last into the export directory; it lists the tables (rows, dim, dtype,
-kept columns, the full table they came from), the features and which tables feed each (the group
-layout), for PME the token groups (remap and projection files), the head that consumes them,
-every other file with its size and sha256, and the versions that wrote it. A reader refuses a newer `format_version`, a missing or changed file, and (when a
-table is read) a table whose shape disagrees, each with an error that names the file.
+`manifest.json` is written last into the export directory; it lists the tables (rows, dim, the
+dtype each is stored and served in, kept columns, the full table they came from), the features and
+which tables feed each (the group layout), for PME the token groups (remap and projection files),
+the head that consumes them, every other file with its size and sha256, and the versions that
+wrote it. A reader refuses a newer `format_version`, a table dtype that is not a serving dtype or
+cannot hold its dim, a missing or changed file, and (when a table is read) a table whose shape
+disagrees, each with an error that names the file (and the table).
+
+Format versions: 2 lets the tables of one export differ in dtype (the dims file's per-table choice,
+each table served in its own); in 1 every table had the export's one dtype. The fields are the same,
+so a version-1 manifest reads as it is.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from typing import Any, Dict, List, Optional
 from torchrec import EmbeddingBagConfig
 from torchrec.modules.embedding_configs import DataType, PoolingType
 
+from sharded_mde.export.tablefile import check_dim
 from sharded_mde.io import atomic_write_json, read_json, sha256_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tables may differ in dtype; 1 (one dtype for all tables) reads unchanged
 MANIFEST = "manifest.json"
 
 
@@ -205,6 +212,10 @@ def read_manifest(root: Path) -> Manifest:
                 and isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])):
             raise ValueError(f"{path}: files[{rel!r}]: needs a byte count and a 64-digit hex sha256")
     for t in tables:
+        try:
+            check_dim(t.dim, t.dtype, t.name)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         if t.file not in rest["files"]:
             raise ValueError(f"{path}: table {t.name}: file {t.file} has no checksum entry")
     if head.weights_file not in rest["files"]:

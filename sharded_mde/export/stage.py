@@ -14,11 +14,11 @@ import torch
 from sharded_mde.bench import machine_info
 from sharded_mde.config import RunConfig
 from sharded_mde.export.export import export_compact
-from sharded_mde.export.load import load_export, resolve_dtype, serving_bytes
+from sharded_mde.export.load import dtype_label, load_export, served_dtypes, serving_bytes, serving_bytes_by_table
 from sharded_mde.export.manifest import MANIFEST, Manifest, read_manifest, vocabulary_digest
 from sharded_mde.export.serve import Request, score, script
 from sharded_mde.io import sha256_file
-from sharded_mde.dims import SERVING_DTYPES, legal_serving_dim, load_dims, serving_table_bytes
+from sharded_mde.dims import SERVING_DTYPES, legal_serving_dim, load_dims
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.train.metrics import classification_metrics
 
@@ -72,11 +72,11 @@ def export_bytes(root: str | Path, manifest: Manifest) -> Dict[str, int]:
 
 
 def serving_bytes_by_dtype(manifest: Manifest, row_alignment: int) -> Dict[str, int]:
-    """`serving_bytes` of an export for each dtype it can be served as: a float export every dtype its
-    dims are legal for, an int8/int4 export its own dtype (the planner report shows the same figures)."""
-    stored = {t.dtype for t in manifest.tables}
-    dtypes = [d for d in SERVING_DTYPES if all(legal_serving_dim(t.dim, d) for t in manifest.tables)] \
-        if stored <= {"fp32", "fp16"} else sorted(stored)
+    """`serving_bytes` of an export for each one dtype all its tables can be served as (the planner report shows
+    the same figures): a dtype every dim is legal for, and the dtype of every int8/int4 table (their rows are
+    not converted back to floats), so a float export has every legal dtype and one with int8 and int4 none."""
+    fused = {t.dtype for t in manifest.tables} - {"fp32", "fp16"}
+    dtypes = [d for d in SERVING_DTYPES if fused <= {d} and all(legal_serving_dim(t.dim, d) for t in manifest.tables)]
     return {d: serving_bytes(manifest, d, row_alignment) for d in dtypes}
 
 
@@ -113,12 +113,17 @@ def serve_check(cfg: RunConfig, export_dir: str | Path, dtype: Optional[str] = N
                 verify: bool = True) -> Dict[str, Any]:
     """Scores the test split from the export alone: AUC, log loss, bytes and examples/s of the served model.
 
+    Each table is served in the dtype the manifest records for it (`dtypes`; `dtype` "mixed" when they
+    differ), or all in `dtype` / `export.serve_dtype` when set; `serving_table_bytes` (with the token
+    groups' remap and projections) and `serving_bytes_by_table` are the serving byte model's figures.
+
     The test split is read from the config's `data.dir` (PME: the search's renumbered copy, which the
     export names), after checking that its vocabularies are the ones the export was made with.
     """
     manifest = read_manifest(Path(export_dir))
     data_dir = serving_data_dir(cfg, export_dir, manifest)
-    dtype = resolve_dtype(manifest, dtype or cfg.export.serve_dtype or None)
+    dtype = dtype or cfg.export.serve_dtype or None
+    dtypes = served_dtypes(manifest, dtype)
     model = load_export(export_dir, dtype, cfg.export.row_alignment, device, verify=verify)
     run = script(model) if scripted else model
     requests = load_requests(data_dir, "test", cfg.export.serve_batch_size, device, max_batches)
@@ -126,11 +131,11 @@ def serve_check(cfg: RunConfig, export_dir: str | Path, dtype: Optional[str] = N
     logits, labels, seconds = score(run, requests, device)
     return {
         **classification_metrics(logits, labels),
-        "dtype": dtype,
+        "dtype": dtype_label(dtypes),
+        "dtypes": dtypes,
         "row_alignment": cfg.export.row_alignment,
         "serving_table_bytes": serving_bytes(manifest, dtype, cfg.export.row_alignment),
-        "serving_bytes_by_table": {t.name: serving_table_bytes(t.rows, t.dim, dtype, cfg.export.row_alignment)
-                                   for t in manifest.tables},
+        "serving_bytes_by_table": serving_bytes_by_table(manifest, dtype, cfg.export.row_alignment),
         "serving_bytes_by_dtype": serving_bytes_by_dtype(manifest, cfg.export.row_alignment),
         "export_bytes": export_bytes(export_dir, manifest),
         "data_dir": str(data_dir),

@@ -17,7 +17,7 @@ from torchrec.distributed.planner.types import ShardingOption
 from torchrec.modules.embedding_configs import DataType
 
 from sharded_mde.config import PlanConfig
-from sharded_mde.dims import SERVING_DTYPES, legal_serving_dim, serving_bytes_of, table_bytes
+from sharded_mde.dims import SERVING_DTYPES, legal_serving_dim, serving_bytes_of, serving_table_bytes, table_bytes
 from sharded_mde.plan.caps import Fit, Planned, cap_key, cap_tier, checked_tiers, fit_plan, rank_caps
 from sharded_mde.plan.sharding import GiB, check_constraint_keys
 from sharded_mde.plan.tables import source_tables
@@ -58,11 +58,17 @@ def _side(tables: Sequence[EmbeddingBagConfig], options: List[ShardingOption], o
     return {"tables": per_table, "shards": shards, "ranks": ranks}
 
 
-def serving_bytes_by_dtype(tables: Sequence[EmbeddingBagConfig], row_alignment: int) -> Dict[str, Optional[int]]:
-    """Serving bytes of the tables served as each dtype (`dims.serving_bytes_of`; None where a dim is illegal for it)."""
-    return {d: serving_bytes_of(tables, d, row_alignment)
-            if all(legal_serving_dim(t.embedding_dim, d) for t in tables if t.embedding_dim > 0) else None
-            for d in SERVING_DTYPES}
+def serving_bytes_by_dtype(tables: Sequence[EmbeddingBagConfig], row_alignment: int,
+                           dtypes: Optional[Mapping[str, str]] = None) -> Dict[str, Optional[int]]:
+    """Serving bytes of the tables served as each dtype (`dims.serving_bytes_of`; None where a dim is illegal for it),
+    and with `dtypes` (table -> dtype, the dims file's per-table choice) under "per_table": what the export serves."""
+    out = {d: serving_bytes_of(tables, d, row_alignment)
+           if all(legal_serving_dim(t.embedding_dim, d) for t in tables if t.embedding_dim > 0) else None
+           for d in SERVING_DTYPES}
+    if dtypes is not None:
+        out["per_table"] = sum(serving_table_bytes(t.num_embeddings, t.embedding_dim, dtypes[t.name], row_alignment)
+                               for t in tables)
+    return out
 
 
 def _sum(rows: List[Dict[str, int]]) -> Dict[str, int]:
@@ -87,6 +93,7 @@ def memory_report(
     compact_plan: Optional[Union[Planned, Fit]] = None,
     bag_lengths: Optional[Mapping[str, float]] = None,
     row_alignment: int = 1,
+    dtypes: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, Any]:
     """Plans (unless given; pooling factors from `bag_lengths`) the full and compact tables on `cfg`'s topology
     and compares their memory, and each rank's bytes with its cap.
@@ -101,6 +108,8 @@ def memory_report(
         full_plan, compact_plan (Optional): plans already made (`plan_sharding`'s result or `fit_plan`'s Fit).
         bag_lengths (Optional[Mapping[str, float]]): mean ids per bag by feature (pooling factors).
         row_alignment (int): the serving row alignment of the "serving bytes per dtype" totals.
+        dtypes (Optional[Mapping[str, str]]): each compact table's serving dtype (`dims.file.serving_dtypes`):
+            adds the compact tables' serving bytes as the export serves them ("per_table").
 
     Example::
 
@@ -152,7 +161,7 @@ def memory_report(
               "planner_imbalance_full": _imbalance([r[f"planner_{tier}"] for r in full["ranks"]]),
               "planner_imbalance_compact": _imbalance([r[f"planner_{tier}"] for r in comp["ranks"]]),
               "serving": {"row_alignment": row_alignment, "full": serving_bytes_by_dtype(full_tables, row_alignment),
-                          "compact": serving_bytes_by_dtype(compact_tables, row_alignment)}}
+                          "compact": serving_bytes_by_dtype(compact_tables, row_alignment, dtypes)}}
     topology = {"world_size": world, "local_world_size": cfg.local_world_size or world, "compute_device": cfg.compute_device,
                 "tier": tier, "capacity_per_rank": int(getattr(cfg, cap_key(cfg)) * GiB), "cap_per_rank": cap,
                 "storage_reserve": cfg.storage_reserve if tier == "hbm" else 0.0, "batch_size": cfg.batch_size, "optimizer": opt}
@@ -243,6 +252,9 @@ def _sections(rep: Dict[str, Any], max_shards: Optional[int]) -> List[Tuple[str,
     exact = [(d, [sv[side][d] for side in ("full", "compact")]) for d in SERVING_DTYPES]  # to the byte, as the export
     totals += [[f"serving tables {d} (row alignment {sv['row_alignment']})"] + ["-" if n is None else f"{n:,} B" for n in ns]
                + [""] for d, ns in exact]
+    if "per_table" in sv["compact"]:
+        totals += [[f"serving tables, per-table dtypes (row alignment {sv['row_alignment']})", "-",
+                    f"{sv['compact']['per_table']:,} B", ""]]
     more = "" if len(shown) == len(shards) else f" (largest {len(shown)} of {len(shards)}; all in report.json / report.md)"
     return [
         ("Per table", [["table", "rows", "dim", "dim after", "sharding", "kernel", "shards", "bytes before", "bytes after", "saving"]] + tables),

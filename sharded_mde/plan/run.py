@@ -14,6 +14,7 @@ from typing import Any, Dict
 
 from sharded_mde.config import RunConfig
 from sharded_mde.dims import DimsFile
+from sharded_mde.dims.file import serving_dtypes
 from sharded_mde.io import atomic_write_json, atomic_write_text
 from sharded_mde.plan.caps import fit_plan
 from sharded_mde.plan.report import memory_report, render_markdown, render_png
@@ -31,7 +32,8 @@ def plan_and_report(cfg: RunConfig, dims: DimsFile, dims_path: str, out: Path) -
     bags = mean_bag_lengths(cfg)
     fits = {"full": fit_plan(full, cfg.plan, bags), "compact": fit_plan(compact, cfg.plan, bags)}
     seconds = time.perf_counter() - start
-    rep = memory_report(full, compact, cfg.plan, fits["full"], fits["compact"], row_alignment=cfg.export.row_alignment)
+    rep = memory_report(full, compact, cfg.plan, fits["full"], fits["compact"], row_alignment=cfg.export.row_alignment,
+                        dtypes=serving_dtypes(dims, cfg.export.dtype))
     rep["source"] = {"dims_file": dims_path, "method": dims.method, "budget_fraction": dims.budget_fraction,
                      **({"rule": dataclasses.asdict(dims.rule)} if dims.rule else {}),
                      "extra": dims.extra, "planning_seconds": round(seconds, 2)}
