@@ -80,4 +80,6 @@ def run_plan(args: argparse.Namespace) -> int:
     calls = sum(rep["fit"][side]["planner_calls"] for side in ("full", "compact"))
     print(f"\n{source_line(rep['source'])}\nplanned full + compact in {rep['source']['planning_seconds']:.1f} s "
           f"({calls} planner runs); wrote {out}/{{{', '.join(written + ['report.json', 'report.md', 'report.png'])}}}")
+    if dims.caps is not None:
+        print(f"sized the dims to the per-rank caps with {dims.caps.planner_calls} planner runs before that")
     return 0

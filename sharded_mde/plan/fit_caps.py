@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import PlanConfig
 from sharded_mde.dims import (DIM_MULTIPLE, CapsRecord, DimsFile, InfeasibleBudget, dim_cap,
                               smallest_feasible_fraction, table_bytes)
-from sharded_mde.plan.caps import ROOMY_GB, Planned, cap_tier, rank_caps, rank_storage, with_cap
+from sharded_mde.plan.caps import ROOMY_GB, Planned, cap_key, cap_tier, rank_caps, rank_storage, with_cap
 from sharded_mde.plan.report import plan_bytes
 from sharded_mde.plan.rules import rule_dims
 from sharded_mde.plan.sharding import PlanningError, plan_sharding
@@ -61,14 +61,14 @@ def busiest_unconstrained(tables: Sequence[EmbeddingBagConfig], cfg: PlanConfig,
 
 
 def caps_record(tables: Sequence[EmbeddingBagConfig], planned: Planned, cfg: PlanConfig, full_busiest: int,
-                planner_calls: int, **more: object) -> CapsRecord:
+                planner_calls: int, **more: Any) -> CapsRecord:
     """The per-rank cap, planner bytes, raw bytes (the plan report's `plan_bytes`) and headroom of a plan."""
     tier, cap = cap_tier(cfg), rank_caps(cfg)[cap_tier(cfg)]
     loads = rank_storage(planned[1], cfg.world_size, tier)
     raw = [r["total"] for r in plan_bytes(tables, planned[1], cfg.optimizer, cfg.world_size)["ranks"]]
-    return CapsRecord(tier=tier, cap_gb=getattr(cfg, f"{tier}_cap_gb"), cap=cap, bytes=loads, raw=raw,
+    return CapsRecord(tier=tier, cap_gb=getattr(cfg, cap_key(cfg)), cap=cap, bytes=loads, raw=raw,
                       headroom=[cap - b for b in loads], busiest_rank=max(range(len(loads)), key=loads.__getitem__),
-                      full_busiest=full_busiest, planner_calls=planner_calls, **more)  # type: ignore[arg-type]
+                      full_busiest=full_busiest, planner_calls=planner_calls, **more)
 
 
 def fit_dims(tables: Sequence[EmbeddingBagConfig], dims: Mapping[str, int], worth: Mapping[str, Sequence[float]],

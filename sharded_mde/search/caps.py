@@ -26,7 +26,8 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import PlanConfig, RunConfig
-from sharded_mde.dims import DIM_MULTIPLE, DimsFile, InfeasibleBudget, dim_cap, floor_bytes, round_to_legal, table_bytes
+from sharded_mde.dims import (DIM_MULTIPLE, DimsFile, InfeasibleBudget, dim_cap, floor_bytes, round_to_legal,
+                              smallest_feasible_fraction, table_bytes)
 from sharded_mde.modules.masked_ebc import ColumnGate, find_gate
 from sharded_mde.plan.caps import cap_tier, rank_caps
 from sharded_mde.plan.fit_caps import busiest_unconstrained, fit_dims, plan_at_caps, sized
@@ -70,13 +71,14 @@ class CapsController(BudgetController):
         self.full_busiest = max(busiest_unconstrained(tables, plan, bags)[1])
         self.floor = floor
         self.replans: List[Dict[str, float]] = []
+        self.least = smallest_feasible_fraction(tables, WEIGHT_DTYPE, optimizer)
         super().__init__(gate, tables, 1, **settings)  # the budget is set from the plan just below
-        self.budget = self._clamp(self.full * self.cap / self.full_busiest)
-        self.fraction = self.budget / self.full
+        self.set_budget(self.full * self.cap / self.full_busiest)
 
-    def _clamp(self, budget: float) -> int:
-        """A byte budget between every table at dim 4 and the full bytes."""
-        return int(min(self.full, max(self.floor, budget)))
+    def set_budget(self, budget: float) -> None:
+        """The byte budget (between every table at dim 4 and the full bytes) and its fraction (at least the feasible one)."""
+        self.budget = int(min(self.full, max(self.floor, budget)))
+        self.fraction = max(self.least, self.budget / self.full)
 
     def replan(self, step: int) -> None:
         """Plans the kept dims (kept counts rounded up to legal dims) and re-derives the budget from the busiest rank."""
@@ -84,8 +86,7 @@ class CapsController(BudgetController):
         dims = {t.name: round_to_legal(max(int(k), 1), max_dim=t.embedding_dim) for t, k in zip(self.tables, counts)}
         kept = sum(table_bytes(t.num_embeddings, dims[t.name], self.weight_dtype, self.optimizer).total for t in self.tables)
         busiest = max(busiest_unconstrained(sized(self.tables, dims), self.plan, self.bags)[1])
-        self.budget = self._clamp(kept * self.cap / busiest)
-        self.fraction = self.budget / self.full
+        self.set_budget(kept * self.cap / busiest)
         self.replans.append({"step": step, "kept_bytes": kept, "busiest_bytes": busiest, "cap": self.cap,
                              "budget": self.budget})
 
@@ -102,8 +103,8 @@ class CapsController(BudgetController):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores the controller, the derived budget and the re-plans."""
         super().load_state_dict(state)
-        self.budget, self.replans = int(state["budget"]), list(state["replans"])
-        self.fraction = self.budget / self.full
+        self.set_budget(state["budget"])
+        self.replans = list(state["replans"])
 
     def trace(self) -> Dict[str, Any]:
         """The controller's trace with the caps and the re-plans."""
