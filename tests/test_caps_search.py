@@ -15,7 +15,7 @@ import yaml
 
 from dist_utils import run_ranks
 from sharded_mde.config import CAPS, ConfigError, PlanConfig, load_config
-from sharded_mde.dims import load_dims, table_bytes
+from sharded_mde.dims import InfeasibleBudget, load_dims, table_bytes
 from sharded_mde.cli import main
 from sharded_mde.plan.caps import with_cap
 from sharded_mde.plan.fit_caps import busiest_unconstrained, fit_dims, plan_at_caps, rule_within_caps, sized
@@ -133,6 +133,8 @@ def test_rule_within_caps_takes_the_largest_fraction_that_fits(tmp_path: Path, c
     assert dims.budget_fraction < 1 and dims.caps.full_busiest > dims.caps.cap
     larger = rule_dims(FULL, "power_law", min(1.0, dims.budget_fraction * 1.05))
     assert plan_at_caps(plan_tables(larger, FULL), cfg) is None  # 5% more finds no plan
+    with pytest.raises(InfeasibleBudget, match="even with every table at dim 4 .*: raise plan.ddr_cap_gb$"):
+        rule_within_caps(FULL, "power_law", capped(0.01))
 
     preset = tmp_path / "tables.yaml"
     preset.write_text("embedding_dim: 32\ntables:\n" + "".join(

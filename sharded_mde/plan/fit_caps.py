@@ -119,7 +119,7 @@ def fit_dims(tables: Sequence[EmbeddingBagConfig], dims: Mapping[str, int], wort
             cands = [n for n in share if dims[n] > multiple]
             if not cands:
                 raise PlanningError(f"no plan fits the caps even with every table on rank {rank} at dim {multiple}: "
-                                    f"raise plan.{cap_tier(cfg)}_cap_gb")
+                                    f"raise plan.{cap_key(cfg)}")
             n = min(cands, key=lambda x: (step_worth(x, dims[x]) / (share[x] * step_bytes(x, dims[x])), x))
             saved += share[n] * step_bytes(n, dims[n])
             dims[n] -= multiple
@@ -186,7 +186,7 @@ def rule_within_caps(full: List[EmbeddingBagConfig], rule: str, cfg: PlanConfig,
         best = attempt(lo)
         if best is None:
             raise InfeasibleBudget(f"no plan fits the caps even with every table at dim {DIM_MULTIPLE} "
-                                   f"({rule} dims): raise plan.{cap_tier(cfg)}_cap_gb")
+                                   f"({rule} dims): raise plan.{cap_key(cfg)}")
         for _ in range(RULE_BISECTIONS):  # invariant: lo fits, hi does not
             mid = (lo + hi) / 2
             got = attempt(mid)

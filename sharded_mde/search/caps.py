@@ -29,7 +29,7 @@ from sharded_mde.config import PlanConfig, RunConfig
 from sharded_mde.dims import (DIM_MULTIPLE, DimsFile, InfeasibleBudget, dim_cap, floor_bytes, round_to_legal,
                               smallest_feasible_fraction, table_bytes)
 from sharded_mde.modules.masked_ebc import ColumnGate, find_gate
-from sharded_mde.plan.caps import cap_tier, rank_caps
+from sharded_mde.plan.caps import cap_key, cap_tier, rank_caps
 from sharded_mde.plan.fit_caps import busiest_unconstrained, fit_dims, plan_at_caps, sized
 from sharded_mde.plan.sharding import save_plan
 from sharded_mde.plan.tables import full_table_configs, mean_bag_lengths
@@ -63,15 +63,14 @@ class CapsController(BudgetController):
                  bags: Optional[Mapping[str, float]] = None, **settings: Any) -> None:
         self.plan, self.every, self.bags = plan, int(every), bags
         self.cap = rank_caps(plan)[cap_tier(plan)]
-        optimizer = settings.get("optimizer", "rowwise_adagrad")
-        floor = floor_bytes(tables, WEIGHT_DTYPE, optimizer)
+        dtype, optimizer = settings.get("weight_dtype", WEIGHT_DTYPE), settings.get("optimizer", "rowwise_adagrad")
         if plan_at_caps(sized(tables, {t.name: min(DIM_MULTIPLE, t.embedding_dim) for t in tables}), plan, bags) is None:
             raise InfeasibleBudget(f"search.budget caps: no plan fits {plan.world_size} ranks even with every table at "
-                                   f"dim {DIM_MULTIPLE}: raise plan.{cap_tier(plan)}_cap_gb")
+                                   f"dim {DIM_MULTIPLE}: raise plan.{cap_key(plan)}")
         self.full_busiest = max(busiest_unconstrained(tables, plan, bags)[1])
-        self.floor = floor
+        self.floor = floor_bytes(tables, dtype, optimizer)
+        self.least = smallest_feasible_fraction(tables, dtype, optimizer)
         self.replans: List[Dict[str, float]] = []
-        self.least = smallest_feasible_fraction(tables, WEIGHT_DTYPE, optimizer)
         super().__init__(gate, tables, 1, **settings)  # the budget is set from the plan just below
         self.set_budget(self.full * self.cap / self.full_busiest)
 
