@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict
-
-from typing import Union
+from typing import Any, Dict, Union
 
 from sharded_mde.config import CAPS, RunConfig, from_dict, load_config, load_yaml, merge, parse_overrides
 from sharded_mde.dims import load_dims, save_dims
