@@ -11,13 +11,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type, TypeVar
+from typing import Any, Dict, List, Optional, Type, TypeVar, Union
 
 import yaml
 
 from sharded_mde.dims.methods import SEARCH_METHODS
 
 T = TypeVar("T")
+CAPS = "caps"  # search.budget: the plan section's per-rank caps instead of a fraction
 
 
 class ConfigError(ValueError):
@@ -378,7 +379,9 @@ class SearchConfig:
     """The dimension search (HAM or PME) and its byte budget."""
 
     method: str = "ham"  # a search of the registry (sharded_mde/dims/methods.py): ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md)
-    budget: float = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state)
+    budget: Union[float, str] = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state), or
+    # "caps": the plan section's per-rank caps (ham, and plan --rule): the plan of the chosen dims fits every rank (docs/plan.md)
+    caps_replan_every: int = 200  # budget "caps": steps between re-plans of the kept dims that re-derive the byte target
     epochs: float = 1.0  # supernet training length (replaces train.epochs during the search)
     allow_drop: bool = False  # HAM only: a field may be dropped where validation shows it harmless (docs/ham.md)
     drop_tolerance: float = 0.001  # a drop is harmless if the validation AUC falls by at most this much
@@ -407,8 +410,15 @@ class SearchConfig:
     def validate(self) -> None:
         if self.method not in SEARCH_METHODS:
             raise ConfigError(f"method: one of {', '.join(SEARCH_METHODS)}, got {self.method!r}")
-        if not 0 < self.budget <= 1:
+        if isinstance(self.budget, str):
+            if self.budget != CAPS:
+                raise ConfigError(f"budget: a fraction in (0, 1] or {CAPS!r} (the plan section's per-rank caps), got {self.budget!r}")
+            if self.method != "ham":
+                raise ConfigError(f"budget: {CAPS!r} needs method ham (the other searches take a fraction), got method {self.method!r}")
+        elif not 0 < self.budget <= 1:
             raise ConfigError(f"budget: a fraction in (0, 1], got {self.budget}")
+        if self.caps_replan_every < 1:
+            raise ConfigError(f"caps_replan_every: a step count >= 1, got {self.caps_replan_every}")
         if self.surrogate not in ("identity", "clipped", "sigmoid"):
             raise ConfigError(f"surrogate: identity, clipped or sigmoid, got {self.surrogate!r}")
         if self.epochs <= 0 or self.mask_lr <= 0 or self.dual_lr < 0 or self.dual_tol <= 0 or self.lambda_init <= 0:

@@ -38,6 +38,7 @@ from sharded_mde.dims.records import (  # noqa: F401
     CandidateScore,
     CandidateCheck,
     PmeRecord,
+    CapsRecord,
 )
 from sharded_mde.dims.file import (  # noqa: F401
     FORMAT_VERSION,

@@ -17,13 +17,13 @@ from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from sharded_mde.dims.cost import (DIM_MULTIPLE, OPTIMIZER_BYTES, SERVING_DTYPES, WEIGHT_BYTES, legal_dim,
                                    legal_serving_dim, serving_dim_multiple, table_bytes)
-from sharded_mde.dims.records import CandidateCheck, PlantedAgreement, PmeRecord, RuleRecord, from_json
+from sharded_mde.dims.records import CandidateCheck, CapsRecord, PlantedAgreement, PmeRecord, RuleRecord, from_json
 from sharded_mde.io import atomic_write_json, read_json
 
 FORMAT_VERSION = 2  # 2: the records moved from `extra` into typed fields; 1 still loads (migrated)
 READABLE_VERSIONS = (1, 2)
 # the typed fields beyond the tables and the byte model (absent from the JSON when None)
-RECORDS = ("supernet_checkpoints", "data_dir", "trace_file", "rule", "planted", "check", "pme")
+RECORDS = ("supernet_checkpoints", "data_dir", "trace_file", "rule", "planted", "check", "pme", "caps")
 
 
 def table_name(feature: str) -> str:
@@ -82,6 +82,7 @@ class DimsFile:
         planted (Optional[PlantedAgreement]): the kept dims against the planted ranks of synthetic data.
         check (Optional[CandidateCheck]): HAM's candidate check and its winner.
         pme (Optional[PmeRecord]): PME's reserved-id sizes, combine mode, token statistics and selection.
+        caps (Optional[CapsRecord]): the per-rank caps the dims were chosen under and the final plan's bytes per rank.
         extra (Dict[str, Any]): free-form notes of the search that no stage reads (settings, timings,
             mask values, scores).
 
@@ -106,6 +107,7 @@ class DimsFile:
     planted: Optional[PlantedAgreement] = None
     check: Optional[CandidateCheck] = None
     pme: Optional[PmeRecord] = None
+    caps: Optional[CapsRecord] = None
     extra: Dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 

@@ -4,7 +4,8 @@ Besides the per-table dims, a search leaves what a later stage needs: the checkp
 warm-starts from and the renumbered data of PME (plain fields of `DimsFile`), and the records
 below: a rule's formula (the plan report names it), the agreement with planted ranks (the
 pipeline, bench and report read it), HAM's candidate check (retrain reuses the winner's training)
-and PME's token-wise record (the token-group model reads its reserved ids and combine mode).
+PME's token-wise record (the token-group model reads its reserved ids and combine mode) and the
+per-rank caps the dims were chosen under (the plan's bytes per rank, headroom).
 `from_json` builds any of them from parsed JSON with one-line errors naming the file and key.
 """
 
@@ -145,6 +146,45 @@ class PmeRecord:
     price: Optional[float] = None
     selected_bytes: Optional[int] = None
     timing: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CapsRecord:
+    """Dims chosen under per-rank caps (`search.budget: caps`): the final plan's bytes per rank against the cap.
+
+    Args:
+        tier (str): the tier the cap is on ("hbm" on cuda, "ddr" on cpu).
+        cap_gb (float): the configured capacity per rank (`plan.hbm_cap_gb` or `plan.ddr_cap_gb`, GiB).
+        cap (int): the bytes per rank the planner may fill (`plan.caps.rank_caps`).
+        bytes (List[int]): per rank, the planner's bytes of the final plan (weights, optimizer state, its buffers).
+        raw (List[int]): per rank, the weights and optimizer state of the final plan's shards.
+        headroom (List[int]): per rank, cap - bytes (>= 0: every rank fits).
+        busiest_rank (int): the rank with the most bytes.
+        full_busiest (int): the full tables' busiest rank in the planner's unconstrained plan (over `cap`: they do not fit).
+        planner_calls (int): planner runs of the final check.
+        trimmed (Dict[str, int]): columns the final check took from each table (busiest over-cap rank first).
+        filled (Dict[str, int]): columns it gave back while every rank still fit.
+        blocked (List[str]): tables below their largest dim whose next 4 columns find no plan within the caps.
+        replans (List[Dict[str, float]]): the search's re-plans: step, kept bytes, busiest bytes, the new byte budget.
+
+    Example::
+
+        max(dims.caps.bytes) <= dims.caps.cap  # every rank fits
+    """
+
+    tier: str
+    cap_gb: float
+    cap: int
+    bytes: List[int]
+    raw: List[int]
+    headroom: List[int]
+    busiest_rank: int
+    full_busiest: int
+    planner_calls: int
+    trimmed: Dict[str, int] = field(default_factory=dict)
+    filled: Dict[str, int] = field(default_factory=dict)
+    blocked: List[str] = field(default_factory=list)
+    replans: List[Dict[str, float]] = field(default_factory=list)
 
 
 def from_json(tp: Any, value: Any, file: str, key: str) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
-from sharded_mde.config import RunConfig
+from sharded_mde.config import CAPS, RunConfig
 from sharded_mde.data.synth import load_ground_truth
 from sharded_mde.io import atomic_write_json, atomic_write_text
 from sharded_mde.pipeline.ledger import StageLedger
@@ -27,7 +27,7 @@ def summarise(cfg: RunConfig, ledger: StageLedger) -> Dict[str, Any]:
     doc = {
         "run_dir": cfg.run_dir,
         "method": search["method"],
-        "budget_fraction": cfg.search.budget,
+        "budget_fraction": cfg.search.budget if cfg.search.budget != CAPS else search["budget_bytes"] / search["full_bytes"],
         "models": [
             {"model": "full-dimension baseline (tables + optimizer state)", "auc": base["test"]["auc"], "logloss": base["test"]["logloss"],
              "embedding_bytes": search["full_bytes"]},

@@ -34,8 +34,8 @@ def weight_dtype(table: EmbeddingBagConfig) -> str:
     return DTYPES[table.data_type]
 
 
-def _side(tables: Sequence[EmbeddingBagConfig], options: List[ShardingOption], optimizer: str, world: int) -> Dict[str, Any]:
-    """Per-table, per-shard and per-rank figures of one planned set of tables."""
+def plan_bytes(tables: Sequence[EmbeddingBagConfig], options: List[ShardingOption], optimizer: str, world: int) -> Dict[str, Any]:
+    """Per-table, per-shard and per-rank figures (raw weights and optimizer state, the planner's estimate) of one planned set of tables."""
     by_name = {t.name: t for t in tables}
     shards, per_table = [], {}
     ranks = [{"weight": 0, "optimizer": 0, "total": 0, "planner_hbm": 0, "planner_ddr": 0} for _ in range(world)]
@@ -120,8 +120,8 @@ def memory_report(
     fits = {"full": _as_fit(full_plan, full_tables, cfg, bag_lengths),
             "compact": _as_fit(compact_plan, compact_tables, cfg, bag_lengths)}
     world, opt = cfg.world_size, cfg.optimizer
-    full = _side(full_tables, fits["full"].planned[1], opt, world)
-    comp = _side(compact_tables, fits["compact"].planned[1], opt, world)
+    full = plan_bytes(full_tables, fits["full"].planned[1], opt, world)
+    comp = plan_bytes(compact_tables, fits["compact"].planned[1], opt, world)
     src = source_tables(compact_tables, full_tables)
 
     tables = []
@@ -312,6 +312,16 @@ def render_markdown(rep: Dict[str, Any], source: str = "") -> str:
         else:
             out += [f"## {title}", ""] + body + [""]
     return "\n".join(out)
+
+
+def render_rank_table(rep: Dict[str, Any], source: str = "") -> str:
+    """Markdown: the headline, the fit lines, `source` (where the dims came from) and the per-rank table (cap, bytes, headroom)."""
+    title, grid = next(s for s in _sections(rep, 0) if s[0].startswith("Per rank"))
+    out = [_headline(rep) + ".", ""] + [f"- {line}." for line in _fit_lines(rep)] + [""]
+    if source:
+        out += [source, ""]
+    out += [f"{title}:", "", "| " + " | ".join(grid[0]) + " |", "|" + "---|" * len(grid[0])]
+    return "\n".join(out + ["| " + " | ".join(r) + " |" for r in grid[1:]]) + "\n"
 
 
 def render_png(rep: Dict[str, Any], path: Union[str, Path]) -> None:

@@ -36,6 +36,7 @@ def plan_and_report(cfg: RunConfig, dims: DimsFile, dims_path: str, out: Path) -
                         dtypes=serving_dtypes(dims, cfg.export.dtype))
     rep["source"] = {"dims_file": dims_path, "method": dims.method, "budget_fraction": dims.budget_fraction,
                      **({"rule": dataclasses.asdict(dims.rule)} if dims.rule else {}),
+                     **({"caps": dataclasses.asdict(dims.caps)} if dims.caps else {}),
                      "extra": dims.extra, "planning_seconds": round(seconds, 2)}
     for side, name in PLAN_FILES.items():
         if rep["fit"][side]["fits"]:
@@ -55,5 +56,8 @@ def source_line(source: Dict[str, Any]) -> str:
     line = f"Dims: `{source['dims_file']}` (method {source['method']}, budget {source['budget_fraction']:g} of the full bytes"
     if "rule" in source:
         line += f"; a rule, not a search: {source['rule']['formula']}, alpha {source['rule']['alpha']:g}"
+    if "caps" in source:
+        how = "the largest fraction whose plan fits" if "rule" in source else "searched under"
+        line += f"; sized to the per-rank caps ({how} every rank's {source['caps']['tier'].upper()} cap)"
     return line + ")."
 

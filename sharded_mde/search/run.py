@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional
 
-from sharded_mde.config import RunConfig
+from sharded_mde.config import CAPS, RunConfig
 from sharded_mde.dims import DimsFile
 from sharded_mde.search.registry import search_function
 from sharded_mde.train.distributed import DistEnv
@@ -29,7 +29,11 @@ def run_search(cfg: RunConfig, env: DistEnv, stage: Optional[str] = None) -> Dim
 
     Example::
 
-        dims = run_search(cfg, env)  # writes <run_dir>/ham/dims.json
+        dims = run_search(cfg, env)  # writes <run_dir>/ham/dims.json (search.budget: caps adds the plan, search/caps.py)
     """
+    if cfg.search.budget == CAPS:  # the plan section's per-rank caps as the constraint (HAM only)
+        from sharded_mde.search.caps import run_ham_caps
+
+        return run_ham_caps(cfg, env, stage or cfg.search.method, planted_ranks(cfg))
     search = search_function(cfg.search.method)
     return search(cfg, env, stage or cfg.search.method, planted_ranks(cfg))
