@@ -181,12 +181,15 @@ class SourceReader:
         for table, _ in self.blocks():
             yield table
 
-    def blocks(self) -> Iterator[Tuple[pa.Table, np.ndarray]]:
+    def blocks(self, row_groups: Optional[Dict[Path, Sequence[int]]] = None) -> Iterator[Tuple[pa.Table, np.ndarray]]:
         """(canonical block, 0-based physical row of each of its rows over all files): a row's
-        physical index counts skipped lines too, so it does not depend on which lines were bad."""
+        physical index counts skipped lines too, so it does not depend on which lines were bad.
+        `row_groups` reads only those (consecutive) row groups of the Parquet files it names (a
+        distributed prepare's share of a file); their rows keep their index in the whole file."""
         offset = 0
         for path in self.files:
-            it = self._iter_text(path) if self.input.text else self._iter_parquet(path)
+            groups = (row_groups or {}).get(path)
+            it = self._iter_text(path) if self.input.text else self._iter_parquet(path, groups)
             good, skipped = 0, self.skipped
             while True:
                 try:
@@ -321,8 +324,10 @@ class SourceReader:
         return warned
 
     # ------------------------------------------------------------------ parquet
-    def _iter_parquet(self, path: Path) -> Generator[Tuple[pa.Table, np.ndarray], None, int]:
-        """(good rows, their rows in this file) per batch; returns the file's rows."""
+    def _iter_parquet(self, path: Path, row_groups: Optional[Sequence[int]] = None
+                      ) -> Generator[Tuple[pa.Table, np.ndarray], None, int]:
+        """(good rows, their rows in this file) per batch of the file (or of its consecutive `row_groups`);
+        returns the row after the last one read."""
         schema = self._layout(path)[1]
         columns = [self.input.label, *schema.dense, *schema.sparse]
         rows_before, warned = 0, 0
@@ -331,7 +336,10 @@ class SourceReader:
             return -(phys + 1)
 
         try:
-            batches = pq.ParquetFile(str(path)).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
+            pf = pq.ParquetFile(str(path))
+            if row_groups is not None:
+                rows_before = sum(pf.metadata.row_group(g).num_rows for g in range(row_groups[0])) if row_groups else 0
+            batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns, row_groups=row_groups)
             for batch in batches:
                 phys = np.arange(rows_before, rows_before + batch.num_rows, dtype=np.int64)
                 table = pa.Table.from_batches([batch]).select(columns).rename_columns([LABEL, *columns[1:]])
