@@ -174,11 +174,12 @@ def _merge_owned(cfg: DataConfig, fields: Sequence[str], spills: Dict[str, List[
 
 
 def _write_vocabs(cfg: DataConfig, fields: Sequence[str], kept: List[Dict[str, str]], out: Path) -> Dict[str, int]:
-    """Rank 0: each field's vocabulary from every owner's kept values (one field in memory at a time)."""
+    """Rank 0: each field's vocabulary from every owner's kept values (one field at a time, cut to the running
+    top max_vocab as the owners' files are read)."""
     sizes = {}
     for f in fields:
-        counts = pa.concat_tables([pa.ipc.open_file(pa.OSFile(k[f])).read_all() for k in kept])
-        table = build_vocab(counts, cfg.min_count, cfg.max_vocab)
+        owners = (pa.ipc.open_file(pa.OSFile(k[f])).read_all() for k in kept)
+        table = build_vocab(kept_counts(owners, cfg.min_count, cfg.max_vocab), cfg.min_count, cfg.max_vocab)
         save_vocab(out, f, table)
         sizes[f] = table.num_rows
     return sizes

@@ -49,18 +49,23 @@ def _units(files: Sequence[Path], text: bool) -> List[Tuple[int, int, float]]:
     return units
 
 
+def cut(weights: Sequence[float], world: int) -> List[int]:
+    """The rank of each unit, in order: the one whose slice of the total weight holds the unit's midpoint."""
+    total, done, ranks = float(sum(weights)) or 1.0, 0.0, []
+    for w in weights:
+        ranks.append(min(world - 1, int((done + w / 2) / total * world)))
+        done += w
+    return ranks
+
+
 def assign_shares(files: Sequence[Path], text: bool, world: int) -> List[Share]:
     """Every rank's share of `files` (text files whole, Parquet files by row group); a rank may get none."""
     if world == 1:
         return [Share(list(files))]
     units = _units(files, text)
-    total = sum(w for _, _, w in units)
     taken: List[List[Tuple[int, int]]] = [[] for _ in range(world)]
-    done = 0.0
-    for i, g, w in units:
-        rank = min(world - 1, int((done + w / 2) / total * world))
+    for (i, g, _), rank in zip(units, cut([w for _, _, w in units], world)):
         taken[rank].append((i, g))
-        done += w
     groups_per_file = {i: sum(1 for j, _, _ in units if j == i) for i in range(len(files))}
     shares = []
     for mine in taken:

@@ -23,6 +23,7 @@ MISSING_ID = 0
 OOV_ID = 1
 NUM_RESERVED = 2
 _MERGE_ROWS = 4_000_000  # merge partial counts once the unmerged ones hold this many (value, count) rows
+_GROUP_ROWS = 1 << 20  # spilled buckets are added up together until they hold this many rows
 _MEMORY_OVERHEAD = 4  # the process memory of held counts per byte of their Arrow tables (merging included)
 _SPILL_BITS = 8
 SPILL_BUCKETS = 1 << _SPILL_BITS  # hash partitions of spilled counts: one is added up at a time
@@ -135,11 +136,30 @@ class ValueCounter:
 
 
 def merged_buckets(paths: Sequence[Path], buckets: Iterable[int]) -> Iterator[pa.Table]:
-    """(value, count) of each hash bucket in `buckets`, added up over the spill files `paths` (one bucket in memory)."""
+    """(value, count) of the values of the hash buckets `buckets`, added up over the spill files `paths`: each
+    table yielded covers whole buckets, about _GROUP_ROWS rows of counts read at most (one bucket larger than
+    that alone, its files' batches added up as they come once they outgrow the sum so far, as in `update`)."""
     readers = [pa.ipc.open_file(pa.OSFile(str(p))) for p in paths]
+    parts: List[pa.Table] = [_COUNTS_SCHEMA.empty_table()]
+    pending = merged = 0
     for b in buckets:
-        part = pa.Table.from_batches([r.get_batch(b) for r in readers], schema=_COUNTS_SCHEMA)
-        yield part.group_by("value").aggregate([("count", "sum")]).rename_columns(["value", "count"])
+        for r in readers:
+            batch = r.get_batch(b)
+            parts.append(pa.Table.from_batches([batch], schema=_COUNTS_SCHEMA))
+            pending += batch.num_rows
+            if pending > max(_MERGE_ROWS, merged):
+                parts, pending = [_sum_counts(parts)], 0
+                merged = parts[0].num_rows
+        if merged + pending >= _GROUP_ROWS:  # one group_by per group of small buckets, not per bucket
+            yield _sum_counts(parts)
+            parts, pending, merged = [_COUNTS_SCHEMA.empty_table()], 0, 0
+    if merged + pending:
+        yield _sum_counts(parts)
+
+
+def _sum_counts(parts: List[pa.Table]) -> pa.Table:
+    """One (value, count) table adding up the counts of equal values."""
+    return pa.concat_tables(parts).group_by("value").aggregate([("count", "sum")]).rename_columns(["value", "count"])
 
 
 def kept_counts(parts: Iterable[pa.Table], min_count: int = 1, max_vocab: int = 0) -> pa.Table:
