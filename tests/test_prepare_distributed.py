@@ -70,6 +70,9 @@ def cases(tmp: Path) -> Dict[str, DataConfig]:
         "parquet_hash": DataConfig(format="parquet", paths=pqt, max_vocab=300, count_memory_mb=1),
         "parquet_sequential": DataConfig(format="parquet", paths=pqt, split_by="sequential", min_count=2,
                                          max_rows=2600),
+        # generated on rank 0 into <dir>/raw, one row group: one rank has no share and still takes part
+        "synth": DataConfig(format="synth", synth_rows=2000, synth_num_dense=2, synth_num_sparse=3,
+                            synth_vocab_max=300),
     }
 
 
@@ -103,9 +106,14 @@ def test_two_ranks_prepare_what_one_process_does(tmp_path: Path) -> None:
         a, b = prepare(one[name], progress=False), DatasetMeta.load(two[name].dir)
         for key in META_KEYS:
             assert getattr(a, key) == getattr(b, key), (name, key)
-        assert any(p.startswith("train/rank00001-") for p, _ in b.parts["train"]), name  # rank 1 wrote parts
         vocabs = sorted(p.name for p in (Path(a.dir) / "vocab").glob("*.parquet"))
-        assert vocabs == ["site.parquet", "tags.parquet", "uid.parquet"]
+        if name == "synth":
+            assert len(b.parts["train"]) == 1  # one row group, one rank's
+            assert (Path(a.dir) / "ground_truth.json").read_text() == (Path(b.dir) / "ground_truth.json").read_text()
+            assert not (Path(b.dir) / "raw").exists() and len(vocabs) == 3
+        else:
+            assert any(p.startswith("train/rank00001-") for p, _ in b.parts["train"]), name  # rank 1 wrote parts
+            assert vocabs == ["site.parquet", "tags.parquet", "uid.parquet"]
         for v in vocabs:
             assert (Path(a.dir) / "vocab" / v).read_bytes() == (Path(b.dir) / "vocab" / v).read_bytes(), (name, v)
         for split in SPLITS:
