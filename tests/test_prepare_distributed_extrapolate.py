@@ -21,7 +21,7 @@ def _run(rows_per_s_count: int, rows_per_s_encode: int, rss: float, entries: int
 
 
 def bench() -> dict:
-    """1 process: 100k rows/s counting, 200k encoding; 2 processes: 1.6x and 1.8x; RSS 500 MiB + 100 MiB per 1M values."""
+    """1 process: 100k rows/s counting, 200k encoding; 2 processes 1.6x, 1.8x; RSS 500 MiB + 100 MiB per 1M values."""
     high1, small1 = _run(100_000, 200_000, 600.0, 1_000_000), _run(100_000, 200_000, 500.0, 0)
     high2 = _run(160_000, 360_000, 400.0, 1_000_000)
     high2["count"]["peak_rss_mb_per_rank"] = [400.0, 700.0]

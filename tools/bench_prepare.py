@@ -281,8 +281,8 @@ def bench_ranks(args: argparse.Namespace, work: Path, files: Dict[str, Dict[str,
         one = work / f"{name}_ranks1"
         for n in ranks[1:]:
             other, r = work / f"{name}_ranks{n}", res[str(n)]
-            r["vocabularies_identical_to_1_rank"] = all(
-                v.read_bytes() == (other / "vocab" / v.name).read_bytes() for v in sorted((one / "vocab").glob("*.parquet")))
+            r["vocabularies_identical_to_1_rank"] = all(v.read_bytes() == (other / "vocab" / v.name).read_bytes()
+                                                        for v in sorted((one / "vocab").glob("*.parquet")))
             r["splits_identical_to_1_rank"] = _split_digests(one) == _split_digests(other)
             r["speedup_over_1_rank"] = {
                 "count": round(r["count"]["rows_per_s"] / res["1"]["count"]["rows_per_s"], 2),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
@@ -108,11 +107,13 @@ def table(x: Dict[str, Any]) -> str:
              "peak RSS per process (count / encode) |", "|---|---|---|---|---|---|---|---|"]
     for k in sorted(x["by"], key=int):
         r = x["by"][k]
+        rss = [_mb(max(r[p]["peak_rss_mb_per_rank"])) for p in ("count", "encode")]
         lines.append(f"| measured | {k} | {r['count']['rows_per_s']:,} | {r['encode']['rows_per_s']:,} | "
                      f"{r['count']['seconds']} s | {r['encode']['seconds']} s | {r['total_seconds']} s | "
-                     f"{_mb(max(r['count']['peak_rss_mb_per_rank']))} / {_mb(max(r['encode']['peak_rss_mb_per_rank']))} |")
+                     f"{rss[0]} / {rss[1]} |")
     for s in x["setups"]:
-        for label, key in (("24 day files", "seconds_day_files"), (f"cut into >= {s['processes']} files", "seconds_cut")):
+        for label, key in (("24 day files", "seconds_day_files"),
+                           (f"cut into >= {s['processes']} files", "seconds_cut")):
             t = s[key]
             lines.append(f"| Criteo-TB, {s['setup']}, {label} | {s['processes']} | "
                          f"{s['rows_per_s']['count']:,.0f} | {s['rows_per_s']['encode']:,.0f} | "

@@ -12,6 +12,7 @@ a whole partition's counts in flight.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from typing import Any, Callable, List, Optional
 
@@ -84,7 +85,9 @@ class Progress:
     def __init__(self, group: Group, desc: str, enabled: bool, total: Optional[int] = None) -> None:
         self.group = group
         self.store = group._store() if group.world > 1 else None
-        key = f"sharded_mde/prepare/progress/{next(_PASS_IDS)}"
+        # every rank of a group makes the same bars in the same order; a restarted job counts afresh
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        key = f"sharded_mde/prepare/progress/{attempt}/{next(_PASS_IDS) if self.store is not None else 0}"
         self.rows_key, self.done_key = f"{key}/rows", f"{key}/done"
         self.bar = tqdm(total=total, desc=desc, unit=" rows", disable=not (enabled and group.rank == 0))
         self.rows = 0  # this rank's

@@ -5,8 +5,8 @@ builds the vocabularies (valid/test values unseen in training encode to OOV, as 
 second maps values to ids and writes the splits in parts. Rows are assigned to splits by their
 physical index in the input (`splits.py`); a sequential split needs the total row count first,
 read from Parquet metadata or, for text, counted by one scan for line breaks. Labels are checked
-while reading: 0/1, or the codes of `data.label_map`; anything else is an error naming the line. Every file is written atomically and meta.json
-last, so an interrupted run never leaves a directory that looks complete; a rerun with the same
+while reading: 0/1, or the codes of `data.label_map`; anything else is an error naming the line.
+Every file is written atomically and meta.json last, so an interrupted run never leaves a directory that looks complete; a rerun with the same
 config returns at once, and one interrupted after the vocabularies reuses them.
 
 On several ranks (`sharded-mde data prepare` under torchrun, `group=TorchGroup()`), each rank
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from sharded_mde.config import DataConfig
 from sharded_mde.data.encode import Encoder
-from sharded_mde.data.group import Group
+from sharded_mde.data.group import Group, Progress
 from sharded_mde.data.meta import FORMAT_VERSION, META_FILE, DatasetMeta
 from sharded_mde.data.parts import PartWriter
 from sharded_mde.data.readers import DataWarning, SourceReader, expand_paths
@@ -47,7 +47,7 @@ from sharded_mde.data.vocab import (SPILL_BUCKETS, ValueCounter, Vocabulary, bui
 from sharded_mde.io import atomic_path, atomic_write_json, read_json
 
 VOCAB_DONE = "vocab/_complete.json"
-COUNTING_DIR = "_counting"  # spilled counts while counting, one folder per rank (removed when the vocabularies are done)
+COUNTING_DIR = "_counting"  # spilled counts, one folder per rank (removed once the vocabularies are written)
 _NOT_IN_FINGERPRINT = ("dir", "count_memory_mb")  # settings that do not change the processed data
 # Text parsed per block: Arrow's CSV reader holds about 36 times this (600 MB at 16 MB); 4 MB reads as fast.
 _TEXT_BLOCK_BYTES = 4 << 20
@@ -149,14 +149,12 @@ def _plan_work(cfg: DataConfig, fmt: str, files: List[Path], group: Group, need_
                  min(total, cfg.max_rows) if cfg.max_rows else total)
 
 
-def _count_share(cfg: DataConfig, work: _Work, counter: ValueCounter, group: Group, progress: bool) -> int:
-    """Counts the values of this rank's train rows into `counter`; returns the rows read."""
-    with group.progress("prepare: counting values", progress) as bar:
-        for table, phys in work.blocks(cfg):
-            train = assign_splits(phys, work.split_total, cfg.split, cfg.split_by) == 0
-            counter.update(table.filter(pa.array(train)))
-            bar.add(table.num_rows)
-    return bar.rows
+def _count_share(cfg: DataConfig, work: _Work, counter: ValueCounter, bar: Progress) -> None:
+    """Counts the values of this rank's train rows into `counter`, the rows read into `bar`."""
+    for table, phys in work.blocks(cfg):
+        train = assign_splits(phys, work.split_total, cfg.split, cfg.split_by) == 0
+        counter.update(table.filter(pa.array(train)))
+        bar.add(table.num_rows)
 
 
 def _merge_owned(cfg: DataConfig, fields: Sequence[str], spills: Dict[str, List[Path]], group: Group,
@@ -198,8 +196,10 @@ def _build_vocabs(cfg: DataConfig, work: _Work, out: Path, fp: str, progress: bo
     mine.mkdir(parents=True, exist_ok=True)
     try:
         def count() -> Tuple[int, int, Dict[str, Any]]:
-            counter = ValueCounter(fields, cfg.count_memory_mb, mine)
-            rows = _count_share(cfg, work, counter, group, progress)
+            with group.progress("prepare: counting values", progress) as bar:  # first: a failure below ends it too
+                counter = ValueCounter(fields, cfg.count_memory_mb, mine)
+                _count_share(cfg, work, counter, bar)
+            rows = bar.rows
             skipped = work.reader.skipped if work.reader is not None else 0
             if group.world > 1:
                 return rows, skipped, {f: [str(p) for p in ps] for f, ps in counter.spill_all().items()}
@@ -292,13 +292,12 @@ def prepare(cfg: DataConfig, progress: bool = True, group: Optional[Group] = Non
 
     def encode() -> Tuple[Dict[str, List[Tuple[str, int]]], Dict[str, int]]:
         """This rank's rows encoded into its own parts of each split; (parts, ids in the train split's bags)."""
-        vocabs = {f: Vocabulary.load(out, f) for f in schema.sparse}
-        encoder = Encoder(schema, vocabs)
         prefix = "" if group.world == 1 else f"rank{group.rank:05d}-"
         writers = {s: PartWriter(out, f"{s}/{prefix}") for s in SPLITS}
         bag_values = {f: 0 for f in schema.multi}
         with warnings.catch_warnings(), group.progress("prepare: writing splits", progress, rows) as bar:
             warnings.simplefilter("ignore", DataWarning)  # already reported by the counting pass
+            encoder = Encoder(schema, {f: Vocabulary.load(out, f) for f in schema.sparse})
             for table, phys in work.blocks(cfg):
                 split = assign_splits(phys, work.split_total, cfg.split, cfg.split_by)
                 encoded = encoder.encode(table)
