@@ -6,11 +6,13 @@ second maps values to ids and writes the splits in parts. Rows are assigned to s
 physical index in the input (`splits.py`); a sequential split needs the total row count first,
 read from Parquet metadata or, for text, counted by one scan for line breaks. Labels are checked
 while reading: 0/1, or the codes of `data.label_map`; anything else is an error naming the line.
-Every file is written atomically and meta.json last, so an interrupted run never leaves a directory that looks complete; a rerun with the same
-config returns at once, and one interrupted after the vocabularies reuses them.
+Every file is written atomically and meta.json last, so an interrupted run never leaves a
+directory that looks complete; a rerun with the same config returns at once, and one interrupted
+after the vocabularies reuses them.
 
 On several ranks (`sharded-mde data prepare` under torchrun, `group=TorchGroup()`), each rank
-counts and encodes a contiguous share of the input (`shares.py`); counts are exchanged by value
+counts and encodes a contiguous share of the input (`shares.py`: Parquet row groups, byte ranges
+of uncompressed text, whole compressed files); counts are exchanged by value
 hash through files in the data directory and merged by the rank owning each hash bucket, rank 0
 writes the vocabularies and meta.json, and every step ends with the ranks agreeing that none
 failed (`group.py`). The vocabularies are byte for byte, the splits row for row, those of one process.
@@ -37,7 +39,7 @@ from sharded_mde.data.encode import Encoder
 from sharded_mde.data.group import Group, Progress
 from sharded_mde.data.meta import FORMAT_VERSION, META_FILE, DatasetMeta
 from sharded_mde.data.parts import PartWriter
-from sharded_mde.data.readers import DataWarning, SourceReader, expand_paths
+from sharded_mde.data.readers import ByteRange, DataWarning, SourceReader, expand_paths
 from sharded_mde.data.schema import Schema, input_schema
 from sharded_mde.data.shares import Share, assign_shares
 from sharded_mde.data.splits import SPLITS, assign_splits
@@ -107,13 +109,14 @@ def _clear(out: Path, keep_vocab: bool) -> None:
 
 @dataclass
 class _Work:
-    """What one rank reads: its share of the inputs, the index of its first row in the whole input, and
-    the row count a sequential split divides (0 for hash splits, and when a resumed run reads it from
-    the vocabulary marker)."""
+    """What one rank reads: its share of the inputs (text files read in part: (start, end, data lines of the
+    file before start)), the index of its first file's first row in the whole input, and the row count a
+    sequential split divides (0 for hash splits, and when a resumed run reads it from the vocabulary marker)."""
 
     schema: Schema
     share: Share
     reader: Optional[SourceReader]
+    byte_ranges: Dict[Path, ByteRange]
     base: int
     split_total: int
 
@@ -121,31 +124,39 @@ class _Work:
         """This rank's blocks and their rows' index in the whole input, cut at `data.max_rows`."""
         if self.reader is None:
             return iter(())
-        return _limited(_shifted(self.reader.blocks(self.share.row_groups), self.base), cfg.max_rows)
+        return _limited(_shifted(self.reader.blocks(self.share.row_groups, self.byte_ranges), self.base),
+                        cfg.max_rows)
 
 
 def _plan_work(cfg: DataConfig, fmt: str, files: List[Path], group: Group, need_total: bool) -> _Work:
-    """This rank's share and where its rows start; with several ranks the ranks count the rows of the files
-    they start (Parquet metadata, or one scan for line breaks) and exchange the counts."""
+    """This rank's share and where its rows start; with several ranks each counts the rows of what it reads
+    (Parquet metadata, or one scan for line breaks) and the ranks exchange the counts."""
     sequential = need_total and cfg.split_by == "sequential"
 
-    def layout() -> Tuple[Schema, Share, Optional[SourceReader], Dict[int, int]]:
+    def layout() -> Tuple[Schema, Share, Optional[SourceReader], Dict[Tuple[int, int], int]]:
         every = _reader(cfg, fmt, files)  # every file's columns must agree, as with one process
         if group.world == 1:
-            return every.schema, Share(list(files)), every, {0: every.count_rows()} if sequential else {}
-        share = assign_shares(files, every.input.text, group.world)[group.rank]
+            return every.schema, Share(list(files)), every, {(0, 0): every.count_rows()} if sequential else {}
+        share = assign_shares(files, every.input.text, group.world, every.input.quote)[group.rank]
+        reader = _reader(cfg, fmt, share.files) if share.files else None
         counts = {}
         if sequential or group.rank < group.world - 1:  # the last rank's rows only add to a sequential total
-            counts = {share.first + i: _reader(cfg, fmt, [p]).count_rows()
-                      for i, p in enumerate(share.files) if share.starts_file(p)}
-        return every.schema, share, _reader(cfg, fmt, share.files) if share.files else None, counts
+            for i, p in enumerate(share.files):
+                if p in share.byte_ranges:
+                    counts[(share.first + i, share.byte_ranges[p][0])] = reader.count_range(p, *share.byte_ranges[p])
+                elif share.starts_file(p):
+                    counts[(share.first + i, 0)] = _reader(cfg, fmt, [p]).count_rows()
+        return every.schema, share, reader, counts
 
     schema, share, reader, counts = group.agree(layout)
-    rows: Dict[int, int] = {}
+    rows: Dict[Tuple[int, int], int] = {}
     for counted in group.gather(counts):
         rows.update(counted)
     total = sum(rows.values()) if sequential else 0
-    return _Work(schema, share, reader, sum(rows.get(i, 0) for i in range(share.first)),
+    ranges = {p: (start, end, sum(n for (i, s), n in rows.items() if i == share.first + share.files.index(p)
+                                  and s < start))
+              for p, (start, end) in share.byte_ranges.items()}
+    return _Work(schema, share, reader, ranges, sum(n for (i, _), n in rows.items() if i < share.first),
                  min(total, cfg.max_rows) if cfg.max_rows else total)
 
 
