@@ -16,8 +16,7 @@ def test_bench_ranks_tiny_run(tmp_path: Path) -> None:
     out.write_text(json.dumps({"summary": {"kept": True}}))
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_prepare.py"), "--rows", "6000",
                            "--high-fields", "2", "--high-vocab", "6000", "--small-vocab", "100", "--count-memory-mb",
-                           "1", "--work", str(tmp_path / "w"), "--ranks", "1,2", "--ranks-inputs", "high", "--pieces", "3",
-                           "--out", str(out)],
+                           "1", "--work", str(tmp_path / "w"), "--ranks", "1,2", "--ranks-inputs", "high", "--out", str(out)],
                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     report = json.loads(out.read_text())
@@ -28,5 +27,3 @@ def test_bench_ranks_tiny_run(tmp_path: Path) -> None:
     assert by["1"]["count"]["rows"] == two["encode"]["rows"] == 6000
     assert by["1"]["count"]["vocab_entries"] == two["count"]["vocab_entries"] > 6000  # 2 fields of many values
     assert len(two["count"]["peak_rss_mb_per_rank"]) == 2 and two["speedup_over_1_rank"]["total"] > 0
-    pieces = sorted((tmp_path / "w" / "high_pieces").glob("part-*.tsv"))
-    assert len(pieces) == 3 and sum(len(p.read_bytes().splitlines()) for p in pieces) == 6000

@@ -19,11 +19,10 @@ Writes docs/bench_prepare.json (--out) and prints it. Timings on a loaded machin
 ratios of one run, not absolute figures across runs.
 
 With --ranks 1,2 it measures instead the distributed prepare (`data prepare` under torchrun): each
-file (--ranks-inputs) cut at line breaks into --pieces TSV files (a rank reads whole text files),
-counted and then encoded by 1 rank and by 2 ranks (`torchrun --nproc_per_node N`, each pass in
-fresh processes): rows/s of each pass and in total, peak RSS of every rank, the speedup over 1 rank,
-and whether the vocabularies (bytes) and splits (a digest of every column, rows in order) are the
-1-rank ones. It updates only the "ranks" key of --out; the default run keeps that key.
+file of --ranks-inputs (one TSV file, which the ranks share by byte ranges) counted and then
+encoded by 1 rank and by 2 ranks (`torchrun --nproc_per_node N`, each pass in fresh processes):
+rows/s of each pass and in total, peak RSS of every rank, the speedup over 1 rank, and whether the
+vocabularies (bytes) and splits (a digest of every column, rows in order) are the 1-rank ones. It updates only the "ranks" key of --out; the default run keeps that key.
 
     .venv/bin/python tools/bench_prepare.py --rows 4000000 --work /tmp/bench_prepare
     .venv/bin/python tools/bench_prepare.py --rows 4000000 --work /tmp/bench_prepare --ranks 1,2
@@ -171,7 +170,7 @@ def child_duckdb(tsv: str, memory_mb: int, temp_dir: str) -> Dict[str, Any]:
             "vocab_sizes": {name: int(n) for name, n, _ in sorted(got, key=lambda r: int(r[0][1:]))}}
 
 
-def child_dist(kind: str, files: str, out: str, memory_mb: int) -> Optional[Dict[str, Any]]:
+def child_dist(kind: str, tsv: str, out: str, memory_mb: int) -> Optional[Dict[str, Any]]:
     """One pass of the distributed prepare on this torchrun rank (count: the vocabularies; encode: the splits,
     reusing them); rank 0 returns the pass's rows/s over all ranks and every rank's peak RSS."""
     import torch.distributed as dist
@@ -183,7 +182,7 @@ def child_dist(kind: str, files: str, out: str, memory_mb: int) -> Optional[Dict
 
     env = init_distributed(prefer_cuda=False)
     group = TorchGroup()
-    cfg = _data_config(files, out, memory_mb)
+    cfg = _data_config(tsv, out, memory_mb)
     if kind == "encode" and env.is_main:
         (Path(out) / META_FILE).unlink(missing_ok=True)  # a rerun must write again (it reuses the vocabularies)
     dist.barrier()
@@ -205,23 +204,6 @@ def child_dist(kind: str, files: str, out: str, memory_mb: int) -> Optional[Dict
         rows, extra = sum(meta.rows.values()), {}
     return {"ranks": env.world_size, "rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
             "rows_per_s_per_rank": round(rows / seconds / env.world_size), "peak_rss_mb_per_rank": rss, **extra}
-
-
-def _split_tsv(src: Path, dst: Path, pieces: int) -> str:
-    """`src` cut at line breaks into `pieces` files of about equal bytes under `dst` (once); their glob pattern."""
-    done = dst / "_complete"
-    if not done.exists():
-        dst.mkdir(parents=True, exist_ok=True)
-        size = src.stat().st_size
-        with open(src, "rb") as f:
-            for i in range(pieces):
-                with open(dst / f"part-{i:03d}.tsv", "wb") as piece:
-                    end = size * (i + 1) // pieces
-                    while f.tell() < end:
-                        piece.write(f.read(min(16 << 20, end - f.tell())))
-                    piece.write(f.readline())  # up to the next line break
-        done.write_text(str(src))
-    return str(dst / "part-*.tsv")
 
 
 def _split_digests(data_dir: Path) -> Dict[str, str]:
@@ -266,15 +248,15 @@ def _run_ranks(n: int, args: List[str]) -> Dict[str, Any]:
 def bench_ranks(args: argparse.Namespace, work: Path, files: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """The distributed prepare by 1 rank and by each of --ranks, on each of --ranks-inputs, side by side."""
     ranks = sorted({int(r) for r in args.ranks.split(",")} | {1})
-    out: Dict[str, Any] = {"ranks": ranks, "pieces": args.pieces, "count_memory_mb": args.count_memory_mb,
-                           "cores": os.cpu_count(), "inputs": {}}
+    out: Dict[str, Any] = {"ranks": ranks, "count_memory_mb": args.count_memory_mb, "cores": os.cpu_count(),
+                           "inputs": {}}
     for name in args.ranks_inputs.split(","):
-        pattern = _split_tsv(Path(files[name]["path"]), work / f"{name}_pieces", args.pieces)
+        tsv = files[name]["path"]
         res: Dict[str, Any] = {}
         for n in ranks:
             data = str(work / f"{name}_ranks{n}")
-            count = _run_ranks(n, ["dist", "count", pattern, data, str(args.count_memory_mb)])
-            encode = _run_ranks(n, ["dist", "encode", pattern, data, str(args.count_memory_mb)])
+            count = _run_ranks(n, ["dist", "count", tsv, data, str(args.count_memory_mb)])
+            encode = _run_ranks(n, ["dist", "encode", tsv, data, str(args.count_memory_mb)])
             total_s = count["seconds"] + encode["seconds"]
             res[str(n)] = {"count": count, "encode": encode, "total_seconds": round(total_s, 2),
                            "total_rows_per_s": round(count["rows"] / total_s)}
@@ -288,7 +270,7 @@ def bench_ranks(args: argparse.Namespace, work: Path, files: Dict[str, Dict[str,
                 "count": round(r["count"]["rows_per_s"] / res["1"]["count"]["rows_per_s"], 2),
                 "encode": round(r["encode"]["rows_per_s"] / res["1"]["encode"]["rows_per_s"], 2),
                 "total": round(r["total_rows_per_s"] / res["1"]["total_rows_per_s"], 2)}
-        out["inputs"][name] = {"file": files[name], "pieces": pattern, "by_ranks": res}
+        out["inputs"][name] = {"file": files[name], "by_ranks": res}
     return out
 
 
@@ -350,7 +332,6 @@ def main() -> int:
     p.add_argument("--ranks", default="", help="e.g. 1,2: the distributed prepare on that many torchrun ranks "
                                                 "instead of the passes above (updates only the 'ranks' key of --out)")
     p.add_argument("--ranks-inputs", default="small,high", help="files the --ranks comparison prepares")
-    p.add_argument("--pieces", type=int, default=8, help="--ranks: TSV files each input is cut into")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -372,8 +353,9 @@ def main() -> int:
     machine = _machine()
     small_sizes = [int(v) for v in np.round(np.geomspace(10, args.small_vocab, NUM_SPARSE))]
     high_sizes = [args.high_vocab] * args.high_fields + small_sizes[args.high_fields:]
-    files = {"small": _write_tsv(work / "small.tsv", args.rows, small_sizes, args.zipf),
-             "high": _write_tsv(work / "high.tsv", args.rows, high_sizes, args.zipf)}
+    sizes = {"small": small_sizes, "high": high_sizes}
+    names = args.ranks_inputs.split(",") if args.ranks else list(sizes)
+    files = {name: _write_tsv(work / f"{name}.tsv", args.rows, sizes[name], args.zipf) for name in names}
     previous = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).exists() else {}
     if args.ranks:
         ranks = bench_ranks(args, work, files)
