@@ -171,7 +171,7 @@ def _count_share(cfg: DataConfig, work: _Work, counter: ValueCounter, bar: Progr
 def _merge_owned(cfg: DataConfig, fields: Sequence[str], spills: Dict[str, List[Path]], group: Group,
                  into: Path) -> Dict[str, str]:
     """Adds up every rank's counts of the hash buckets this rank owns (bucket b: rank b % world) and writes
-    the values that can enter each field's vocabulary, sorted as in it; returns the file of each field."""
+    the (value, count) that can enter each field's vocabulary; returns the file of each field."""
     owned = [b for b in range(SPILL_BUCKETS) if b % group.world == group.rank]
     kept = {}
     for i, f in enumerate(fields):
@@ -204,10 +204,10 @@ def _build_vocabs(cfg: DataConfig, work: _Work, out: Path, fp: str, progress: bo
     fields = list(work.schema.sparse)
     counting = out / COUNTING_DIR
     mine = counting / f"rank{group.rank:05d}"
-    mine.mkdir(parents=True, exist_ok=True)
     try:
         def count() -> Tuple[int, int, Dict[str, Any]]:
             with group.progress("prepare: counting values", progress) as bar:  # first: a failure below ends it too
+                mine.mkdir(parents=True, exist_ok=True)
                 counter = ValueCounter(fields, cfg.count_memory_mb, mine)
                 _count_share(cfg, work, counter, bar)
             rows = bar.rows
