@@ -1,11 +1,13 @@
-"""Which rank of a distributed `prepare` reads which input: contiguous shares of files and Parquet row groups.
+"""Which rank of a distributed `prepare` reads which input: contiguous shares of files, row groups and byte ranges.
 
-The inputs are cut into units, a whole text file (a gzip stream cannot be entered in the middle) or
-one Parquet row group, weighed by bytes (text) or rows (Parquet). Rank r takes the units whose
-weight midpoint falls in the r-th of `world` equal slices, so every rank reads a contiguous run of
-the input in input order and the ranks' outputs, concatenated in rank order, are the one-process
-output in order. A rank's rows keep their index in the whole input (`base`: the rows of every file
-before its first one), which is what the hash and sequential splits assign by.
+The inputs are cut into units, weighed by bytes (text) or rows (Parquet): one Parquet row group, a
+piece of an uncompressed unquoted text file (about 8 per rank; a rank's pieces of a file become one
+byte range cut at line starts), or a whole text file that cannot be entered in the middle (gzip, or
+CSV whose quoted values may hold line breaks). Rank r takes the units whose weight midpoint falls
+in the r-th of `world` equal slices, so every rank reads a contiguous run of the input in input
+order and the ranks' outputs, concatenated in rank order, are the one-process output in order. A
+rank's rows keep their index in the whole input (the rows before its first file, plus those of that
+file before its range), which is what the hash and sequential splits assign by.
 """
 
 from __future__ import annotations
