@@ -18,7 +18,14 @@ in the train split (so vocabulary sizes can be checked against DuckDB's distinct
 Writes docs/bench_prepare.json (--out) and prints it. Timings on a loaded machine: compare the
 ratios of one run, not absolute figures across runs.
 
+With --ranks 1,2 it measures instead the distributed prepare (`data prepare` under torchrun): each
+file of --ranks-inputs (one TSV file, which the ranks share by byte ranges) counted and then
+encoded by 1 rank and by 2 ranks (`torchrun --nproc_per_node N`, each pass in fresh processes):
+rows/s of each pass and in total, peak RSS of every rank, the speedup over 1 rank, and whether the
+vocabularies (bytes) and splits (a digest of every column, rows in order) are the 1-rank ones. It updates only the "ranks" key of --out; the default run keeps that key.
+
     .venv/bin/python tools/bench_prepare.py --rows 4000000 --work /tmp/bench_prepare
+    .venv/bin/python tools/bench_prepare.py --rows 4000000 --work /tmp/bench_prepare --ranks 1,2
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -163,6 +170,110 @@ def child_duckdb(tsv: str, memory_mb: int, temp_dir: str) -> Dict[str, Any]:
             "vocab_sizes": {name: int(n) for name, n, _ in sorted(got, key=lambda r: int(r[0][1:]))}}
 
 
+def child_dist(kind: str, tsv: str, out: str, memory_mb: int) -> Optional[Dict[str, Any]]:
+    """One pass of the distributed prepare on this torchrun rank (count: the vocabularies; encode: the splits,
+    reusing them); rank 0 returns the pass's rows/s over all ranks and every rank's peak RSS."""
+    import torch.distributed as dist
+
+    from sharded_mde.data.group import TorchGroup
+    from sharded_mde.data.meta import META_FILE
+    from sharded_mde.data.prepare import VOCAB_DONE, prepare, prepare_vocabs
+    from sharded_mde.train.distributed import init_distributed, shutdown_distributed
+
+    env = init_distributed(prefer_cuda=False)
+    group = TorchGroup()
+    cfg = _data_config(tsv, out, memory_mb)
+    if kind == "encode" and env.is_main:
+        (Path(out) / META_FILE).unlink(missing_ok=True)  # a rerun must write again (it reuses the vocabularies)
+    dist.barrier()
+    t0 = time.perf_counter()
+    if kind == "count":
+        sizes = prepare_vocabs(cfg, progress=False, group=group)
+    else:
+        meta = prepare(cfg, progress=False, group=group)
+    dist.barrier()
+    seconds = time.perf_counter() - t0
+    rss = group.gather(_peak_rss_mb())
+    shutdown_distributed(wait_for_peers=True)
+    if not env.is_main:
+        return None
+    if kind == "count":
+        rows = json.loads((Path(out) / VOCAB_DONE).read_text())["rows"]
+        extra = {"count_memory_mb": memory_mb, "vocab_entries": sum(sizes.values())}
+    else:
+        rows, extra = sum(meta.rows.values()), {}
+    return {"ranks": env.world_size, "rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
+            "rows_per_s_per_rank": round(rows / seconds / env.world_size), "peak_rss_mb_per_rank": rss, **extra}
+
+
+def _split_digests(data_dir: Path) -> Dict[str, str]:
+    """sha256 of each column of each split, rows in meta.json's order (independent of how parts cut them)."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from sharded_mde.data.meta import DatasetMeta
+
+    meta = DatasetMeta.load(data_dir)
+    out = {}
+    for split in meta.rows:
+        digests: Dict[str, Any] = {}
+        for path, _ in meta.split_parts(split):
+            for batch in pq.ParquetFile(str(path)).iter_batches():
+                for name, col in zip(batch.schema.names, batch.columns):
+                    h = digests.setdefault(name, hashlib.sha256())
+                    if pa.types.is_list(col.type):  # a list column: its bag lengths, then its values
+                        h.update(np.asarray(pc.list_value_length(col), dtype=np.int32).tobytes())
+                        col = col.flatten()
+                    h.update(col.to_numpy(zero_copy_only=False).tobytes())
+        out.update({f"{split}/{k}": v.hexdigest() for k, v in digests.items()})
+    return out
+
+
+def _run_ranks(n: int, args: List[str]) -> Dict[str, Any]:
+    """One distributed pass on `n` torchrun ranks in fresh processes; rank 0's JSON result."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                           __file__, "--child", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_prepare: {n}-rank pass {args[0]} failed (exit {proc.returncode}):\n"
+                         f"{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_ranks(args: argparse.Namespace, work: Path, files: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The distributed prepare by 1 rank and by each of --ranks, on each of --ranks-inputs, side by side."""
+    ranks = sorted({int(r) for r in args.ranks.split(",")} | {1})
+    out: Dict[str, Any] = {"ranks": ranks, "count_memory_mb": args.count_memory_mb, "cores": os.cpu_count(),
+                           "inputs": {}}
+    for name in args.ranks_inputs.split(","):
+        tsv = files[name]["path"]
+        res: Dict[str, Any] = {}
+        for n in ranks:
+            data = str(work / f"{name}_ranks{n}")
+            count = _run_ranks(n, ["dist", "count", tsv, data, str(args.count_memory_mb)])
+            encode = _run_ranks(n, ["dist", "encode", tsv, data, str(args.count_memory_mb)])
+            total_s = count["seconds"] + encode["seconds"]
+            res[str(n)] = {"count": count, "encode": encode, "total_seconds": round(total_s, 2),
+                           "total_rows_per_s": round(count["rows"] / total_s)}
+        one = work / f"{name}_ranks1"
+        for n in ranks[1:]:
+            other, r = work / f"{name}_ranks{n}", res[str(n)]
+            r["vocabularies_identical_to_1_rank"] = all(v.read_bytes() == (other / "vocab" / v.name).read_bytes()
+                                                        for v in sorted((one / "vocab").glob("*.parquet")))
+            r["splits_identical_to_1_rank"] = _split_digests(one) == _split_digests(other)
+            r["speedup_over_1_rank"] = {
+                "count": round(r["count"]["rows_per_s"] / res["1"]["count"]["rows_per_s"], 2),
+                "encode": round(r["encode"]["rows_per_s"] / res["1"]["encode"]["rows_per_s"], 2),
+                "total": round(r["total_rows_per_s"] / res["1"]["total_rows_per_s"], 2)}
+        out["inputs"][name] = {"file": files[name], "by_ranks": res}
+    return out
+
+
 def _run_child(args: List[str]) -> Dict[str, Any]:
     """One pass in a fresh process; its JSON result (the last stdout line)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -218,14 +329,20 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="encoding passes per file, alternating small/high")
     p.add_argument("--note", default="", help="what else ran on the machine (saved with the figures)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench_prepare.json"), help="JSON output ('' = print only)")
+    p.add_argument("--ranks", default="", help="e.g. 1,2: the distributed prepare on that many torchrun ranks "
+                                                "instead of the passes above (updates only the 'ranks' key of --out)")
+    p.add_argument("--ranks-inputs", default="small,high", help="files the --ranks comparison prepares")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         kind, rest = args.child[0], args.child[1:]
         fn = {"count": lambda: child_count(rest[0], rest[1], int(rest[2])),
               "encode": lambda: child_encode(rest[0], rest[1], int(rest[2])),
-              "duckdb": lambda: child_duckdb(rest[0], int(rest[1]), rest[2])}[kind]
-        print(json.dumps(fn()))
+              "duckdb": lambda: child_duckdb(rest[0], int(rest[1]), rest[2]),
+              "dist": lambda: child_dist(rest[0], rest[1], rest[2], int(rest[3]))}[kind]
+        result = fn()
+        if result is not None:
+            print(json.dumps(result))
         return 0
 
     import numpy as np
@@ -236,8 +353,16 @@ def main() -> int:
     machine = _machine()
     small_sizes = [int(v) for v in np.round(np.geomspace(10, args.small_vocab, NUM_SPARSE))]
     high_sizes = [args.high_vocab] * args.high_fields + small_sizes[args.high_fields:]
-    files = {"small": _write_tsv(work / "small.tsv", args.rows, small_sizes, args.zipf),
-             "high": _write_tsv(work / "high.tsv", args.rows, high_sizes, args.zipf)}
+    sizes = {"small": small_sizes, "high": high_sizes}
+    names = args.ranks_inputs.split(",") if args.ranks else list(sizes)
+    files = {name: _write_tsv(work / f"{name}.tsv", args.rows, sizes[name], args.zipf) for name in names}
+    previous = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).exists() else {}
+    if args.ranks:
+        ranks = bench_ranks(args, work, files)
+        machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        report = {**previous, "ranks": {"command": "tools/bench_prepare.py " + " ".join(sys.argv[1:]),
+                                        "machine": machine, "note": args.note, **ranks}}
+        return _write_report(report, args.out)
     mb, res = args.count_memory_mb, {}
     for name in ("small", "high"):  # bounded counting
         res[f"count_{name}"] = _run_child(["count", files[name]["path"], str(work / name), str(mb)])
@@ -275,12 +400,17 @@ def main() -> int:
     for k in ("count_small", "count_high", "count_high_unbounded", "duckdb_small", "duckdb_high"):
         res[k].pop("vocab_sizes", None)  # compared above; the high fields' sizes are in the summary
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    report = {"command": "tools/bench_prepare.py " + " ".join(sys.argv[1:]), "machine": machine,
+    report = {**previous, "command": "tools/bench_prepare.py " + " ".join(sys.argv[1:]), "machine": machine,
               "note": args.note, "files": files, "summary": summary, "passes": res}
+    return _write_report(report, args.out)
+
+
+def _write_report(report: Dict[str, Any], out: str) -> int:
+    """Prints the report and writes it to `out` ('' = print only)."""
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).write_text(text + "\n")
     return 0
 
 

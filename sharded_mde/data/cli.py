@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(f, config=False)
     f.set_defaults(func=_fetch)
 
-    r = sub.add_parser("prepare", help="vocabularies and train/valid/test Parquet splits in data.dir")
+    r = sub.add_parser("prepare", help="vocabularies and train/valid/test Parquet splits in data.dir "
+                                       "(under torchrun: every rank shares the work, same result)")
     r.add_argument("config", help="run config (YAML)")
     _common(r, config=True)
     r.set_defaults(func=_prepare)
@@ -114,9 +115,27 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    """One process, or under torchrun every rank sharing the work (the same result)."""
+    import os
+
     from sharded_mde.data.prepare import prepare
 
-    meta = prepare(_data_config(args))
+    cfg = _data_config(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        meta = prepare(cfg)
+    else:
+        from sharded_mde.data.group import TorchGroup
+        from sharded_mde.train.distributed import init_distributed, shutdown_distributed
+
+        init_distributed(prefer_cuda=False)
+        finished = False
+        try:
+            meta = prepare(cfg, group=TorchGroup())
+            finished = True
+        finally:
+            shutdown_distributed(wait_for_peers=finished)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
     print(json.dumps({"dir": meta.dir, "rows": meta.rows, "skipped_lines": meta.skipped_lines,
                       "num_embeddings": meta.num_embeddings}))
     return 0

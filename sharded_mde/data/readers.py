@@ -34,6 +34,9 @@ _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 _INTEGER = r"^[+-]?[0-9]+$"
 # (row in block, column, offending value, declared type) of the first value that breaks `data.types`
 Mismatch = Tuple[int, str, object, str]
+# (start, end, first): the lines of a text file in bytes [start, end), both at line starts; `first` = the data
+# lines of the file before `start`
+ByteRange = Tuple[int, int, int]
 
 
 class DataWarning(UserWarning):
@@ -181,12 +184,20 @@ class SourceReader:
         for table, _ in self.blocks():
             yield table
 
-    def blocks(self) -> Iterator[Tuple[pa.Table, np.ndarray]]:
+    def blocks(self, row_groups: Optional[Dict[Path, Sequence[int]]] = None,
+               byte_ranges: Optional[Dict[Path, ByteRange]] = None) -> Iterator[Tuple[pa.Table, np.ndarray]]:
         """(canonical block, 0-based physical row of each of its rows over all files): a row's
-        physical index counts skipped lines too, so it does not depend on which lines were bad."""
+        physical index counts skipped lines too, so it does not depend on which lines were bad.
+        A distributed prepare's share of a file: `row_groups` reads only those (consecutive) row
+        groups of the Parquet files it names, `byte_ranges` only the lines in (start, end) bytes of
+        uncompressed text files; their rows keep their index in the whole file."""
         offset = 0
+        byte_ranges = byte_ranges or {}
         for path in self.files:
-            it = self._iter_text(path) if self.input.text else self._iter_parquet(path)
+            if self.input.text:
+                it = self._iter_text(path, byte_ranges.get(path))
+            else:
+                it = self._iter_parquet(path, (row_groups or {}).get(path))
             good, skipped = 0, self.skipped
             while True:
                 try:
@@ -196,10 +207,11 @@ class SourceReader:
                     break
                 good += table.num_rows
                 yield table, rows + offset
-            if good == 0:  # every line malformed: wrong data or format, not a file to "prepare" as 0 rows
+            whole = path not in byte_ranges and path not in (row_groups or {})
+            if good == 0 and whole:  # every line malformed: wrong data or format, not a file to "prepare" as 0 rows
                 raise ValueError(f"{path}: no valid row ({self.skipped - skipped} malformed lines skipped; "
                                  f"is it {self.fmt} data?)")
-            if path in self._lines and self._lines[path] != rows_in_file:
+            if path in self._lines and whole and self._lines[path] != rows_in_file:
                 raise ValueError(f"{path}: parsed {rows_in_file} lines but the file has {self._lines[path]} "
                                  f"(a quoted line break or a lone carriage return?)")
             offset += rows_in_file
@@ -219,6 +231,10 @@ class SourceReader:
                     self._lines[path] = max(_count_lines(path) - int(self.input.header), 0)
                 total += self._lines[path]
         return total
+
+    def count_range(self, path: Path, start: int, end: int) -> int:
+        """Data lines of an uncompressed text file in bytes [start, end), both at line starts (a header not counted)."""
+        return max(_count_lines(path, (start, end)) - int(self.input.header and start == 0), 0)
 
     def _finish(self, path: Path, table: pa.Table, schema: Schema, phys: np.ndarray,
                 where: Callable[[np.ndarray], np.ndarray], undecodable: Optional[np.ndarray] = None
@@ -253,9 +269,12 @@ class SourceReader:
         return table.set_column(0, LABEL, pa.array(values[idx.to_numpy(zero_copy_only=False)]))
 
     # ------------------------------------------------------------------ text
-    def _iter_text(self, path: Path) -> Generator[Tuple[pa.Table, np.ndarray], None, int]:
-        """(good rows, their physical rows in this file) per block; returns the file's data lines."""
+    def _iter_text(self, path: Path, byte_range: Optional[ByteRange] = None
+                   ) -> Generator[Tuple[pa.Table, np.ndarray], None, int]:
+        """(good rows, their physical rows in this file) per block, of the file or of the lines in its
+        `byte_range`; returns the data lines of the file up to the end of what was read."""
         names, schema = self._layout(path)
+        start, end, first = byte_range if byte_range is not None else (0, -1, 0)
         # pyarrow calls back for lines with a wrong column count, in line order (serial parsing).
         invalid_lines: List[int] = []
         invalid_reasons: List[str] = []
@@ -266,8 +285,9 @@ class SourceReader:
             return "skip"
 
         header = self.input.header
+        in_stream = 1 if header and start == 0 else 0  # header lines in what is parsed
         read = pacsv.ReadOptions(block_size=self.block_size, use_threads=False,  # serial: line numbers known
-                                 column_names=None if header else list(names))
+                                 column_names=None if in_stream else list(names))
         parse = pacsv.ParseOptions(delimiter=self.input.delimiter, quote_char='"' if self.input.quote else False,
                                    invalid_row_handler=on_invalid, ignore_empty_lines=False)
         # Bytes, decoded per column below: one line that is not UTF-8 is skipped, not the whole file.
@@ -275,11 +295,13 @@ class SourceReader:
                                        include_columns=[self.input.label, *schema.dense, *schema.sparse],
                                        strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True)
         try:
-            reader = pacsv.open_csv(pa.input_stream(str(path), compression="detect"), read_options=read,
-                                    parse_options=parse, convert_options=convert)
+            stream = pa.input_stream(str(path), compression="detect") if byte_range is None else \
+                pa.OSFile(str(path)).get_stream(start, end - start)
+            reader = pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
         except (OSError, pa.ArrowException) as e:
             raise _file_error(path, e) from None
         header_lines = 1 if header else 0
+        shift = first + header_lines - in_stream  # a parsed line's number -> its line in the file
 
         def line_of(phys: np.ndarray) -> np.ndarray:
             return phys + 1 + header_lines
@@ -294,17 +316,19 @@ class SourceReader:
                 raise _file_error(path, e) from None
             table = pa.Table.from_batches([batch]).rename_columns([LABEL, *schema.dense, *schema.sparse])
             phys = _physical_lines(np.arange(rows_before, rows_before + table.num_rows), invalid_lines,
-                                   header_lines) - 1 - header_lines
+                                   in_stream) - 1 - in_stream + first
             new = len(invalid_lines)
-            problems = list(zip(invalid_lines[reported:new], invalid_reasons[reported:new]))
+            problems = [(line + shift, why)
+                        for line, why in zip(invalid_lines[reported:new], invalid_reasons[reported:new])]
             reported = new
             table, undecodable = _decode_utf8(table)
             out, phys, bad = self._finish(path, table, schema, phys, line_of, undecodable)
             rows_before += table.num_rows
             warned = self._report(path, sorted(problems + bad), warned)
             yield out, phys
-        self._report(path, list(zip(invalid_lines[reported:], invalid_reasons[reported:])), warned)
-        return rows_before + len(invalid_lines)
+        self._report(path, [(line + shift, why) for line, why in zip(invalid_lines[reported:],
+                                                                     invalid_reasons[reported:])], warned)
+        return first + rows_before + len(invalid_lines)
 
     def _report(self, path: Path, problems: List[Tuple[int, str]], warned: int) -> int:
         """Counts skipped lines; raises under strict, else warns for the first few per file."""
@@ -321,8 +345,10 @@ class SourceReader:
         return warned
 
     # ------------------------------------------------------------------ parquet
-    def _iter_parquet(self, path: Path) -> Generator[Tuple[pa.Table, np.ndarray], None, int]:
-        """(good rows, their rows in this file) per batch; returns the file's rows."""
+    def _iter_parquet(self, path: Path, row_groups: Optional[Sequence[int]] = None
+                      ) -> Generator[Tuple[pa.Table, np.ndarray], None, int]:
+        """(good rows, their rows in this file) per batch of the file (or of its consecutive `row_groups`);
+        returns the row after the last one read."""
         schema = self._layout(path)[1]
         columns = [self.input.label, *schema.dense, *schema.sparse]
         rows_before, warned = 0, 0
@@ -331,7 +357,10 @@ class SourceReader:
             return -(phys + 1)
 
         try:
-            batches = pq.ParquetFile(str(path)).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
+            pf = pq.ParquetFile(str(path))
+            if row_groups is not None:
+                rows_before = sum(pf.metadata.row_group(g).num_rows for g in range(row_groups[0])) if row_groups else 0
+            batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns, row_groups=row_groups)
             for batch in batches:
                 phys = np.arange(rows_before, rows_before + batch.num_rows, dtype=np.int64)
                 table = pa.Table.from_batches([batch]).select(columns).rename_columns([LABEL, *columns[1:]])
@@ -344,11 +373,13 @@ class SourceReader:
         return rows_before
 
 
-def _count_lines(path: Path) -> int:
-    """Lines of a (possibly gzipped) text file: line breaks, plus one for a last line without one."""
+def _count_lines(path: Path, byte_range: Optional[Tuple[int, int]] = None) -> int:
+    """Lines of a (possibly gzipped) text file, or of its (start, end) bytes: line breaks, plus one for
+    a last line without one."""
     lines, last = 0, b"\n"
     try:
-        with pa.input_stream(str(path), compression="detect") as f:
+        with (pa.input_stream(str(path), compression="detect") if byte_range is None else
+              pa.OSFile(str(path)).get_stream(byte_range[0], byte_range[1] - byte_range[0])) as f:
             while True:
                 chunk = f.read(DEFAULT_BLOCK_SIZE)
                 if not chunk:

@@ -9,7 +9,7 @@ reused unchanged at serving.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,7 @@ MISSING_ID = 0
 OOV_ID = 1
 NUM_RESERVED = 2
 _MERGE_ROWS = 4_000_000  # merge partial counts once the unmerged ones hold this many (value, count) rows
+_GROUP_ROWS = 1 << 20  # spilled buckets are added up together until they hold this many rows
 _MEMORY_OVERHEAD = 4  # the process memory of held counts per byte of their Arrow tables (merging included)
 _SPILL_BITS = 8
 SPILL_BUCKETS = 1 << _SPILL_BITS  # hash partitions of spilled counts: one is added up at a time
@@ -104,10 +105,14 @@ class ValueCounter:
     def _buckets(self, f: str) -> Iterator[pa.Table]:
         """(value, count) of the spilled values of `f`, one hash bucket at a time."""
         self._spill(f)
-        readers = [pa.ipc.open_file(pa.OSFile(str(p))) for p in self._spills[f]]
-        for b in range(SPILL_BUCKETS):
-            part = pa.Table.from_batches([r.get_batch(b) for r in readers], schema=_COUNTS_SCHEMA)
-            yield part.group_by("value").aggregate([("count", "sum")]).rename_columns(["value", "count"])
+        return merged_buckets(self._spills[f], range(SPILL_BUCKETS))
+
+    def spill_all(self) -> Dict[str, List[Path]]:
+        """Spills every field's counts held in memory; returns each field's spill files (to be merged by
+        `merged_buckets`, e.g. by the rank owning a bucket in a distributed prepare)."""
+        for f in self.fields:
+            self._spill(f)
+        return {f: list(self._spills[f]) for f in self.fields}
 
     def counts(self, field: str) -> pa.Table:
         """(value, count) of every distinct value of `field` seen so far (all in memory)."""
@@ -123,15 +128,49 @@ class ValueCounter:
         field's spill files removed: call it once per field, last)."""
         if not self._spills[field]:
             return build_vocab(self.counts(field), min_count, max_vocab)
-        kept: List[pa.Table] = []
-        for part in self._buckets(field):
-            kept.append(part.filter(pc.greater_equal(part.column("count"), min_count)))
-            if max_vocab > 0 and sum(t.num_rows for t in kept) > 2 * max_vocab:  # only the top max_vocab can stay
-                kept = [build_vocab(pa.concat_tables(kept), max_vocab=max_vocab).select(["value", "count"])]
+        kept = kept_counts(self._buckets(field), min_count, max_vocab)
         for path in self._spills[field]:  # added up: the disk space goes back too
             path.unlink()
         self._spills[field] = []
-        return build_vocab(pa.concat_tables(kept), min_count, max_vocab)
+        return build_vocab(kept, min_count, max_vocab)
+
+
+def merged_buckets(paths: Sequence[Path], buckets: Iterable[int]) -> Iterator[pa.Table]:
+    """(value, count) of the values of the hash buckets `buckets`, added up over the spill files `paths`: each
+    table yielded covers whole buckets, about _GROUP_ROWS rows of counts read at most (one bucket larger than
+    that alone, its files' batches added up as they come once they outgrow the sum so far, as in `update`)."""
+    readers = [pa.ipc.open_file(pa.OSFile(str(p))) for p in paths]
+    parts: List[pa.Table] = [_COUNTS_SCHEMA.empty_table()]
+    pending = merged = 0
+    for b in buckets:
+        for r in readers:
+            batch = r.get_batch(b)
+            parts.append(pa.Table.from_batches([batch], schema=_COUNTS_SCHEMA))
+            pending += batch.num_rows
+            if pending > max(_MERGE_ROWS, merged):
+                parts, pending = [_sum_counts(parts)], 0
+                merged = parts[0].num_rows
+        if merged + pending >= _GROUP_ROWS:  # one group_by per group of small buckets, not per bucket
+            yield _sum_counts(parts)
+            parts, pending, merged = [_COUNTS_SCHEMA.empty_table()], 0, 0
+    if merged + pending:
+        yield _sum_counts(parts)
+
+
+def _sum_counts(parts: List[pa.Table]) -> pa.Table:
+    """One (value, count) table adding up the counts of equal values."""
+    return pa.concat_tables(parts).group_by("value").aggregate([("count", "sum")]).rename_columns(["value", "count"])
+
+
+def kept_counts(parts: Iterable[pa.Table], min_count: int = 1, max_vocab: int = 0) -> pa.Table:
+    """(value, count) of the values of disjoint count tables that can enter the vocabulary: at least
+    `min_count`, and among the top `max_vocab` (the running cut holds at most twice that many)."""
+    kept: List[pa.Table] = [_COUNTS_SCHEMA.empty_table()]
+    for part in parts:
+        kept.append(part.filter(pc.greater_equal(part.column("count"), min_count)))
+        if max_vocab > 0 and sum(t.num_rows for t in kept) > 2 * max_vocab:  # only the top max_vocab can stay
+            kept = [build_vocab(pa.concat_tables(kept), max_vocab=max_vocab).select(["value", "count"])]
+    return pa.concat_tables(kept)
 
 
 def build_vocab(counts: pa.Table, min_count: int = 1, max_vocab: int = 0) -> pa.Table:
@@ -152,7 +191,7 @@ def vocab_path(data_dir: Union[str, Path], field: str) -> Path:
 def save_vocab(data_dir: Union[str, Path], field: str, vocab: pa.Table) -> None:
     """Writes a vocabulary table atomically."""
     with atomic_path(vocab_path(data_dir, field)) as tmp:
-        pq.write_table(vocab, tmp)
+        pq.write_table(vocab.combine_chunks(), tmp)  # one chunk: the same table gives the same bytes
 
 
 class Vocabulary:
