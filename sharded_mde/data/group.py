@@ -73,6 +73,8 @@ class TorchGroup(Group):
         return out
 
     def _store(self) -> Any:
+        """The default group's key-value store (the one place that touches a private torch API: torch has no
+        public getter for it, and a counter there costs one round trip per block instead of a collective)."""
         from torch.distributed.distributed_c10d import _get_default_store
 
         return _get_default_store()
