@@ -356,6 +356,7 @@ class PmeConfig:
     half_life: float = 0.25  # a row of d columns keeps 1 - 2^(-d / half_life) of a token's value (docs/pme.md)
     serve_split: str = ""  # "" or valid: a token's value is scaled by its count there over its training count
     row_value: float = 0.0  # value added per scored row of a token: what a trained row learns beyond the first-order saliency (docs/pme.md)
+    tail_share: float = 0.0  # share of kept tokens' training ids sent to the OOV row, so it learns the field's average token (docs/pme.md)
 
     def validate(self) -> None:
         if not 0 < self.score_fraction <= 1:
@@ -372,6 +373,8 @@ class PmeConfig:
             raise ConfigError(f"serve_split: '' or valid, got {self.serve_split!r}")
         if self.row_value < 0:
             raise ConfigError(f"row_value: value per scored row, must be >= 0, got {self.row_value}")
+        if not 0 <= self.tail_share < 1:
+            raise ConfigError(f"tail_share: a fraction in [0, 1), got {self.tail_share}")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from sharded_mde.dims import PmeRecord, load_dims, save_dims
 from sharded_mde.plan.tables import plan_tables
 from sharded_mde.search.budget import budget_bytes
 from sharded_mde.search.pme import WEIGHT_DTYPE, make_pme_dims
-from sharded_mde.search.pme_data import rank_correlation, renumber_data, token_order
+from sharded_mde.search.pme_data import rank_correlation, renumber_data, tail_rate, token_order
 from sharded_mde.search.pme_score import ShardInfo, TokenScores
 from sharded_mde.search.pme_select import ByteModel, select_sizes
 
@@ -117,6 +117,48 @@ def test_token_order_and_vocab_renumbering(tmp_path: Path) -> None:
     assert train.column("M").to_pylist() == [[3, 1], [], None]  # bags keep their lengths and nulls
     assert train.schema.field("A").type == pa.int32() and train.schema.field("M").type == pa.list_(pa.int32())
     assert (dst / "meta.json").read_text() == "{}"
+
+
+def test_tail_rate_tops_the_oov_rows_share_up_to_tail_share() -> None:
+    """The OOV row reads at least `share` of a field's training ids: pruned ids count, kept ones top it up."""
+    counts = np.array([5, 0, 60, 20, 10, 10])  # missing ids (0) never count
+    none_pruned = token_order(np.array([0, 0, 4, 4, 4, 4]))
+    assert tail_rate(counts, none_pruned, 0.1) == pytest.approx(0.1)
+    some = token_order(np.array([0, 0, 4, 4, 0, 4]))  # 10 of 100 ids pruned: 0.2 needs (0.2 - 0.1) / 0.9 of the rest
+    assert tail_rate(counts, some, 0.2) == pytest.approx(0.1 / 0.9)
+    assert tail_rate(counts, some, 0.1) == 0.0 and tail_rate(counts, some, 0.05) == 0.0  # the tail carries enough
+    assert tail_rate(counts, none_pruned, 0.0) == 0.0
+
+
+def test_tail_rates_send_kept_training_ids_to_the_oov_row_only(tmp_path: Path) -> None:
+    """A seeded share of the training split's kept ids reads the OOV row; valid, reserved and pruned ids untouched."""
+    n = 20000
+    new = token_order(np.array([4, 4] + [4] * 8 + [0] * 2))  # old ids 2..9 kept, 10 and 11 pruned
+    rng = np.random.default_rng(0)
+    ids = pa.array(np.r_[0, rng.integers(2, 12, n - 1)], pa.int32())  # one missing id (0), then tokens
+    bags = pa.array([[2, 3, 4]] * n, pa.list_(pa.int32()))
+    src = tmp_path / "src"
+    for split in ("train", "valid"):
+        (src / split).mkdir(parents=True)
+        pq.write_table(pa.table({"label": np.zeros(n), "A": ids, "M": bags}), src / split / "part-00000.parquet")
+    runs = []
+    for seed in (7, 7, 8):
+        dst = tmp_path / f"dst{len(runs)}"
+        renumber_data(src, dst, {"A": new, "M": new}, {"A": 0.25, "M": 0.25}, seed=seed)
+        runs.append({s: pq.read_table(dst / s / "part-00000.parquet") for s in ("train", "valid")})
+    plain = new[ids.to_numpy()]
+    got = runs[0]["train"].column("A").to_numpy()
+    moved = (got != plain)
+    assert got[0] == 0 and set(np.unique(got[moved]).tolist()) == {1}  # only to the OOV id, never the missing id
+    kept = plain >= 2
+    assert not moved[~kept].any() and abs(moved[kept].mean() - 0.25) < 0.02  # pruned ids were OOV already
+    assert np.array_equal(runs[1]["train"].column("A").to_numpy(), got)  # the same seed: the same rows
+    assert not np.array_equal(runs[2]["train"].column("A").to_numpy(), got)
+    assert np.array_equal(runs[0]["valid"].column("A").to_numpy(), plain)  # held-out splits are renumbered only
+    bag = runs[0]["train"].column("M").to_pylist()
+    assert all(len(b) == 3 for b in bag) and 0.2 < np.mean([v == 1 for b in bag for v in b]) < 0.3  # per entry
+    renumber_data(src, tmp_path / "none", {"A": new})  # no rates: exactly the renumbering
+    assert np.array_equal(pq.read_table(tmp_path / "none" / "train" / "part-00000.parquet").column("A").to_numpy(), plain)
 
 
 def test_rank_correlation() -> None:

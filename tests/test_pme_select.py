@@ -141,6 +141,21 @@ def test_row_value_moves_rows_to_the_most_served_tokens() -> None:
     assert int((sel.sizes["t_N"][2:] > 0).sum()) > int((base.sizes["t_N"][2:] > 0).sum()) == 1
 
 
+def test_tail_rows_give_their_tables_the_oov_row_within_the_budget() -> None:
+    """`tail_rows` (search.pme.tail_share > 0): their OOV row is paid for even where no token is pruned."""
+    scores = _scores(_layout("table_wise", 1), 0)
+    tight = int(0.03 * _full_bytes())
+    plain = select_sizes(scores, tight, PAD)
+    assert int((plain.sizes["t_G"][2:] > 0).sum()) == 3 and int(plain.sizes["t_G"][1]) == 0  # none pruned: no tail row
+    for budget in (tight, _full_bytes()):
+        sel = select_sizes(scores, budget, PAD, tail_rows=["t_G", "t_N"])
+        assert sel.bytes == _bytes_of(sel.sizes, sel.legal, PAD) <= budget
+        for t in TABLES:
+            sizes = sel.sizes[t.name]
+            assert int(sizes[1]) == int(sizes[2:].max()) > 0 or t.name not in ("t_G", "t_N"), t.name
+    assert int(select_sizes(scores, tight, PAD, tail_rows=["t_N"]).sizes["t_G"][1]) == 0  # only the tables named
+
+
 def test_infeasible_budget_is_an_error() -> None:
     with pytest.raises(ValueError, match="best token"):
         select_sizes(_scores(_layout("table_wise", 1), 0), 100, PAD)

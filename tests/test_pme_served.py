@@ -14,7 +14,7 @@ from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import ConfigError, DataConfig, PmeConfig
 from sharded_mde.data import prepare
-from sharded_mde.search.pme import HELD_OUT_PRIOR, row_values, served_weights
+from sharded_mde.search.pme import HELD_OUT_PRIOR, row_values, served_weights, tail_tables
 from sharded_mde.search.pme_data import split_counts
 
 
@@ -55,8 +55,22 @@ def test_row_values_are_the_scored_rows_times_the_value_per_row(tmp_path: Path) 
         assert added[t.name].max() > 0
 
 
+def test_tail_tables_are_those_whose_oov_id_the_serve_split_reads(tmp_path: Path) -> None:
+    meta = prepare(DataConfig(format="synth", dir=str(tmp_path / "data"), synth_rows=3000, synth_num_sparse=3,
+                              synth_num_dense=1, synth_vocab_min=20, synth_vocab_max=2000), progress=False)
+    tables = [EmbeddingBagConfig(num_embeddings=meta.num_embeddings[f], embedding_dim=8, name=f"t_{f}", feature_names=[f])
+              for f in meta.sparse_features]
+    want = [t.name for t in tables if _counts(meta, "valid", t.feature_names[0]).get(1, 0) > 0]  # id 1: OOV
+    assert want  # some validation values were never seen in training
+    assert tail_tables(tmp_path / "data", "valid", tables) == want
+    assert tail_tables(tmp_path / "data", "", tables) == [t.name for t in tables]  # no serve split: every table
+
+
 def test_serve_split_and_row_value_are_validated() -> None:
     with pytest.raises(ConfigError, match="serve_split"):
         PmeConfig(serve_split="test").validate()
     with pytest.raises(ConfigError, match="row_value"):
         PmeConfig(row_value=-0.1).validate()
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="tail_share"):
+            PmeConfig(tail_share=bad).validate()

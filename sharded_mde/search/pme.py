@@ -28,8 +28,8 @@ from sharded_mde.modules.token_groups import TokenGroupEBC, combine_of, fields_f
 from sharded_mde.dims import DimsFile, PmeRecord, TableDims, TokenGroup
 from sharded_mde.plan.tables import full_table_configs, plan_tables
 from sharded_mde.search.budget import budget_bytes, full_bytes
-from sharded_mde.search.pme_data import (NUM_RESERVED, plot_token_sizes, renumber_data, scoring_batches, split_counts, token_order,
-                                         token_stats)
+from sharded_mde.search.pme_data import (NUM_RESERVED, OOV_ID, plot_token_sizes, renumber_data, scoring_batches, split_counts, tail_rate,
+                                         token_order, token_stats)
 from sharded_mde.search.pme_score import PooledCapture, TokenScores, score_tokens
 from sharded_mde.search.pme_select import ByteModel, Selection, select_sizes, table_selection_bytes
 from sharded_mde.search.report import save_search_result
@@ -60,6 +60,18 @@ def row_values(data_dir: str | Path, tables: List[EmbeddingBagConfig], per_row: 
     interactions with them is invisible, and it grows with the rows the token is seen in.
     """
     return {n: per_row * scored * c.astype(float) for n, c in split_counts(data_dir, "train", tables).items()}
+
+
+def tail_tables(data_dir: str | Path, serve_split: str, tables: List[EmbeddingBagConfig]) -> List[str]:
+    """Tables whose out-of-vocabulary row is trained (`search.pme.tail_share`): those whose OOV id `serve_split` reads.
+
+    Without a serve split every table. A field whose served values were all seen in training (gender, hour)
+    never reads its OOV row except for pruned tokens, so neither the row nor a share of its rows is spent on it.
+    """
+    if not serve_split:
+        return [t.name for t in tables]
+    served = split_counts(data_dir, serve_split, tables)
+    return [t.name for t in tables if served[t.name][OOV_ID] > 0]
 
 
 def scoring_tables(tables: List[EmbeddingBagConfig], scale: float) -> List[EmbeddingBagConfig]:
@@ -131,19 +143,24 @@ def run_pme(cfg: RunConfig, env: DistEnv, stage: str = "pme", ranks: Optional[Di
     weights = served_weights(cfg.data.dir, pme.serve_split, tables) if pme.serve_split else None
     added = (row_values(cfg.data.dir, tables, pme.row_value, min(1.0, timing["score_batches"] / timing["epoch_batches"]))
              if pme.row_value else None)
-    sel = select_sizes(scores, budget, model, pme.sizes, pme.half_life, weights, added)
+    tails = tail_tables(cfg.data.dir, pme.serve_split, tables) if pme.tail_share else []
+    sel = select_sizes(scores, budget, model, pme.sizes, pme.half_life, weights, added, tails)
     timing["select_seconds"] = time.perf_counter() - t0
     dims = None
     if env.is_main:
         t0 = time.perf_counter()
         order = {t.name: token_order(sel.sizes[t.name].numpy()) for t in tables}
         data_dir = out / "data"
-        renumber_data(cfg.data.dir, data_dir, {f: order[t.name] for t in tables for f in t.feature_names})
+        counts = split_counts(cfg.data.dir, "train", tables) if pme.tail_share else {}
+        rates = {f: tail_rate(counts[t.name], order[t.name], pme.tail_share) for t in tables for f in t.feature_names
+                 if t.name in tails}
+        renumber_data(cfg.data.dir, data_dir, {f: order[t.name] for t in tables for f in t.feature_names}, rates,
+                      cfg.train.seed)
         timing["renumber_seconds"] = time.perf_counter() - t0
         timing["search_seconds"] = time.perf_counter() - t_start
         record = PmeRecord(combine=pme.combine, tokens=token_stats(cfg.data.dir, tables, sel.sizes), price=sel.price,
                            selected_bytes=sel.bytes, timing=timing)
-        settings = {"search": {"budget": cfg.search.budget, **dataclasses.asdict(pme)}}
+        settings = {"search": {"budget": cfg.search.budget, **dataclasses.asdict(pme)}, "tail_rates": rates}
         dims = make_pme_dims(cfg, tables, sel, model, record, settings, str(data_dir))
         if dims.kept_bytes > dims.budget_bytes:
             raise RuntimeError(f"PME kept {dims.kept_bytes} B over the budget {dims.budget_bytes} B")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -92,10 +92,42 @@ def token_order(sizes: np.ndarray) -> np.ndarray:
     return new
 
 
-def renumber_data(src: str | Path, dst: str | Path, new_ids: Mapping[str, np.ndarray]) -> None:
-    """Copies a processed data directory with every listed field's ids (data and vocabulary) renumbered."""
+def tail_rate(train_counts: np.ndarray, new: np.ndarray, share: float) -> float:
+    """The rate at which a field's kept training ids are sent to its OOV row so that the row reads >= `share` of them.
+
+    The OOV row is what pruned tokens and values unseen in training read. Trained on the pruned tokens'
+    rows alone it is one token's row when a single token is pruned (at 10% on MovieLens-100K: one user's
+    row, read by the 85% of validation rows whose user is new). Where the pruned tokens carry a share
+    `pruned` < `share` of the field's ids, kept ids are rewritten at (share - pruned) / (1 - pruned), so the
+    row learns the field's average token; where they carry more (a tight budget) nothing is rewritten.
+    """
+    regular = np.arange(len(new)) >= NUM_RESERVED
+    total = float(train_counts[regular].sum())
+    if share <= 0 or total == 0:
+        return 0.0
+    pruned = float(train_counts[regular & (new == OOV_ID)].sum()) / total
+    return max(0.0, (share - pruned) / (1.0 - pruned))
+
+
+def tail_rows(ids: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """`ids` with each kept token's id (>= NUM_RESERVED) rewritten to the out-of-vocabulary id with probability `rate`."""
+    if rate <= 0:
+        return ids
+    out = ids.copy()
+    out[(ids >= NUM_RESERVED) & (rng.random(len(ids)) < rate)] = OOV_ID
+    return out
+
+
+def renumber_data(src: str | Path, dst: str | Path, new_ids: Mapping[str, np.ndarray],
+                  tail_rates: Optional[Mapping[str, float]] = None, seed: int = 0) -> None:
+    """Copies a processed data directory with every listed field's ids (data and vocabulary) renumbered.
+
+    `tail_rates` (per field, `tail_rate`): the training split's kept ids are also sent to the OOV row at that
+    rate (`tail_rows`, seeded by `seed`); validation and test are renumbered only.
+    """
     src, dst = Path(src), Path(dst)
     fields = set(new_ids)
+    rng = np.random.default_rng(seed)
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
         rel = path.relative_to(src)
         target = dst / rel
@@ -104,8 +136,9 @@ def renumber_data(src: str | Path, dst: str | Path, new_ids: Mapping[str, np.nda
             _renumber_vocab(path, target, new_ids[path.stem])
         elif path.suffix == ".parquet":
             table = pq.read_table(str(path))
-            for f in fields & set(table.column_names):  # a split: one id column (or list of ids) per field
-                table = _map_ids(table, f, new_ids[f])
+            rates = (tail_rates or {}) if rel.parts[0] == "train" else {}
+            for f in sorted(fields & set(table.column_names)):  # a split: one id column (or list of ids) per field
+                table = _map_ids(table, f, new_ids[f], lambda ids: tail_rows(ids, rates.get(f, 0.0), rng))
             if {"field", "id"} <= set(table.column_names):  # per-token facts (planted capacities): (field, id) rows
                 ids = table.column("id").to_numpy().astype(np.int64).copy()
                 field_col = table.column("field").to_numpy(zero_copy_only=False)
@@ -120,12 +153,13 @@ def renumber_data(src: str | Path, dst: str | Path, new_ids: Mapping[str, np.nda
                 shutil.copyfile(path, tmp)
 
 
-def _map_ids(table: pa.Table, column: str, new: np.ndarray) -> pa.Table:
-    """`table` with every id of `column` (ids, or lists of ids for a multi-valued field) replaced by new[id]."""
+def _map_ids(table: pa.Table, column: str, new: np.ndarray,
+             then: Callable[[np.ndarray], np.ndarray] = lambda ids: ids) -> pa.Table:
+    """`table` with every id of `column` (ids, or lists of ids for a multi-valued field) replaced by then(new[id])."""
     col = table.column(column).combine_chunks()
     if not pa.types.is_list(col.type):
-        return _set_ids(table, column, new[col.to_numpy().astype(np.int64)])
-    values = new[pc.list_flatten(col).to_numpy().astype(np.int64)].astype(col.type.value_type.to_pandas_dtype())
+        return _set_ids(table, column, then(new[col.to_numpy().astype(np.int64)]))
+    values = then(new[pc.list_flatten(col).to_numpy().astype(np.int64)]).astype(col.type.value_type.to_pandas_dtype())
     mapped = pa.ListArray.from_arrays(col.offsets, pa.array(values), mask=col.is_null())
     return table.set_column(table.column_names.index(column), column, mapped.cast(col.type))
 

@@ -172,8 +172,8 @@ class _Allocator:
     """Sizes of every token of every table for a price, plus the minimum and tail rules, with exact bytes."""
 
     def __init__(self, tables: Sequence[EmbeddingBagConfig], values: Dict[str, Tuple[np.ndarray, np.ndarray]],
-                 legal: Dict[str, List[int]], model: ByteModel, half_life: float) -> None:
-        self.tables, self.legal, self.model = list(tables), legal, model
+                 legal: Dict[str, List[int]], model: ByteModel, half_life: float, tail_rows: Sequence[str] = ()) -> None:
+        self.tables, self.legal, self.model, self.tail_rows = list(tables), legal, model, set(tail_rows)
         self.values = {t.name: values[t.name][0] for t in tables}
         self.miss = {t.name: size_loss(legal[t.name], half_life) for t in tables}
         self.row_cost = {t.name: np.array([model.group(1, s) for s in legal[t.name]], float) for t in tables}
@@ -192,14 +192,18 @@ class _Allocator:
         return gain.argmax(1)  # ties to the smaller size
 
     def finish(self, name: str, level: np.ndarray) -> np.ndarray:
-        """Sizes from levels: the floor token at least the smallest positive size; the tail row when tokens are pruned."""
+        """Sizes from levels: the floor token at least the smallest positive size; the tail row when tokens are pruned.
+
+        A table of `tail_rows` with kept tokens has its tail row whatever is pruned (retraining sends a share of its
+        rows there).
+        """
         level = level.copy()
         f = self.floor[name]
         if f >= 0:
             level[f] = max(level[f], 1)
         sizes = np.asarray(self.legal[name])[level]
         kept = sizes[NUM_RESERVED:]
-        if len(kept) and (kept == 0).any() and (kept > 0).any():
+        if len(kept) and (kept > 0).any() and (name in self.tail_rows or (kept == 0).any()):
             sizes[OOV_ID] = max(sizes[OOV_ID], kept.max())  # pruned tokens read the out-of-vocabulary row
         return sizes
 
@@ -251,10 +255,11 @@ class _Allocator:
 
 def select_sizes(scores: TokenScores, budget_bytes: int, model: ByteModel, sizes: Sequence[int] = (),
                  half_life: float = 0.25, weights: Optional[Dict[str, np.ndarray]] = None,
-                 added: Optional[Dict[str, np.ndarray]] = None) -> Selection:
+                 added: Optional[Dict[str, np.ndarray]] = None, tail_rows: Sequence[str] = ()) -> Selection:
     """Every token's legal size under `budget_bytes` (exact bytes, routing included), gathered on rank 0.
 
-    `added` (per table, per token) is added to each seen token's value before `weights` multiply it.
+    `added` (per table, per token) is added to each seen token's value before `weights` multiply it;
+    `tail_rows`: tables that pay for their out-of-vocabulary row whenever a token is kept (`search.pme.tail_share`).
     """
     tables: List[EmbeddingBagConfig] = scores.tables
     legal = {t.name: default_sizes(t.embedding_dim, sizes) for t in tables}
@@ -265,7 +270,7 @@ def select_sizes(scores: TokenScores, budget_bytes: int, model: ByteModel, sizes
         values = {n: (v + np.where(seen, added[n], 0.0), seen) for n, (v, seen) in values.items()}
     if weights is not None:
         values = {n: (v * weights[n], seen) for n, (v, seen) in values.items()}
-    alloc = _Allocator(tables, values, legal, model, half_life)
+    alloc = _Allocator(tables, values, legal, model, half_life, tail_rows)
     infinite = {t.name: np.zeros(t.num_embeddings, np.int64) for t in tables}
     floor_bytes, _ = alloc.total(infinite)
     if floor_bytes > budget_bytes:
