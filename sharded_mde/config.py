@@ -398,7 +398,9 @@ class SearchConfig:
     # HAM front (docs/ham.md, "A front from one run"): decreasing budgets walked by one supernet, a dims file at
     # each; the last must equal `budget` (the run's dims.json is that point). [] = one budget.
     front: List[float] = field(default_factory=list)
-    front_check: bool = False  # train HAM's candidate check at every front point (else HAM's own allocation)
+    # the candidates HAM's check trains at every front point (ham | ham_mask | uniform | uniform_filled | power_law;
+    # [] = HAM's own allocation, untrained): a single search trains all five; two keep a front near its time
+    front_check: List[str] = field(default_factory=lambda: ["ham", "uniform_filled"])
     pme: PmeConfig = field(default_factory=PmeConfig)  # PME settings (method: pme)
 
     def validate(self) -> None:
@@ -433,6 +435,14 @@ class SearchConfig:
                 raise ConfigError(f"front: only HAM walks a front (method: ham), got method {self.method!r}")
             if any(not 0 < b <= 1 for b in self.front) or any(a <= b for a, b in zip(self.front, self.front[1:])):
                 raise ConfigError(f"front: strictly decreasing fractions in (0, 1], got {self.front}")
+            known = ("ham", "ham_mask", "uniform", "uniform_filled", "power_law")
+            bad = [c for c in self.front_check if c not in known]
+            if bad or (self.front_check and "ham" not in self.front_check):
+                raise ConfigError(f"front_check: [] or candidates of HAM's check including ham ({', '.join(known)}), "
+                                  f"got {self.front_check}")
+            if self.retrain_warm_start:
+                raise ConfigError("front: the points retrain from scratch (retrain_warm_start: false); a warm start "
+                                  "would need the supernet as it was at each point")
             if self.front[-1] != self.budget:
                 raise ConfigError(f"front: the last budget must equal budget ({self.budget:g}), got {self.front[-1]:g}")
 

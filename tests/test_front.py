@@ -46,6 +46,18 @@ def test_bad_front_is_one_line_naming_the_key(tmp_path: Path, front, budget, mat
     assert "search.front" in str(e.value) and "\n" not in str(e.value) and str(path) in str(e.value)
 
 
+@pytest.mark.parametrize("extra, match", [
+    ({"front_check": ["uniform"]}, "front_check: \\[\\] or candidates of HAM's check including ham"),
+    ({"front_check": ["ham", "nope"]}, "front_check"),
+    ({"retrain_warm_start": True}, "retrain from scratch"),
+])
+def test_bad_front_settings_are_one_line(tmp_path: Path, extra, match) -> None:
+    path = write_run_config(tmp_path, search={"method": "ham", "budget": 0.25, "front": [0.5, 0.25], **extra})
+    with pytest.raises(ValueError, match=match) as e:
+        load_config(path)
+    assert "search." in str(e.value) and "\n" not in str(e.value)
+
+
 def test_front_needs_ham(tmp_path: Path) -> None:
     path = write_run_config(tmp_path, search={"method": "uniform", "budget": 0.25, "front": [0.5, 0.25]})
     with pytest.raises(ValueError, match="search.front: only HAM"):
@@ -56,7 +68,7 @@ def test_front_needs_ham(tmp_path: Path) -> None:
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_planted_config(tmp_path_factory.mktemp("front"), "table_wise",
                                {"method": "ham", "budget": 0.2, "front": [0.8, 0.5, 0.35, 0.2], "epochs": 3,
-                                "mask_lr": 0.02})
+                                "mask_lr": 0.02, "front_check": [], "check_epochs": 0.5})
 
 
 def test_front_writes_a_dims_file_per_feasible_budget_and_records_the_infeasible(config: Path) -> None:
@@ -98,26 +110,37 @@ def test_front_writes_a_dims_file_per_feasible_budget_and_records_the_infeasible
         assert {t.name: t.dim for t in dims.tables} == {n: len(c) for n, c in want.items()}
         kept.append(dims.kept_bytes)
     steps = [points[b]["step"] for b in (0.8, 0.5, 0.35)]
-    assert steps == sorted(steps) and steps[-1] == front["steps"]
+    ends = walk_steps(front["steps"], 3, cfg.search.warmup)
+    assert all(lo < s <= hi for lo, s, hi in zip([0] + ends, steps, ends))  # each in its own segment
     assert kept == sorted(kept, reverse=True)
     assert not (Path(cfg.run_dir) / "ham" / "dims.json").exists()  # search.budget itself was not feasible
     assert 0 < retrained["test"]["auc"] < 1 and retrained["kept_bytes"] == points[0.5]["kept_bytes"]
 
 
 def test_front_ending_at_a_feasible_budget_is_the_run_s_dims_file(config: Path) -> None:
+    from sharded_mde.search.retrain import run_retrain
     from sharded_mde.search.run import run_search
 
     cfg = load_config(config)
-    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir + "_feasible",
-                              search=dataclasses.replace(cfg.search, budget=0.5, front=[0.8, 0.5]))
+    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir + "_feasible", search=dataclasses.replace(
+        cfg.search, budget=0.5, front=[0.8, 0.5], front_check=["ham", "uniform_filled"]))
     env = init_distributed(prefer_cuda=False)
     try:
         dims = run_search(cfg, env)
+        short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=0.5))  # as the check trained
+        retrained = run_retrain(short, env, point_dir(cfg.run_dir, "ham", 0.8) / "dims.json", "retrain_b0.8")
     finally:
         shutdown_distributed()
     point = load_dims(point_dir(cfg.run_dir, "ham", 0.5) / "dims.json")
     stage = load_dims(Path(cfg.run_dir) / "ham" / "dims.json")
     assert dims.tables == point.tables == stage.tables and stage.budget_fraction == 0.5
+    for b in (0.8, 0.5):  # the check trained the two candidates at each point and returned the better one
+        check = load_dims(point_dir(cfg.run_dir, "ham", b) / "dims.json").check
+        assert {c.name for c in check.candidates} == {"ham", "uniform_filled"} and check.winner in ("ham", "uniform_filled")
+        assert (point_dir(cfg.run_dir, "ham", b) / "check_ham" / "metrics.json").is_file()
+        assert all(c.kept_bytes <= load_dims(point_dir(cfg.run_dir, "ham", b) / "dims.json").budget_bytes
+                   for c in check.candidates)
+    assert retrained["reused_check_training"]  # the point's retrain resumes the check's training of its winner
     trace = json.loads((Path(cfg.run_dir) / "ham" / "trace.json").read_text())
     high = budget_bytes(full_table_configs(cfg), 0.8, "fp32", cfg.train.embedding_optimizer)
     assert trace["walk"] == [high, stage.budget_bytes]

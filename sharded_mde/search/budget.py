@@ -191,7 +191,8 @@ class BudgetedSearch:
         weight_dtype (str): "fp32" or "fp16" (byte model).
         optimizer (str): the table optimizer whose state is priced (byte model).
         walk (Sequence[Union[float, int]]): a front (docs/ham.md): decreasing budgets ending at `budget`,
-            each reached and held in turn (`walk_target`); `point_steps()` are where each is held.
+            each reached and held in turn (`walk_target`); after each step `due_point()` names the point
+            to take now, if any (take it, e.g. `select_dims` at its budget, and record it in `points`).
 
     Example::
 
@@ -232,6 +233,7 @@ class BudgetedSearch:
         self.step_count = 0
         self.steps: List[Dict[str, float]] = []  # per step: step, kept_bytes, target, lambda
         self.evals: List[Dict[str, float]] = []  # per evaluation: kept bytes, lambda and validation metrics
+        self.points: Dict[int, Any] = {}  # the walk's points taken so far (by index), whatever the caller records
 
     def _bytes(self, budget: Union[float, int]) -> Tuple[int, float]:
         """(bytes, fraction) of a budget given as a fraction in (0, 1] or as bytes (an int > 1)."""
@@ -243,8 +245,28 @@ class BudgetedSearch:
         return int(budget), int(budget) / self.full
 
     def point_steps(self) -> List[int]:
-        """The steps at which the walk's budgets are reached and held (`walk_steps`; one budget: the last step)."""
+        """The last step of each budget's segment of the walk (`walk_steps`; one budget: the last step)."""
         return walk_steps(self.total_steps, len(self.walk), self.warmup)
+
+    def due_point(self) -> Optional[int]:
+        """The walk's point to take after the step just taken, or None (None without a walk).
+
+        Point i is due in its segment's hold (the target at its budget) at the first step where the kept
+        bytes sit on the budget from above, within `tol` of the full bytes (the selection then trims by
+        worth instead of lacking measured columns), and at the segment's last step at the latest.
+        """
+        if len(self.walk) < 2 or not self.steps:
+            return None
+        ends = self.point_steps()
+        step = self.steps[-1]["step"]
+        i = next((j for j, e in enumerate(ends) if step <= e), None)
+        if i is None or i in self.points:
+            return None
+        seg = (1.0 - self.warmup) / len(self.walk)
+        hold = self.total_steps * (self.warmup + i * seg + self.prune / len(self.walk))
+        kept = self.steps[-1]["kept_bytes"]
+        settled = step >= hold and self.walk[i] <= kept <= self.walk[i] + self.tol * self.full
+        return i if settled or step == ends[i] else None
 
     def kept_bytes(self) -> int:
         """Bytes of the tables at the gate's current kept-column counts (byte model of the dims file)."""
@@ -309,7 +331,8 @@ class BudgetedSearch:
 
     def state_dict(self) -> Dict[str, Any]:
         """lambda, the step count and the trace (checkpointed with the run, so a resumed search continues exactly)."""
-        return {"lam": self.lam, "step_count": self.step_count, "steps": list(self.steps), "evals": list(self.evals)}
+        return {"lam": self.lam, "step_count": self.step_count, "steps": list(self.steps), "evals": list(self.evals),
+                "points": dict(self.points)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores lambda and the trace (the mask and its statistics come back with the model state)."""
@@ -317,6 +340,7 @@ class BudgetedSearch:
         self.steps = list(state["steps"])
         self.evals = list(state["evals"])
         self.step_count = int(state.get("step_count", self.steps[-1]["step"] if self.steps else 0))
+        self.points = {int(i): p for i, p in state.get("points", {}).items()}
 
     def trace(self) -> Dict[str, Any]:
         """The search trace as written to trace.json."""
@@ -337,8 +361,8 @@ class BudgetController(BudgetedSearch):
         dual_lr, weight_dtype, optimizer, warmup, prune, lambda_init, tol, mask_lr, batch_size, walk: as in
             `BudgetedSearch`.
         on_point (Optional[Callable[[Any, int], Dict[str, Any]]]): with a walk, called as `on_point(trainer, i)`
-            at the end of the trainer segment where the walk's budget i is held (the pipeline drained, so it may
-            evaluate); what it returns is kept in `points[i]` and checkpointed with the controller.
+            after the step where the walk's point i is due (`due_point`); it may evaluate the model. What it
+            returns is kept in `points[i]` and checkpointed with the controller.
 
     Example::
 
@@ -355,32 +379,15 @@ class BudgetController(BudgetedSearch):
                          tol=tol, lambda_init=lambda_init, warmup=warmup, prune=prune, mask_lr=mask_lr,
                          weight_dtype=weight_dtype, optimizer=optimizer, walk=[int(b) for b in walk])
         self.on_point = on_point
-        self.points: Dict[int, Dict[str, Any]] = {}
-
-    def boundaries(self, total_steps: int) -> List[int]:
-        """Extra trainer segment ends: the steps where a walk's budgets are held (none without a walk)."""
-        self.total_steps = total_steps
-        return self.point_steps() if len(self.walk) > 1 and self.on_point is not None else []
-
-    def on_boundary(self, trainer: Any, step: int) -> None:
-        """At a segment end (pipeline drained, before the checkpoint): `on_point` for the walk's point held here."""
-        for i, s in enumerate(self.boundaries(trainer.total_steps)):
-            if s == step and i not in self.points:
-                self.points[i] = self.on_point(trainer, i)
-
-    def state_dict(self) -> Dict[str, Any]:
-        """The hook's state and the walk's points taken so far."""
-        return {**super().state_dict(), "points": dict(self.points)}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restores the hook's state and the points taken before the checkpoint."""
-        super().load_state_dict(state)
-        self.points = {int(i): p for i, p in state.get("points", {}).items()}
 
     def on_step_end(self, trainer: Any, step: int) -> None:
-        """After each optimizer step of the trainer: the hook's step at the trainer's step number."""
+        """After each optimizer step of the trainer: the hook's step at the trainer's step number, then the walk's
+        point if one is due (`on_point`; TorchRec's pipeline keeps its in-flight batches while it evaluates)."""
         self.total_steps = trainer.total_steps
         self.step(step)
+        i = self.due_point() if self.on_point is not None else None
+        if i is not None:
+            self.points[i] = self.on_point(trainer, i)
 
     def on_eval(self, trainer: Any, step: int, metrics: Dict[str, float]) -> None:
         """Records kept bytes, lambda and the validation metrics of this evaluation."""

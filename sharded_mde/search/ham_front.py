@@ -1,17 +1,20 @@
 """HAM's front from one run: one supernet walks the budget down through `search.front`, a dims file at each point.
 
 The budget controller's target walks from the full bytes through the front's budgets (`walk_target`:
-after the warm-up one equal segment per budget, a cubic decline to it, then a hold); at the end of
-each segment the trainer stops (pipeline drained) and the point is taken from the supernet as it is
-then, exactly as a single search takes its budget at the end: the loss effect per width, the
-harmless drops, the candidate allocations at that budget with the feasibility rule and the selection
-fill (`measure_allocation`), and a cheap preview: the supernet's validation AUC with the chosen
-columns kept. After the supernet's last step, each point's dims file is written to
-`<stage>/front/b<budget>/dims.json`: HAM's own allocation (the `ham` candidate), or with
-`search.front_check` the winner of the full candidate check trained at that point. A budget below
-the smallest feasible one (`check_feasible`) is not walked and is recorded as infeasible with its
-reason; the stage's `dims.json` is the point at `search.budget` (the front's last), and when that
-budget is infeasible the front is written first and then the search fails as a single search would.
+after the warm-up one equal segment per budget, a cubic decline to it, then a hold). A point is
+taken in its segment's hold at the first step where the kept bytes sit on its budget from above
+(within `search.dual_tol` of the full bytes), at the segment's last step at the latest
+(`BudgetedSearch.due_point`), from the supernet as it is then, exactly as a single search takes its
+budget at the end: the loss effect per width, the harmless drops, the candidate allocations at that
+budget with the feasibility rule and the selection fill (`measure_allocation`), and a cheap preview:
+the supernet's validation AUC with the chosen columns kept. After the supernet's last step, each
+point's dims file is written to `<stage>/front/b<budget>/dims.json`: the winner of HAM's candidate
+check at that point over the candidates `search.front_check` names (trained as a single search's check
+trains them, in `front/b<budget>/check_<name>/`; default HAM's own and uniform filled), or with
+`search.front_check: []` HAM's own allocation untrained. A budget below the smallest feasible one
+(`check_feasible`) is not walked and is recorded as infeasible with its reason; the stage's `dims.json` is the point at `search.budget` (the front's
+last), and when that budget is infeasible the front is written first and then the search fails as a
+single search would. The points retrain from scratch (no supernet checkpoint is kept per point).
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from sharded_mde.search.budget import BudgetController, make_dims_file
 from sharded_mde.search.ham import WEIGHT_DTYPE, Measured, build_supernet, check_allocation, measure_allocation
 from sharded_mde.search.ham_check import gate_scorer, top_columns
 from sharded_mde.search.report import save_search_result
-from sharded_mde.train.checkpoint import MODEL, save_checkpoint
 from sharded_mde.train.distributed import DistEnv
 
 FRONT_FILE = "front.json"
@@ -86,9 +88,6 @@ def run_ham_front(cfg: RunConfig, env: DistEnv, stage: str = "ham",
         except InfeasibleBudget as e:  # with harmless drops: the floor of the fields that must stay
             return {**rec, "infeasible": str(e)}
         rec.update(candidates=m.candidates, notes=m.notes, preview_valid=score(top_columns(m.order, m.candidates["ham"])))
-        if s.retrain_warm_start and i < len(walk) - 1:  # the last point's supernet is the stage's final checkpoint
-            save_checkpoint(point_dir(cfg.run_dir, stage, walk[i]) / "checkpoints", trainer.step,
-                            {MODEL: trainer.dmp.state_dict()}, {"total_steps": trainer.total_steps})
         return rec
 
     controller = BudgetController(gate, tables, budget_bytes(tables, walk[-1], WEIGHT_DTYPE, optimizer), s.dual_lr,
@@ -102,7 +101,7 @@ def run_ham_front(cfg: RunConfig, env: DistEnv, stage: str = "ham",
     search_seconds = time.perf_counter() - t0
     points, last = [], None
     for i, fraction in enumerate(walk):
-        dims = _point_dims(cfg, env, stage, tables, controller.points[i], i == len(walk) - 1, metrics, search_seconds)
+        dims = _point_dims(cfg, env, stage, tables, controller.points[i], metrics, search_seconds)
         if isinstance(dims, str):
             infeasible[fraction] = dims
             continue
@@ -129,10 +128,10 @@ def run_ham_front(cfg: RunConfig, env: DistEnv, stage: str = "ham",
     return last
 
 
-def _point_dims(cfg: RunConfig, env: DistEnv, stage: str, tables: List, p: Dict[str, Any], final: bool,
+def _point_dims(cfg: RunConfig, env: DistEnv, stage: str, tables: List, p: Dict[str, Any],
                 metrics: Dict[str, Any], search_seconds: float) -> DimsFile | str:
-    """The dims file of one taken point (or why it is not feasible): HAM's own allocation, or with
-    `search.front_check` the candidate check's winner trained in the point's directory."""
+    """The dims file of one taken point (or why it is not feasible): the winner of the candidates
+    `search.front_check` names, trained in the point's directory, or HAM's own allocation without them."""
     if "infeasible" in p:
         return p["infeasible"]
     s = cfg.search
@@ -141,11 +140,10 @@ def _point_dims(cfg: RunConfig, env: DistEnv, stage: str, tables: List, p: Dict[
     m = Measured(p["budget"], {n: torch.argsort(v.double(), descending=True, stable=True) for n, v in values.items()},
                  p["candidates"], p["notes"])
     where = point_dir(cfg.run_dir, stage, p["budget"])
-    ckpt = str(Path(cfg.run_dir) / stage / "checkpoints") if final or not s.retrain_warm_start else str(
-        where / "checkpoints")
     check = None
-    if s.front_check:
-        kept, check, notes = check_allocation(cfg, env, str(where.relative_to(cfg.run_dir)), tables, m, ckpt)
+    if s.front_check:  # no supernet checkpoint is named: a front's points retrain from scratch
+        m = dataclasses.replace(m, candidates={c: d for c, d in m.candidates.items() if c in s.front_check})
+        kept, check, notes = check_allocation(cfg, env, str(where.relative_to(cfg.run_dir)), tables, m, "")
     else:
         kept = top_columns(m.order, m.candidates["ham"])
         notes = {**m.notes, "dropped": [n for n, c in kept.items() if not c]}
@@ -160,5 +158,4 @@ def _point_dims(cfg: RunConfig, env: DistEnv, stage: str, tables: List, p: Dict[
         "mask_values": {n: [round(float(x), 6) for x in v] for n, v in values.items()},
         **notes,
     }
-    return make_dims_file("ham", tables, kept, p["budget"], WEIGHT_DTYPE, optimizer, extra,
-                          supernet_checkpoints=ckpt, check=check)
+    return make_dims_file("ham", tables, kept, p["budget"], WEIGHT_DTYPE, optimizer, extra, check=check)

@@ -41,9 +41,6 @@ class Callback(Protocol):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None: ...
 
-    # optional: `boundaries(total_steps) -> Iterable[int]` (extra segment ends) and `on_boundary(trainer, step)`
-    # (called at every segment end, the pipeline drained, before its checkpoint): the HAM front's points
-
 
 @dataclass
 class TrainResult:
@@ -146,8 +143,6 @@ class Trainer:
         for n in every:
             if n > 0:
                 points.update(range(n, self.total_steps, n))
-        for cb in self.callbacks:  # a callback may end segments where it acts on a drained pipeline
-            points.update(getattr(cb, "boundaries", lambda total: ())(self.total_steps))
         return sorted(p for p in points if 0 < p <= self.total_steps)
 
     def fit(self) -> TrainResult:
@@ -193,9 +188,6 @@ class Trainer:
                     cb.on_eval(self, self.step, metrics)
                 if self.env.is_main and self.cfg.progress:
                     bar.write(f"step {self.step}: {self.valid_split} auc {metrics['auc']:.4f} logloss {metrics['logloss']:.4f}")
-            for cb in self.callbacks:
-                if hasattr(cb, "on_boundary"):
-                    cb.on_boundary(self, boundary)
             self.save()
         bar.close()
         valid = self.history[-1] if self.history else {}
