@@ -4,7 +4,8 @@ During the search, `BudgetedSearch` (a hook the user's own loop calls once per t
 `BudgetController` adapts it to this project's trainer, so both run one budget path) reads the
 hard mask after every step, prices the kept columns with the project's byte model (weights plus
 optimizer state), and moves the penalty weight lambda by dual ascent so that the kept bytes
-follow a gradual target from the full bytes (after a warm-up) down to the budget B.
+follow a gradual target from the full bytes (after a warm-up) down to the budget B, or down through
+the budgets of a front, holding each in turn (`walk_target`, docs/ham.md).
 At the end, `select_dims` meets the budget with legal dims: every table starts at the smallest
 legal dim (or 0 where a drop was shown harmless), then `select_widths` adds the moves with the
 most worth per byte while one that gains still fits, never past a table's row cap, so the kept
@@ -133,8 +134,8 @@ def walk_target(progress: float, full: int, walk: Sequence[int], warmup: float, 
     """The kept-bytes target of a search that walks down through the budgets `walk` (bytes, decreasing):
     after `warmup`, the rest of the search is split into one equal segment per budget; each declines
     (cubically, over its share `prune / len(walk)`) from the previous budget (the full bytes for the
-    first) to its own and holds it to the segment's end, where that point is taken. One budget is
-    `target_bytes` itself."""
+    first) to its own and holds it to the segment's end (its point is taken in that hold:
+    `BudgetedSearch.due_point`). One budget is `target_bytes` itself."""
     if progress < warmup:
         return float(full)
     seg = (1.0 - warmup) / len(walk)
@@ -262,10 +263,8 @@ class BudgetedSearch:
         i = next((j for j, e in enumerate(ends) if step <= e), None)
         if i is None or i in self.points:
             return None
-        seg = (1.0 - self.warmup) / len(self.walk)
-        hold = self.total_steps * (self.warmup + i * seg + self.prune / len(self.walk))
-        kept = self.steps[-1]["kept_bytes"]
-        settled = step >= hold and self.walk[i] <= kept <= self.walk[i] + self.tol * self.full
+        kept, target = self.steps[-1]["kept_bytes"], self.steps[-1]["target"]
+        settled = target == self.walk[i] and self.walk[i] <= kept <= self.walk[i] + self.tol * self.full
         return i if settled or step == ends[i] else None
 
     def kept_bytes(self) -> int:
