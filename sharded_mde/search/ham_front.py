@@ -122,7 +122,8 @@ def run_ham_front(cfg: RunConfig, env: DistEnv, stage: str = "ham",
         atomic_write_json(Path(cfg.run_dir) / stage / FRONT_FILE, doc)
         atomic_write_json(Path(cfg.run_dir) / stage / "trace.json", controller.trace())
     if last is None:  # search.budget (the front's last) is not feasible: the front stays written
-        raise InfeasibleBudget(infeasible[s.budget])
+        raise InfeasibleBudget(f"{infeasible[s.budget]} (the front's feasible points: "
+                               f"{Path(cfg.run_dir) / stage / FRONT_FILE})")
     if env.is_main:
         save_search_result(Path(cfg.run_dir) / stage, last, controller.trace(), ranks)
     return last
