@@ -58,6 +58,23 @@ def test_bad_front_settings_are_one_line(tmp_path: Path, extra, match) -> None:
     assert "search." in str(e.value) and "\n" not in str(e.value)
 
 
+def test_front_with_no_feasible_budget_records_each_reason(config: Path) -> None:
+    from sharded_mde.search.run import run_search
+
+    cfg = load_config(config)
+    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir + "_none",
+                              search=dataclasses.replace(cfg.search, budget=0.1, front=[0.2, 0.1]))
+    env = init_distributed(prefer_cuda=False)
+    try:
+        with pytest.raises(InfeasibleBudget, match="search.budget 0.1 "):
+            run_search(cfg, env)
+    finally:
+        shutdown_distributed()
+    front = json.loads((Path(cfg.run_dir) / "ham" / FRONT_FILE).read_text())
+    assert [(p["budget"], p["feasible"]) for p in front["points"]] == [(0.2, False), (0.1, False)]
+    assert not (Path(cfg.run_dir) / "ham" / "checkpoints").exists()  # nothing was trained
+
+
 def test_front_needs_ham(tmp_path: Path) -> None:
     path = write_run_config(tmp_path, search={"method": "uniform", "budget": 0.25, "front": [0.5, 0.25]})
     with pytest.raises(ValueError, match="search.front: only HAM"):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from sharded_mde.config import RunConfig
 from sharded_mde.dims import DimsFile, InfeasibleBudget, budget_bytes, check_feasible
@@ -71,7 +72,10 @@ def run_ham_front(cfg: RunConfig, env: DistEnv, stage: str = "ham",
     optimizer = cfg.train.embedding_optimizer
     s = cfg.search
     walk, infeasible = split_feasible(cfg, tables)
-    if not walk:
+    if not walk:  # nothing to walk: the front is every budget's reason
+        _write_front(cfg, env, stage, {"budgets": list(s.front), "front_check": s.front_check, "steps": 0,
+                                       "points": [{"budget": b, "feasible": False, "reason": why}
+                                                  for b, why in infeasible.items()]})
         raise InfeasibleBudget(infeasible[s.budget])
     torch.manual_seed(cfg.train.seed)  # the same supernet as a single search's (and on every rank)
     model = build_supernet(cfg, tables, meta.sparse_features, len(meta.dense_features))
@@ -119,14 +123,22 @@ def run_ham_front(cfg: RunConfig, env: DistEnv, stage: str = "ham",
            "search_seconds": search_seconds, "check_seconds": time.perf_counter() - t0 - search_seconds,
            "points": sorted(points, key=lambda p: -p["budget"])}
     if env.is_main:
-        atomic_write_json(Path(cfg.run_dir) / stage / FRONT_FILE, doc)
         atomic_write_json(Path(cfg.run_dir) / stage / "trace.json", controller.trace())
+    _write_front(cfg, env, stage, doc)
     if last is None:  # search.budget (the front's last) is not feasible: the front stays written
         raise InfeasibleBudget(f"{infeasible[s.budget]} (the front's feasible points: "
                                f"{Path(cfg.run_dir) / stage / FRONT_FILE})")
     if env.is_main:
         save_search_result(Path(cfg.run_dir) / stage, last, controller.trace(), ranks)
     return last
+
+
+def _write_front(cfg: RunConfig, env: DistEnv, stage: str, doc: Dict[str, Any]) -> None:
+    """Writes `<stage>/front.json` (rank 0) before any rank goes on to read it."""
+    if env.is_main:
+        atomic_write_json(Path(cfg.run_dir) / stage / FRONT_FILE, doc)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _point_dims(cfg: RunConfig, env: DistEnv, stage: str, tables: List, p: Dict[str, Any],
