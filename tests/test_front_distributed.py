@@ -63,3 +63,36 @@ def _body(rank: int, world: int) -> None:
 
 def test_front_walk_on_2_ranks_matches_unsharded() -> None:
     run_ranks(_body)
+
+
+def _front_search(rank: int, world: int, config: str, out: str) -> None:
+    from sharded_mde.config import load_config
+    from sharded_mde.search.run import run_search
+    from sharded_mde.train.distributed import init_distributed
+
+    cfg = load_config(config)
+    env = init_distributed(prefer_cuda=False)
+    dims = run_search(cfg, env)
+    torch.save({"dims": {t.name: t.kept_columns for t in dims.tables}}, f"{out}.rank{rank}")
+
+
+def test_front_search_on_2_ranks_takes_the_same_points_on_each(tmp_path) -> None:
+    """The trainer's front on 2 row-wise ranks: each point is taken mid-pipeline (evaluation with batches in
+    flight) on both ranks alike, and the run completes with a dims file per budget."""
+    import json
+
+    from sharded_mde.dims import load_dims
+    from sharded_mde.search.ham_front import FRONT_FILE
+    from tiny_configs import tiny_planted_config
+
+    config = tiny_planted_config(tmp_path, "row_wise", {"method": "ham", "budget": 0.4, "front": [0.8, 0.6, 0.4],
+                                                        "epochs": 2, "mask_lr": 0.02, "front_check": []})
+    run_ranks(_front_search, str(config), str(tmp_path / "dims"))
+    got = [torch.load(tmp_path / f"dims.rank{r}") for r in range(2)]
+    assert got[0] == got[1]
+    front = json.loads((tmp_path / "run" / "ham" / FRONT_FILE).read_text())
+    assert [p["budget"] for p in front["points"]] == [0.8, 0.6, 0.4] and all(p["feasible"] for p in front["points"])
+    for p in front["points"]:
+        dims = load_dims(p["dims_file"])
+        assert dims.kept_bytes <= dims.budget_bytes and dims.extra["front"]["step"] == p["step"]
+    assert got[0]["dims"] == {t.name: t.kept_columns for t in load_dims(front["points"][-1]["dims_file"]).tables}
