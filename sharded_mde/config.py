@@ -399,8 +399,8 @@ class SearchConfig:
     # each; the last must equal `budget` (the run's dims.json is that point). [] = one budget.
     front: List[float] = field(default_factory=list)
     # the candidates HAM's check trains at every front point (ham | ham_mask | uniform | uniform_filled | power_law;
-    # [] = HAM's own allocation, untrained): a single search trains all five; two keep a front near its time
-    front_check: List[str] = field(default_factory=lambda: ["ham", "uniform_filled"])
+    # [] = HAM's own allocation, untrained: the front's default, docs/ham.md); a single search trains all five
+    front_check: List[str] = field(default_factory=list)
     pme: PmeConfig = field(default_factory=PmeConfig)  # PME settings (method: pme)
 
     def validate(self) -> None:

@@ -8,10 +8,10 @@ taken in its segment's hold at the first step where the kept bytes sit on its bu
 budget at the end: the loss effect per width, the harmless drops, the candidate allocations at that
 budget with the feasibility rule and the selection fill (`measure_allocation`), and a cheap preview:
 the supernet's validation AUC with the chosen columns kept. After the supernet's last step, each
-point's dims file is written to `<stage>/front/b<budget>/dims.json`: the winner of HAM's candidate
-check at that point over the candidates `search.front_check` names (trained as a single search's check
-trains them, in `front/b<budget>/check_<name>/`; default HAM's own and uniform filled), or with
-`search.front_check: []` HAM's own allocation untrained. A budget below the smallest feasible one
+point's dims file is written to `<stage>/front/b<budget>/dims.json`: HAM's own allocation (the `ham`
+candidate, untrained: the default `search.front_check: []`), or the winner of HAM's candidate check at
+that point over the candidates `search.front_check` names (trained as a single search's check trains
+them, in `front/b<budget>/check_<name>/`). A budget below the smallest feasible one
 (`check_feasible`) is not walked and is recorded as infeasible with its reason; the stage's `dims.json` is the point at `search.budget` (the front's
 last), and when that budget is infeasible the front is written first and then the search fails as a
 single search would. The points retrain from scratch (no supernet checkpoint is kept per point).
