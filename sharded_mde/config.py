@@ -408,6 +408,12 @@ class SearchConfig:
     # start is a second pass of the tables over the same rows, which overfits one-epoch CTR data)
     power_law_alpha: float = 0.3  # power_law: dim proportional to rows ** -alpha
     saliency_batches: int = 20  # saliency: training batches the column saliency is summed over
+    # HAM front (docs/ham.md, "A front from one run"): decreasing budgets walked by one supernet, a dims file at
+    # each; the last must equal `budget` (the run's dims.json is that point). [] = one budget.
+    front: List[float] = field(default_factory=list)
+    # the candidates HAM's check trains at every front point (ham | ham_mask | uniform | uniform_filled | power_law;
+    # [] = HAM's own allocation, untrained: the front's default, docs/ham.md); a single search trains all five
+    front_check: List[str] = field(default_factory=list)
     pme: PmeConfig = field(default_factory=PmeConfig)  # PME settings (method: pme)
 
     def validate(self) -> None:
@@ -444,6 +450,21 @@ class SearchConfig:
             raise ConfigError(f"retrain_embedding_lr: must be >= 0 (0 = train.embedding_lr), got {self.retrain_embedding_lr}")
         if self.saliency_batches < 1:
             raise ConfigError(f"saliency_batches: must be >= 1, got {self.saliency_batches}")
+        if self.front:
+            if self.method != "ham":
+                raise ConfigError(f"front: only HAM walks a front (method: ham), got method {self.method!r}")
+            if any(not 0 < b <= 1 for b in self.front) or any(a <= b for a, b in zip(self.front, self.front[1:])):
+                raise ConfigError(f"front: strictly decreasing fractions in (0, 1], got {self.front}")
+            known = ("ham", "ham_mask", "uniform", "uniform_filled", "power_law")
+            bad = [c for c in self.front_check if c not in known]
+            if bad or (self.front_check and "ham" not in self.front_check):
+                raise ConfigError(f"front_check: [] or candidates of HAM's check including ham ({', '.join(known)}), "
+                                  f"got {self.front_check}")
+            if self.retrain_warm_start:
+                raise ConfigError("front: the points retrain from scratch (retrain_warm_start: false); a warm start "
+                                  "would need the supernet as it was at each point")
+            if self.front[-1] != self.budget:
+                raise ConfigError(f"front: the last budget must equal budget ({self.budget:g}), got {self.front[-1]:g}")
 
 
 @dataclass

@@ -15,12 +15,11 @@ from sharded_mde.train.distributed import DistEnv
 
 
 def _quality(args: argparse.Namespace) -> int:
-    from sharded_mde.bench.quality import BENCH_DIR, copy_results, parse_budgets, run_quality
-    from sharded_mde.search.registry import check_search_methods
+    from sharded_mde.bench.quality import BENCH_DIR, check_bench_methods, copy_results, parse_budgets, run_quality
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = parse_budgets(args.budgets)
-    check_search_methods(methods)  # before the process group, the data or any training
+    check_bench_methods(methods)  # before the process group, the data or any training
     if args.seeds < 1 or args.jobs < 1:
         raise ValueError(f"--seeds {args.seeds} --jobs {args.jobs}: both must be at least 1")
 
@@ -89,7 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seeds", type=int, default=5,
                    help="train.seed 0..N-1 (baseline, search and retrain each); paired intervals need >= 2")
     q.add_argument("--methods", default=",".join(SEARCH_METHODS),
-                   help="search methods (search.method values), comma-separated")
+                   help="search methods (search.method values, and ham_front: HAM's front, one search for every "
+                   "budget), comma-separated")
     q.add_argument("--jobs", type=int, default=1,
                    help="seeds trained at once in processes of their own (one process launch only; e.g. 2 on 2 cores)")
     q.add_argument("--out", help="also write the markdown table to this file, the JSON and PNG next to it (.json, .png)")

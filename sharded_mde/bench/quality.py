@@ -35,6 +35,12 @@ from sharded_mde.train.distributed import DistEnv
 
 BENCH_DIR = "bench_quality"
 REFERENCES = ("uniform", "power_law")  # the simple rules every method is compared with, seed by seed
+FRONT = "ham_front"  # HAM's front from one run (docs/ham.md): one search per seed gives every budget; vs `ham`
+
+
+def check_bench_methods(methods: Sequence[str]) -> None:
+    """One ValueError naming the first method that is neither a `search.method` nor `ham_front`."""
+    check_search_methods([m for m in methods if m != FRONT])
 
 
 def parse_budgets(text: str) -> List[float]:
@@ -96,17 +102,51 @@ def _cell_stages(method: str, budget: float) -> List[Tuple[str, StageFn, bool]]:
     return [(stage, search, True), (f"retrain_{stage}", retrain, True)]
 
 
+def _front_stages(budgets: Sequence[float]) -> List[Tuple[str, StageFn, bool]]:
+    """HAM's front at every budget (one search, stage `ham_front`), then one retrain per feasible point."""
+    walk = sorted(budgets, reverse=True)
+
+    def search(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+        import json
+
+        from sharded_mde.search.ham_front import FRONT_FILE
+        from sharded_mde.search.run import run_search
+
+        cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, method="ham", budget=walk[-1], front=walk))
+        try:
+            run_search(cfg, env, FRONT)
+        except InfeasibleBudget:  # the smallest budget: recorded in front.json like the others
+            pass
+        return json.loads((Path(cfg.run_dir) / FRONT / FRONT_FILE).read_text())
+
+    def retrain(budget: float) -> StageFn:
+        def fn(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+            from sharded_mde.search.retrain import run_retrain
+
+            point = next(p for p in ledger.stages[FRONT]["outputs"]["points"] if p["budget"] == budget)
+            if not point["feasible"]:
+                return {"infeasible": point["reason"]}
+            s = run_retrain(cfg, env, point["dims_file"], f"retrain_{cell_stage(FRONT, budget)}")
+            return {"test": s["test"], "init": s["init"], "train_seconds": s["train_seconds"]}
+
+        return fn
+
+    return [(FRONT, search, True)] + [(f"retrain_{cell_stage(FRONT, b)}", retrain(b), True) for b in walk]
+
+
 def run_seed(cfg: RunConfig, env: DistEnv, seed: int, methods: Sequence[str], budgets: Sequence[float],
              progress: bool = True) -> Dict[str, Any]:
     """Runs every missing cell of one seed (baseline first); returns that seed's ledger stages."""
-    cells = [(None, None)] + [(m, b) for m in methods for b in budgets]
+    cells = [(None, None)] + [(m, b) for m in methods if m != FRONT for b in budgets] + [(m, None) for m in methods
+                                                                                       if m == FRONT]
     stages: Dict[str, Any] = {}
     for method, budget in tqdm(cells, desc=f"bench quality seed {seed}", unit="cell", disable=not progress):
-        todo = [("baseline", _baseline, True)] if method is None else _cell_stages(method, budget)
+        todo = ([("baseline", _baseline, True)] if method is None else _front_stages(budgets) if method == FRONT
+                else _cell_stages(method, budget))
         try:
             stages = run_pipeline(seed_config(cfg, seed), env, todo)
         except ValueError as e:  # name the cell (the finished ones stay recorded: fix and rerun)
-            cell = "baseline" if method is None else f"{method} at budget {budget:g}"
+            cell = "baseline" if method is None else method if budget is None else f"{method} at budget {budget:g}"
             raise ValueError(f"seed {seed}, {cell}: {e}") from e
     return stages
 
@@ -132,7 +172,7 @@ def run_quality(cfg: RunConfig, env: DistEnv, methods: Sequence[str], budgets: S
                 seeds: int, jobs: int = 1) -> Optional[Dict[str, Any]]:
     """Runs every missing cell on every rank (with `jobs` > 1 on one rank: seeds in that many processes at
     once, each seed's cells in order); rank 0 writes and returns the results (None elsewhere)."""
-    check_search_methods(methods)
+    check_bench_methods(methods)
     if jobs > 1:
         if env.world_size > 1:
             raise ValueError(f"--jobs {jobs}: runs seeds in parallel processes of one rank each; "
@@ -179,12 +219,47 @@ def collect_results(stages: Dict[int, Dict[str, Any]], methods: Sequence[str], b
         for method in methods:
             for budget in budgets:
                 stage = cell_stage(method, budget)
-                records.append(_record(seed, method, budget, done[stage], done.get(f"retrain_{stage}", {})))
+                retrained = done.get(f"retrain_{stage}", {})
+                records.append(_front_record(seed, budget, done[FRONT], retrained) if method == FRONT else
+                               _record(seed, method, budget, done[stage], retrained))
                 if not records[-1]["feasible"]:
                     infeasible[f"{method} at {budget:g}"] = records[-1]["reason"]
-    return {"methods": list(methods), "budgets": list(budgets), "seeds": len(stages), "baselines": baselines,
-            "records": records, "infeasible": infeasible, "paired": paired_table(records, methods, budgets, baselines),
-            "summary": summarize(baselines, [r for r in records if r["feasible"]])}
+    doc = {"methods": list(methods), "budgets": list(budgets), "seeds": len(stages), "baselines": baselines,
+           "records": records, "infeasible": infeasible, "paired": paired_table(records, methods, budgets, baselines),
+           "summary": summarize(baselines, [r for r in records if r["feasible"]])}
+    if FRONT in methods and "ham" in methods:
+        doc["front_time"] = front_time(records)
+    return doc
+
+
+def _front_record(seed: int, budget: float, front: Dict[str, Any], r: Dict[str, Any]) -> Dict[str, Any]:
+    """One seed x budget of the front: as `_record`, its search seconds the whole front's (one search for every
+    budget), plus the masked supernet's validation AUC at that point (the preview)."""
+    p = next(p for p in front["outputs"]["points"] if p["budget"] == budget)
+    rec = _record(seed, FRONT, budget, {"outputs": p if p["feasible"] else {"infeasible": p["reason"]},
+                                        "seconds": front["seconds"]}, r)
+    if p["feasible"]:
+        rec["preview_valid_auc"] = p["preview_valid"]["auc"]
+    return rec
+
+
+def front_time(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per seed: the front's search seconds against the mean seconds of one `ham` search over the budgets
+    (measured side by side in the same bench), and the same with every retrain of the budgets added."""
+    rows = []
+    for seed in sorted({r["seed"] for r in records}):
+        ham = [r for r in records if r["seed"] == seed and r["method"] == "ham" and r["feasible"]]
+        front = [r for r in records if r["seed"] == seed and r["method"] == FRONT and r["feasible"]]
+        if not ham or not front:
+            continue
+        single = statistics.fmean(r["search_seconds"] for r in ham)
+        whole = front[0]["search_seconds"] + sum(r["retrain_seconds"] for r in front)
+        rows.append({"seed": seed, "front_search_seconds": front[0]["search_seconds"], "ham_search_seconds": single,
+                     "ratio": front[0]["search_seconds"] / single, "points": len(front),
+                     "front_with_retrains_seconds": whole,
+                     "ham_with_retrain_seconds": statistics.fmean(r["search_seconds"] + r["retrain_seconds"] for r in ham),
+                     "ham_all_budgets_with_retrains_seconds": sum(r["search_seconds"] + r["retrain_seconds"] for r in ham)})
+    return rows
 
 
 def paired_table(records: Sequence[Dict[str, Any]], methods: Sequence[str], budgets: Sequence[float],
@@ -201,8 +276,9 @@ def paired_table(records: Sequence[Dict[str, Any]], methods: Sequence[str], budg
         auc["full", budget] = {b["seed"]: b["test_auc"] for b in baselines}
     infeasible = {(r["method"], r["budget"]) for r in records if not r["feasible"]}
     rows = []
-    for ref in [x for x in REFERENCES if x in methods] + (["full"] if baselines else []):
-        for method in (m for m in methods if m != ref):
+    front_vs_ham = ["ham"] if FRONT in methods and "ham" in methods else []
+    for ref in [x for x in REFERENCES if x in methods] + front_vs_ham + (["full"] if baselines else []):
+        for method in (m for m in methods if m != ref and (ref != "ham" or m == FRONT)):
             for budget in budgets:
                 row = {"method": method, "budget": budget, "reference": ref,
                        **paired_difference(auc.get((method, budget), {}), auc.get((ref, budget), {}))}
@@ -291,7 +367,7 @@ def results_markdown(doc: Dict[str, Any]) -> str:
              "", bhead,
              f"| full | {_pm(full['test_auc'], '.4f')} (1.000) |" + " |" * (len(budgets) - 1)]
     lines += [f"| {m} | " + " | ".join(_grid_cell(doc, m, b) for b in budgets) + " |" for m in doc["methods"]]
-    for ref in (*REFERENCES, "full"):
+    for ref in (*REFERENCES, "ham", "full"):
         rows = [p for p in doc["paired"] if p["reference"] == ref]
         if not rows:
             continue
@@ -301,11 +377,39 @@ def results_markdown(doc: Dict[str, Any]) -> str:
         for m in dict.fromkeys(p["method"] for p in rows):
             cells = {p["budget"]: _paired_cell(p) for p in rows if p["method"] == m}
             lines.append(f"| {m} | " + " | ".join(cells[b] for b in budgets) + " |")
+    lines += _front_lines(doc)
     lines += ["", "Details (mean ± std over the seeds that met the budget):", ""]
     lines += _details(doc)
     for cell, why in doc.get("infeasible", {}).items():
         lines.append(f"- Not feasible: {cell}: {why}.")
     return "\n".join(lines) + "\n"
+
+
+def _front_lines(doc: Dict[str, Any]) -> List[str]:
+    """The front's preview (masked supernet, validation) beside its retrained test AUC per budget, and its time."""
+    if FRONT not in doc["methods"]:
+        return []
+    lines = ["", f"{FRONT}: one HAM search per seed walks every budget; per budget the masked supernet's validation "
+             "AUC at the point (the preview, no training) and the retrained model's test AUC (mean ± std).", "",
+             "| budget | preview valid AUC | retrained test AUC |", "|---|---|---|"]
+    for b in doc["budgets"]:
+        ok = [r for r in doc["records"] if r["method"] == FRONT and r["budget"] == b and r["feasible"]]
+        if ok:
+            lines.append(f"| {b:g} | {_pm(mean_std([r['preview_valid_auc'] for r in ok]), '.4f')} | "
+                         f"{_pm(mean_std([r['test_auc'] for r in ok]), '.4f')} |")
+        else:
+            lines.append(f"| {b:g} | infeasible | infeasible |")
+    rows = doc.get("front_time") or []
+    if rows:
+        lines += ["", f"Search time, side by side in this bench: the whole front (one search) against one `ham` "
+                  "search (mean over the budgets), per seed; then each with its retrains (the front: every point's; "
+                  "`ham`: one budget's, which reuses its check's training).", "",
+                  "| seed | front search s | ham search s | ratio | front + retrains s | ham + retrain s | "
+                  "ham, every budget + retrains s |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['seed']} | {r['front_search_seconds']:.1f} | {r['ham_search_seconds']:.1f} | {r['ratio']:.2f} | "
+                  f"{r['front_with_retrains_seconds']:.1f} | {r['ham_with_retrain_seconds']:.1f} | "
+                  f"{r['ham_all_budgets_with_retrains_seconds']:.1f} |" for r in rows]
+    return lines
 
 
 def _details(doc: Dict[str, Any]) -> List[str]:

@@ -67,7 +67,29 @@ def stage_retrain(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str
     from sharded_mde.search.retrain import run_retrain
 
     s = run_retrain(cfg, env, _dims_file(ledger), stage="retrain")
-    return {"test": s["test"], "kept_bytes": s["kept_bytes"], "init": s["init"], "train_seconds": s["train_seconds"]}
+    out = {"test": s["test"], "kept_bytes": s["kept_bytes"], "init": s["init"], "train_seconds": s["train_seconds"]}
+    if cfg.search.front:
+        out["front"] = retrain_front(cfg, env, out)
+    return out
+
+
+def retrain_front(cfg: RunConfig, env: DistEnv, final: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """HAM's front (`search.front`): every feasible point retrained (in `retrain_front_b<budget>/`; the last point
+    is the run's own dims file, retrained above as `final`), with its preview; infeasible points with the reason."""
+    import json
+
+    from sharded_mde.search.ham_front import FRONT_FILE
+    from sharded_mde.search.retrain import run_retrain
+
+    front = json.loads((Path(cfg.run_dir) / cfg.search.method / FRONT_FILE).read_text())
+    points = []
+    for p in front["points"]:
+        if p["feasible"]:
+            s = final if p["budget"] == cfg.search.budget else run_retrain(
+                cfg, env, p["dims_file"], stage=f"retrain_front_b{p['budget']:g}")
+            p = {**p, "test": s["test"], "train_seconds": s["train_seconds"]}
+        points.append(p)
+    return points
 
 
 def stage_export(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from sharded_mde.config import CAPS, RunConfig
 from sharded_mde.data.synth import load_ground_truth
@@ -37,6 +37,7 @@ def summarise(cfg: RunConfig, ledger: StageLedger) -> Dict[str, Any]:
              "embedding_bytes": serve["serving_table_bytes"]},
         ],
         "dims": search["dims"],
+        "front": retrain.get("front"),
         "token_sizes": search.get("token_sizes"),
         "planted": search.get("planted"),
         "memory": totals,
@@ -84,10 +85,26 @@ def render_summary(doc: Dict[str, Any]) -> str:
     if "spearman_capacity_mean" in planted:
         lines.append("Spearman correlation of token size with planted capacity (mean over fields): "
                      f"{planted['spearman_capacity_mean']:.3f}")
+    lines += _front_lines(doc.get("front"))
     lines += ["", f"Search {doc['search_seconds']:.0f} s, whole run {doc['total_seconds']:.0f} s; serving "
               f"{doc['serving_examples_per_s']:,.0f} examples/s.", "",
               "Plots: " + ", ".join(f"`{p}`" for p in doc["plots"].values()), ""]
     return "\n".join(lines)
+
+
+def _front_lines(front: Optional[List[Dict[str, Any]]]) -> List[str]:
+    """HAM's front of one search: per budget the masked supernet's validation AUC (preview) and the retrained test AUC."""
+    if not front:
+        return []
+    lines = ["", "HAM front from one search (`search.front`): every point retrained.", "",
+             "| budget | kept bytes | preview valid AUC (masked supernet) | retrained test AUC |", "|---|---:|---:|---:|"]
+    for p in front:
+        if p["feasible"]:
+            lines.append(f"| {p['budget']:g} | {fmt_bytes(p['kept_bytes'])} | {p['preview_valid']['auc']:.4f} | "
+                         f"{p['test']['auc']:.4f} |")
+        else:
+            lines.append(f"| {p['budget']:g} | not feasible: {p['reason']} | | |")
+    return lines
 
 
 def plot_auc_vs_bytes(doc: Dict[str, Any], path: str | Path) -> None:
@@ -97,6 +114,12 @@ def plot_auc_vs_bytes(doc: Dict[str, Any], path: str | Path) -> None:
         ax.scatter(m["embedding_bytes"] / 2**20, m["auc"], s=40)
         ax.annotate(m["model"], (m["embedding_bytes"] / 2**20, m["auc"]), fontsize=8, xytext=(4, 4),
                     textcoords="offset points")
+    front = [p for p in doc.get("front") or [] if p["feasible"]]
+    if front:  # the front's retrained points beside the full baseline and the run's own compact model
+        front.sort(key=lambda p: p["kept_bytes"])
+        ax.plot([p["kept_bytes"] / 2**20 for p in front], [p["test"]["auc"] for p in front], "o--", color="#2ca02c",
+                label="HAM front, retrained")
+        ax.legend(fontsize=8)
     ax.set_xlabel("embedding bytes (MiB)")
     ax.set_ylabel("test AUC")
     ax.set_title("AUC vs bytes")

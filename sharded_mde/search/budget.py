@@ -4,7 +4,8 @@ During the search, `BudgetedSearch` (a hook the user's own loop calls once per t
 `BudgetController` adapts it to this project's trainer, so both run one budget path) reads the
 hard mask after every step, prices the kept columns with the project's byte model (weights plus
 optimizer state), and moves the penalty weight lambda by dual ascent so that the kept bytes
-follow a gradual target from the full bytes (after a warm-up) down to the budget B.
+follow a gradual target from the full bytes (after a warm-up) down to the budget B, or down through
+the budgets of a front, holding each in turn (`walk_target`, docs/ham.md).
 At the end, `select_dims` meets the budget with legal dims: every table starts at the smallest
 legal dim (or 0 where a drop was shown harmless), then `select_widths` adds the moves with the
 most worth per byte while one that gains still fits, never past a table's row cap, so the kept
@@ -15,7 +16,7 @@ with the feasibility rule every field-wise method shares.
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -129,6 +130,28 @@ def target_bytes(progress: float, full: int, budget: int, warmup: float, prune: 
     return budget + (full - budget) * (1.0 - x) ** 3
 
 
+def walk_target(progress: float, full: int, walk: Sequence[int], warmup: float, prune: float) -> float:
+    """The kept-bytes target of a search that walks down through the budgets `walk` (bytes, decreasing):
+    after `warmup`, the rest of the search is split into one equal segment per budget; each declines
+    (cubically, over its share `prune / len(walk)`) from the previous budget (the full bytes for the
+    first) to its own and holds it to the segment's end (its point is taken in that hold:
+    `BudgetedSearch.due_point`). One budget is `target_bytes` itself."""
+    if progress < warmup:
+        return float(full)
+    seg = (1.0 - warmup) / len(walk)
+    i = min(len(walk) - 1, int((progress - warmup) / seg)) if seg > 0 else len(walk) - 1
+    start = full if i == 0 else walk[i - 1]
+    return target_bytes(progress - i * seg, start, walk[i], warmup, prune / len(walk))
+
+
+def walk_steps(total_steps: int, points: int, warmup: float) -> List[int]:
+    """The steps that end the segments of a walk through `points` budgets (`walk_target`); the last is
+    `total_steps`."""
+    seg = (1.0 - warmup) / points
+    return [max(1, min(total_steps, round(total_steps * (warmup + (i + 1) * seg)))) for i in range(points - 1)] + [
+        total_steps]
+
+
 def masked_tables(module: nn.Module) -> List[EmbeddingBagConfig]:
     """The full table configs of the `MaskedEmbeddingBagCollection` inside a (possibly DMP-wrapped) model."""
     for m in module.modules():
@@ -168,6 +191,9 @@ class BudgetedSearch:
             tol is its `dual_tol`).
         weight_dtype (str): "fp32" or "fp16" (byte model).
         optimizer (str): the table optimizer whose state is priced (byte model).
+        walk (Sequence[Union[float, int]]): a front (docs/ham.md): decreasing budgets ending at `budget`,
+            each reached and held in turn (`walk_target`); after each step `due_point()` names the point
+            to take now, if any (take it, e.g. `select_dims` at its budget, and record it in `points`).
 
     Example::
 
@@ -186,21 +212,18 @@ class BudgetedSearch:
     def __init__(self, model: nn.Module, budget: Union[float, int], total_steps: int, batch_size: int = 1,
                  tables: Optional[Sequence[EmbeddingBagConfig]] = None, dual_lr: float = 0.1, tol: float = 0.02,
                  lambda_init: float = 0.1, warmup: float = 0.3, prune: float = 0.5, mask_lr: float = 0.005,
-                 weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad") -> None:
+                 weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad",
+                 walk: Sequence[Union[float, int]] = ()) -> None:
         self.gate = find_gate(model)
         self.tables = list(tables) if tables is not None else masked_tables(model)
         if [t.name for t in self.tables] != self.gate.table_names:
             raise ValueError("BudgetedSearch: tables must be the gate's tables, in the same order")
         self.weight_dtype, self.optimizer = weight_dtype, optimizer
         self.full = full_bytes(self.tables, weight_dtype, optimizer)
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0 or (
-                isinstance(budget, float) and budget > 1):
-            raise ValueError(f"BudgetedSearch: budget must be a fraction in (0, 1] or bytes (int > 1), got {budget!r}")
-        if isinstance(budget, float) or budget == 1:
-            self.fraction = float(budget)
-            self.budget = budget_bytes(self.tables, self.fraction, weight_dtype, optimizer)
-        else:
-            self.budget, self.fraction = int(budget), int(budget) / self.full
+        self.budget, self.fraction = self._bytes(budget)
+        self.walk = [self._bytes(b)[0] for b in walk] or [self.budget]
+        if self.walk[-1] != self.budget or any(a <= b for a, b in zip(self.walk, self.walk[1:])):
+            raise ValueError(f"BudgetedSearch: walk must decrease to the budget {self.budget:,} B, got {list(walk)}")
         if total_steps <= 0:
             raise ValueError(f"BudgetedSearch: total_steps must be positive, got {total_steps}")
         self.total_steps = int(total_steps)
@@ -211,6 +234,38 @@ class BudgetedSearch:
         self.step_count = 0
         self.steps: List[Dict[str, float]] = []  # per step: step, kept_bytes, target, lambda
         self.evals: List[Dict[str, float]] = []  # per evaluation: kept bytes, lambda and validation metrics
+        self.points: Dict[int, Any] = {}  # the walk's points taken so far (by index), whatever the caller records
+
+    def _bytes(self, budget: Union[float, int]) -> Tuple[int, float]:
+        """(bytes, fraction) of a budget given as a fraction in (0, 1] or as bytes (an int > 1)."""
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0 or (
+                isinstance(budget, float) and budget > 1):
+            raise ValueError(f"BudgetedSearch: budget must be a fraction in (0, 1] or bytes (int > 1), got {budget!r}")
+        if isinstance(budget, float) or budget == 1:
+            return budget_bytes(self.tables, float(budget), self.weight_dtype, self.optimizer), float(budget)
+        return int(budget), int(budget) / self.full
+
+    def point_steps(self) -> List[int]:
+        """The last step of each budget's segment of the walk (`walk_steps`; one budget: the last step)."""
+        return walk_steps(self.total_steps, len(self.walk), self.warmup)
+
+    def due_point(self) -> Optional[int]:
+        """The walk's point to take after the step just taken, or None (None without a walk).
+
+        Point i is due in its segment's hold (the target at its budget) at the first step where the kept
+        bytes sit on the budget from above, within `tol` of the full bytes (the selection then trims by
+        worth instead of lacking measured columns), and at the segment's last step at the latest.
+        """
+        if len(self.walk) < 2 or not self.steps:
+            return None
+        ends = self.point_steps()
+        step = self.steps[-1]["step"]
+        i = next((j for j, e in enumerate(ends) if step <= e), None)
+        if i is None or i in self.points:
+            return None
+        kept, target = self.steps[-1]["kept_bytes"], self.steps[-1]["target"]
+        settled = target == self.walk[i] and self.walk[i] <= kept <= self.walk[i] + self.tol * self.full
+        return i if settled or step == ends[i] else None
 
     def kept_bytes(self) -> int:
         """Bytes of the tables at the gate's current kept-column counts (byte model of the dims file)."""
@@ -228,7 +283,7 @@ class BudgetedSearch:
         grad = self.gate.reduce_grad()
         kept = self.kept_bytes()
         progress = self.step_count / max(1, self.total_steps)
-        target = target_bytes(progress, self.full, self.budget, self.warmup, self.prune)
+        target = walk_target(progress, self.full, self.walk, self.warmup, self.prune)
         pruning = progress >= self.warmup
         if pruning:
             err = max(-1.0, min(1.0, (kept - target) / (self.tol * self.full)))
@@ -275,7 +330,8 @@ class BudgetedSearch:
 
     def state_dict(self) -> Dict[str, Any]:
         """lambda, the step count and the trace (checkpointed with the run, so a resumed search continues exactly)."""
-        return {"lam": self.lam, "step_count": self.step_count, "steps": list(self.steps), "evals": list(self.evals)}
+        return {"lam": self.lam, "step_count": self.step_count, "steps": list(self.steps), "evals": list(self.evals),
+                "points": dict(self.points)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores lambda and the trace (the mask and its statistics come back with the model state)."""
@@ -283,12 +339,13 @@ class BudgetedSearch:
         self.steps = list(state["steps"])
         self.evals = list(state["evals"])
         self.step_count = int(state.get("step_count", self.steps[-1]["step"] if self.steps else 0))
+        self.points = {int(i): p for i, p in state.get("points", {}).items()}
 
     def trace(self) -> Dict[str, Any]:
         """The search trace as written to trace.json."""
         return {"budget_bytes": self.budget, "full_bytes": self.full, "dual_lr": self.dual_lr, "warmup": self.warmup,
                 "prune": self.prune, "lambda_init": self.lambda_init, "tol": self.tol, "steps": self.steps,
-                "evals": self.evals}
+                "evals": self.evals, **({"walk": self.walk} if len(self.walk) > 1 else {})}
 
 
 class BudgetController(BudgetedSearch):
@@ -300,8 +357,11 @@ class BudgetController(BudgetedSearch):
         gate (ColumnGate): the supernet's gate (`find_gate(model)`).
         tables (Sequence[EmbeddingBagConfig]): the gate's tables, in order.
         budget (int): bytes.
-        dual_lr, weight_dtype, optimizer, warmup, prune, lambda_init, tol, mask_lr, batch_size: as in
+        dual_lr, weight_dtype, optimizer, warmup, prune, lambda_init, tol, mask_lr, batch_size, walk: as in
             `BudgetedSearch`.
+        on_point (Optional[Callable[[Any, int], Dict[str, Any]]]): with a walk, called as `on_point(trainer, i)`
+            after the step where the walk's point i is due (`due_point`); it may evaluate the model. What it
+            returns is kept in `points[i]` and checkpointed with the controller.
 
     Example::
 
@@ -312,15 +372,21 @@ class BudgetController(BudgetedSearch):
     def __init__(self, gate: ColumnGate, tables: Sequence[EmbeddingBagConfig], budget: int, dual_lr: float,
                  weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad", warmup: float = 0.2,
                  prune: float = 0.5, lambda_init: float = 0.1, tol: float = 0.02, mask_lr: float = 0.005,
-                 batch_size: int = 1) -> None:
+                 batch_size: int = 1, walk: Sequence[int] = (),
+                 on_point: Optional[Callable[[Any, int], Dict[str, Any]]] = None) -> None:
         super().__init__(gate, int(budget), total_steps=1, batch_size=batch_size, tables=tables, dual_lr=dual_lr,
                          tol=tol, lambda_init=lambda_init, warmup=warmup, prune=prune, mask_lr=mask_lr,
-                         weight_dtype=weight_dtype, optimizer=optimizer)
+                         weight_dtype=weight_dtype, optimizer=optimizer, walk=[int(b) for b in walk])
+        self.on_point = on_point
 
     def on_step_end(self, trainer: Any, step: int) -> None:
-        """After each optimizer step of the trainer: the hook's step at the trainer's step number."""
+        """After each optimizer step of the trainer: the hook's step at the trainer's step number, then the walk's
+        point if one is due (`on_point`; TorchRec's pipeline keeps its in-flight batches while it evaluates)."""
         self.total_steps = trainer.total_steps
         self.step(step)
+        i = self.due_point() if self.on_point is not None else None
+        if i is not None:
+            self.points[i] = self.on_point(trainer, i)
 
     def on_eval(self, trainer: Any, step: int, metrics: Dict[str, float]) -> None:
         """Records kept bytes, lambda and the validation metrics of this evaluation."""

@@ -38,6 +38,12 @@ def _search(args: argparse.Namespace) -> int:
                 summary["check"] = {"winner": c.winner, "margin_vs_ham": c.margin_vs_ham,
                                     "runner_up": c.runner_up, "margin_vs_runner_up": c.margin_vs_runner_up,
                                     "valid_auc": {r.name: r.valid_auc for r in c.candidates}}
+            if cfg.search.front:  # HAM's front: each budget's dims file, or why it is not feasible
+                from sharded_mde.search.ham_front import FRONT_FILE
+
+                front = json.loads((out.parent / FRONT_FILE).read_text())
+                summary["front"] = {f"{p['budget']:g}": p["dims_file"] if p["feasible"] else p["reason"]
+                                    for p in front["points"]}
             print(json.dumps(summary, indent=2))
         return 0
 

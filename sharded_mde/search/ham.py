@@ -51,10 +51,15 @@ def run_ham(cfg: RunConfig, env: DistEnv, stage: str = "ham", ranks: Optional[Di
     Without `search.allow_drop` an infeasible budget fails before any training. After the
     supernet trains, its validation checks (`ham_check`) pick the dims: loss effect per byte, drops
     only where harmless, and the best of HAM's, uniform and power-law allocations at the budget.
+    With `search.front` the supernet walks through those budgets instead (`ham_front`).
     """
     from sharded_mde.data import DatasetMeta
     from sharded_mde.train.run import train_stage
 
+    if cfg.search.front:
+        from sharded_mde.search.ham_front import run_ham_front
+
+        return run_ham_front(cfg, env, stage, ranks)
     meta = DatasetMeta.load(cfg.data.dir)
     tables = full_table_configs(cfg)
     optimizer = cfg.train.embedding_optimizer
@@ -92,14 +97,20 @@ def run_ham(cfg: RunConfig, env: DistEnv, stage: str = "ham", ranks: Optional[Di
     return dims
 
 
-def validate_allocation(cfg: RunConfig, env: DistEnv, stage: str, tables: List, values: Dict[str, torch.Tensor],
-                        mask_score: Scorer) -> Tuple[Dict[str, List[int]], CandidateCheck, Dict[str, Any]]:
-    """(kept columns, the candidate check, notes to record) from the trained supernet's validation checks (`ham_check`).
+@dataclasses.dataclass
+class Measured:
+    """What the trained supernet's validation checks measured at one budget (before any candidate training)."""
 
-    Measures each table's loss effect per width with the supernet's masks, finds the harmless
-    drops (`search.allow_drop`), then trains every candidate allocation at the budget as `retrain`
-    would (in `<stage>/check_<name>/`) and returns the best on the validation split, all recorded.
-    """
+    fraction: float
+    order: Dict[str, torch.Tensor]  # each table's columns, largest mask value first
+    candidates: Dict[str, Dict[str, int]]  # the allocations at the budget (`candidate_dims`)
+    notes: Dict[str, Any]  # recorded in the dims file: column order, loss effect, drops
+
+
+def measure_allocation(cfg: RunConfig, tables: List, values: Dict[str, torch.Tensor], mask_score: Scorer,
+                       fraction: float) -> Measured:
+    """Measures each table's loss effect per width with the supernet's masks, finds the harmless drops
+    (`search.allow_drop`) and builds the candidate allocations at `fraction` (InfeasibleBudget below the floor)."""
     s = cfg.search
     optimizer = cfg.train.embedding_optimizer
     order = {n: torch.argsort(v.double(), descending=True, stable=True) for n, v in values.items()}
@@ -110,28 +121,43 @@ def validate_allocation(cfg: RunConfig, env: DistEnv, stage: str, tables: List, 
     drops = harmless_drops(curves, s.drop_tolerance) if s.allow_drop else {}
     droppable = [n for n, d in drops.items() if d["harmless"]]
     try:
-        rules = {t.name: t.dim for t in power_law_dims(tables, s.budget, s.power_law_alpha, optimizer).tables}
+        rules = {t.name: t.dim for t in power_law_dims(tables, fraction, s.power_law_alpha, optimizer).tables}
     except InfeasibleBudget:  # below every field at dim 4: only HAM's harmless drops can meet it
         rules = {}
-    candidates = candidate_dims(tables, s.budget, values, worth, droppable, rules, WEIGHT_DTYPE, optimizer)
+    candidates = candidate_dims(tables, fraction, values, worth, droppable, rules, WEIGHT_DTYPE, optimizer)
+    notes = {"column_order": "mask value a, largest first",
+             "loss_effect": {n: {str(d): m for d, m in c.items()} for n, c in curves.items()}, "drops": drops}
+    return Measured(fraction, order, candidates, notes)
+
+
+def check_allocation(cfg: RunConfig, env: DistEnv, stage: str, tables: List, m: Measured,
+                     supernet_checkpoints: str) -> Tuple[Dict[str, List[int]], CandidateCheck, Dict[str, Any]]:
+    """(kept columns, the candidate check, notes to record): trains every candidate of `m` as `retrain` would
+    (in `<stage>/check_<name>/`) and returns the best on the validation split, all recorded."""
+    s = cfg.search
+    optimizer = cfg.train.embedding_optimizer
     check_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=s.check_epochs or cfg.train.epochs))
-    ckpt = str(Path(cfg.run_dir) / stage / "checkpoints")
 
     def retrain_score(name: str, dims: Dict[str, int]) -> Dict[str, float]:
 
-        cand = make_dims_file("ham", tables, top_columns(order, dims), s.budget, WEIGHT_DTYPE, optimizer,
-                              supernet_checkpoints=ckpt)
+        cand = make_dims_file("ham", tables, top_columns(m.order, dims), m.fraction, WEIGHT_DTYPE, optimizer,
+                              supernet_checkpoints=supernet_checkpoints)
         metrics, _ = train_compact(check_cfg, env, cand, f"{stage}/check_{name}")
         return metrics["valid"]  # the test split's scores are never read
 
-    check = check_candidates(retrain_score, tables, candidates, WEIGHT_DTYPE, optimizer)
+    check = check_candidates(retrain_score, tables, m.candidates, WEIGHT_DTYPE, optimizer)
     check.rule = (f"best validation AUC of each candidate's compact model trained {check_cfg.train.epochs:g} "
                   "epoch(s) as retrain would")
     won = check.candidate(check.winner)
     check.winner_checkpoints = str(Path(cfg.run_dir) / stage / f"check_{won.same_as or won.name}" / "checkpoints")
     check.winner_trained_as = train_record(check_cfg)  # retrain reuses that training when it would train the same
-    kept = top_columns(order, candidates[check.winner])
-    notes = {"column_order": "mask value a, largest first",
-             "loss_effect": {n: {str(d): m for d, m in c.items()} for n, c in curves.items()},
-             "drops": drops, "dropped": [n for n, c in kept.items() if not c]}
-    return kept, check, notes
+    kept = top_columns(m.order, m.candidates[check.winner])
+    return kept, check, {**m.notes, "dropped": [n for n, c in kept.items() if not c]}
+
+
+def validate_allocation(cfg: RunConfig, env: DistEnv, stage: str, tables: List, values: Dict[str, torch.Tensor],
+                        mask_score: Scorer) -> Tuple[Dict[str, List[int]], CandidateCheck, Dict[str, Any]]:
+    """(kept columns, the candidate check, notes to record) from the trained supernet's validation checks (`ham_check`)
+    at `search.budget`: `measure_allocation`, then `check_allocation` with the final supernet checkpoint."""
+    m = measure_allocation(cfg, tables, values, mask_score, cfg.search.budget)
+    return check_allocation(cfg, env, stage, tables, m, str(Path(cfg.run_dir) / stage / "checkpoints"))

@@ -111,7 +111,10 @@ def _plot_trace(ax: Any, trace: Dict[str, Any]) -> None:
     full = trace["full_bytes"]
     steps = [s["step"] for s in trace["steps"]]
     ax.plot(steps, [s["kept_bytes"] / full for s in trace["steps"]], color="#3b75af", label="kept bytes / full")
-    ax.axhline(trace["budget_bytes"] / full, color="#2ca02c", linestyle="--", label="budget")
+    if trace.get("walk"):  # a front: the target walking down through its budgets
+        ax.plot(steps, [s["target"] / full for s in trace["steps"]], color="#2ca02c", linestyle="--", label="target")
+    else:
+        ax.axhline(trace["budget_bytes"] / full, color="#2ca02c", linestyle="--", label="budget")
     ax.set_xlabel("step")
     ax.set_ylabel("fraction of full bytes")
     lam = ax.twinx()
