@@ -367,11 +367,26 @@ class PmeConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    """The serving-byte searches dims / precision / joint (docs/quality_precision.md)."""
+
+    dtypes: List[str] = field(default_factory=lambda: ["fp32", "fp16", "int8", "int4"])  # serving dtypes precision and joint may choose
+    signal_budget: float = 0.25  # the shared supernet's masks are pruned to this fraction of the training bytes
+
+    def validate(self) -> None:
+        bad = [q for q in self.dtypes if q not in ("fp32", "fp16", "int8", "int4")]
+        if not self.dtypes or bad or len(set(self.dtypes)) != len(self.dtypes):
+            raise ConfigError(f"dtypes: distinct serving dtypes of fp32, fp16, int8, int4, got {self.dtypes}")
+        if not 0 < self.signal_budget <= 1:
+            raise ConfigError(f"signal_budget: a fraction in (0, 1], got {self.signal_budget}")
+
+
+@dataclass
 class SearchConfig:
     """The dimension search (HAM or PME) and its byte budget."""
 
-    method: str = "ham"  # a search of the registry (sharded_mde/dims/methods.py): ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md)
-    budget: float = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state)
+    method: str = "ham"  # a search of the registry (sharded_mde/dims/methods.py): ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md) | dims | precision | joint (serving bytes: docs/quality_precision.md)
+    budget: float = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state; dims / precision / joint: fp32 serving bytes)
     epochs: float = 1.0  # supernet training length (replaces train.epochs during the search)
     allow_drop: bool = False  # HAM only: a field may be dropped where validation shows it harmless (docs/ham.md)
     drop_tolerance: float = 0.001  # a drop is harmless if the validation AUC falls by at most this much
@@ -396,6 +411,7 @@ class SearchConfig:
     power_law_alpha: float = 0.3  # power_law: dim proportional to rows ** -alpha
     saliency_batches: int = 20  # saliency: training batches the column saliency is summed over
     pme: PmeConfig = field(default_factory=PmeConfig)  # PME settings (method: pme)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)  # dims / precision / joint: budget in serving bytes
 
     def validate(self) -> None:
         if self.method not in SEARCH_METHODS:

@@ -29,12 +29,15 @@ from sharded_mde.io import atomic_write_json, atomic_write_text
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.pipeline.run import StageFn, run_pipeline
 from sharded_mde.dims import InfeasibleBudget, load_dims
+from sharded_mde.dims.methods import METHODS
 from sharded_mde.plots import pyplot, save_png
 from sharded_mde.search.registry import check_search_methods
 from sharded_mde.train.distributed import DistEnv
 
 BENCH_DIR = "bench_quality"
-REFERENCES = ("uniform", "power_law")  # the simple rules every method is compared with, seed by seed
+# the methods every other method is compared with, seed by seed, where run: the simple rules, and for the
+# serving-byte methods dims alone and precision alone (docs/quality_precision.md)
+REFERENCES = ("uniform", "power_law", "dims", "precision")
 
 
 def parse_budgets(text: str) -> List[float]:
@@ -61,13 +64,16 @@ def seed_config(cfg: RunConfig, seed: int) -> RunConfig:
 
 
 def _baseline(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+    from sharded_mde.dims import serving_bytes_of
     from sharded_mde.plan.tables import full_table_configs
     from sharded_mde.search.budget import full_bytes
     from sharded_mde.train.run import train_stage
 
     _, m = train_stage(cfg, env, "baseline")
+    tables = full_table_configs(cfg)
     return {"test": m["test"], "train_seconds": m["train_seconds"],
-            "full_bytes": full_bytes(full_table_configs(cfg), "fp32", cfg.train.embedding_optimizer)}
+            "full_bytes": full_bytes(tables, "fp32", cfg.train.embedding_optimizer),
+            "full_serving_bytes": serving_bytes_of(tables, "fp32", cfg.export.row_alignment)}
 
 
 def _cell_stages(method: str, budget: float) -> List[Tuple[str, StageFn, bool]]:
@@ -82,8 +88,13 @@ def _cell_stages(method: str, budget: float) -> List[Tuple[str, StageFn, bool]]:
             dims = run_search(cfg, env, stage)
         except InfeasibleBudget as e:  # a result of the comparison (recorded, not retrained), not a failure
             return {"infeasible": str(e)}
-        return {"dims_file": str(Path(cfg.run_dir) / stage / "dims.json"), "method": dims.method,
-                "full_bytes": dims.full_bytes, "budget_bytes": dims.budget_bytes, "kept_bytes": dims.kept_bytes}
+        out = {"dims_file": str(Path(cfg.run_dir) / stage / "dims.json"), "method": dims.method,
+               "full_bytes": dims.full_bytes, "budget_bytes": dims.budget_bytes, "kept_bytes": dims.kept_bytes}
+        if METHODS[method].budget == "serving":  # budget and bytes in serving bytes (fp32 full tables = 100%)
+            serving = dims.extra["serving"]
+            out.update({k: serving[k] for k in ("full_bytes", "budget_bytes", "kept_bytes")}, bytes_unit="serving",
+                       dtypes=serving["dtypes"])
+        return out
 
     def retrain(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
         from sharded_mde.search.retrain import run_retrain
@@ -164,17 +175,19 @@ def _record(seed: int, method: str, budget: float, s: Dict[str, Any], r: Dict[st
         "kept_fraction": out["kept_bytes"] / out["full_bytes"], "budget_bytes": out["budget_bytes"],
         "within_budget": out["kept_bytes"] <= out["budget_bytes"], "search_seconds": s["seconds"],
         "retrain_seconds": r["seconds"], "retrain_init": r["outputs"]["init"], "dims_file": out["dims_file"],
-        **planted_score(out["dims_file"])}
+        **{k: out[k] for k in ("bytes_unit", "dtypes") if k in out}, **planted_score(out["dims_file"])}
 
 
 def collect_results(stages: Dict[int, Dict[str, Any]], methods: Sequence[str], budgets: Sequence[float]) -> Dict[str, Any]:
     """{"baselines": one per seed, "records": one per seed x method x budget (feasible or not), "paired": the
     paired differences vs each reference method, "summary": mean ± std per row} from the seeds' ledgers."""
     baselines, records, infeasible = [], [], {}
+    unit = bytes_unit(methods)
     for seed, done in sorted(stages.items()):
         b = done["baseline"]
         baselines.append({"seed": seed, "test_auc": b["outputs"]["test"]["auc"],
-                          "test_logloss": b["outputs"]["test"]["logloss"], "bytes": b["outputs"]["full_bytes"],
+                          "test_logloss": b["outputs"]["test"]["logloss"],
+                          "bytes": b["outputs"]["full_serving_bytes" if unit == "serving" else "full_bytes"],
                           "train_seconds": b["seconds"]})
         for method in methods:
             for budget in budgets:
@@ -182,9 +195,20 @@ def collect_results(stages: Dict[int, Dict[str, Any]], methods: Sequence[str], b
                 records.append(_record(seed, method, budget, done[stage], done.get(f"retrain_{stage}", {})))
                 if not records[-1]["feasible"]:
                     infeasible[f"{method} at {budget:g}"] = records[-1]["reason"]
-    return {"methods": list(methods), "budgets": list(budgets), "seeds": len(stages), "baselines": baselines,
+    return {"methods": list(methods), "budgets": list(budgets), "seeds": len(stages), "bytes_unit": unit,
+            "baselines": baselines,
             "records": records, "infeasible": infeasible, "paired": paired_table(records, methods, budgets, baselines),
             "summary": summarize(baselines, [r for r in records if r["feasible"]])}
+
+
+def bytes_unit(methods: Sequence[str]) -> str:
+    """"serving" when every method's budget is in serving bytes (the fp32 serving tables = 100%), else "train"
+    (weights + optimizer state; a mix keeps each method's own unit in its kept fraction)."""
+    return "serving" if methods and all(METHODS[m].budget == "serving" for m in methods) else "train"
+
+
+UNIT_WORDS = {"train": "embedding weights + optimizer state", "serving": "serving bytes of the exported tables, "
+              "each at its dtype; 100% = every table fp32 at full dim"}
 
 
 def paired_table(records: Sequence[Dict[str, Any]], methods: Sequence[str], budgets: Sequence[float],
@@ -286,8 +310,9 @@ def results_markdown(doc: Dict[str, Any]) -> str:
     reference with their 95% intervals and verdicts), then the per-row details and the infeasible cells."""
     budgets, full = doc["budgets"], doc["summary"][0]
     bhead = "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |\n|---" + "|---" * len(budgets) + "|"
+    unit = UNIT_WORDS[doc.get("bytes_unit", "train")]
     lines = [f"Test AUC over {doc['seeds']} seed(s) (mean ± std; in parentheses the kept bytes as a fraction of the "
-             "full model's, embedding weights + optimizer state; † = above the budget). Columns: byte budgets.",
+             f"full model's, {unit}; † = above the budget). Columns: byte budgets.",
              "", bhead,
              f"| full | {_pm(full['test_auc'], '.4f')} (1.000) |" + " |" * (len(budgets) - 1)]
     lines += [f"| {m} | " + " | ".join(_grid_cell(doc, m, b) for b in budgets) + " |" for m in doc["methods"]]
@@ -346,7 +371,7 @@ def plot_quality(doc: Dict[str, Any], path: str | Path) -> None:
     ax.plot([b / 2**20 for b, _ in front], [a for _, a in front], "k--", lw=1, zorder=0)
     ax.scatter([b / 2**20 for b, _ in front], [a for _, a in front], s=140, facecolors="none", edgecolors="k",
                label="Pareto front")
-    ax.set_xlabel("embedding bytes (MiB, weights + optimizer state)")
+    ax.set_xlabel(f"embedding bytes (MiB, {UNIT_WORDS[doc.get('bytes_unit', 'train')].split(';')[0]})")
     ax.set_ylabel("test AUC")
     ax.set_title(f"test AUC vs bytes (mean ± std over {doc['seeds']} seed(s))", fontsize=10)
     ax.grid(alpha=0.3)

@@ -164,6 +164,7 @@ def reuse_check(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> boo
 def train_compact(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> Tuple[Dict[str, Any], bool]:
     """Trains the compact model of `dims` in `<run_dir>/<stage>/`; (train_stage's metrics, warm-started?)."""
     from sharded_mde.data import DatasetMeta
+    from sharded_mde.search.precision import served_metrics
     from sharded_mde.train.run import train_stage
 
     meta = DatasetMeta.load(cfg.data.dir)
@@ -174,8 +175,8 @@ def train_compact(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> T
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=dims.data_dir))
     if cfg.search.retrain_embedding_lr:  # every method's compact model alike
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, embedding_lr=cfg.search.retrain_embedding_lr))
-    _, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm)
-    return metrics, warm is not None
+    trainer, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm)
+    return served_metrics(trainer, dims, metrics), warm is not None  # per-table dtypes: scored as served
 
 
 def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Optional[str] = None) -> Dict[str, Any]:
@@ -190,7 +191,7 @@ def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Opti
                "budget_fraction": dims.budget_fraction, "budget_bytes": dims.budget_bytes,
                "kept_bytes": dims.kept_bytes, "full_bytes": dims.full_bytes, "test": metrics["test"],
                "valid": metrics["valid"], "steps": metrics["steps"], "train_seconds": metrics["train_seconds"],
-               "reused_check_training": reused}
+               "reused_check_training": reused, **{k: metrics[k] for k in ("served_dtypes", "fp32") if k in metrics}}
     if env.is_main:
         atomic_write_json(Path(cfg.run_dir) / stage / "retrain.json", summary)
     return summary
