@@ -368,10 +368,11 @@ class PmeConfig:
 
 @dataclass
 class PrecisionConfig:
-    """The serving-byte searches dims / precision / joint (docs/quality_precision.md)."""
+    """The serving-byte searches dims / precision / joint (docs/precision.md)."""
 
     dtypes: List[str] = field(default_factory=lambda: ["fp32", "fp16", "int8", "int4"])  # serving dtypes precision and joint may choose
     signal_budget: float = 0.25  # the shared supernet's masks are pruned to this fraction of the training bytes
+    qat_fraction: float = 0.0  # the last fraction of the compact model's training that sees its int8/int4 tables quantised (0 = off)
 
     def validate(self) -> None:
         bad = [q for q in self.dtypes if q not in ("fp32", "fp16", "int8", "int4")]
@@ -379,13 +380,15 @@ class PrecisionConfig:
             raise ConfigError(f"dtypes: distinct serving dtypes of fp32, fp16, int8, int4, got {self.dtypes}")
         if not 0 < self.signal_budget <= 1:
             raise ConfigError(f"signal_budget: a fraction in (0, 1], got {self.signal_budget}")
+        if not 0 <= self.qat_fraction <= 1:
+            raise ConfigError(f"qat_fraction: a fraction in [0, 1], got {self.qat_fraction}")
 
 
 @dataclass
 class SearchConfig:
     """The dimension search (HAM or PME) and its byte budget."""
 
-    method: str = "ham"  # a search of the registry (sharded_mde/dims/methods.py): ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md) | dims | precision | joint (serving bytes: docs/quality_precision.md)
+    method: str = "ham"  # a search of the registry (sharded_mde/dims/methods.py): ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md) | dims | precision | joint (serving bytes: docs/precision.md)
     budget: float = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state; dims / precision / joint: fp32 serving bytes)
     epochs: float = 1.0  # supernet training length (replaces train.epochs during the search)
     allow_drop: bool = False  # HAM only: a field may be dropped where validation shows it harmless (docs/ham.md)

@@ -8,7 +8,7 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 
 from sharded_mde.config import ConfigError, RunConfig, from_dict
 from sharded_mde.modules.fake_quant import fake_quantized, served_dtypes
-from sharded_mde.dims import TableDims
+from sharded_mde.dims import TableDims, TokenGroup
 
 from sharded_mde.dims import SCALE_BIAS_BYTES
 from sharded_mde.export.tablefile import encode
@@ -71,6 +71,9 @@ def test_fake_quantized_columns_only_and_served_dtypes():
                TableDims("b", ["g"], 10, 8, 4, list(range(4)), 0, dtype="fp32"),
                TableDims("c", ["h"], 10, 8, 0, [], 0, dtype="int8"), TableDims("d", ["i"], 10, 8, 4, [0, 1, 2, 3], 0)]
     assert served_dtypes(entries) == {"a": "int4"}
+    pme = TableDims("t_C1", ["C1"], 10, 8, 8, [], 0, groups=[TokenGroup(8, 3, 0, "int8"), TokenGroup(4, 5, 0),
+                                                            TokenGroup(0, 2, 0, "int4")], dtype="int4")
+    assert served_dtypes([pme]) == {"t_C1_s8": "int8", "t_C1_s4": "int4"}  # a group without its own dtype: the table's
 
 
 @pytest.mark.parametrize("section, key", [
@@ -92,3 +95,32 @@ def test_precision_methods_are_search_methods():
     assert cfg.search.precision.dtypes == ["fp16", "int4"]
     for m in ("dims", "precision"):
         assert from_dict(RunConfig, {"search": {"method": m}}).search.method == m
+
+
+def test_quant_aware_tables_straight_through():
+    from types import SimpleNamespace
+
+    from sharded_mde.export.quantize import fake_quantize_table
+    from sharded_mde.modules.fake_quant import QuantAwareTables
+
+    ebc, _ = _ebc()
+    trainer = SimpleNamespace(dmp=ebc, total_steps=10)
+    w = ebc.embedding_bags["t1"].weight
+    fp32 = ebc.embedding_bags["t0"].weight.detach().clone()
+    qat = QuantAwareTables({"t1": "int4", "t0": "fp32"}, fraction=0.3)
+    trained = w.detach().clone()
+    qat.on_step_end(trainer, 6)  # before the last 30%: nothing
+    assert torch.equal(w.detach(), trained)
+    qat.on_step_end(trainer, 7)  # from here the table holds Q(W), W = the table as trained
+    torch.testing.assert_close(w.detach(), fake_quantize_table(trained, "int4"), rtol=0, atol=0)
+    delta = torch.full_like(trained, 0.01)
+    with torch.no_grad():
+        w.add_(delta)  # what a fused optimizer step does to the table it holds
+    state = {k: [t.clone() for t in v] for k, v in qat.state_dict().items()}  # as a checkpoint saves it
+    qat.on_step_end(trainer, 8)
+    torch.testing.assert_close(qat.shadow[0], trained + delta)  # W takes the update (straight-through)
+    torch.testing.assert_close(w.detach(), fake_quantize_table(trained + delta, "int4"), rtol=0, atol=0)
+    assert torch.equal(ebc.embedding_bags["t0"].weight.detach(), fp32)  # fp32 tables are left alone
+    other = QuantAwareTables({"t1": "int4"}, fraction=0.3)
+    other.load_state_dict(state)
+    assert torch.equal(other.shadow[0], trained)

@@ -54,13 +54,13 @@ METHODS: Dict[str, SearchMethod] = {m.name: m for m in (
     SearchMethod("pme", "sharded_mde.search.pme:run_pme", "sharded_mde.search.pme:compact_pme",
                  "token-wise sizes, one table per (field, size) group (docs/pme.md)"),
     SearchMethod("dims", "sharded_mde.search.precision:run_dims", _COLUMNS,
-                 "HAM's column signal, every table fp32, under the serving-byte budget (docs/quality_precision.md)",
+                 "HAM's column signal, every table fp32, under the serving-byte budget (docs/precision.md)",
                  "serving"),
     SearchMethod("precision", "sharded_mde.search.precision:run_precision", _COLUMNS,
-                 "one uniform dim and one serving dtype for every table (docs/quality_precision.md)", "serving"),
+                 "one uniform dim and one serving dtype for every table (docs/precision.md)", "serving"),
     SearchMethod("joint", "sharded_mde.search.precision:run_joint", _COLUMNS,
                  "dim and serving dtype per table, exact knapsack under the serving-byte budget "
-                 "(docs/quality_precision.md)", "serving"),
+                 "(docs/precision.md)", "serving"),
     SearchMethod("planted_oracle", "", _COLUMNS, "the planted ranks' dims, written by tools/planted_oracle.py"),
 )}
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from sharded_mde.dims import TableDims, group_name
 from sharded_mde.export.quantize import fake_quantize_table
 from sharded_mde.train.state import table_of
 
@@ -76,6 +77,68 @@ def fake_quantized(model: nn.Module, dtypes: Mapping[str, str],
                 w.copy_(orig)
 
 
-def served_dtypes(tables: Sequence[object]) -> Dict[str, str]:
-    """Table -> dtype of the dims-file entries (TableDims) that name a serving dtype other than fp32."""
-    return {t.name: t.dtype for t in tables if getattr(t, "dtype", "") not in ("", "fp32") and t.dim > 0}
+def served_dtypes(tables: Sequence[TableDims]) -> Dict[str, str]:
+    """Model table -> serving dtype other than fp32, from dims-file entries: a kept table's own dtype, and for
+    PME each token group's table (`group_name(table, size)`) at its group's dtype ("" = its table's)."""
+    out = {}
+    for t in tables:
+        if t.groups:
+            for g in t.groups:
+                q = g.dtype or t.dtype
+                if g.size and g.rows and q not in ("", "fp32"):
+                    out[group_name(t.name, g.size)] = q
+        elif t.dim and t.dtype not in ("", "fp32"):
+            out[t.name] = t.dtype
+    return out
+
+
+class QuantAwareTables:
+    """Quantisation-aware training of tables with a fused (in-backward) optimizer: a trainer callback.
+
+    Over the last `fraction` of the training steps, the tables of `dtypes` hold their fake-quantised weights Q(W) during each step's
+    forward and backward, while fp32 shadow weights W take the updates (the straight-through estimator):
+    the fused optimizer moves the table from Q(W) to Q(W) + delta, so after each step W <- W + delta and the
+    table is set to Q(W) for the next step. The training ends with the tables at Q(W), what serving
+    holds. The shadow weights are checkpointed with the trainer (`state_dict`), so a resumed run goes on
+    exactly. Tables must hold whole rows on each rank (see `fake_quantized`).
+
+    Example::
+
+        qat = QuantAwareTables({"t_C1": "int4"}, fraction=0.3)
+        train_stage(cfg, env, "retrain", model=model, tables=tables, callbacks=[qat])
+    """
+
+    def __init__(self, dtypes: Mapping[str, str], fraction: float) -> None:
+        self.dtypes = {n: q for n, q in dtypes.items() if q != "fp32"}
+        self.fraction = float(fraction)
+        self.shadow: Optional[List[torch.Tensor]] = None  # W per local piece, in `_pieces` order
+        self.served: Optional[List[torch.Tensor]] = None  # Q(W) the table held during the step
+
+    @torch.no_grad()
+    def on_step_end(self, trainer: object, step: int) -> None:
+        """After step `step`: take the step's update into W and set the tables to Q(W) (in the last `fraction`)."""
+        total = trainer.total_steps  # type: ignore[attr-defined]
+        if step < total - int(round(self.fraction * total)) or step >= total:
+            return  # before the quantisation-aware steps, or after the last step (the tables already hold Q(W))
+        pieces = _pieces(trainer.dmp, list(self.dtypes))  # type: ignore[attr-defined]
+        if self.shadow is None:  # the first quantised step: W is the table as trained so far
+            self.shadow = [w.detach().clone() for _, w in pieces]
+        else:
+            for (_, w), shadow, served in zip(pieces, self.shadow, self.served):
+                shadow.add_(w - served)
+        self.served = []
+        for (name, w), shadow in zip(pieces, self.shadow):
+            q = fake_quantize_table(shadow, self.dtypes[name])
+            w.copy_(q)
+            self.served.append(q)
+
+    def on_eval(self, trainer: object, step: int, metrics: Dict[str, float]) -> None:
+        """Nothing to record."""
+
+    def state_dict(self) -> Dict[str, object]:
+        """The shadow weights and the quantised tables of the last step (None before `start`)."""
+        return {"shadow": self.shadow, "served": self.served}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Restores the shadow weights on resume."""
+        self.shadow, self.served = state["shadow"], state["served"]  # type: ignore[assignment]

@@ -1,7 +1,7 @@
 """Dims and serving precision under one serving-byte budget: the `dims`, `precision` and `joint` searches.
 
 The budget of all three is `search.budget` x the full tables' fp32 SERVING bytes (`dims.cost.serving_*`
-at `export.row_alignment`: what the exported tables hold, no optimizer state), docs/quality_precision.md.
+at `export.row_alignment`: what the exported tables hold, no optimizer state), docs/precision.md.
 
 - `joint`: per table one (dim, dtype) among the legal dims 4..its row cap (0 where `search.allow_drop`
   shows the field harmless, as for HAM) and the dtypes of `search.precision.dtypes`, chosen by the exact
@@ -38,7 +38,7 @@ from sharded_mde.config import RunConfig
 from sharded_mde.dims import (CandidateCheck, CandidateScore, DimsFile, InfeasibleBudget, budget_bytes, dim_cap,
                               serving_bytes_of, serving_table_bytes)
 from sharded_mde.io import atomic_write_json, read_json
-from sharded_mde.modules.fake_quant import fake_quantized
+from sharded_mde.modules.fake_quant import QuantAwareTables, fake_quantized
 from sharded_mde.modules.masked_ebc import find_gate
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import BudgetController, make_dims_file
@@ -249,6 +249,11 @@ def uniform_serving_fit(tables: Sequence[EmbeddingBagConfig], budget: int, dtype
     return best
 
 
+def uniform_stage(d: int, dtype: str, qat: bool) -> str:
+    """precision's training directory of uniform dim `d`: shared by every dtype unless it trains quantisation-aware."""
+    return f"d{d}_{dtype}_qat" if qat else f"d{d}"
+
+
 def run_precision(cfg: RunConfig, env: DistEnv, stage: str = "precision",
                   ranks: Optional[Dict[str, int]] = None) -> DimsFile:
     """Uniform dims, one dtype: per dtype the largest uniform dim that fits, the best validation AUC of
@@ -267,11 +272,14 @@ def run_precision(cfg: RunConfig, env: DistEnv, stage: str = "precision",
                                f"not feasible for precision: every table at dim {MULTIPLE} in the cheapest dtype needs "
                                f"{need:,} B; the smallest feasible budget is {smallest_fraction(need, full):.4f}")
     order = {t.name: list(range(t.embedding_dim)) for t in tables}
+    qat_dtypes = set(QAT_DTYPES) if cfg.search.precision.qat_fraction else set()
     rows: List[CandidateScore] = []
     for q, d in fits.items():
         alloc = {t.name: (min(d, t.embedding_dim), q) for t in tables}
         cand = serving_dims_file("precision", tables, order, alloc, cfg, full, budget, {})
-        metrics, _ = train_compact(cfg, env, cand, f"{UNIFORM_STAGE}/d{d}")  # one training per dim: a rerun resumes it
+        # one training per dim (a rerun resumes it), per dim and dtype where the training is quantisation-aware
+        qat = bool(qat_callbacks(cfg, cand))
+        metrics, _ = train_compact(cfg, env, cand, f"{UNIFORM_STAGE}/{uniform_stage(d, q, qat)}")
         m = metrics["valid"]  # with every table fake-quantised to q
         rows.append(CandidateScore(name=q, dims={t.name: a[0] for t, a in zip(tables, alloc.values())},
                                    kept_bytes=allocation_bytes(tables, alloc, align), valid_auc=round(float(m["auc"]), 6),
@@ -285,7 +293,8 @@ def run_precision(cfg: RunConfig, env: DistEnv, stage: str = "precision",
                            rule="best validation AUC of each dtype's largest fitting uniform dim, trained in fp32 as "
                                 "retrain would and scored with every table fake-quantised to the dtype "
                                 "(kept_bytes: serving bytes; margin_vs_ham: not applicable, 0)",
-                           winner_checkpoints=str(Path(cfg.run_dir) / UNIFORM_STAGE / f"d{d}" / "checkpoints"),
+                           winner_checkpoints=str(Path(cfg.run_dir) / UNIFORM_STAGE /
+                                                  uniform_stage(d, win.name, win.name in qat_dtypes) / "checkpoints"),
                            winner_trained_as=train_record(cfg))
     alloc = {t.name: (min(d, t.embedding_dim), win.name) for t in tables}
     dims = serving_dims_file("precision", tables, order, alloc, cfg, full, budget, {"uniform_dim": d}, check=check)
@@ -295,6 +304,19 @@ def run_precision(cfg: RunConfig, env: DistEnv, stage: str = "precision",
 
 
 # --------------------------------------------------------------------------- what serving sees
+
+QAT_DTYPES = ("int8", "int4")  # the dtypes quantisation-aware fine-tuning trains for (fp16 is all but lossless)
+
+
+def qat_callbacks(cfg: RunConfig, dims: DimsFile) -> List[QuantAwareTables]:
+    """With `search.precision.qat_fraction` > 0, the callback that trains the int8/int4 tables of `dims`
+    quantisation-aware over that last fraction of the compact model's training; else []."""
+    from sharded_mde.modules.fake_quant import served_dtypes
+
+    dtypes = {n: q for n, q in served_dtypes(dims.tables).items() if q in QAT_DTYPES}
+    fraction = cfg.search.precision.qat_fraction
+    return [QuantAwareTables(dtypes, fraction)] if dtypes and fraction > 0 else []
+
 
 
 def served_metrics(trainer: Any, dims: DimsFile, metrics: Dict[str, Any]) -> Dict[str, Any]:
