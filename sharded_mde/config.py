@@ -371,7 +371,7 @@ class PrecisionConfig:
     """The serving-byte searches dims / precision / joint (docs/precision.md)."""
 
     dtypes: List[str] = field(default_factory=lambda: ["fp32", "fp16", "int8", "int4"])  # serving dtypes precision and joint may choose
-    signal_budget: float = 0.25  # the shared supernet's masks are pruned to this fraction of the training bytes
+    signal_budget: float = 1.0  # byte target of the shared supernet's masks (fraction of the training bytes; 1 = only the loss prunes)
     qat_fraction: float = 0.0  # the last fraction of the compact model's training that sees its int8/int4 tables quantised (0 = off)
 
     def validate(self) -> None:

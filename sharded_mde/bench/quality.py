@@ -327,10 +327,28 @@ def results_markdown(doc: Dict[str, Any]) -> str:
             cells = {p["budget"]: _paired_cell(p) for p in rows if p["method"] == m}
             lines.append(f"| {m} | " + " | ".join(cells[b] for b in budgets) + " |")
     lines += ["", "Details (mean ± std over the seeds that met the budget):", ""]
-    lines += _details(doc)
+    lines += _details(doc) + _dtype_mix(doc)
     for cell, why in doc.get("infeasible", {}).items():
         lines.append(f"- Not feasible: {cell}: {why}.")
     return "\n".join(lines) + "\n"
+
+
+def _dtype_mix(doc: Dict[str, Any]) -> List[str]:
+    """For the serving-byte methods: how many kept tables each serving dtype got, summed over the seeds."""
+    mix: Dict[Tuple[str, float], Dict[str, int]] = {}
+    for r in doc["records"]:
+        if r["feasible"] and "dtypes" in r:
+            cell = mix.setdefault((r["method"], r["budget"]), {})
+            for q in r["dtypes"].values():
+                cell[q] = cell.get(q, 0) + 1
+    if not mix:
+        return []
+    lines = ["", "Serving dtypes of the kept tables (tables per dtype, summed over the seeds that met the budget):", "",
+             "| method | budget | fp32 | fp16 | int8 | int4 |", "|---|---|---|---|---|---|"]
+    for (method, budget), cell in mix.items():
+        lines.append(f"| {method} | {budget:g} | " + " | ".join(str(cell.get(q, 0)) for q in ("fp32", "fp16", "int8", "int4"))
+                     + " |")
+    return lines
 
 
 def _details(doc: Dict[str, Any]) -> List[str]:

@@ -12,8 +12,8 @@ at `export.row_alignment`: what the exported tables hold, no optimizer state), d
   validation split with every table fake-quantised to that dtype; the best validation AUC wins.
 
 The signal, computed once per run directory and shared by every budget (`<run_dir>/precision_signal/`):
-a HAM supernet (the `ham` search's supernet, its masks pruned to `search.precision.signal_budget` of
-the training bytes) and, on the validation split, per table t, width d (HAM's measured widths: the
+a HAM supernet (the `ham` search's supernet, its byte target `search.precision.signal_budget` of the
+training bytes, default 1: only the loss prunes, so that wide widths stay measurable) and, on the validation split, per table t, width d (HAM's measured widths: the
 doubling grid up to its kept count) and dtype q the log loss with t at its top d columns (mask order)
 fake-quantised to q over those d columns (`modules/fake_quant.py`, FBGEMM's own quantiser and
 dequantiser), every other table at the supernet's own mask in fp32. Worth of (t, d, q) = minus that
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torchrec import EmbeddingBagConfig
 
 from sharded_mde.config import RunConfig
@@ -143,6 +144,8 @@ def precision_signal(cfg: RunConfig, env: DistEnv) -> Dict[str, Any]:
            "seconds": time.perf_counter() - t0}
     if env.is_main:
         atomic_write_json(path, sig)
+    if dist.is_initialized():
+        dist.barrier()  # no rank looks for the file of a later cell before rank 0 has written it
     return sig
 
 
