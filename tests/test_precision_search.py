@@ -83,3 +83,35 @@ def test_joint_is_paired_with_dims_and_precision(bench: tuple) -> None:
     assert {("joint", "dims"), ("joint", "precision"), ("joint", "full")} <= refs
     md = (out / "results.md").read_text()
     assert "Paired difference of test AUC vs dims" in md and "serving bytes" in md
+
+
+def test_qat_ablation_retrains_with_quantised_tables(bench: tuple, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import torch
+
+    from sharded_mde.export.quantize import fake_quantize_table
+    from sharded_mde.search.retrain import read_supernet
+
+    config, out, doc = bench
+    md = tmp_path / "qat.md"
+    subprocess.run([sys.executable, "tools/ablation_qat.py", str(config), "--fraction", "0.5", "--out", str(md)],
+                   check=True, stdout=subprocess.DEVNULL)
+    qat = json.loads(md.with_suffix(".json").read_text())
+    assert [r["budget"] for r in qat["rows"]] == BUDGETS
+    checked = 0
+    for row in qat["rows"]:
+        for seed in row["qat_auc"]:
+            rec = next(r for r in doc["records"] if r["method"] == "joint" and r["budget"] == row["budget"]
+                       and r["seed"] == int(seed))
+            dims = load_dims(rec["dims_file"])
+            stage = out / f"seed{seed}" / f"retrain_qat0.5_joint_b{row['budget']:g}"
+            ints = {t.name: t.dtype for t in dims.tables if t.dim and t.dtype in ("int8", "int4")}
+            weights, _ = read_supernet(stage / "checkpoints", {n: range(dims.table(n).dim) for n in ints})
+            for name, q in ints.items():  # QAT ends with the tables at Q(W): quantising them again moves nothing
+                w = weights[name]
+                span = (w.max(1).values - w.min(1).values).clamp_min(1e-6)
+                assert ((fake_quantize_table(w, q) - w).abs().max(1).values / span).max() < 2e-3
+                checked += 1
+    assert checked

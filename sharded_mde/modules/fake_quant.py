@@ -118,8 +118,8 @@ class QuantAwareTables:
     def on_step_end(self, trainer: object, step: int) -> None:
         """After step `step`: take the step's update into W and set the tables to Q(W) (in the last `fraction`)."""
         total = trainer.total_steps  # type: ignore[attr-defined]
-        if step < total - int(round(self.fraction * total)) or step >= total:
-            return  # before the quantisation-aware steps, or after the last step (the tables already hold Q(W))
+        if step < total - int(round(self.fraction * total)):
+            return  # before the quantisation-aware steps
         pieces = _pieces(trainer.dmp, list(self.dtypes))  # type: ignore[attr-defined]
         if self.shadow is None:  # the first quantised step: W is the table as trained so far
             self.shadow = [w.detach().clone() for _, w in pieces]
