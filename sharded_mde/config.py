@@ -372,6 +372,7 @@ class PrecisionConfig:
 
     dtypes: List[str] = field(default_factory=lambda: ["fp32", "fp16", "int8", "int4"])  # serving dtypes precision and joint may choose
     signal_budget: float = 1.0  # byte target of the shared supernet's masks (fraction of the training bytes; 1 = only the loss prunes)
+    check: bool = True  # joint: train its allocation, dims alone's and precision alone's at the budget; the best on validation leaves
     qat_fraction: float = 0.0  # the last fraction of the compact model's training that sees its int8/int4 tables quantised (0 = off)
 
     def validate(self) -> None:

@@ -81,6 +81,8 @@ def test_fake_quantized_columns_only_and_served_dtypes():
     ({"precision": {"dtypes": []}}, "search.precision.dtypes"),
     ({"precision": {"signal_budget": 0}}, "search.precision.signal_budget"),
     ({"precision": {"qbits": 4}}, "search.precision.qbits"),
+    ({"precision": {"qat_fraction": 1.5}}, "search.precision.qat_fraction"),
+    ({"precision": {"check": "yes"}}, "search.precision.check"),
     ({"method": "jointt"}, "search.method"),
 ])
 def test_precision_config_errors_are_one_line_naming_the_key(section, key):

@@ -51,6 +51,17 @@ def test_serving_bytes_within_the_budget(bench: tuple) -> None:
         if r["method"] == "precision":  # one uniform dim, one dtype
             assert len({t.dtype for t in dims.tables}) == 1 and len({t.dim for t in dims.tables}) == 1
             assert dims.check.winner == dims.tables[0].dtype
+        if r["method"] == "joint":  # the check: joint's own allocation against dims alone's and precision alone's
+            names = [c.name for c in dims.check.candidates]
+            others = {m: any(o["feasible"] for o in doc["records"] if o["method"] == m and o["seed"] == r["seed"]
+                             and o["budget"] == r["budget"]) for m in ("dims", "precision")}
+            assert names[0] == "joint" and any(n.startswith("precision_") for n in names) == others["precision"]
+            assert ("dims" in names) == others["dims"]
+            won = dims.check.candidate(dims.check.winner)
+            assert won.dims == {t.name: t.dim for t in dims.tables} and won.kept_bytes == kept
+        summary = json.loads((Path(r["dims_file"]).parent.parent / f"retrain_{Path(r['dims_file']).parent.name}"
+                              / "retrain.json").read_text())
+        assert summary["reused_check_training"]  # every method's search trained what retrain returns
     assert any(r["feasible"] for r in doc["records"] if r["method"] == "joint" and r["budget"] == min(BUDGETS))
 
 

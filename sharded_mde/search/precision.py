@@ -18,14 +18,20 @@ doubling grid up to its kept count) and dtype q the log loss with t at its top d
 fake-quantised to q over those d columns (`modules/fake_quant.py`, FBGEMM's own quantiser and
 dequantiser), every other table at the supernet's own mask in fp32. Worth of (t, d, q) = minus that
 loss, linear between measured widths and flat past the widest (HAM's `interpolate`): the loss effects
-of columns and precision of different tables are taken as additive. There is no candidate check
-(the signal's supernet is trained once for all budgets; a check would train per cell), so a cell
-costs one retrain; `precision` trains one model per distinct uniform dim, shared by every budget.
+of columns and precision of different tables are taken as additive.
+
+The candidate check (`check_allocations`, as HAM's): `joint`'s knapsack allocation, dims alone's and
+precision alone's at the same budget are each trained as retrain trains them and scored on the
+validation split as served; the best leaves the search, and retrain reuses its training. Trainings
+are shared by dims (`training_key`: a from-scratch fp32 training does not depend on the dtypes) across
+methods and budgets of a run directory, so in a benchmark the check costs joint one training per cell
+beyond what dims and precision trained already.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -50,7 +56,7 @@ from sharded_mde.train.distributed import DistEnv
 
 WEIGHT_DTYPE = "fp32"  # tables train in fp32; precision is a serving choice
 SIGNAL_STAGE = "precision_signal"
-UNIFORM_STAGE = "precision_uniform"  # precision's trainings, one per uniform dim, shared by every budget
+TRAININGS_STAGE = "precision_trainings"  # the candidates' compact trainings, one per dims, shared by every method and budget
 MULTIPLE = 4
 
 
@@ -210,19 +216,103 @@ def serving_dims_file(method: str, tables: Sequence[EmbeddingBagConfig], order: 
     return dims
 
 
+Candidate = Tuple[Mapping[str, Tuple[int, str]], Mapping[str, Sequence[int]], Optional[str]]  # alloc, order, supernet
+
+
+def training_key(cfg: RunConfig, tables: Sequence[EmbeddingBagConfig], alloc: Mapping[str, Tuple[int, str]],
+                 order: Mapping[str, Sequence[int]]) -> str:
+    """The directory of an allocation's compact training under `<run_dir>/precision_trainings/`: one per
+    set of dims (a from-scratch fp32 training does not depend on the dtypes, which only the scoring
+    applies, nor on which columns), `u<d>` for a uniform dim; the int dtypes join the key when the
+    training is quantisation-aware, the kept columns when it warm-starts from the supernet."""
+    dims = [alloc[t.name][0] for t in tables]
+    qat = sorted((n, q) for n, (d, q) in alloc.items() if d and q in QAT_DTYPES) if cfg.search.precision.qat_fraction else []
+    warm = cfg.search.retrain_warm_start
+    if len(set(dims)) == 1 and not qat and not warm:
+        return f"u{dims[0]}"
+    cols = [sorted(list(order[t.name])[:alloc[t.name][0]]) for t in tables] if warm else None
+    return "a" + hashlib.sha1(json.dumps([dims, qat, cols]).encode()).hexdigest()[:12]
+
+
+def check_allocations(cfg: RunConfig, env: DistEnv, tables: Sequence[EmbeddingBagConfig], full: int, budget: int,
+                      method: str, candidates: Mapping[str, Candidate], rule: str) -> CandidateCheck:
+    """Trains each candidate allocation as retrain would (in fp32; one training per `training_key`, shared by
+    every method and budget of the run directory, a finished one resumed), scores it on the validation
+    split with its tables fake-quantised to their dtypes, and returns the check: the best validation AUC
+    (then lower log loss, then fewer bytes) wins; `margin_vs_ham` is against the first candidate."""
+    from sharded_mde.search.retrain import train_compact, train_record
+
+    rows: List[CandidateScore] = []
+    seen: Dict[str, str] = {}
+    ckpts: Dict[str, str] = {}
+    for name, (alloc, order, supernet) in candidates.items():
+        key = json.dumps(sorted((n, list(a)) for n, a in alloc.items()))
+        same = seen.get(key)
+        cand = serving_dims_file(method, tables, order, alloc, cfg, full, budget, {}, supernet_checkpoints=supernet)
+        stage = f"{TRAININGS_STAGE}/{training_key(cfg, tables, alloc, order)}"
+        if same is None:
+            m = train_compact(cfg, env, cand, stage)[0]["valid"]  # scored as served
+            seen[key] = name
+        else:
+            prev = next(r for r in rows if r.name == same)
+            m = {"auc": prev.valid_auc, "logloss": prev.valid_logloss}
+        ckpts[name] = str(Path(cfg.run_dir) / stage / "checkpoints")
+        rows.append(CandidateScore(name=name, dims={t.name: alloc[t.name][0] for t in tables},
+                                   kept_bytes=allocation_bytes(tables, alloc, cfg.export.row_alignment),
+                                   valid_auc=round(float(m["auc"]), 6), valid_logloss=round(float(m["logloss"]), 6),
+                                   same_as=same))
+    ranked = sorted(rows, key=lambda r: (-r.valid_auc, r.valid_logloss, r.kept_bytes))
+    win = ranked[0]
+    others = [r for r in ranked if candidates[r.name][0] != candidates[win.name][0]]
+    return CandidateCheck(candidates=rows, winner=win.name, margin_vs_ham=round(win.valid_auc - rows[0].valid_auc, 6),
+                          runner_up=others[0].name if others else None,
+                          margin_vs_runner_up=round(win.valid_auc - others[0].valid_auc, 6) if others else None,
+                          rule=rule + " (kept_bytes: serving bytes; margin_vs_ham: against the first candidate)",
+                          winner_checkpoints=ckpts[win.name], winner_trained_as=train_record(cfg))
+
+
+def uniform_candidates(tables: Sequence[EmbeddingBagConfig], budget: int, dtypes: Sequence[str], row_alignment: int,
+                       prefix: str = "") -> Dict[str, Candidate]:
+    """Per dtype, every table at the largest uniform dim whose serving bytes as that dtype fit (dtypes where
+    even dim 4 does not fit are left out), its first columns."""
+    order = {t.name: list(range(t.embedding_dim)) for t in tables}
+    out: Dict[str, Candidate] = {}
+    for q in dtypes:
+        d = uniform_serving_fit(tables, budget, q, row_alignment)
+        if d:
+            out[prefix + q] = ({t.name: (min(d, t.embedding_dim), q) for t in tables}, order, None)
+    return out
+
+
 def _run_signal_method(cfg: RunConfig, env: DistEnv, stage: str, ranks: Optional[Dict[str, int]], method: str,
                        dtypes: Sequence[str]) -> DimsFile:
-    """`joint` (every dtype of `search.precision.dtypes`) or `dims` (fp32) on the shared signal."""
+    """`joint` (every dtype of `search.precision.dtypes`) or `dims` (fp32) on the shared signal, then the
+    candidate check: joint's knapsack allocation against dims alone and precision alone at the same
+    budget (`search.precision.check`); dims alone is trained only (its retrain reuses the training)."""
     tables = full_table_configs(cfg)
-    full, budget = serving_budget(tables, cfg.search.budget, cfg.export.row_alignment)
+    align = cfg.export.row_alignment
+    full, budget = serving_budget(tables, cfg.search.budget, align)
     sig = precision_signal(cfg, env)
-    alloc = select(tables, sig, dtypes, budget, cfg.export.row_alignment, method, cfg.search.budget, full)
+    alloc = select(tables, sig, dtypes, budget, align, method, cfg.search.budget, full)
     order = {n: e["order"] for n, e in sig["tables"].items()}
+    ckpt = sig["supernet_checkpoints"]
+    candidates: Dict[str, Candidate] = {method: (alloc, order, ckpt)}
+    if method == "joint" and cfg.search.precision.check:
+        try:
+            candidates["dims"] = (select(tables, sig, ["fp32"], budget, align, "dims", cfg.search.budget, full), order, ckpt)
+        except InfeasibleBudget:  # below dims alone's floor: not a candidate
+            pass
+        candidates.update(uniform_candidates(tables, budget, cfg.search.precision.dtypes, align, "precision_"))
+    check = check_allocations(cfg, env, tables, full, budget, method, candidates,
+                              "best validation AUC of the compact models, trained in fp32 as retrain would, scored "
+                              "with their tables fake-quantised to their dtypes")
+    won_alloc, won_order, won_ckpt = candidates[check.winner]
     extra = {"signal": str(Path(cfg.run_dir) / SIGNAL_STAGE / "signal.json"), "signal_seconds": sig["seconds"],
              "dtypes_considered": list(dtypes), "drops": sig["drops"],
-             "selection": "exact multiple-choice knapsack over (dim, dtype) per table (search/knapsack.py)"}
-    dims = serving_dims_file(method, tables, order, alloc, cfg, full, budget, extra,
-                             supernet_checkpoints=sig["supernet_checkpoints"])
+             "selection": "exact multiple-choice knapsack over (dim, dtype) per table (search/knapsack.py)"
+                          + (", then the candidate check" if len(candidates) > 1 else "")}
+    dims = serving_dims_file(method, tables, won_order, won_alloc, cfg, full, budget, extra,
+                             supernet_checkpoints=won_ckpt, check=check)
     if env.is_main:
         save_search_result(Path(cfg.run_dir) / stage, dims, None, ranks)
     return dims
@@ -252,54 +342,25 @@ def uniform_serving_fit(tables: Sequence[EmbeddingBagConfig], budget: int, dtype
     return best
 
 
-def uniform_stage(d: int, dtype: str, qat: bool) -> str:
-    """precision's training directory of uniform dim `d`: shared by every dtype unless it trains quantisation-aware."""
-    return f"d{d}_{dtype}_qat" if qat else f"d{d}"
-
-
 def run_precision(cfg: RunConfig, env: DistEnv, stage: str = "precision",
                   ranks: Optional[Dict[str, int]] = None) -> DimsFile:
     """Uniform dims, one dtype: per dtype the largest uniform dim that fits, the best validation AUC of
     their compact models (trained in fp32, scored fake-quantised) wins; retrain reuses its training."""
-    from sharded_mde.search.retrain import train_compact, train_record
-
     tables = full_table_configs(cfg)
     align = cfg.export.row_alignment
     full, budget = serving_budget(tables, cfg.search.budget, align)
-    fits = {q: uniform_serving_fit(tables, budget, q, align) for q in cfg.search.precision.dtypes}
-    fits = {q: d for q, d in fits.items() if d}
-    if not fits:
+    candidates = uniform_candidates(tables, budget, cfg.search.precision.dtypes, align)
+    if not candidates:
         need = min(allocation_bytes(tables, {t.name: (MULTIPLE, q) for t in tables}, align)
                    for q in cfg.search.precision.dtypes)
         raise InfeasibleBudget(f"search.budget {cfg.search.budget:g} ({budget:,} B of {full:,} B fp32 serving bytes) is "
                                f"not feasible for precision: every table at dim {MULTIPLE} in the cheapest dtype needs "
                                f"{need:,} B; the smallest feasible budget is {smallest_fraction(need, full):.4f}")
-    order = {t.name: list(range(t.embedding_dim)) for t in tables}
-    qat_dtypes = set(QAT_DTYPES) if cfg.search.precision.qat_fraction else set()
-    rows: List[CandidateScore] = []
-    for q, d in fits.items():
-        alloc = {t.name: (min(d, t.embedding_dim), q) for t in tables}
-        cand = serving_dims_file("precision", tables, order, alloc, cfg, full, budget, {})
-        # one training per dim (a rerun resumes it), per dim and dtype where the training is quantisation-aware
-        qat = bool(qat_callbacks(cfg, cand))
-        metrics, _ = train_compact(cfg, env, cand, f"{UNIFORM_STAGE}/{uniform_stage(d, q, qat)}")
-        m = metrics["valid"]  # with every table fake-quantised to q
-        rows.append(CandidateScore(name=q, dims={t.name: a[0] for t, a in zip(tables, alloc.values())},
-                                   kept_bytes=allocation_bytes(tables, alloc, align), valid_auc=round(float(m["auc"]), 6),
-                                   valid_logloss=round(float(m["logloss"]), 6)))
-    ranked = sorted(rows, key=lambda r: (-r.valid_auc, r.valid_logloss, r.kept_bytes))
-    win = ranked[0]
-    d = fits[win.name]
-    check = CandidateCheck(candidates=rows, winner=win.name, margin_vs_ham=0.0,
-                           runner_up=ranked[1].name if len(ranked) > 1 else None,
-                           margin_vs_runner_up=round(win.valid_auc - ranked[1].valid_auc, 6) if len(ranked) > 1 else None,
-                           rule="best validation AUC of each dtype's largest fitting uniform dim, trained in fp32 as "
-                                "retrain would and scored with every table fake-quantised to the dtype "
-                                "(kept_bytes: serving bytes; margin_vs_ham: not applicable, 0)",
-                           winner_checkpoints=str(Path(cfg.run_dir) / UNIFORM_STAGE /
-                                                  uniform_stage(d, win.name, win.name in qat_dtypes) / "checkpoints"),
-                           winner_trained_as=train_record(cfg))
-    alloc = {t.name: (min(d, t.embedding_dim), win.name) for t in tables}
+    check = check_allocations(cfg, env, tables, full, budget, "precision", candidates,
+                              "best validation AUC of each dtype's largest fitting uniform dim, trained in fp32 as "
+                              "retrain would and scored with every table fake-quantised to the dtype")
+    alloc, order, _ = candidates[check.winner]
+    d = next(iter(alloc.values()))[0]
     dims = serving_dims_file("precision", tables, order, alloc, cfg, full, budget, {"uniform_dim": d}, check=check)
     if env.is_main:
         save_search_result(Path(cfg.run_dir) / stage, dims, None, ranks)
