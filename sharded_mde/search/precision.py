@@ -86,8 +86,10 @@ def smallest_fraction(need: int, full: int) -> float:
 
 
 def _fingerprint(cfg: RunConfig) -> Dict[str, Any]:
-    """What the signal depends on: data, model, train and the search settings other than method and budget."""
+    """What the signal depends on: data, model, train and the search settings other than method, budget, PME's
+    and the precision keys the signal does not read (only `signal_budget` and `dtypes` shape it)."""
     search = {k: v for k, v in dataclasses.asdict(cfg.search).items() if k not in ("method", "budget", "pme")}
+    search["precision"] = {k: search["precision"][k] for k in ("signal_budget", "dtypes")}
     return json.loads(json.dumps({"data": dataclasses.asdict(cfg.data), "model": dataclasses.asdict(cfg.model),
                                   "train": dataclasses.asdict(cfg.train), "search": search}))
 
