@@ -348,7 +348,7 @@ def _dtype_mix(doc: Dict[str, Any]) -> List[str]:
     for (method, budget), cell in mix.items():
         lines.append(f"| {method} | {budget:g} | " + " | ".join(str(cell.get(q, 0)) for q in ("fp32", "fp16", "int8", "int4"))
                      + " |")
-    return lines
+    return lines + [""]
 
 
 def _details(doc: Dict[str, Any]) -> List[str]:
