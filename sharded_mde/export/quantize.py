@@ -13,7 +13,8 @@ from __future__ import annotations
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 
-from sharded_mde.export.tablefile import DTYPES, QUANT_BITS, check_dim, encode, to_float
+from sharded_mde.dims import legal_serving_dim, serving_dim_multiple
+from sharded_mde.export.tablefile import DTYPES, QUANT_BITS, encode, to_float
 
 
 def dequantize_rows(rows: torch.Tensor, dim: int, dtype: str) -> torch.Tensor:
@@ -38,5 +39,7 @@ def fake_quantize_table(weight: torch.Tensor, dtype: str) -> torch.Tensor:
     rows, dim = w.shape
     if dtype == "fp32" or rows == 0 or dim == 0:
         return w.clone().to(weight.device)
-    check_dim(dim, dtype, "fake_quantize_table")
+    if not legal_serving_dim(dim, dtype):
+        raise ValueError(f"fake_quantize_table: {dtype} needs a dim that is a multiple of "
+                         f"{serving_dim_multiple(dtype)}, got {dim}")
     return dequantize_rows(encode(w, dtype), dim, dtype).to(weight.device)
