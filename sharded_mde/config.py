@@ -378,11 +378,30 @@ class PmeConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    """The serving-byte searches dims / precision / joint (docs/precision.md)."""
+
+    dtypes: List[str] = field(default_factory=lambda: ["fp32", "fp16", "int8", "int4"])  # serving dtypes precision and joint may choose
+    signal_budget: float = 1.0  # byte target of the shared supernet's masks (fraction of the training bytes; 1 = only the loss prunes)
+    check: bool = True  # joint: train its allocation, dims alone's and precision alone's at the budget; the best on validation leaves
+    qat_fraction: float = 0.0  # the last fraction of the compact model's training that sees its int8/int4 tables quantised (0 = off)
+
+    def validate(self) -> None:
+        bad = [q for q in self.dtypes if q not in ("fp32", "fp16", "int8", "int4")]
+        if not self.dtypes or bad or len(set(self.dtypes)) != len(self.dtypes):
+            raise ConfigError(f"dtypes: distinct serving dtypes of fp32, fp16, int8, int4, got {self.dtypes}")
+        if not 0 < self.signal_budget <= 1:
+            raise ConfigError(f"signal_budget: a fraction in (0, 1], got {self.signal_budget}")
+        if not 0 <= self.qat_fraction <= 1:
+            raise ConfigError(f"qat_fraction: a fraction in [0, 1], got {self.qat_fraction}")
+
+
+@dataclass
 class SearchConfig:
     """The dimension search (HAM or PME) and its byte budget."""
 
-    method: str = "ham"  # a search of the registry (sharded_mde/dims/methods.py): ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md)
-    budget: Union[float, str] = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state), or
+    method: str = "ham"  # a search of the registry (sharded_mde/dims/methods.py): ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md) | dims | precision | joint (serving bytes: docs/precision.md)
+    budget: Union[float, str] = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state; dims / precision / joint: fp32 serving bytes), or
     # "caps": the plan section's per-rank caps (ham, and plan --rule): the plan of the chosen dims fits every rank (docs/plan.md)
     caps_replan_every: int = 200  # budget "caps": steps between re-plans of the kept dims that re-derive the byte target
     epochs: float = 1.0  # supernet training length (replaces train.epochs during the search)
@@ -415,6 +434,7 @@ class SearchConfig:
     # [] = HAM's own allocation, untrained: the front's default, docs/ham.md); a single search trains all five
     front_check: List[str] = field(default_factory=list)
     pme: PmeConfig = field(default_factory=PmeConfig)  # PME settings (method: pme)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)  # dims / precision / joint: budget in serving bytes
 
     def validate(self) -> None:
         if self.method not in SEARCH_METHODS:
@@ -463,6 +483,8 @@ class SearchConfig:
             if self.retrain_warm_start:
                 raise ConfigError("front: the points retrain from scratch (retrain_warm_start: false); a warm start "
                                   "would need the supernet as it was at each point")
+            if isinstance(self.budget, str):
+                raise ConfigError(f"front: walks fractions of the full bytes, not budget {self.budget!r}")
             if self.front[-1] != self.budget:
                 raise ConfigError(f"front: the last budget must equal budget ({self.budget:g}), got {self.front[-1]:g}")
 

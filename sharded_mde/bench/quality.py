@@ -29,12 +29,15 @@ from sharded_mde.io import atomic_write_json, atomic_write_text
 from sharded_mde.pipeline.ledger import StageLedger
 from sharded_mde.pipeline.run import StageFn, run_pipeline
 from sharded_mde.dims import InfeasibleBudget, load_dims
+from sharded_mde.dims.methods import METHODS
 from sharded_mde.plots import pyplot, save_png
 from sharded_mde.search.registry import check_search_methods
 from sharded_mde.train.distributed import DistEnv
 
 BENCH_DIR = "bench_quality"
-REFERENCES = ("uniform", "power_law")  # the simple rules every method is compared with, seed by seed
+# the methods every other method is compared with, seed by seed, where run: the simple rules, and for the
+# serving-byte methods dims alone and precision alone (docs/quality_precision.md)
+REFERENCES = ("uniform", "power_law", "dims", "precision")
 FRONT = "ham_front"  # HAM's front from one run (docs/ham.md): one search per seed gives every budget; vs `ham`
 
 
@@ -67,13 +70,16 @@ def seed_config(cfg: RunConfig, seed: int) -> RunConfig:
 
 
 def _baseline(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
+    from sharded_mde.dims import serving_bytes_of
     from sharded_mde.plan.tables import full_table_configs
     from sharded_mde.search.budget import full_bytes
     from sharded_mde.train.run import train_stage
 
     _, m = train_stage(cfg, env, "baseline")
+    tables = full_table_configs(cfg)
     return {"test": m["test"], "train_seconds": m["train_seconds"],
-            "full_bytes": full_bytes(full_table_configs(cfg), "fp32", cfg.train.embedding_optimizer)}
+            "full_bytes": full_bytes(tables, "fp32", cfg.train.embedding_optimizer),
+            "full_serving_bytes": serving_bytes_of(tables, "fp32", cfg.export.row_alignment)}
 
 
 def _cell_stages(method: str, budget: float) -> List[Tuple[str, StageFn, bool]]:
@@ -88,8 +94,13 @@ def _cell_stages(method: str, budget: float) -> List[Tuple[str, StageFn, bool]]:
             dims = run_search(cfg, env, stage)
         except InfeasibleBudget as e:  # a result of the comparison (recorded, not retrained), not a failure
             return {"infeasible": str(e)}
-        return {"dims_file": str(Path(cfg.run_dir) / stage / "dims.json"), "method": dims.method,
-                "full_bytes": dims.full_bytes, "budget_bytes": dims.budget_bytes, "kept_bytes": dims.kept_bytes}
+        out = {"dims_file": str(Path(cfg.run_dir) / stage / "dims.json"), "method": dims.method,
+               "full_bytes": dims.full_bytes, "budget_bytes": dims.budget_bytes, "kept_bytes": dims.kept_bytes}
+        if METHODS[method].budget == "serving":  # budget and bytes in serving bytes (fp32 full tables = 100%)
+            serving = dims.extra["serving"]
+            out.update({k: serving[k] for k in ("full_bytes", "budget_bytes", "kept_bytes")}, bytes_unit="serving",
+                       dtypes=serving["dtypes"])
+        return out
 
     def retrain(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str, Any]:
         from sharded_mde.search.retrain import run_retrain
@@ -204,17 +215,19 @@ def _record(seed: int, method: str, budget: float, s: Dict[str, Any], r: Dict[st
         "kept_fraction": out["kept_bytes"] / out["full_bytes"], "budget_bytes": out["budget_bytes"],
         "within_budget": out["kept_bytes"] <= out["budget_bytes"], "search_seconds": s["seconds"],
         "retrain_seconds": r["seconds"], "retrain_init": r["outputs"]["init"], "dims_file": out["dims_file"],
-        **planted_score(out["dims_file"])}
+        **{k: out[k] for k in ("bytes_unit", "dtypes") if k in out}, **planted_score(out["dims_file"])}
 
 
 def collect_results(stages: Dict[int, Dict[str, Any]], methods: Sequence[str], budgets: Sequence[float]) -> Dict[str, Any]:
     """{"baselines": one per seed, "records": one per seed x method x budget (feasible or not), "paired": the
     paired differences vs each reference method, "summary": mean ± std per row} from the seeds' ledgers."""
     baselines, records, infeasible = [], [], {}
+    unit = bytes_unit(methods)
     for seed, done in sorted(stages.items()):
         b = done["baseline"]
         baselines.append({"seed": seed, "test_auc": b["outputs"]["test"]["auc"],
-                          "test_logloss": b["outputs"]["test"]["logloss"], "bytes": b["outputs"]["full_bytes"],
+                          "test_logloss": b["outputs"]["test"]["logloss"],
+                          "bytes": b["outputs"]["full_serving_bytes" if unit == "serving" else "full_bytes"],
                           "train_seconds": b["seconds"]})
         for method in methods:
             for budget in budgets:
@@ -224,7 +237,8 @@ def collect_results(stages: Dict[int, Dict[str, Any]], methods: Sequence[str], b
                                _record(seed, method, budget, done[stage], retrained))
                 if not records[-1]["feasible"]:
                     infeasible[f"{method} at {budget:g}"] = records[-1]["reason"]
-    doc = {"methods": list(methods), "budgets": list(budgets), "seeds": len(stages), "baselines": baselines,
+    doc = {"methods": list(methods), "budgets": list(budgets), "seeds": len(stages), "bytes_unit": unit,
+           "baselines": baselines,
            "records": records, "infeasible": infeasible, "paired": paired_table(records, methods, budgets, baselines),
            "summary": summarize(baselines, [r for r in records if r["feasible"]])}
     if FRONT in methods and "ham" in methods:
@@ -260,6 +274,16 @@ def front_time(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
                      "ham_with_retrain_seconds": statistics.fmean(r["search_seconds"] + r["retrain_seconds"] for r in ham),
                      "ham_all_budgets_with_retrains_seconds": sum(r["search_seconds"] + r["retrain_seconds"] for r in ham)})
     return rows
+
+
+def bytes_unit(methods: Sequence[str]) -> str:
+    """"serving" when every method's budget is in serving bytes (the fp32 serving tables = 100%), else "train"
+    (weights + optimizer state; a mix keeps each method's own unit in its kept fraction)."""
+    return "serving" if methods and all(METHODS[m].budget == "serving" for m in methods) else "train"
+
+
+UNIT_WORDS = {"train": "embedding weights + optimizer state", "serving": "serving bytes of the exported tables, "
+              "each at its dtype; 100% = every table fp32 at full dim"}
 
 
 def paired_table(records: Sequence[Dict[str, Any]], methods: Sequence[str], budgets: Sequence[float],
@@ -362,8 +386,9 @@ def results_markdown(doc: Dict[str, Any]) -> str:
     reference with their 95% intervals and verdicts), then the per-row details and the infeasible cells."""
     budgets, full = doc["budgets"], doc["summary"][0]
     bhead = "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |\n|---" + "|---" * len(budgets) + "|"
+    unit = UNIT_WORDS[doc.get("bytes_unit", "train")]
     lines = [f"Test AUC over {doc['seeds']} seed(s) (mean ± std; in parentheses the kept bytes as a fraction of the "
-             "full model's, embedding weights + optimizer state; † = above the budget). Columns: byte budgets.",
+             f"full model's, {unit}; † = above the budget). Columns: byte budgets.",
              "", bhead,
              f"| full | {_pm(full['test_auc'], '.4f')} (1.000) |" + " |" * (len(budgets) - 1)]
     lines += [f"| {m} | " + " | ".join(_grid_cell(doc, m, b) for b in budgets) + " |" for m in doc["methods"]]
@@ -379,7 +404,7 @@ def results_markdown(doc: Dict[str, Any]) -> str:
             lines.append(f"| {m} | " + " | ".join(cells[b] for b in budgets) + " |")
     lines += _front_lines(doc)
     lines += ["", "Details (mean ± std over the seeds that met the budget):", ""]
-    lines += _details(doc)
+    lines += _details(doc) + _dtype_mix(doc)
     for cell, why in doc.get("infeasible", {}).items():
         lines.append(f"- Not feasible: {cell}: {why}.")
     return "\n".join(lines) + "\n"
@@ -410,6 +435,24 @@ def _front_lines(doc: Dict[str, Any]) -> List[str]:
                   f"{r['front_with_retrains_seconds']:.1f} | {r['ham_with_retrain_seconds']:.1f} | "
                   f"{r['ham_all_budgets_with_retrains_seconds']:.1f} |" for r in rows]
     return lines
+
+
+def _dtype_mix(doc: Dict[str, Any]) -> List[str]:
+    """For the serving-byte methods: how many kept tables each serving dtype got, summed over the seeds."""
+    mix: Dict[Tuple[str, float], Dict[str, int]] = {}
+    for r in doc["records"]:
+        if r["feasible"] and "dtypes" in r:
+            cell = mix.setdefault((r["method"], r["budget"]), {})
+            for q in r["dtypes"].values():
+                cell[q] = cell.get(q, 0) + 1
+    if not mix:
+        return []
+    lines = ["", "Serving dtypes of the kept tables (tables per dtype, summed over the seeds that met the budget):", "",
+             "| method | budget | fp32 | fp16 | int8 | int4 |", "|---|---|---|---|---|---|"]
+    for (method, budget), cell in mix.items():
+        lines.append(f"| {method} | {budget:g} | " + " | ".join(str(cell.get(q, 0)) for q in ("fp32", "fp16", "int8", "int4"))
+                     + " |")
+    return lines + [""]
 
 
 def _details(doc: Dict[str, Any]) -> List[str]:
@@ -450,7 +493,7 @@ def plot_quality(doc: Dict[str, Any], path: str | Path) -> None:
     ax.plot([b / 2**20 for b, _ in front], [a for _, a in front], "k--", lw=1, zorder=0)
     ax.scatter([b / 2**20 for b, _ in front], [a for _, a in front], s=140, facecolors="none", edgecolors="k",
                label="Pareto front")
-    ax.set_xlabel("embedding bytes (MiB, weights + optimizer state)")
+    ax.set_xlabel(f"embedding bytes (MiB, {UNIT_WORDS[doc.get('bytes_unit', 'train')].split(';')[0]})")
     ax.set_ylabel("test AUC")
     ax.set_title(f"test AUC vs bytes (mean ± std over {doc['seeds']} seed(s))", fontsize=10)
     ax.grid(alpha=0.3)

@@ -23,6 +23,8 @@ class SearchMethod:
         compact (str): "module:function" of retrain's builder of the compact model of its dims file,
             `fn(cfg, dims, full_tables, meta) -> (model, tables, warm_start)`.
         summary (str): one line for docs and errors.
+        budget (str): what `search.budget` is a fraction of: "train" (weights + optimizer state) or
+            "serving" (the fp32 serving bytes; the dims file's `extra["serving"]` holds its figures).
 
     Example::
 
@@ -33,6 +35,7 @@ class SearchMethod:
     search: str
     compact: str
     summary: str
+    budget: str = "train"
 
 
 _COLUMNS = "sharded_mde.search.retrain:compact_ham"  # column-kept dims: the kept columns of each full table
@@ -50,6 +53,14 @@ METHODS: Dict[str, SearchMethod] = {m.name: m for m in (
                  "the trained full model's column saliency (docs/baselines.md)"),
     SearchMethod("pme", "sharded_mde.search.pme:run_pme", "sharded_mde.search.pme:compact_pme",
                  "token-wise sizes, one table per (field, size) group (docs/pme.md)"),
+    SearchMethod("dims", "sharded_mde.search.precision:run_dims", _COLUMNS,
+                 "HAM's column signal, every table fp32, under the serving-byte budget (docs/precision.md)",
+                 "serving"),
+    SearchMethod("precision", "sharded_mde.search.precision:run_precision", _COLUMNS,
+                 "one uniform dim and one serving dtype for every table (docs/precision.md)", "serving"),
+    SearchMethod("joint", "sharded_mde.search.precision:run_joint", _COLUMNS,
+                 "dim and serving dtype per table, exact knapsack under the serving-byte budget "
+                 "(docs/precision.md)", "serving"),
     SearchMethod("planted_oracle", "", _COLUMNS, "the planted ranks' dims, written by tools/planted_oracle.py"),
 )}
 

@@ -133,9 +133,10 @@ def load_dense(model: nn.Module, dense: Dict[str, torch.Tensor]) -> None:
 
 def train_record(cfg: RunConfig) -> Dict[str, Any]:
     """What makes two compact trainings of the same dims identical: the train and data config, the warm-start flag."""
+    qat = {"qat_fraction": cfg.search.precision.qat_fraction} if cfg.search.precision.qat_fraction else {}
     return json.loads(json.dumps({"train": dataclasses.asdict(cfg.train), "data_dir": cfg.data.dir,
                                   "warm_start": cfg.search.retrain_warm_start,
-                                  "retrain_embedding_lr": cfg.search.retrain_embedding_lr}))
+                                  "retrain_embedding_lr": cfg.search.retrain_embedding_lr, **qat}))
 
 
 def reuse_check(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> bool:
@@ -164,6 +165,7 @@ def reuse_check(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> boo
 def train_compact(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> Tuple[Dict[str, Any], bool]:
     """Trains the compact model of `dims` in `<run_dir>/<stage>/`; (train_stage's metrics, warm-started?)."""
     from sharded_mde.data import DatasetMeta
+    from sharded_mde.search.precision import qat_callbacks, served_metrics
     from sharded_mde.train.run import train_stage
 
     meta = DatasetMeta.load(cfg.data.dir)
@@ -174,8 +176,9 @@ def train_compact(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> T
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=dims.data_dir))
     if cfg.search.retrain_embedding_lr:  # every method's compact model alike
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, embedding_lr=cfg.search.retrain_embedding_lr))
-    _, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm)
-    return metrics, warm is not None
+    trainer, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm,
+                                   callbacks=qat_callbacks(cfg, dims) or None)
+    return served_metrics(trainer, dims, metrics), warm is not None  # per-table dtypes: scored as served
 
 
 def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Optional[str] = None) -> Dict[str, Any]:
@@ -190,7 +193,7 @@ def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Opti
                "budget_fraction": dims.budget_fraction, "budget_bytes": dims.budget_bytes,
                "kept_bytes": dims.kept_bytes, "full_bytes": dims.full_bytes, "test": metrics["test"],
                "valid": metrics["valid"], "steps": metrics["steps"], "train_seconds": metrics["train_seconds"],
-               "reused_check_training": reused}
+               "reused_check_training": reused, **{k: metrics[k] for k in ("served_dtypes", "fp32") if k in metrics}}
     if env.is_main:
         atomic_write_json(Path(cfg.run_dir) / stage / "retrain.json", summary)
     return summary
