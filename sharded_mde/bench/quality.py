@@ -426,7 +426,7 @@ def _front_lines(doc: Dict[str, Any]) -> List[str]:
             lines.append(f"| {b:g} | infeasible | infeasible |")
     rows = doc.get("front_time") or []
     if rows:
-        lines += ["", f"Search time, side by side in this bench: the whole front (one search) against one `ham` "
+        lines += ["", "Search time, side by side in this bench: the whole front (one search) against one `ham` "
                   "search (mean over the budgets), per seed; then each with its retrains (the front: every point's; "
                   "`ham`: one budget's, which reuses its check's training).", "",
                   "| seed | front search s | ham search s | ratio | front + retrains s | ham + retrain s | "
