@@ -7,7 +7,7 @@ from torchrec.modules.embedding_configs import DataType
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
 from sharded_mde.config import ConfigError, RunConfig, from_dict
-from sharded_mde.modules.fake_quant import fake_quantized, served_dtypes
+from sharded_mde.search.fake_quant import fake_quantized, served_dtypes
 from sharded_mde.dims import TableDims, TokenGroup
 
 from sharded_mde.dims import SCALE_BIAS_BYTES
@@ -103,7 +103,7 @@ def test_quant_aware_tables_straight_through():
     from types import SimpleNamespace
 
     from sharded_mde.export.quantize import fake_quantize_table
-    from sharded_mde.modules.fake_quant import QuantAwareTables
+    from sharded_mde.search.fake_quant import QuantAwareTables
 
     ebc, _ = _ebc()
     trainer = SimpleNamespace(dmp=ebc, total_steps=10)

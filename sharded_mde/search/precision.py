@@ -15,7 +15,7 @@ The signal, computed once per run directory and shared by every budget (`<run_di
 a HAM supernet (the `ham` search's supernet, its byte target `search.precision.signal_budget` of the
 training bytes, default 1: only the loss prunes, so that wide widths stay measurable) and, on the validation split, per table t, width d (HAM's measured widths: the
 doubling grid up to its kept count) and dtype q the log loss with t at its top d columns (mask order)
-fake-quantised to q over those d columns (`modules/fake_quant.py`, FBGEMM's own quantiser and
+fake-quantised to q over those d columns (`search/fake_quant.py`, FBGEMM's own quantiser and
 dequantiser), every other table at the supernet's own mask in fp32. Worth of (t, d, q) = minus that
 loss, linear between measured widths and flat past the widest (HAM's `interpolate`): the loss effects
 of columns and precision of different tables are taken as additive.
@@ -45,7 +45,7 @@ from sharded_mde.config import RunConfig
 from sharded_mde.dims import (CandidateCheck, CandidateScore, DimsFile, InfeasibleBudget, budget_bytes, dim_cap,
                               serving_bytes_of, serving_table_bytes)
 from sharded_mde.io import atomic_write_json, read_json
-from sharded_mde.modules.fake_quant import QuantAwareTables, fake_quantized
+from sharded_mde.search.fake_quant import QuantAwareTables, fake_quantized
 from sharded_mde.modules.masked_ebc import find_gate
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import BudgetController, make_dims_file
@@ -377,7 +377,7 @@ QAT_DTYPES = ("int8", "int4")  # the dtypes quantisation-aware fine-tuning train
 def qat_callbacks(cfg: RunConfig, dims: DimsFile) -> List[QuantAwareTables]:
     """With `search.precision.qat_fraction` > 0, the callback that trains the int8/int4 tables of `dims`
     quantisation-aware over that last fraction of the compact model's training; else []."""
-    from sharded_mde.modules.fake_quant import served_dtypes
+    from sharded_mde.search.fake_quant import served_dtypes
 
     dtypes = {n: q for n, q in served_dtypes(dims.tables).items() if q in QAT_DTYPES}
     fraction = cfg.search.precision.qat_fraction
@@ -389,7 +389,7 @@ def served_metrics(trainer: Any, dims: DimsFile, metrics: Dict[str, Any]) -> Dic
     """`metrics` of a trained compact model with its valid and test scores replaced by those of the model
     with every table fake-quantised to its dims-file dtype (what the exported model serves); the fp32
     scores stay under "fp32". Unchanged when every table is fp32."""
-    from sharded_mde.modules.fake_quant import served_dtypes
+    from sharded_mde.search.fake_quant import served_dtypes
 
     dtypes = served_dtypes(dims.tables)
     if not dtypes:
