@@ -358,11 +358,12 @@ def check_against_tables(dims: DimsFile, full_tables: Sequence[Any], where: str 
         raise ValueError(f"{where}: table {missing[0]} of the model is missing from the dims file")
 
 
-def serving_dtypes(dims: DimsFile, default: str) -> Dict[str, str]:
-    """The serving dtype of each table a compact model of `dims` holds, by name (PME: each group table
-    `<table>_s<size>`): the entry's own dtype, a group's falling back to its table's, then `default` (export.dtype)."""
+def serving_dtypes(tables: Sequence[TableDims], default: str) -> Dict[str, str]:
+    """The serving dtype of each table a compact model of these dims-file entries holds, by name (PME: each
+    group table `<table>_s<size>`): the entry's own dtype, a group's falling back to its table's, then
+    `default` (export.dtype)."""
     out: Dict[str, str] = {}
-    for t in dims.tables:
+    for t in tables:
         out[t.name] = t.dtype or default
         for g in t.groups:
             out[group_name(t.name, g.size)] = g.dtype or t.dtype or default

@@ -335,7 +335,7 @@ def export_compact(
                          "bag collections, and token-group modules with their PME dims file, can)")
     gates = hard_gates(sparse_state, tables)
     jobs = _plan_jobs(reader, tables, dims, gates)
-    dtypes = serving_dtypes(dims, export_cfg.dtype) if dims is not None else {}
+    dtypes = serving_dtypes(dims.tables, export_cfg.dtype) if dims is not None else {}
     dtype_of = {job.config.name: dtypes.get(job.config.name, export_cfg.dtype) for job in jobs.values()}
     for job in jobs.values():
         check_dim(int(job.kept.numel()), dtype_of[job.config.name], job.config.name)

@@ -33,7 +33,7 @@ def plan_and_report(cfg: RunConfig, dims: DimsFile, dims_path: str, out: Path) -
     fits = {"full": fit_plan(full, cfg.plan, bags), "compact": fit_plan(compact, cfg.plan, bags)}
     seconds = time.perf_counter() - start
     rep = memory_report(full, compact, cfg.plan, fits["full"], fits["compact"], row_alignment=cfg.export.row_alignment,
-                        dtypes=serving_dtypes(dims, cfg.export.dtype))
+                        dtypes=serving_dtypes(dims.tables, cfg.export.dtype))
     rep["source"] = {"dims_file": dims_path, "method": dims.method, "budget_fraction": dims.budget_fraction,
                      **({"rule": dataclasses.asdict(dims.rule)} if dims.rule else {}),
                      **({"caps": dataclasses.asdict(dims.caps)} if dims.caps else {}),

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from sharded_mde.dims import TableDims, group_name
+from sharded_mde.dims.file import serving_dtypes
 from sharded_mde.export.quantize import fake_quantize_table
 from sharded_mde.train.state import table_of
 
@@ -78,18 +79,11 @@ def fake_quantized(model: nn.Module, dtypes: Mapping[str, str],
 
 
 def served_dtypes(tables: Sequence[TableDims]) -> Dict[str, str]:
-    """Model table -> serving dtype other than fp32, from dims-file entries: a kept table's own dtype, and for
-    PME each token group's table (`group_name(table, size)`) at its group's dtype ("" = its table's)."""
-    out = {}
-    for t in tables:
-        if t.groups:
-            for g in t.groups:
-                q = g.dtype or t.dtype
-                if g.size and g.rows and q not in ("", "fp32"):
-                    out[group_name(t.name, g.size)] = q
-        elif t.dim and t.dtype not in ("", "fp32"):
-            out[t.name] = t.dtype
-    return out
+    """Model table -> serving dtype other than fp32, for the tables a compact model of these dims-file entries
+    holds with rows (`dims.file.serving_dtypes`, fp32 where none is set)."""
+    held = {group_name(t.name, g.size) for t in tables for g in t.groups if g.size and g.rows}
+    held |= {t.name for t in tables if not t.groups and t.dim}
+    return {name: q for name, q in serving_dtypes(tables, "fp32").items() if name in held and q != "fp32"}
 
 
 class QuantAwareTables:
