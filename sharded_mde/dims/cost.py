@@ -104,12 +104,16 @@ def floor_bytes(tables: Sequence[Any], weight_dtype: str = "fp32", optimizer: st
 def smallest_feasible_fraction(tables: Sequence[Any], weight_dtype: str = "fp32", optimizer: str = "rowwise_adagrad",
                                dropped: Collection[str] = ()) -> float:
     """The smallest budget fraction (4 decimals, rounded up) whose bytes hold `floor_bytes`."""
-    full = full_bytes(tables, weight_dtype, optimizer)
     need = floor_bytes(tables, weight_dtype, optimizer, dropped)
+    return min(1.0, fraction_holding(need, full_bytes(tables, weight_dtype, optimizer)))
+
+
+def fraction_holding(need: int, full: int) -> float:
+    """The smallest budget fraction (4 decimals, rounded up) whose bytes, floor(fraction x full), hold `need`."""
     f = math.ceil(need / full * 1e4) / 1e4
-    while math.floor(f * full) < need:  # float rounding: step up until the budget holds the floor
+    while math.floor(f * full) < need:  # float rounding: step up until the budget holds `need`
         f += 1e-4
-    return min(1.0, f)
+    return f
 
 
 def check_feasible(tables: Sequence[Any], fraction: float, weight_dtype: str = "fp32",

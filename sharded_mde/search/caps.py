@@ -34,7 +34,7 @@ from sharded_mde.plan.fit_caps import busiest_unconstrained, fit_dims, plan_at_c
 from sharded_mde.plan.sharding import save_plan
 from sharded_mde.plan.tables import full_table_configs, mean_bag_lengths
 from sharded_mde.search.budget import BudgetController, column_worth, make_dims_file
-from sharded_mde.search.ham import WEIGHT_DTYPE, build_supernet
+from sharded_mde.search.ham import WEIGHT_DTYPE, build_supernet, controller_settings
 from sharded_mde.search.ham_check import top_columns
 from sharded_mde.search.report import save_search_result
 from sharded_mde.train.distributed import DistEnv
@@ -134,10 +134,7 @@ def run_ham_caps(cfg: RunConfig, env: DistEnv, stage: str = "ham", ranks: Option
     torch.manual_seed(cfg.train.seed)  # the same supernet in every run (and on every rank)
     model = build_supernet(cfg, tables, meta.sparse_features, len(meta.dense_features))
     gate = find_gate(model)
-    controller = CapsController(gate, tables, cfg.plan, s.caps_replan_every, bags, dual_lr=s.dual_lr,
-                                weight_dtype=WEIGHT_DTYPE, optimizer=optimizer, warmup=s.warmup, prune=s.prune,
-                                lambda_init=s.lambda_init, tol=s.dual_tol, mask_lr=s.mask_lr,
-                                batch_size=cfg.train.batch_size * env.world_size)
+    controller = CapsController(gate, tables, cfg.plan, s.caps_replan_every, bags, **controller_settings(cfg, env))
     search_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=s.epochs))
     t0 = time.perf_counter()
     trainer, metrics = train_stage(search_cfg, env, stage, model=model, tables=tables, callbacks=[controller])

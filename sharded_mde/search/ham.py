@@ -45,6 +45,15 @@ def build_supernet(cfg: RunConfig, tables: List, features: List[str], dense_in: 
     return build_model(cfg.model, tables, features, dense_in, sparse_arch=masked, device=device)
 
 
+def controller_settings(cfg: RunConfig, env: DistEnv) -> Dict[str, Any]:
+    """The budget controller's keywords that every supernet search takes from the run config: the dual ascent,
+    the pruning schedule, the mask's rate, the byte model and the global batch."""
+    s = cfg.search
+    return dict(dual_lr=s.dual_lr, weight_dtype=WEIGHT_DTYPE, optimizer=cfg.train.embedding_optimizer,
+                warmup=s.warmup, prune=s.prune, lambda_init=s.lambda_init, tol=s.dual_tol, mask_lr=s.mask_lr,
+                batch_size=cfg.train.batch_size * env.world_size)
+
+
 def run_ham(cfg: RunConfig, env: DistEnv, stage: str = "ham", ranks: Optional[Dict[str, int]] = None) -> DimsFile:
     """Runs (or resumes) the HAM search in `<run_dir>/<stage>/` and writes its dims file, trace and PNG.
 
@@ -69,9 +78,8 @@ def run_ham(cfg: RunConfig, env: DistEnv, stage: str = "ham", ranks: Optional[Di
     torch.manual_seed(cfg.train.seed)  # the same supernet in every run (and on every rank)
     model = build_supernet(cfg, tables, meta.sparse_features, len(meta.dense_features))
     gate = find_gate(model)
-    controller = BudgetController(gate, tables, budget_bytes(tables, s.budget, WEIGHT_DTYPE, optimizer), s.dual_lr,
-                                  WEIGHT_DTYPE, optimizer, s.warmup, s.prune, s.lambda_init, s.dual_tol, s.mask_lr,
-                                  cfg.train.batch_size * env.world_size)
+    controller = BudgetController(gate, tables, budget_bytes(tables, s.budget, WEIGHT_DTYPE, optimizer),
+                                  **controller_settings(cfg, env))
     search_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfg.search.epochs))
     t0 = time.perf_counter()
     trainer, metrics = train_stage(search_cfg, env, stage, model=model, tables=tables, callbacks=[controller])

@@ -33,7 +33,8 @@ from sharded_mde.io import atomic_write_json
 from sharded_mde.modules.masked_ebc import find_gate
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import BudgetController, make_dims_file
-from sharded_mde.search.ham import WEIGHT_DTYPE, Measured, build_supernet, check_allocation, measure_allocation
+from sharded_mde.search.ham import (WEIGHT_DTYPE, Measured, build_supernet, check_allocation, controller_settings,
+                                    measure_allocation)
 from sharded_mde.search.ham_check import gate_scorer, top_columns
 from sharded_mde.search.report import save_search_result
 from sharded_mde.train.distributed import DistEnv
@@ -94,9 +95,8 @@ def run_ham_front(cfg: RunConfig, env: DistEnv, stage: str = "ham",
         rec.update(candidates=m.candidates, notes=m.notes, preview_valid=score(top_columns(m.order, m.candidates["ham"])))
         return rec
 
-    controller = BudgetController(gate, tables, budget_bytes(tables, walk[-1], WEIGHT_DTYPE, optimizer), s.dual_lr,
-                                  WEIGHT_DTYPE, optimizer, s.warmup, s.prune, s.lambda_init, s.dual_tol, s.mask_lr,
-                                  cfg.train.batch_size * env.world_size,
+    controller = BudgetController(gate, tables, budget_bytes(tables, walk[-1], WEIGHT_DTYPE, optimizer),
+                                  **controller_settings(cfg, env),
                                   walk=[budget_bytes(tables, b, WEIGHT_DTYPE, optimizer) for b in walk],
                                   on_point=on_point)
     search_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=s.epochs))

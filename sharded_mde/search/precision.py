@@ -44,20 +44,20 @@ from torchrec import EmbeddingBagConfig
 from sharded_mde.config import RunConfig
 from sharded_mde.dims import (CandidateCheck, CandidateScore, DimsFile, InfeasibleBudget, budget_bytes, dim_cap,
                               serving_bytes_of, serving_table_bytes)
+from sharded_mde.dims.cost import DIM_MULTIPLE, fraction_holding
 from sharded_mde.io import atomic_write_json, read_json
 from sharded_mde.search.fake_quant import QuantAwareTables, fake_quantized
 from sharded_mde.modules.masked_ebc import find_gate
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.search.budget import BudgetController, make_dims_file
+from sharded_mde.search.ham import WEIGHT_DTYPE, build_supernet, controller_settings
 from sharded_mde.search.ham_check import gate_scorer, harmless_drops, interpolate, measured_widths, top_columns
 from sharded_mde.search.knapsack import Option, choose
 from sharded_mde.search.report import save_search_result
 from sharded_mde.train.distributed import DistEnv
 
-WEIGHT_DTYPE = "fp32"  # tables train in fp32; precision is a serving choice
 SIGNAL_STAGE = "precision_signal"
 TRAININGS_STAGE = "precision_trainings"  # the candidates' compact trainings, one per dims, shared by every method and budget
-MULTIPLE = 4
 
 
 # --------------------------------------------------------------------------- serving bytes
@@ -72,14 +72,6 @@ def serving_budget(tables: Sequence[EmbeddingBagConfig], fraction: float, row_al
 def allocation_bytes(tables: Sequence[EmbeddingBagConfig], alloc: Mapping[str, Tuple[int, str]], row_alignment: int) -> int:
     """Serving bytes of (dim, dtype) per table (dim 0: dropped, no bytes)."""
     return sum(serving_table_bytes(t.num_embeddings, alloc[t.name][0], alloc[t.name][1], row_alignment) for t in tables)
-
-
-def smallest_fraction(need: int, full: int) -> float:
-    """The smallest budget fraction (4 decimals, rounded up) whose bytes hold `need` of `full`."""
-    f = math.ceil(need / full * 1e4) / 1e4
-    while math.floor(f * full) < need:
-        f += 1e-4
-    return f
 
 
 # --------------------------------------------------------------------------- the shared signal
@@ -103,7 +95,6 @@ def precision_signal(cfg: RunConfig, env: DistEnv) -> Dict[str, Any]:
     import time
 
     from sharded_mde.data import DatasetMeta
-    from sharded_mde.search.ham import build_supernet
     from sharded_mde.train.run import train_stage
 
     out = Path(cfg.run_dir) / SIGNAL_STAGE
@@ -124,9 +115,8 @@ def precision_signal(cfg: RunConfig, env: DistEnv) -> Dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     model = build_supernet(scfg, tables, meta.sparse_features, len(meta.dense_features))
     gate = find_gate(model)
-    controller = BudgetController(gate, tables, budget_bytes(tables, p.signal_budget, WEIGHT_DTYPE, optimizer), s.dual_lr,
-                                  WEIGHT_DTYPE, optimizer, s.warmup, s.prune, s.lambda_init, s.dual_tol, s.mask_lr,
-                                  cfg.train.batch_size * env.world_size)
+    controller = BudgetController(gate, tables, budget_bytes(tables, p.signal_budget, WEIGHT_DTYPE, optimizer),
+                                  **controller_settings(cfg, env))
     trainer, metrics = train_stage(scfg, env, SIGNAL_STAGE, model=model, tables=tables, callbacks=[controller])
     values = gate.table_values()
     order = {n: torch.argsort(v.double(), descending=True, stable=True) for n, v in values.items()}
@@ -180,8 +170,8 @@ def table_options(t: EmbeddingBagConfig, entry: Mapping[str, Any], dtypes: Seque
     opts: List[Option] = [((0, "fp32"), 0, worth_table(entry, "fp32")[0])] if droppable else []
     for q in dtypes:
         w = worth_table(entry, q)
-        for d in range(MULTIPLE, entry["cap"] + 1, MULTIPLE):
-            opts.append(((d, q), serving_table_bytes(t.num_embeddings, d, q, row_alignment), w[d // MULTIPLE]))
+        for d in range(DIM_MULTIPLE, entry["cap"] + 1, DIM_MULTIPLE):
+            opts.append(((d, q), serving_table_bytes(t.num_embeddings, d, q, row_alignment), w[d // DIM_MULTIPLE]))
     return opts
 
 
@@ -197,8 +187,8 @@ def select(tables: Sequence[EmbeddingBagConfig], sig: Mapping[str, Any], dtypes:
         kept = "every field" if not droppable else f"every field but {', '.join(sorted(droppable))}"
         raise InfeasibleBudget(
             f"search.budget {fraction:g} ({budget:,} B of {full:,} B fp32 serving bytes) is not feasible for {method}: "
-            f"{kept} at dim {MULTIPLE} in {'/'.join(dtypes)} needs {need:,} B; the smallest feasible budget is "
-            f"{smallest_fraction(need, full):.4f}")
+            f"{kept} at dim {DIM_MULTIPLE} in {'/'.join(dtypes)} needs {need:,} B; the smallest feasible budget is "
+            f"{fraction_holding(need, full):.4f}")
     alloc, _, _ = choose(options, budget)
     return alloc
 
@@ -336,7 +326,7 @@ def run_dims(cfg: RunConfig, env: DistEnv, stage: str = "dims", ranks: Optional[
 def uniform_serving_fit(tables: Sequence[EmbeddingBagConfig], budget: int, dtype: str, row_alignment: int) -> int:
     """The largest uniform legal dim (each table at most its full dim) whose serving bytes as `dtype` fit; 0 if none."""
     best = 0
-    for d in range(MULTIPLE, max(t.embedding_dim for t in tables) + 1, MULTIPLE):
+    for d in range(DIM_MULTIPLE, max(t.embedding_dim for t in tables) + 1, DIM_MULTIPLE):
         alloc = {t.name: (min(d, t.embedding_dim), dtype) for t in tables}
         if allocation_bytes(tables, alloc, row_alignment) > budget:
             break
@@ -353,11 +343,11 @@ def run_precision(cfg: RunConfig, env: DistEnv, stage: str = "precision",
     full, budget = serving_budget(tables, cfg.search.budget, align)
     candidates = uniform_candidates(tables, budget, cfg.search.precision.dtypes, align)
     if not candidates:
-        need = min(allocation_bytes(tables, {t.name: (MULTIPLE, q) for t in tables}, align)
+        need = min(allocation_bytes(tables, {t.name: (DIM_MULTIPLE, q) for t in tables}, align)
                    for q in cfg.search.precision.dtypes)
         raise InfeasibleBudget(f"search.budget {cfg.search.budget:g} ({budget:,} B of {full:,} B fp32 serving bytes) is "
-                               f"not feasible for precision: every table at dim {MULTIPLE} in the cheapest dtype needs "
-                               f"{need:,} B; the smallest feasible budget is {smallest_fraction(need, full):.4f}")
+                               f"not feasible for precision: every table at dim {DIM_MULTIPLE} in the cheapest dtype needs "
+                               f"{need:,} B; the smallest feasible budget is {fraction_holding(need, full):.4f}")
     check = check_allocations(cfg, env, tables, full, budget, "precision", candidates,
                               "best validation AUC of each dtype's largest fitting uniform dim, trained in fp32 as "
                               "retrain would and scored with every table fake-quantised to the dtype")
