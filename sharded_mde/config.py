@@ -293,10 +293,10 @@ class ModelConfig:
     over_arch: List[int] = field(default_factory=lambda: [64, 32, 1])
     dcn_layers: int = 2
     dcn_rank: int = 16
-    # dlrm head, a field whose width equals the interaction dim (dense_arch[-1]): project (a learned
-    # Linear(D -> D) like every narrower field) | identity (passed through, no parameters: the
-    # reference MD-embeddings code, and stock DLRM when every field is at D)
-    full_width: str = "project"
+    # dlrm head, a field whose width equals the interaction dim (dense_arch[-1]): identity (passed
+    # through, no parameters: the reference MD-embeddings code, and stock DLRM when every field is at D)
+    # | project (a learned Linear(D -> D) like every narrower field)
+    full_width: str = "identity"
     pooling: Dict[str, str] = field(default_factory=dict)  # feature -> sum | mean (bag pooling); unlisted: sum
 
     def validate(self) -> None:

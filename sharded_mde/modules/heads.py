@@ -56,15 +56,15 @@ class MixedDimDLRM(_MixedDimHead):
     """DLRM over per-field embeddings of any width: Linear(d_f -> D) per field, then DLRM arches.
 
     The projections of all fields of one width run as one batched matmul. `full_width` says what a
-    field already at the interaction width D gets: "project" a learned Linear(D -> D) like every
-    other field; "identity" no projection and no parameters (`nn.Identity` in `projections`), which
-    is the reference MD-embeddings code: facebookresearch/dlrm `tricks/md_embedding_bag.py`,
-    `PrEmbeddingBag`, uses `nn.Identity()` when `embedding_dim == base_dim` and a Linear only when
-    `embedding_dim < base_dim`. With every field at D, "identity" is stock DLRM (the same logits for
-    the same weights); a field of any other width keeps its learned projection, and so does a field
-    in `projected`: a wider field cut to width D (a compact model sliced from a supernet) keeps its
-    learned Linear(D -> D), so a head rebuilt from a saved state names those fields
-    (`projected_fields` of the state's keys).
+    field already at the interaction width D gets: "identity" (the default) no projection and no
+    parameters (`nn.Identity` in `projections`), which is the reference MD-embeddings code:
+    facebookresearch/dlrm `tricks/md_embedding_bag.py`, `PrEmbeddingBag`, uses `nn.Identity()` when
+    `embedding_dim == base_dim` and a Linear only when `embedding_dim < base_dim`; "project" a
+    learned Linear(D -> D) like every other field. With every field at D, "identity" is stock DLRM
+    (the same logits for the same weights); a field of any other width keeps its learned projection,
+    and so does a field in `projected`: a wider field cut to width D (a compact model sliced from a
+    supernet) keeps its learned Linear(D -> D), so a head rebuilt from a saved state names those
+    fields (`projected_fields` of the state's keys).
 
     Stock `torchrec.models.dlrm.DLRM` asserts one dim for every table, so the compact model after a
     search uses this head (a searched model trains with `DLRM` itself: during the search every table
@@ -76,7 +76,7 @@ class MixedDimDLRM(_MixedDimHead):
         dense_in_features (int): dense input width.
         dense_arch_layer_sizes (List[int]): the dense MLP; its last size D is the interaction width.
         over_arch_layer_sizes (List[int]): the over MLP, ending in 1.
-        full_width (str): "project" (default) or "identity": see above.
+        full_width (str): "identity" (default) or "project": see above.
         projected (Collection[str]): fields at width D that keep a Linear under "identity".
 
     Example::
@@ -95,7 +95,7 @@ class MixedDimDLRM(_MixedDimHead):
         dense_in_features: int,
         dense_arch_layer_sizes: List[int],
         over_arch_layer_sizes: List[int],
-        full_width: str = "project",
+        full_width: str = "identity",
         projected: Collection[str] = (),
     ) -> None:
         super().__init__(sparse_arch, feature_dims, dense_in_features, dense_arch_layer_sizes)
@@ -263,7 +263,7 @@ def build_head(
     over_arch_layer_sizes: List[int],
     dcn_layers: int = 2,
     dcn_rank: int = 16,
-    full_width: str = "project",
+    full_width: str = "identity",
     projected: Collection[str] = (),
 ) -> nn.Module:
     """The head named by `ModelConfig.head` ("dlrm" or "dcn") around `sparse_arch` (`full_width`, `projected`: the DLRM head's)."""
