@@ -99,3 +99,21 @@ def test_movielens_precision_config_is_movielens_with_the_serving_search() -> No
     assert (cfg.data, cfg.model, cfg.train) == (base.data, base.model, base.train)
     assert (cfg.search.pme, cfg.search.retrain_embedding_lr) == (base.search.pme, base.search.retrain_embedding_lr)
     assert cfg.search.method == "joint" and cfg.search.precision.dtypes == DTYPES and cfg.export.row_alignment == 1
+
+
+def test_run_of_the_field_wise_joint_prints_the_budget_bytes_and_equal_aucs(tmp_path: Path) -> None:
+    path = _config(tmp_path, "run")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"]["embedding_dim"] = 16
+    cfg["search"] = {"method": "joint", "budget": 0.125, "epochs": 1, "allow_drop": True, "drop_tolerance": 0.01,
+                     "precision": {"dtypes": DTYPES}}
+    cfg["export"] = {"row_alignment": 1}
+    path.write_text(yaml.safe_dump(cfg))
+    out = _run([str(path)])
+    sv = json.loads((tmp_path / "run" / "summary.json").read_text())["serving"]
+    dims = load_dims(tmp_path / "run" / "joint" / "dims.json")
+    kept = sum(serving_table_bytes(t.num_embeddings, t.dim, t.dtype, 1) for t in dims.tables if t.dim)
+    assert sv["export_table_bytes"] == sv["kept_bytes"] == kept <= sv["budget_bytes"] == math.floor(0.125 * sv["full_bytes"])
+    tol = 0.0 if all(t.dtype == "fp32" for t in dims.tables if t.dim) else 1e-4
+    assert abs(sv["served_auc"] - sv["retrain_auc"]) <= tol
+    assert f"budget {sv['budget_bytes']:,} B of {sv['full_bytes']:,} B" in out

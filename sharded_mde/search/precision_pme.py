@@ -134,6 +134,11 @@ def select_groups(sig: Mapping[str, Any], dtypes: Sequence[str], budget: int, fu
                           f"every group table at its smallest width in {'/'.join(dtypes)}")
 
 
+def _groups_bytes(groups: Sequence[TokenGroup], features: int, model: ByteModel) -> int:
+    """Training bytes of a table's group tables and its features' projections (PME's byte model)."""
+    return histogram_bytes([g.rows for g in groups], [g.size for g in groups], features, model)
+
+
 def joint_pme_dims(cfg: RunConfig, pme: DimsFile, alloc: Mapping[str, Tuple[int, str]],
                    tables: Sequence[EmbeddingBagConfig], full: int, budget: int, extra: Dict[str, Any]) -> DimsFile:
     """PME's dims file with each group at its chosen (size, dtype): group bytes and projections recounted at the new
@@ -146,13 +151,9 @@ def joint_pme_dims(cfg: RunConfig, pme: DimsFile, alloc: Mapping[str, Tuple[int,
         new = {g.size: alloc[group_name(t.name, g.size)] if g.size and g.rows else (g.size, "") for g in t.groups}
         groups = [TokenGroup(new[g.size][0], g.rows, model.group(g.rows, new[g.size][0]), new[g.size][1])
                   for g in t.groups]
-
-        def tables_and_projections(gs: Sequence[TokenGroup]) -> int:
-            return histogram_bytes([g.rows for g in gs], [g.size for g in gs], len(t.features), model)
-
-        routing = t.bytes - tables_and_projections(t.groups)
+        routing = t.bytes - _groups_bytes(t.groups, len(t.features), model)
         entries.append(dataclasses.replace(t, dim=max(g.size for g in groups), groups=groups,
-                                           bytes=tables_and_projections(groups) + routing))
+                                           bytes=_groups_bytes(groups, len(t.features), model) + routing))
         reserved[t.name] = [new[s][0] for s in pme.pme.reserved_sizes.get(t.name, [])]
     record = dataclasses.replace(pme.pme, reserved_sizes=reserved, tokens={})  # token statistics: the signal's file
     served = {group_name(t.name, g.size): (g.rows, g.size, g.dtype) for t in entries for g in t.groups if g.size and g.rows}
