@@ -23,17 +23,23 @@ BUDGET = 0.2  # tiny tables: every quantised group table is padded to a 128-byte
 DTYPES = ["fp32", "fp16", "int8", "int4"]
 
 
-@pytest.fixture(scope="module")
-def joint_pme_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    tmp = tmp_path_factory.mktemp("joint_pme")
-    path = _config(tmp, "run")
+def _joint_pme_config(tmp: Path, name: str, sharding: str = "table_wise") -> Path:
+    path = _config(tmp, name)
     cfg = yaml.safe_load(path.read_text())
     cfg["data"].update(synth_rows=6000, synth_num_sparse=6, synth_tail_capacity=True)
     cfg["model"]["embedding_dim"] = 16
+    cfg["train"]["sharding"] = sharding
     cfg["search"] = {"method": "joint_pme", "budget": BUDGET, "pme": {"score_fraction": 0.1},
                      "precision": {"dtypes": DTYPES, "pme_signal_scale": 4.0}}
     cfg["export"] = {"row_alignment": 1}
     path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def joint_pme_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    tmp = tmp_path_factory.mktemp("joint_pme")
+    path = _joint_pme_config(tmp, "run")
     return path, tmp / "run", _run([str(path)])
 
 
@@ -117,3 +123,23 @@ def test_run_of_the_field_wise_joint_prints_the_budget_bytes_and_equal_aucs(tmp_
     tol = 0.0 if all(t.dtype == "fp32" for t in dims.tables if t.dim) else 1e-4
     assert abs(sv["served_auc"] - sv["retrain_auc"]) <= tol
     assert f"budget {sv['budget_bytes']:,} B of {sv['full_bytes']:,} B" in out
+
+
+def test_joint_pme_on_two_row_wise_ranks_fits_and_serves_its_final_evaluation(joint_pme_run: tuple) -> None:
+    _, run1, _ = joint_pme_run
+    path = _joint_pme_config(run1.parent, "run2", sharding="row_wise")
+    _run([str(path)], nproc=2)
+    run2 = run1.parent / "run2"
+    dims = load_dims(run2 / "joint_pme" / "dims.json")
+    groups = _groups(dims)
+    sv = json.loads((run2 / "summary.json").read_text())["serving"]
+    kept = sum(serving_table_bytes(g.rows, g.size, g.dtype, 1) for g in groups.values())
+    assert sv["export_table_bytes"] == sv["kept_bytes"] == kept <= sv["budget_bytes"]
+    # on both ranks' row pieces, a group at all its columns in fp32 scores what the trained model scores, and
+    # a group with no column (every row zeroed) scores otherwise
+    sig = json.loads(Path(dims.extra["signal"]).read_text())
+    for e in sig["groups"].values():
+        assert e["loss"]["fp32"][str(e["size"])] == pytest.approx(sig["valid"]["logloss"], abs=1e-6)
+    assert any(e["loss"]["fp32"]["0"] != e["loss"]["fp32"][str(e["size"])] for e in sig["groups"].values())
+    tol = 0.0 if all(g.dtype == "fp32" for g in groups.values()) else 1e-4
+    assert abs(sv["served_auc"] - sv["retrain_auc"]) <= tol
