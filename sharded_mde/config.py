@@ -385,6 +385,7 @@ class PrecisionConfig:
     signal_budget: float = 1.0  # byte target of the shared supernet's masks (fraction of the training bytes; 1 = only the loss prunes)
     check: bool = True  # joint: train its allocation, dims alone's and precision alone's at the budget; the best on validation leaves
     qat_fraction: float = 0.0  # the last fraction of the compact model's training that sees its int8/int4 tables quantised (0 = off)
+    pme_signal_scale: float = 8.0  # joint_pme: PME's groups are chosen at min(1, this x search.budget) of the training bytes
 
     def validate(self) -> None:
         bad = [q for q in self.dtypes if q not in ("fp32", "fp16", "int8", "int4")]
@@ -394,13 +395,15 @@ class PrecisionConfig:
             raise ConfigError(f"signal_budget: a fraction in (0, 1], got {self.signal_budget}")
         if not 0 <= self.qat_fraction <= 1:
             raise ConfigError(f"qat_fraction: a fraction in [0, 1], got {self.qat_fraction}")
+        if not self.pme_signal_scale > 0:
+            raise ConfigError(f"pme_signal_scale: a positive multiple of search.budget, got {self.pme_signal_scale}")
 
 
 @dataclass
 class SearchConfig:
     """The dimension search (HAM or PME) and its byte budget."""
 
-    method: str = "ham"  # a search of the registry (sharded_mde/dims/methods.py): ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md) | dims | precision | joint (serving bytes: docs/precision.md)
+    method: str = "ham"  # a search of the registry (sharded_mde/dims/methods.py): ham | pme | uniform | power_law | magnitude | saliency (the baselines: docs/baselines.md) | dims | precision | joint | joint_pme (serving bytes: docs/precision.md)
     budget: Union[float, str] = 0.25  # fraction of the full-dimension embedding bytes (weights + optimizer state; dims / precision / joint: fp32 serving bytes), or
     # "caps": the plan section's per-rank caps (ham, and plan --rule): the plan of the chosen dims fits every rank (docs/plan.md)
     caps_replan_every: int = 200  # budget "caps": steps between re-plans of the kept dims that re-derive the byte target

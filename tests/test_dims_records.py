@@ -94,7 +94,8 @@ def test_bad_record_names_file_and_key(tmp_path: Path, edit, message: str) -> No
 
 
 def test_one_registry_of_search_methods() -> None:
-    assert SEARCH_METHODS == ("ham", "uniform", "power_law", "magnitude", "saliency", "pme", "dims", "precision", "joint")
+    assert SEARCH_METHODS == ("ham", "uniform", "power_law", "magnitude", "saliency", "pme", "dims", "precision", "joint",
+                              "joint_pme")
     for name in SEARCH_METHODS:  # every search resolves, and config accepts exactly these
         assert callable(search_function(name)) and callable(compact_builder(name))
         SearchConfig(method=name).validate()

@@ -61,6 +61,9 @@ METHODS: Dict[str, SearchMethod] = {m.name: m for m in (
     SearchMethod("joint", "sharded_mde.search.precision:run_joint", _COLUMNS,
                  "dim and serving dtype per table, exact knapsack under the serving-byte budget "
                  "(docs/precision.md)", "serving"),
+    SearchMethod("joint_pme", "sharded_mde.search.precision_pme:run_joint_pme", "sharded_mde.search.pme:compact_pme",
+                 "PME's token groups, each group table at its own dim and serving dtype, exact knapsack under the "
+                 "serving-byte budget (docs/precision.md)", "serving"),
     SearchMethod("planted_oracle", "", _COLUMNS, "the planted ranks' dims, written by tools/planted_oracle.py"),
 )}
 

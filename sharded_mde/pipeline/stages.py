@@ -36,6 +36,8 @@ def stage_search(cfg: RunConfig, env: DistEnv, ledger: StageLedger) -> Dict[str,
     out = {"dims_file": str(Path(cfg.run_dir) / cfg.search.method / "dims.json"), "method": dims.method,
            "full_bytes": dims.full_bytes, "budget_bytes": dims.budget_bytes, "kept_bytes": dims.kept_bytes,
            "search_seconds": time.perf_counter() - t0, "dims": {t.name: t.dim for t in dims.tables}}
+    if "serving" in dims.extra:  # serving-byte methods (dims, precision, joint, joint_pme): the budget's arithmetic
+        out["serving"] = dims.extra["serving"]
     if dims.method == "pme":  # token-wise sizes: tokens per size of every field; planted data: size vs capacity
         tokens = dims.pme.tokens
         out["token_sizes"] = {f: v["tokens_per_size"] for f, v in tokens.items()}

@@ -37,6 +37,7 @@ def summarise(cfg: RunConfig, ledger: StageLedger) -> Dict[str, Any]:
              "embedding_bytes": serve["serving_table_bytes"]},
         ],
         "dims": search["dims"],
+        "serving": _serving(search, retrain, serve),
         "front": retrain.get("front"),
         "token_sizes": search.get("token_sizes"),
         "planted": search.get("planted"),
@@ -57,14 +58,32 @@ def summarise(cfg: RunConfig, ledger: StageLedger) -> Dict[str, Any]:
     return doc
 
 
+def _serving(search: Dict[str, Any], retrain: Dict[str, Any], serve: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Serving-byte methods: the budget in serving bytes, what the search kept and the export's tables hold (to
+    the byte), and the test AUC of the search's final evaluation (retrain, scored as served) and of the export."""
+    if "serving" not in search:
+        return None
+    s = search["serving"]
+    return {"full_bytes": s["full_bytes"], "budget_bytes": s["budget_bytes"], "kept_bytes": s["kept_bytes"],
+            "export_table_bytes": sum(serve["serving_bytes_by_table"].values()), "row_alignment": s["row_alignment"],
+            "retrain_auc": retrain["test"]["auc"], "served_auc": serve["auc"]}
+
+
 def render_summary(doc: Dict[str, Any]) -> str:
     """Markdown: models (AUC, log loss, embedding bytes), memory on the topology, time."""
+    unit = "fp32 serving bytes of the full tables" if doc.get("serving") else "full embedding bytes (weights + optimizer state)"
     lines: List[str] = [f"# sharded_mde run: {doc['run_dir']}", "",
-                        f"Search: **{doc['method']}** at a budget of {doc['budget_fraction']:.0%} of the full embedding bytes "
-                        "(weights + optimizer state).", "",
+                        f"Search: **{doc['method']}** at a budget of {doc['budget_fraction']:.2%} of the {unit}.", "",
                         "| model | test AUC | test logloss | embedding bytes |", "|---|---:|---:|---:|"]
     for m in doc["models"]:
         lines.append(f"| {m['model']} | {m['auc']:.4f} | {m['logloss']:.4f} | {fmt_bytes(m['embedding_bytes'])} |")
+    sv = doc.get("serving")
+    if sv:
+        lines += ["", f"Serving bytes of the tables (row alignment {sv['row_alignment']}): budget {sv['budget_bytes']:,} B of "
+                  f"{sv['full_bytes']:,} B; the search kept {sv['kept_bytes']:,} B; the export's tables hold "
+                  f"{sv['export_table_bytes']:,} B. Test AUC: the search's final evaluation (retrain, as served) "
+                  f"{sv['retrain_auc']:.6f}, the export (serve-check) {sv['served_auc']:.6f} "
+                  f"(difference {sv['served_auc'] - sv['retrain_auc']:+.2e})."]
     t = doc["memory"]
     lines += ["", f"Memory on the planned topology ({doc['topology']}), from the sharding plans:", "",
               "| | full | compact | saving |", "|---|---:|---:|---:|"]

@@ -24,7 +24,7 @@ from sharded_mde.export.quantize import fake_quantize_table
 from sharded_mde.train.state import table_of
 
 
-def _pieces(model: nn.Module, names: Sequence[str]) -> List[Tuple[str, torch.Tensor]]:
+def table_pieces(model: nn.Module, names: Sequence[str]) -> List[Tuple[str, torch.Tensor]]:
     """(table, local tensor holding whole rows) of every listed table in the model's state dict."""
     out = []
     for key, value in model.state_dict().items():
@@ -45,14 +45,16 @@ def _pieces(model: nn.Module, names: Sequence[str]) -> List[Tuple[str, torch.Ten
 
 @contextlib.contextmanager
 def fake_quantized(model: nn.Module, dtypes: Mapping[str, str],
-                   columns: Optional[Mapping[str, Sequence[int]]] = None) -> Iterator[None]:
+                   columns: Optional[Mapping[str, Sequence[int]]] = None, zero_others: bool = False) -> Iterator[None]:
     """Within the block, each table of `dtypes` holds its weights fake-quantised to its dtype (over
-    `columns[table]` only, when given: the other columns are left as they are); restored on exit.
+    `columns[table]` only, when given: the other columns are left as they are, or zeroed with
+    `zero_others`, for every table of `columns`: a table served at those columns only); restored on exit.
 
     Args:
         model (nn.Module): a plain or DMP-wrapped model whose tables are `embedding_bags.<table>.weight`.
         dtypes (Mapping[str, str]): table -> fp32 | fp16 | int8 | int4 (fp32 leaves the table as it is).
         columns (Optional[Mapping[str, Sequence[int]]]): table -> the columns a served row holds.
+        zero_others (bool): zero the columns outside `columns[table]` (a narrower table, e.g. a PME group).
 
     Example::
 
@@ -60,17 +62,25 @@ def fake_quantized(model: nn.Module, dtypes: Mapping[str, str],
             metrics = trainer.evaluate("valid")
     """
     names = [n for n, q in dtypes.items() if q != "fp32"]
+    if zero_others and columns is not None:
+        names += [n for n in columns if n not in names]
     saved: List[Tuple[torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
-            for name, w in _pieces(model, names):
+            for name, w in table_pieces(model, names):
                 saved.append((w, w.detach().clone()))
+                q = dtypes.get(name, "fp32")
                 cols = None if columns is None or name not in columns else torch.as_tensor(list(columns[name]),
                                                                                           dtype=torch.long)
                 if cols is None:
-                    w.copy_(fake_quantize_table(w, dtypes[name]))
-                elif len(cols):
-                    w[:, cols] = fake_quantize_table(w[:, cols], dtypes[name])
+                    w.copy_(fake_quantize_table(w, q))
+                    continue
+                if len(cols) and q != "fp32":
+                    w[:, cols] = fake_quantize_table(w[:, cols], q)
+                if zero_others:
+                    others = torch.ones(w.shape[1], dtype=torch.bool)
+                    others[cols] = False
+                    w[:, others] = 0.0
         yield
     finally:
         with torch.no_grad():
@@ -105,7 +115,7 @@ class QuantAwareTables:
     def __init__(self, dtypes: Mapping[str, str], fraction: float) -> None:
         self.dtypes = {n: q for n, q in dtypes.items() if q != "fp32"}
         self.fraction = float(fraction)
-        self.shadow: Optional[List[torch.Tensor]] = None  # W per local piece, in `_pieces` order
+        self.shadow: Optional[List[torch.Tensor]] = None  # W per local piece, in `table_pieces` order
         self.served: Optional[List[torch.Tensor]] = None  # Q(W) the table held during the step
 
     @torch.no_grad()
@@ -114,7 +124,7 @@ class QuantAwareTables:
         total = trainer.total_steps  # type: ignore[attr-defined]
         if step < total - int(round(self.fraction * total)):
             return  # before the quantisation-aware steps
-        pieces = _pieces(trainer.dmp, list(self.dtypes))  # type: ignore[attr-defined]
+        pieces = table_pieces(trainer.dmp, list(self.dtypes))  # type: ignore[attr-defined]
         if self.shadow is None:  # the first quantised step: W is the table as trained so far
             self.shadow = [w.detach().clone() for _, w in pieces]
         else:

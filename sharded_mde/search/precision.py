@@ -77,7 +77,7 @@ def allocation_bytes(tables: Sequence[EmbeddingBagConfig], alloc: Mapping[str, T
 # --------------------------------------------------------------------------- the shared signal
 
 
-def _fingerprint(cfg: RunConfig) -> Dict[str, Any]:
+def signal_fingerprint(cfg: RunConfig) -> Dict[str, Any]:
     """What the signal depends on: data, model, train and the search settings other than method, budget, PME's
     and the precision keys the signal does not read (only `signal_budget` and `dtypes` shape it)."""
     search = {k: v for k, v in dataclasses.asdict(cfg.search).items() if k not in ("method", "budget", "pme")}
@@ -99,7 +99,7 @@ def precision_signal(cfg: RunConfig, env: DistEnv) -> Dict[str, Any]:
 
     out = Path(cfg.run_dir) / SIGNAL_STAGE
     path = out / "signal.json"
-    fp = _fingerprint(cfg)
+    fp = signal_fingerprint(cfg)
     if path.is_file():
         sig = read_json(path, "precision signal")
         if sig.get("config") != fp:
@@ -164,15 +164,35 @@ def worth_table(entry: Mapping[str, Any], dtype: str) -> List[float]:
     return interpolate({int(d): -v for d, v in entry["loss"][dtype].items()}, entry["cap"])
 
 
+def dim_options(rows: int, entry: Mapping[str, Any], dims: Sequence[int], dtypes: Sequence[str],
+                row_alignment: int) -> List[Option]:
+    """Every (d, q) of d in `dims` and q in `dtypes` for a table of `rows` rows: its serving bytes and worth."""
+    opts: List[Option] = []
+    for q in dtypes:
+        w = worth_table(entry, q)
+        opts.extend(((d, q), serving_table_bytes(rows, d, q, row_alignment), w[d // DIM_MULTIPLE]) for d in dims)
+    return opts
+
+
 def table_options(t: EmbeddingBagConfig, entry: Mapping[str, Any], dtypes: Sequence[str], droppable: bool,
                   row_alignment: int) -> List[Option]:
     """Every (dim, dtype) a table may take, with its serving bytes and worth (dim 0 only where droppable)."""
     opts: List[Option] = [((0, "fp32"), 0, worth_table(entry, "fp32")[0])] if droppable else []
-    for q in dtypes:
-        w = worth_table(entry, q)
-        for d in range(DIM_MULTIPLE, entry["cap"] + 1, DIM_MULTIPLE):
-            opts.append(((d, q), serving_table_bytes(t.num_embeddings, d, q, row_alignment), w[d // DIM_MULTIPLE]))
-    return opts
+    return opts + dim_options(t.num_embeddings, entry, range(DIM_MULTIPLE, entry["cap"] + 1, DIM_MULTIPLE), dtypes,
+                              row_alignment)
+
+
+def choose_serving(options: Mapping[str, Sequence[Option]], budget: int, full: int, fraction: float, method: str,
+                   floor: str) -> Dict[str, Tuple[int, str]]:
+    """The knapsack's choice per table within `budget` serving bytes; InfeasibleBudget naming the smallest
+    feasible fraction when even every table's cheapest option (`floor` says which) does not fit."""
+    need = sum(min(o[1] for o in opts) for opts in options.values())
+    if need > budget:
+        raise InfeasibleBudget(
+            f"search.budget {fraction:g} ({budget:,} B of {full:,} B fp32 serving bytes) is not feasible for {method}: "
+            f"{floor} needs {need:,} B; the smallest feasible budget is {fraction_holding(need, full):.4f}")
+    alloc, _, _ = choose(options, budget)
+    return alloc
 
 
 def select(tables: Sequence[EmbeddingBagConfig], sig: Mapping[str, Any], dtypes: Sequence[str], budget: int,
@@ -182,15 +202,8 @@ def select(tables: Sequence[EmbeddingBagConfig], sig: Mapping[str, Any], dtypes:
     droppable = set(sig["droppable"])
     options = {t.name: table_options(t, sig["tables"][t.name], dtypes, t.name in droppable, row_alignment)
                for t in tables}
-    need = sum(min(o[1] for o in opts) for opts in options.values())
-    if need > budget:
-        kept = "every field" if not droppable else f"every field but {', '.join(sorted(droppable))}"
-        raise InfeasibleBudget(
-            f"search.budget {fraction:g} ({budget:,} B of {full:,} B fp32 serving bytes) is not feasible for {method}: "
-            f"{kept} at dim {DIM_MULTIPLE} in {'/'.join(dtypes)} needs {need:,} B; the smallest feasible budget is "
-            f"{fraction_holding(need, full):.4f}")
-    alloc, _, _ = choose(options, budget)
-    return alloc
+    kept = "every field" if not droppable else f"every field but {', '.join(sorted(droppable))}"
+    return choose_serving(options, budget, full, fraction, method, f"{kept} at dim {DIM_MULTIPLE} in {'/'.join(dtypes)}")
 
 
 def serving_dims_file(method: str, tables: Sequence[EmbeddingBagConfig], order: Mapping[str, Sequence[int]],

@@ -164,8 +164,17 @@ def reuse_check(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> boo
 
 def train_compact(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> Tuple[Dict[str, Any], bool]:
     """Trains the compact model of `dims` in `<run_dir>/<stage>/`; (train_stage's metrics, warm-started?)."""
+    from sharded_mde.search.precision import served_metrics
+
+    trainer, metrics, warm = compact_trainer(cfg, env, dims, stage)
+    return served_metrics(trainer, dims, metrics), warm  # per-table dtypes: scored as served
+
+
+def compact_trainer(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> Tuple[Any, Dict[str, Any], bool]:
+    """(trainer, fp32 metrics, warm-started?) of the compact model of `dims` trained in `<run_dir>/<stage>/`:
+    the trainer stays live for scoring it further (the joint search over PME groups measures it)."""
     from sharded_mde.data import DatasetMeta
-    from sharded_mde.search.precision import qat_callbacks, served_metrics
+    from sharded_mde.search.precision import qat_callbacks
     from sharded_mde.train.run import train_stage
 
     meta = DatasetMeta.load(cfg.data.dir)
@@ -178,7 +187,7 @@ def train_compact(cfg: RunConfig, env: DistEnv, dims: DimsFile, stage: str) -> T
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, embedding_lr=cfg.search.retrain_embedding_lr))
     trainer, metrics = train_stage(cfg, env, stage, model=model, tables=tables, warm_start=warm,
                                    callbacks=qat_callbacks(cfg, dims) or None)
-    return served_metrics(trainer, dims, metrics), warm is not None  # per-table dtypes: scored as served
+    return trainer, metrics, warm is not None
 
 
 def run_retrain(cfg: RunConfig, env: DistEnv, dims_path: str | Path, stage: Optional[str] = None) -> Dict[str, Any]:
