@@ -28,6 +28,7 @@ _MEMORY_OVERHEAD = 4  # the process memory of held counts per byte of their Arro
 _SPILL_BITS = 8
 SPILL_BUCKETS = 1 << _SPILL_BITS  # hash partitions of spilled counts: one is added up at a time
 _COUNTS_SCHEMA = pa.schema([("value", pa.string()), ("count", pa.int64())])
+VOCAB_ORDER = [("count", "descending"), ("value", "ascending")]  # the vocabulary's order (sort keys of counts)
 
 
 class ValueCounter:
@@ -176,7 +177,7 @@ def kept_counts(parts: Iterable[pa.Table], min_count: int = 1, max_vocab: int = 
 def build_vocab(counts: pa.Table, min_count: int = 1, max_vocab: int = 0) -> pa.Table:
     """Vocabulary table (value, id, count): kept values by descending count then value, ids from 2."""
     kept = counts.filter(pc.greater_equal(counts.column("count"), min_count))
-    kept = kept.sort_by([("count", "descending"), ("value", "ascending")])
+    kept = kept.sort_by(VOCAB_ORDER)
     if max_vocab > 0:
         kept = kept.slice(0, max_vocab)
     ids = pa.array(np.arange(NUM_RESERVED, NUM_RESERVED + kept.num_rows, dtype=np.int32))
