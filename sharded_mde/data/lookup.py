@@ -81,7 +81,7 @@ class ValueIndex:
         self._mask = _ALL ^ (_ALL >> np.uint64(hash_bits)) if hash_bits < 64 else _ALL
         hashes = hash_strings(self.values) & self._mask
         index_type = np.int32 if len(hashes) < 1 << 31 else np.int64
-        self._order = np.argsort(hashes, kind="stable").astype(index_type)
+        self._order = np.argsort(hashes).astype(index_type)  # values sharing a hash are found exactly anyway
         self._sorted = hashes[self._order]
         shared = self._sorted[1:] == self._sorted[:-1]
         self._shared = np.unique(self._sorted[1:][shared])  # hashes of two or more values: looked up exactly

@@ -320,6 +320,7 @@ def prepare(cfg: DataConfig, progress: bool = True, group: Optional[Group] = Non
     else:
         _, rows, skipped = _build_vocabs(cfg, work, out, fp, progress, group)
     schema = work.schema
+    vocabs: Dict[str, Vocabulary] = {}  # loaded for the encoding, reused by rank 0 for meta.json
 
     def encode() -> Tuple[Dict[str, List[Tuple[str, int]]], Dict[str, int]]:
         """This rank's rows encoded into its own parts of each split; (parts, ids in the train split's bags)."""
@@ -328,7 +329,8 @@ def prepare(cfg: DataConfig, progress: bool = True, group: Optional[Group] = Non
         bag_values = {f: 0 for f in schema.multi}
         with warnings.catch_warnings(), group.progress("prepare: writing splits", progress, rows) as bar:
             warnings.simplefilter("ignore", DataWarning)  # already reported by the counting pass
-            encoder = Encoder(schema, {f: Vocabulary.load(out, f) for f in schema.sparse})
+            vocabs.update({f: Vocabulary.load(out, f) for f in schema.sparse})
+            encoder = Encoder(schema, vocabs)
             for table, phys in work.blocks(cfg):
                 split = assign_splits(phys, work.split_total, cfg.split, cfg.split_by)
                 encoded = encoder.encode(table)
@@ -349,7 +351,6 @@ def prepare(cfg: DataConfig, progress: bool = True, group: Optional[Group] = Non
             return None
         parts = {s: [part for rank_parts, _ in encoded for part in rank_parts[s]] for s in SPLITS}
         bag_values = {f: sum(b[f] for _, b in encoded) for f in schema.multi}
-        vocabs = {f: Vocabulary.load(out, f) for f in schema.sparse}
         train_rows = sum(n for _, n in parts["train"])
         meta = DatasetMeta(
             dense_features=list(schema.dense), sparse_features=list(schema.sparse),
