@@ -45,8 +45,8 @@ from sharded_mde.data.schema import Schema, input_schema
 from sharded_mde.data.shares import Share, assign_shares
 from sharded_mde.data.splits import SPLITS, assign_splits
 from sharded_mde.data.synth import generate, load_ground_truth, synth_fingerprint, synth_paths
-from sharded_mde.data.vocab import (SPILL_BUCKETS, VOCAB_ORDER, ValueCounter, Vocabulary, build_vocab, kept_counts,
-                                    merged_buckets, save_vocab)
+from sharded_mde.data.vocab import (SPILL_BUCKETS, ValueCounter, Vocabulary, build_vocab, kept_counts, merged_buckets,
+                                    save_vocab)
 from sharded_mde.io import atomic_path, atomic_write_json, read_json
 
 VOCAB_DONE = "vocab/_complete.json"
@@ -172,13 +172,11 @@ def _count_share(cfg: DataConfig, work: _Work, counter: ValueCounter, bar: Progr
 def _merge_owned(cfg: DataConfig, fields: Sequence[str], spills: Dict[str, List[Path]], group: Group,
                  into: Path) -> Dict[str, Tuple[str, int]]:
     """Adds up every rank's counts of the hash buckets this rank owns (bucket b: rank b % world) and writes
-    the (value, count) that can enter each field's vocabulary, in vocabulary order (every owner sorts its
-    part, in parallel; sorting the owners' sorted runs together is then several times cheaper); returns
-    each field's (file, rows)."""
+    the (value, count) that can enter each field's vocabulary; returns each field's (file, rows)."""
     owned = [b for b in range(SPILL_BUCKETS) if b % group.world == group.rank]
     kept = {}
     for i, f in enumerate(fields):
-        table = kept_counts(merged_buckets(spills[f], owned), cfg.min_count, cfg.max_vocab).sort_by(VOCAB_ORDER)
+        table = kept_counts(merged_buckets(spills[f], owned), cfg.min_count, cfg.max_vocab)
         path = str(into / f"kept.{i}.arrow")
         with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
@@ -216,7 +214,7 @@ def _build_vocabs(cfg: DataConfig, work: _Work, out: Path, fp: str, progress: bo
     """Pass 1: counts the train split's values, writes vocab/<field>.parquet; returns (values per vocabulary,
     rows read, skipped lines). Holds no vocabulary: the encoding pass loads them. With several ranks each
     counts its share and spills its counts by value hash; the owner of a bucket adds it up over the ranks
-    and keeps what passes min_count (and its top max_vocab), sorted; each field's vocabulary is then built
+    and keeps what passes min_count (and its top max_vocab); each field's vocabulary is then built
     by one rank from the owners' kept values (the fields shared out by size), so no rank holds every count,
     the ranks share the sorting, and the vocabulary is the one-process one."""
     fields = list(work.schema.sparse)
