@@ -2,7 +2,9 @@
 in the same order, the same metadata; for several TSV files and one TSV file (a multi-valued column, cut by
 byte ranges, a malformed line skipped), one Parquet file cut by row groups and the synthetic generator, with
 hash and sequential splits, min_count, max_vocab, max_rows and spilled counts. A rank that fails makes every
-rank fail, naming the file's line, and leaves no meta.json. Shares are contiguous and cover the input."""
+rank fail, naming the file's line, and leaves no meta.json. Shares are contiguous and cover the input. The
+vocabularies are built by every rank, fields shared out by their kept values (in the TSV and Parquet cases
+uid, the largest, on rank 0, site and tags on rank 1; spilled, cut by min_count and max_vocab)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from dist_utils import run_ranks
 from sharded_mde.config import DataConfig
 from sharded_mde.data.group import Group, TorchGroup
 from sharded_mde.data.meta import META_FILE, DatasetMeta
-from sharded_mde.data.prepare import COUNTING_DIR, prepare
+from sharded_mde.data.prepare import COUNTING_DIR, _vocab_builders, prepare
 from sharded_mde.data.shares import assign_shares
 from sharded_mde.data.splits import SPLITS
 
@@ -162,3 +164,17 @@ def test_one_process_group_agrees_and_reraises() -> None:
     assert g.agree(lambda: 3) == 3 and g.agree(lambda: 3, share=True) == [3]
     with pytest.raises(ValueError, match="boom"):
         g.agree(lambda: (_ for _ in ()).throw(ValueError("boom")))
+
+
+def test_vocabularies_are_shared_out_by_kept_values() -> None:
+    kept = [{"a": ("", 10), "b": ("", 60), "c": ("", 30), "d": ("", 20), "e": ("", 0)},
+            {"a": ("", 0), "b": ("", 40), "c": ("", 20), "d": ("", 30), "e": ("", 0)}]  # per owner: (file, rows)
+    # largest first, each to the least loaded rank (ties: the lowest): b 100 -> 0, c 50 -> 1, d 50 -> 1,
+    # a 10 -> 0, e 0 -> 1
+    assert _vocab_builders(list("abcde"), kept, 2) == {"b": 0, "c": 1, "d": 1, "a": 0, "e": 1}
+    assert _vocab_builders(list("abcde"), kept, 1) == dict.fromkeys("abcde", 0)
+    three = _vocab_builders(list("abcde"), kept, 3)
+    assert three == {"b": 0, "c": 1, "d": 2, "a": 1, "e": 2}
+    # the same shares as the 2-rank cases above: the largest field (uid) alone on rank 0, site and tags on rank 1
+    assert _vocab_builders(["uid", "site", "tags"], [{"uid": ("", 900), "site": ("", 30), "tags": ("", 60)}], 2) \
+        == {"uid": 0, "tags": 1, "site": 1}

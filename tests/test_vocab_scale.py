@@ -10,8 +10,9 @@ import pytest
 
 from sharded_mde.config import DataConfig
 from sharded_mde.data import prepare
-from sharded_mde.data.lookup import ValueIndex, hash_strings
-from sharded_mde.data.vocab import MISSING_ID, NUM_RESERVED, OOV_ID, ValueCounter, Vocabulary, build_vocab
+from sharded_mde.data.lookup import ValueIndex, hash_strings, prefix_keys
+from sharded_mde.data.vocab import (MISSING_ID, NUM_RESERVED, OOV_ID, ValueCounter, Vocabulary, build_vocab,
+                                   vocab_order)
 
 
 def reference_encode(values: pa.Array, column: pa.Array) -> np.ndarray:
@@ -34,6 +35,24 @@ def random_bags(rng: np.random.Generator, n: int, pool: int) -> pa.ListArray:
     offsets = np.concatenate([[0], np.cumsum(rng.integers(0, 4, n))]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets, mask=np.r_[rng.random(n) < 0.05, False]),
                                     random_values(rng, int(offsets[-1]), pool))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_vocab_order_is_arrows_sort_by_count_then_value(seed):
+    """NumPy's sort by count and 8-byte prefix, ties sorted whole by Arrow: the order of Arrow's own sort, for
+    values that share their first 8 bytes, hold NUL or multi-byte characters, are empty, in several chunks."""
+    rng = np.random.default_rng(seed)
+    parts = ["a", "b", "\x00", "é", "z", "ab", "abcdefgh", "abcdefg\x00", "\U0001F600"]
+    values = sorted({"".join(rng.choice(parts, int(rng.integers(0, 6)))) for _ in range(3000)})
+    values = [values[i] for i in rng.permutation(len(values))]
+    counts = rng.integers(1, 1 + int(rng.integers(1, 5)), len(values))  # many ties on count
+    table = pa.table({"value": pa.array(values, pa.string()), "count": pa.array(counts, pa.int64())})
+    chunked = pa.concat_tables([table.slice(0, 500), table.slice(500)])
+    want = table.sort_by([("count", "descending"), ("value", "ascending")])
+    assert vocab_order(chunked).equals(want)
+    top = prefix_keys(want.column("value"))[want.column("count").to_numpy() == want.column("count")[0].as_py()]
+    assert np.all(top[1:] >= top[:-1]) and np.any(top[1:] == top[:-1])  # keys follow the values; some tie
+    assert vocab_order(table.slice(0, 0)).num_rows == 0
 
 
 def test_hash_is_per_string_not_per_position():

@@ -10,7 +10,7 @@ involved.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -32,8 +32,8 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def hash_strings(values: Union[pa.Array, pa.ChunkedArray]) -> np.ndarray:
-    """uint64 hash of every string (length and bytes mixed 8 bytes at a time); a null's hash is arbitrary."""
+def _string_words(values: Union[pa.Array, pa.ChunkedArray]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(words, starts, lengths) of strings: words[i] is the 8 bytes from byte i of their data, little-endian."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if not pa.types.is_string(values.type):
@@ -45,18 +45,28 @@ def hash_strings(values: Union[pa.Array, pa.ChunkedArray]) -> np.ndarray:
     padded = np.zeros(len(data) + 8, dtype=np.uint8)  # every 8-byte read stays inside
     padded[:len(data)] = data
     words = np.ndarray(shape=(len(data) + 1,), dtype="<u8", buffer=padded, strides=(1,))  # 8 bytes from each byte
-    lengths = offsets[1:] - offsets[:-1]
+    return words, offsets[:-1], offsets[1:] - offsets[:-1]
+
+
+def _word(words: np.ndarray, starts: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    """The 8 bytes from each of `starts`, those past the string's `rest` remaining bytes zeroed."""
+    word = words[starts]
+    short = rest < 8
+    if short.any():
+        word[short] &= (np.uint64(1) << (np.maximum(rest[short], 0).astype(np.uint64) * np.uint64(8))) - np.uint64(1)
+    return word
+
+
+def hash_strings(values: Union[pa.Array, pa.ChunkedArray]) -> np.ndarray:
+    """uint64 hash of every string (length and bytes mixed 8 bytes at a time); a null's hash is arbitrary."""
+    words, starts, lengths = _string_words(values)
     with np.errstate(over="ignore"):
         h = lengths.astype(np.uint64) * _P
         rows = None  # round 0 takes every string, later rounds those longer than 8k bytes
         k = 0
         while rows is None or len(rows):  # round k mixes bytes [8k, 8k + 8) of the strings
             rest = (lengths if rows is None else lengths[rows]) - 8 * k
-            word = words[(offsets[:-1] if rows is None else offsets[rows]) + 8 * k]
-            short = rest < 8
-            if short.any():  # keep only the string's own bytes of a word that runs past its end
-                word[short] &= (np.uint64(1) << (np.maximum(rest[short], 0).astype(np.uint64) * np.uint64(8))) \
-                    - np.uint64(1)
+            word = _word(words, (starts if rows is None else starts[rows]) + 8 * k, rest)
             if rows is None:
                 h = _fmix64((h ^ word) * _P)
                 rows = np.flatnonzero(rest > 8)
@@ -65,6 +75,13 @@ def hash_strings(values: Union[pa.Array, pa.ChunkedArray]) -> np.ndarray:
                 rows = rows[rest > 8]
             k += 1
     return h
+
+
+def prefix_keys(values: Union[pa.Array, pa.ChunkedArray]) -> np.ndarray:
+    """uint64 of every string's first 8 bytes, big-endian and zero-padded: ordered as the strings (bytewise,
+    as Arrow sorts them), except that strings with equal keys (the same first 8 bytes) must be compared whole."""
+    words, starts, lengths = _string_words(values)
+    return _word(words, starts, lengths).byteswap()
 
 
 class ValueIndex:
@@ -81,7 +98,7 @@ class ValueIndex:
         self._mask = _ALL ^ (_ALL >> np.uint64(hash_bits)) if hash_bits < 64 else _ALL
         hashes = hash_strings(self.values) & self._mask
         index_type = np.int32 if len(hashes) < 1 << 31 else np.int64
-        self._order = np.argsort(hashes, kind="stable").astype(index_type)
+        self._order = np.argsort(hashes).astype(index_type)  # values sharing a hash are found exactly anyway
         self._sorted = hashes[self._order]
         shared = self._sorted[1:] == self._sorted[:-1]
         self._shared = np.unique(self._sorted[1:][shared])  # hashes of two or more values: looked up exactly

@@ -12,10 +12,11 @@ after the vocabularies reuses them.
 
 On several ranks (`sharded-mde data prepare` under torchrun, `group=TorchGroup()`), each rank
 counts and encodes a contiguous share of the input (`shares.py`: Parquet row groups, byte ranges
-of uncompressed text, whole compressed files); counts are exchanged by value
-hash through files in the data directory and merged by the rank owning each hash bucket, rank 0
-writes the vocabularies and meta.json, and every step ends with the ranks agreeing that none
-failed (`group.py`). The vocabularies are byte for byte, the splits row for row, those of one process.
+of uncompressed text, whole compressed files); counts are exchanged by value hash through files
+in the data directory and merged by the rank owning each hash bucket, each vocabulary is built by
+one rank (the fields shared out by size), rank 0 writes meta.json, and every step ends with the
+ranks agreeing that none failed (`group.py`). The vocabularies are byte for byte, the splits row
+for row, those of one process.
 """
 
 from __future__ import annotations
@@ -169,25 +170,39 @@ def _count_share(cfg: DataConfig, work: _Work, counter: ValueCounter, bar: Progr
 
 
 def _merge_owned(cfg: DataConfig, fields: Sequence[str], spills: Dict[str, List[Path]], group: Group,
-                 into: Path) -> Dict[str, str]:
+                 into: Path) -> Dict[str, Tuple[str, int]]:
     """Adds up every rank's counts of the hash buckets this rank owns (bucket b: rank b % world) and writes
-    the (value, count) that can enter each field's vocabulary; returns the file of each field."""
+    the (value, count) that can enter each field's vocabulary; returns each field's (file, rows)."""
     owned = [b for b in range(SPILL_BUCKETS) if b % group.world == group.rank]
     kept = {}
     for i, f in enumerate(fields):
         table = kept_counts(merged_buckets(spills[f], owned), cfg.min_count, cfg.max_vocab)
-        kept[f] = str(into / f"kept.{i}.arrow")
-        with pa.OSFile(kept[f], "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        path = str(into / f"kept.{i}.arrow")
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
+        kept[f] = (path, table.num_rows)
     return kept
 
 
-def _write_vocabs(cfg: DataConfig, fields: Sequence[str], kept: List[Dict[str, str]], out: Path) -> Dict[str, int]:
-    """Rank 0: each field's vocabulary from every owner's kept values (one field at a time, cut to the running
-    top max_vocab as the owners' files are read)."""
+def _vocab_builders(fields: Sequence[str], kept: List[Dict[str, Tuple[str, int]]], world: int) -> Dict[str, int]:
+    """The rank that builds each field's vocabulary: fields by descending kept values (ties in field order),
+    each to the rank with the fewest kept values so far (ties: the lowest), so the ranks sort about as much."""
+    rows = {f: sum(k[f][1] for k in kept) for f in fields}
+    load = [0] * world
+    builder = {}
+    for f in sorted(fields, key=lambda f: -rows[f]):
+        builder[f] = load.index(min(load))
+        load[builder[f]] += rows[f]
+    return builder
+
+
+def _write_vocabs(cfg: DataConfig, fields: Sequence[str], kept: List[Dict[str, Tuple[str, int]]],
+                  out: Path) -> Dict[str, int]:
+    """The vocabularies of `fields` from every owner's kept values (one field at a time, cut to the running
+    top max_vocab as the owners' files are read); returns their sizes."""
     sizes = {}
     for f in fields:
-        owners = (pa.ipc.open_file(pa.OSFile(k[f])).read_all() for k in kept)
+        owners = (pa.ipc.open_file(pa.OSFile(k[f][0])).read_all() for k in kept)
         table = build_vocab(kept_counts(owners, cfg.min_count, cfg.max_vocab), cfg.min_count, cfg.max_vocab)
         save_vocab(out, f, table)
         sizes[f] = table.num_rows
@@ -199,8 +214,9 @@ def _build_vocabs(cfg: DataConfig, work: _Work, out: Path, fp: str, progress: bo
     """Pass 1: counts the train split's values, writes vocab/<field>.parquet; returns (values per vocabulary,
     rows read, skipped lines). Holds no vocabulary: the encoding pass loads them. With several ranks each
     counts its share and spills its counts by value hash; the owner of a bucket adds it up over the ranks
-    and keeps what passes min_count (and its top max_vocab); rank 0 orders the kept values into the
-    vocabulary, so no rank holds every count and the vocabulary is the one-process one."""
+    and keeps what passes min_count (and its top max_vocab); each field's vocabulary is then built
+    by one rank from the owners' kept values (the fields shared out by size), so no rank holds every count,
+    the ranks share the sorting, and the vocabulary is the one-process one."""
     fields = list(work.schema.sparse)
     counting = out / COUNTING_DIR
     mine = counting / f"rank{group.rank:05d}"
@@ -227,8 +243,10 @@ def _build_vocabs(cfg: DataConfig, work: _Work, out: Path, fp: str, progress: bo
         if group.world > 1:
             spills = {f: [Path(p) for c in counted for p in c[2][f]] for f in fields}
             kept = group.agree(lambda: _merge_owned(cfg, fields, spills, group, mine), share=True)
-            sizes = group.agree(lambda: _write_vocabs(cfg, fields, kept, out) if group.rank == 0 else None,
-                                share=True)[0]
+            builder = _vocab_builders(fields, kept, group.world)
+            built = group.agree(lambda: _write_vocabs(cfg, [f for f in fields if builder[f] == group.rank], kept,
+                                                      out), share=True)
+            sizes = {f: built[builder[f]][f] for f in fields}
 
         def mark() -> None:
             if group.rank == 0:
@@ -300,6 +318,7 @@ def prepare(cfg: DataConfig, progress: bool = True, group: Optional[Group] = Non
     else:
         _, rows, skipped = _build_vocabs(cfg, work, out, fp, progress, group)
     schema = work.schema
+    vocabs: Dict[str, Vocabulary] = {}  # loaded for the encoding, reused by rank 0 for meta.json
 
     def encode() -> Tuple[Dict[str, List[Tuple[str, int]]], Dict[str, int]]:
         """This rank's rows encoded into its own parts of each split; (parts, ids in the train split's bags)."""
@@ -308,7 +327,8 @@ def prepare(cfg: DataConfig, progress: bool = True, group: Optional[Group] = Non
         bag_values = {f: 0 for f in schema.multi}
         with warnings.catch_warnings(), group.progress("prepare: writing splits", progress, rows) as bar:
             warnings.simplefilter("ignore", DataWarning)  # already reported by the counting pass
-            encoder = Encoder(schema, {f: Vocabulary.load(out, f) for f in schema.sparse})
+            vocabs.update({f: Vocabulary.load(out, f) for f in schema.sparse})
+            encoder = Encoder(schema, vocabs)
             for table, phys in work.blocks(cfg):
                 split = assign_splits(phys, work.split_total, cfg.split, cfg.split_by)
                 encoded = encoder.encode(table)
@@ -329,7 +349,6 @@ def prepare(cfg: DataConfig, progress: bool = True, group: Optional[Group] = Non
             return None
         parts = {s: [part for rank_parts, _ in encoded for part in rank_parts[s]] for s in SPLITS}
         bag_values = {f: sum(b[f] for _, b in encoded) for f in schema.multi}
-        vocabs = {f: Vocabulary.load(out, f) for f in schema.sparse}
         train_rows = sum(n for _, n in parts["train"])
         meta = DatasetMeta(
             dense_features=list(schema.dense), sparse_features=list(schema.sparse),

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sharded_mde.data.lookup import ValueIndex, hash_strings
+from sharded_mde.data.lookup import ValueIndex, hash_strings, prefix_keys
 from sharded_mde.io import atomic_path
 
 MISSING_ID = 0
@@ -173,10 +173,29 @@ def kept_counts(parts: Iterable[pa.Table], min_count: int = 1, max_vocab: int = 
     return pa.concat_tables(kept)
 
 
+def vocab_order(counts: pa.Table) -> pa.Table:
+    """(value, count) by descending count, then value (bytewise, as Arrow sorts strings). NumPy sorts by count
+    and the values' first 8 bytes, several times faster than Arrow's sort by whole strings; Arrow then sorts
+    by whole value only the rows tied on both (equal counts, values sharing their first 8 bytes)."""
+    values = counts.column("value").combine_chunks()
+    count = counts.column("count").to_numpy()
+    prefix = prefix_keys(values)
+    order = np.argsort(prefix)  # equal prefixes in any order: sorted by whole value below
+    order = order[np.argsort(-count[order], kind="stable")]
+    count, prefix = count[order], prefix[order]
+    tied = np.flatnonzero((count[1:] == count[:-1]) & (prefix[1:] == prefix[:-1]))  # position i ties with i + 1
+    if len(tied):
+        rows = np.union1d(tied, tied + 1)  # positions in a run of ties, ascending
+        run = np.cumsum(~np.isin(rows - 1, tied))  # a run starts where a row does not tie with the one before
+        sub = pa.table({"run": run, "value": values.take(pa.array(order[rows]))})
+        within = pc.sort_indices(sub, sort_keys=[("run", "ascending"), ("value", "ascending")]).to_numpy()
+        order[rows] = order[rows][within]
+    return counts.take(pa.array(order))
+
+
 def build_vocab(counts: pa.Table, min_count: int = 1, max_vocab: int = 0) -> pa.Table:
     """Vocabulary table (value, id, count): kept values by descending count then value, ids from 2."""
-    kept = counts.filter(pc.greater_equal(counts.column("count"), min_count))
-    kept = kept.sort_by([("count", "descending"), ("value", "ascending")])
+    kept = vocab_order(counts.filter(pc.greater_equal(counts.column("count"), min_count)))
     if max_vocab > 0:
         kept = kept.slice(0, max_vocab)
     ids = pa.array(np.arange(NUM_RESERVED, NUM_RESERVED + kept.num_rows, dtype=np.int32))
