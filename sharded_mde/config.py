@@ -354,7 +354,8 @@ class PmeConfig:
     combine: str = "pad"  # group outputs to the field width: pad (zeros, no bytes) | project (a Linear per group, counted when sizes are chosen)
     init_scale: float = 0.05  # tables start uniform(-s, s) when scored, so that fields' saliencies compare
     half_life: float = 0.25  # a row of d columns keeps 1 - 2^(-d / half_life) of a token's value (docs/pme.md)
-    serve_split: str = ""  # "" or valid: a token's value is scaled by its count there over its training count
+    serve_split: str = ""  # "", valid or recent (the last training rows, validation's stand-in when tuning): a token's value is scaled by its count there over its training count
+    serve_carry: bool = False  # served counts forecast per field from the served window and the training history (docs/pme.md)
     row_value: float = 0.0  # value added per scored row of a token: what a trained row learns beyond the first-order saliency (docs/pme.md)
     tail_share: float = 0.0  # share of kept tokens' training ids sent to the OOV row, so it learns the field's average token (docs/pme.md)
 
@@ -369,8 +370,8 @@ class PmeConfig:
             raise ConfigError(f"init_scale: must be > 0, got {self.init_scale}")
         if self.half_life <= 0:
             raise ConfigError(f"half_life: columns, must be > 0, got {self.half_life}")
-        if self.serve_split not in ("", "valid"):
-            raise ConfigError(f"serve_split: '' or valid, got {self.serve_split!r}")
+        if self.serve_split not in ("", "valid", "recent"):
+            raise ConfigError(f"serve_split: '', valid or recent, got {self.serve_split!r}")
         if self.row_value < 0:
             raise ConfigError(f"row_value: value per scored row, must be >= 0, got {self.row_value}")
         if not 0 <= self.tail_share < 1:

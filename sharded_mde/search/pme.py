@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 from sharded_mde.config import RunConfig
+from sharded_mde.data.meta import DatasetMeta
 from sharded_mde.modules.model import RecTrain, build_model
 from sharded_mde.modules.token_groups import TokenGroupEBC, combine_of, fields_from_dims
 from sharded_mde.dims import DimsFile, PmeRecord, TableDims, TokenGroup
@@ -40,16 +41,63 @@ WEIGHT_DTYPE = "fp32"  # tables train in fp32
 HELD_OUT_PRIOR = 0.1  # held-out count given to every token: one unseen there still outranks a wider row for another
 
 
-def served_weights(data_dir: str | Path, split: str, tables: List[EmbeddingBagConfig]) -> Dict[str, np.ndarray]:
-    """Per table, each token's (held-out count + prior) / training count: its value's share that serving sees.
+def served_windows(data_dir: str | Path, split: str,
+                   tables: List[EmbeddingBagConfig]) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Per table, each token's count in the serve split, in as many rows just before it, and in all rows before that.
+
+    The serve split is `valid` or `recent`: the last training rows, as many as validation has, the
+    selection's stand-in for validation when its settings are chosen on validation AUC (it then reads
+    the period just before the one it is scored on, as `valid` does for test).
+    """
+    rows = DatasetMeta.load(data_dir).rows
+    n, w = rows["train"], rows["valid"]
+    if split == "recent":
+        return (split_counts(data_dir, "train", tables, start=max(0, n - w)),
+                split_counts(data_dir, "train", tables, start=max(0, n - 2 * w), stop=max(0, n - w)),
+                split_counts(data_dir, "train", tables, stop=max(0, n - 2 * w)))
+    return (split_counts(data_dir, split, tables), split_counts(data_dir, "train", tables, start=max(0, n - w)),
+            split_counts(data_dir, "train", tables, stop=max(0, n - w)))
+
+
+def carry_over(served: np.ndarray, last: np.ndarray, earlier: np.ndarray) -> Tuple[float, float]:
+    """(a, b) >= 0 of least squares served ~ a x last + b x earlier', earlier' = `earlier` scaled to `last`'s rows.
+
+    How a field's token counts carry into the next window: from the window just before (a; about 1 for
+    movies) and from the whole history (b; the ages or occupations of users still to come). For users of
+    MovieLens-100K both are near 0: a user rates in one burst and leaves.
+    """
+    y, x1 = served[NUM_RESERVED:].astype(float), last[NUM_RESERVED:].astype(float)
+    x2 = earlier[NUM_RESERVED:].astype(float) * x1.sum() / max(float(earlier[NUM_RESERVED:].sum()), 1.0)
+    x = np.stack([x1, x2], 1)
+    if not x.any():
+        return 1.0, 0.0
+    coef = np.linalg.lstsq(x, y, rcond=None)[0]
+    if (coef >= 0).all():
+        return float(coef[0]), float(coef[1])
+    single = [max(0.0, float(c @ y) / max(float(c @ c), 1e-12)) for c in (x1, x2)]
+    fits = [((y - single[0] * x1) ** 2).sum(), ((y - single[1] * x2) ** 2).sum()]
+    return (single[0], 0.0) if fits[0] <= fits[1] else (0.0, single[1])
+
+
+def served_weights(data_dir: str | Path, split: str, tables: List[EmbeddingBagConfig],
+                   carry: bool = False) -> Dict[str, np.ndarray]:
+    """Per table, each token's (served count + prior) / training count: its value's share that serving sees.
 
     The value estimates n |mu|^2 / sigma^2 over the n training rows; times this weight it is the same
-    evidence per row counted over the held-out rows instead, so a token that stops occurring (a user
-    of the training period only) is worth little and one still served keeps its row.
+    evidence per row counted over the served rows instead, so a token that stops occurring (a user
+    of the training period only) is worth little and one still served keeps its row. With `carry` the
+    served count is replaced by its field's `carry_over` forecast of the next window (a x served count +
+    b x training count scaled to the served rows), fitted on the windows before: the period after the
+    served one is what the model is scored on.
     """
     train = split_counts(data_dir, "train", tables)
-    served = split_counts(data_dir, split, tables)
-    return {n: (served[n] + HELD_OUT_PRIOR) / np.maximum(train[n], 1) for n in train}
+    served, last, earlier = served_windows(data_dir, split, tables)
+    out = {}
+    for n in train:
+        a, b = carry_over(served[n], last[n], earlier[n]) if carry else (1.0, 0.0)
+        scale = served[n][NUM_RESERVED:].sum() / max(float(train[n][NUM_RESERVED:].sum()), 1.0)
+        out[n] = (a * served[n] + b * scale * train[n] + HELD_OUT_PRIOR) / np.maximum(train[n], 1)
+    return out
 
 
 def row_values(data_dir: str | Path, tables: List[EmbeddingBagConfig], per_row: float, scored: float) -> Dict[str, np.ndarray]:
@@ -70,7 +118,7 @@ def tail_tables(data_dir: str | Path, serve_split: str, tables: List[EmbeddingBa
     """
     if not serve_split:
         return [t.name for t in tables]
-    served = split_counts(data_dir, serve_split, tables)
+    served = split_counts(data_dir, "valid" if serve_split == "recent" else serve_split, tables)
     return [t.name for t in tables if served[t.name][OOV_ID] > 0]
 
 
@@ -88,7 +136,7 @@ def build_scorer(cfg: RunConfig, tables: List[EmbeddingBagConfig], features: Lis
 
 def score_run(cfg: RunConfig, env: DistEnv, tables: List[EmbeddingBagConfig]) -> Tuple[TokenScores, Dict[str, float]]:
     """Scores the run's training data from the start of epoch 0 for `score_fraction` of an epoch."""
-    from sharded_mde.data import DatasetMeta, num_batches
+    from sharded_mde.data import num_batches
     from sharded_mde.train.run import sharding_plan
 
     t0 = time.perf_counter()
@@ -140,7 +188,7 @@ def run_pme(cfg: RunConfig, env: DistEnv, stage: str = "pme", ranks: Optional[Di
     model = ByteModel(WEIGHT_DTYPE, optimizer, cfg.train.dense_optimizer, pme.combine)
     budget = budget_bytes(tables, cfg.search.budget, WEIGHT_DTYPE, optimizer)
     t0 = time.perf_counter()
-    weights = served_weights(cfg.data.dir, pme.serve_split, tables) if pme.serve_split else None
+    weights = served_weights(cfg.data.dir, pme.serve_split, tables, pme.serve_carry) if pme.serve_split else None
     added = (row_values(cfg.data.dir, tables, pme.row_value, min(1.0, timing["score_batches"] / timing["epoch_batches"]))
              if pme.row_value else None)
     tails = tail_tables(cfg.data.dir, pme.serve_split, tables) if pme.tail_share else []
@@ -179,8 +227,6 @@ def compact_pme(cfg: RunConfig, dims: DimsFile, full: List[EmbeddingBagConfig],
 
     It reads ids renumbered group by group, i.e. the data copy named by the dims file's `data_dir`.
     """
-    from sharded_mde.data import DatasetMeta
-
     copy = dims.data_dir
     if not copy:
         raise ValueError("PME dims file without data_dir (the renumbered data written by the search)")

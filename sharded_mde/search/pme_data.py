@@ -64,14 +64,20 @@ def scoring_batches(data_dir: str | Path, batch_size: int, num_batches: int, ran
         yield batch_from_table(table.slice(b * batch_size, batch_size), meta.dense_features, meta.sparse_features)
 
 
-def split_counts(data_dir: str | Path, split: str, tables: List[EmbeddingBagConfig]) -> Dict[str, np.ndarray]:
-    """Per table, how often each id occurs in `split` (every feature of the table, every entry of a bag)."""
+def split_counts(data_dir: str | Path, split: str, tables: List[EmbeddingBagConfig], start: int = 0,
+                 stop: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """Per table, how often each id occurs in rows [start, stop) of `split` (every feature of the table, every entry of a bag)."""
     meta = DatasetMeta.load(data_dir)
     out = {t.name: np.zeros(t.num_embeddings, np.int64) for t in tables}
-    for path, _ in meta.split_parts(split):
+    offset = 0
+    for path, n in meta.split_parts(split):
+        lo, hi = max(0, start - offset), n if stop is None else min(n, stop - offset)
+        offset += n
+        if lo >= hi:
+            continue
         for t in tables:
             for f in t.feature_names:
-                col = pq.read_table(str(path), columns=[f]).column(f).combine_chunks()
+                col = pq.read_table(str(path), columns=[f]).column(f).slice(lo, hi - lo).combine_chunks()
                 if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
                     col = pc.list_flatten(col)
                 ids = col.to_numpy(zero_copy_only=False).astype(np.int64)
