@@ -137,9 +137,9 @@ def table(x: Dict[str, Any]) -> str:
               f"{x['bench_entries']:,} vocabulary values) plus {x['per_entry_bytes']:.0f} bytes per value (measured "
               f"between the bench's small and high inputs) for Criteo-TB's {x['entries']:,} values "
               "(configs/tables/criteo_terabyte.yaml); a host of 16 processes needs 16 times that "
-              f"({_mb(16 * x['setups'][0]['encode_rss_mb'])}). Not in the counting figure: rank 0 orders each "
-              "vocabulary as one process does, holding up to twice `max_vocab` values of one field (80M at "
-              "Criteo-TB's 40M cap).", "", END]
+              f"({_mb(16 * x['setups'][0]['encode_rss_mb'])}). Not in the counting figure: the rank that builds a "
+              "field's vocabulary (each field is built by one rank) holds up to twice `max_vocab` values of it "
+              "(80M at Criteo-TB's 40M cap).", "", END]
     return "\n".join(lines)
 
 
