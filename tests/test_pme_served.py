@@ -28,11 +28,16 @@ def _dense(c: Counter, n: int) -> np.ndarray:
     return np.array([c.get(i, 0) for i in range(n)])
 
 
+def _synth(tmp_path: Path, rows: int, num_sparse: int, vocab_max: int):
+    """A prepared synthetic data set under tmp_path/data and a dim-8 table per field."""
+    meta = prepare(DataConfig(format="synth", dir=str(tmp_path / "data"), synth_rows=rows, synth_num_sparse=num_sparse,
+                              synth_num_dense=1, synth_vocab_min=20, synth_vocab_max=vocab_max), progress=False)
+    return meta, [EmbeddingBagConfig(num_embeddings=meta.num_embeddings[f], embedding_dim=8, name=f"t_{f}",
+                                     feature_names=[f]) for f in meta.sparse_features]
+
+
 def test_served_weights_are_held_out_over_training_counts(tmp_path: Path) -> None:
-    meta = prepare(DataConfig(format="synth", dir=str(tmp_path / "data"), synth_rows=3000, synth_num_sparse=3,
-                              synth_num_dense=1, synth_vocab_min=20, synth_vocab_max=400), progress=False)
-    tables = [EmbeddingBagConfig(num_embeddings=meta.num_embeddings[f], embedding_dim=8, name=f"t_{f}", feature_names=[f])
-              for f in meta.sparse_features]
+    meta, tables = _synth(tmp_path, rows=3000, num_sparse=3, vocab_max=400)
     weights = served_weights(tmp_path / "data", "valid", tables)
     valid = split_counts(tmp_path / "data", "valid", tables)
     absent = 0
@@ -47,10 +52,7 @@ def test_served_weights_are_held_out_over_training_counts(tmp_path: Path) -> Non
 
 
 def test_row_values_are_the_scored_rows_times_the_value_per_row(tmp_path: Path) -> None:
-    meta = prepare(DataConfig(format="synth", dir=str(tmp_path / "data"), synth_rows=2000, synth_num_sparse=2,
-                              synth_num_dense=1, synth_vocab_min=20, synth_vocab_max=200), progress=False)
-    tables = [EmbeddingBagConfig(num_embeddings=meta.num_embeddings[f], embedding_dim=8, name=f"t_{f}", feature_names=[f])
-              for f in meta.sparse_features]
+    meta, tables = _synth(tmp_path, rows=2000, num_sparse=2, vocab_max=200)
     added = row_values(tmp_path / "data", tables, 0.03, 0.5)  # half an epoch scored
     for t in tables:
         train = _counts(meta, "train", t.feature_names[0])
@@ -60,10 +62,7 @@ def test_row_values_are_the_scored_rows_times_the_value_per_row(tmp_path: Path) 
 
 
 def test_tail_tables_are_those_whose_oov_id_the_serve_split_reads(tmp_path: Path) -> None:
-    meta = prepare(DataConfig(format="synth", dir=str(tmp_path / "data"), synth_rows=3000, synth_num_sparse=3,
-                              synth_num_dense=1, synth_vocab_min=20, synth_vocab_max=2000), progress=False)
-    tables = [EmbeddingBagConfig(num_embeddings=meta.num_embeddings[f], embedding_dim=8, name=f"t_{f}", feature_names=[f])
-              for f in meta.sparse_features]
+    meta, tables = _synth(tmp_path, rows=3000, num_sparse=3, vocab_max=2000)
     want = [t.name for t in tables if _counts(meta, "valid", t.feature_names[0]).get(1, 0) > 0]  # id 1: OOV
     assert want  # some validation values were never seen in training
     assert tail_tables(tmp_path / "data", "valid", tables) == want
@@ -82,10 +81,7 @@ def test_serve_split_and_row_value_are_validated() -> None:
 
 
 def test_served_windows_are_the_serve_split_and_the_rows_before_it(tmp_path: Path) -> None:
-    meta = prepare(DataConfig(format="synth", dir=str(tmp_path / "data"), synth_rows=3000, synth_num_sparse=2,
-                              synth_num_dense=1, synth_vocab_min=20, synth_vocab_max=300), progress=False)
-    tables = [EmbeddingBagConfig(num_embeddings=meta.num_embeddings[f], embedding_dim=8, name=f"t_{f}", feature_names=[f])
-              for f in meta.sparse_features]
+    meta, tables = _synth(tmp_path, rows=3000, num_sparse=2, vocab_max=300)
     n, w = meta.rows["train"], meta.rows["valid"]
     assert n > 2 * w > 0
     want = {"valid": [("valid", 0, None), ("train", n - w, None), ("train", 0, n - w)],
@@ -114,10 +110,7 @@ def test_carry_over_recovers_a_fields_forecast_and_never_goes_negative() -> None
 
 
 def test_carried_served_weights_follow_each_fields_forecast(tmp_path: Path) -> None:
-    meta = prepare(DataConfig(format="synth", dir=str(tmp_path / "data"), synth_rows=3000, synth_num_sparse=2,
-                              synth_num_dense=1, synth_vocab_min=20, synth_vocab_max=300), progress=False)
-    tables = [EmbeddingBagConfig(num_embeddings=meta.num_embeddings[f], embedding_dim=8, name=f"t_{f}", feature_names=[f])
-              for f in meta.sparse_features]
+    meta, tables = _synth(tmp_path, rows=3000, num_sparse=2, vocab_max=300)
     plain = served_weights(tmp_path / "data", "recent", tables)
     carried = served_weights(tmp_path / "data", "recent", tables, carry=True)
     served, last, earlier = served_windows(tmp_path / "data", "recent", tables)

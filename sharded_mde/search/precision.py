@@ -86,6 +86,18 @@ def signal_fingerprint(cfg: RunConfig) -> Dict[str, Any]:
                                   "train": dataclasses.asdict(cfg.train), "search": search}))
 
 
+def cached_signal(path: Path, fp: Mapping[str, Any], what: str) -> Optional[Dict[str, Any]]:
+    """The signal saved at `path` when it was made with the config `fp` (None if none is saved); a signal of
+    another config is an error, so a changed run never reuses a stale one."""
+    if not path.is_file():
+        return None
+    sig = read_json(path, what)
+    if sig.get("config") != fp:
+        raise ValueError(f"{path}: made with another data/model/train/search config; remove {path.parent} to "
+                         "recompute it")
+    return sig
+
+
 def precision_signal(cfg: RunConfig, env: DistEnv) -> Dict[str, Any]:
     """The shared signal (trains the supernet and measures it the first time; later reads `signal.json`).
 
@@ -100,10 +112,8 @@ def precision_signal(cfg: RunConfig, env: DistEnv) -> Dict[str, Any]:
     out = Path(cfg.run_dir) / SIGNAL_STAGE
     path = out / "signal.json"
     fp = signal_fingerprint(cfg)
-    if path.is_file():
-        sig = read_json(path, "precision signal")
-        if sig.get("config") != fp:
-            raise ValueError(f"{path}: made with another data/model/train/search config; remove {out} to recompute it")
+    sig = cached_signal(path, fp, "precision signal")
+    if sig is not None:
         return sig
     t0 = time.perf_counter()
     s, p = cfg.search, cfg.search.precision

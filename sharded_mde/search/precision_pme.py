@@ -34,13 +34,14 @@ from torchrec import EmbeddingBagConfig
 from sharded_mde.config import RunConfig
 from sharded_mde.dims import DimsFile, TableDims, TokenGroup, budget_bytes, group_name, load_dims, serving_table_bytes
 from sharded_mde.dims.cost import DIM_MULTIPLE
-from sharded_mde.io import atomic_write_json, read_json
+from sharded_mde.io import atomic_write_json
 from sharded_mde.plan.tables import full_table_configs, plan_tables
 from sharded_mde.search.fake_quant import fake_quantized, table_pieces
 from sharded_mde.search.ham_check import check_widths
 from sharded_mde.search.pme import WEIGHT_DTYPE, run_pme
 from sharded_mde.search.pme_select import ByteModel, histogram_bytes
-from sharded_mde.search.precision import choose_serving, dim_options, serving_budget, signal_fingerprint
+from sharded_mde.search.precision import (cached_signal, choose_serving, dim_options, serving_budget,
+                                         signal_fingerprint)
 from sharded_mde.search.report import save_search_result
 from sharded_mde.train.distributed import DistEnv
 
@@ -80,10 +81,8 @@ def pme_signal(cfg: RunConfig, env: DistEnv) -> Dict[str, Any]:
     out = Path(cfg.run_dir) / base
     path = out / "signal.json"
     fp = {**signal_fingerprint(cfg), "pme": dataclasses.asdict(cfg.search.pme), "pme_budget": frac}
-    if path.is_file():
-        sig = read_json(path, "joint_pme signal")
-        if sig.get("config") != fp:
-            raise ValueError(f"{path}: made with another data/model/train/search config; remove {out} to recompute it")
+    sig = cached_signal(path, fp, "joint_pme signal")
+    if sig is not None:
         return sig
     from sharded_mde.search.retrain import compact_trainer
 
