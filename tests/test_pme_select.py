@@ -156,6 +156,24 @@ def test_tail_rows_give_their_tables_the_oov_row_within_the_budget() -> None:
     assert int(select_sizes(scores, tight, PAD, tail_rows=["t_N"]).sizes["t_G"][1]) == 0  # only the tables named
 
 
+def test_uniform_allocation_is_reachable_every_token_and_reserved_id_at_size_4() -> None:
+    """sizes [4] with the bytes of every row at 4 (routing included) and one routing range more: every token takes
+    size 4, those without evidence (field N, tokens never scored, the reserved ids) too, one group per field, as
+    uniform dim 4 has them. The diagnosis in docs/pme.md (PME's pipeline at this allocation gives uniform dim 4's
+    AUC) rests on it. The range of slack: the fill raises one token at a time, and raising the last pruned token
+    alone would cost its row before its field's range of pruned ids (32 B) is freed.
+    """
+    scores = _scores(_layout("table_wise", 1), 0)
+    legal = {t.name: [0, 4] for t in TABLES}
+    all4 = {t.name: torch.full((t.num_embeddings,), 4, dtype=torch.int32) for t in TABLES}
+    need = _bytes_of(all4, legal, PAD)
+    sel = select_sizes(scores, need + 32, PAD, sizes=[4])
+    assert sel.bytes == need
+    for t in TABLES:
+        assert torch.equal(sel.sizes[t.name], all4[t.name]), t.name
+    assert int((select_sizes(scores, need - 1, PAD, sizes=[4]).sizes["t_A"] == 0).sum()) > 0  # a byte less: not all
+
+
 def test_infeasible_budget_is_an_error() -> None:
     with pytest.raises(ValueError, match="best token"):
         select_sizes(_scores(_layout("table_wise", 1), 0), 100, PAD)
