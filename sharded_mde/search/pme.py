@@ -90,8 +90,9 @@ def served_weights(data_dir: str | Path, split: str, tables: List[EmbeddingBagCo
     b x training count scaled to the served rows), fitted on the windows before: the period after the
     served one is what the model is scored on.
     """
-    train = split_counts(data_dir, "train", tables)
     served, last, earlier = served_windows(data_dir, split, tables)
+    # the windows cover the training rows once: the last two (valid), or all three (recent, served from train)
+    train = {n: last[n] + earlier[n] + (served[n] if split == "recent" else 0) for n in last}
     out = {}
     for n in train:
         a, b = carry_over(served[n], last[n], earlier[n]) if carry else (1.0, 0.0)

@@ -53,6 +53,11 @@ def signal_fraction(cfg: RunConfig) -> float:
     return min(1.0, cfg.search.precision.pme_signal_scale * float(cfg.search.budget))
 
 
+def signal_dir(cfg: RunConfig) -> Path:
+    """Where the signal of `cfg`'s `signal_fraction` lives (shared by every budget with the same fraction)."""
+    return Path(cfg.run_dir) / f"{SIGNAL_STAGE}_s{signal_fraction(cfg):g}"
+
+
 def column_norms(model: torch.nn.Module, tables: Sequence[EmbeddingBagConfig]) -> Dict[str, torch.Tensor]:
     """Each table's squared column norms over all its rows (summed over the ranks' row pieces)."""
     out = {t.name: torch.zeros(t.embedding_dim, dtype=torch.float64) for t in tables}
@@ -77,8 +82,8 @@ def pme_signal(cfg: RunConfig, env: DistEnv) -> Dict[str, Any]:
     "loss": {dtype: {width: logloss}}, "auc": ...}}, "valid", "seconds"}.
     """
     frac = signal_fraction(cfg)
-    base = f"{SIGNAL_STAGE}_s{frac:g}"
-    out = Path(cfg.run_dir) / base
+    out = signal_dir(cfg)
+    base = out.name
     path = out / "signal.json"
     fp = {**signal_fingerprint(cfg), "pme": dataclasses.asdict(cfg.search.pme), "pme_budget": frac}
     sig = cached_signal(path, fp, "joint_pme signal")
@@ -115,7 +120,7 @@ def pme_signal(cfg: RunConfig, env: DistEnv) -> Dict[str, Any]:
             entries[name] = {"table": t.name, "size": size, "low": low, "rows": rows[name], "cap": size,
                              "order": order, "loss": loss, "auc": auc}
             below = size
-    sig = {"config": fp, "pme_dims": str(Path(cfg.run_dir) / base / "pme" / "dims.json"), "groups": entries,
+    sig = {"config": fp, "pme_dims": str(out / "pme" / "dims.json"), "groups": entries,
            "valid": metrics["valid"], "seconds": time.perf_counter() - t0}
     if env.is_main:
         atomic_write_json(path, sig)
@@ -175,7 +180,7 @@ def run_joint_pme(cfg: RunConfig, env: DistEnv, stage: str = "joint_pme",
     full, budget = serving_budget(tables, float(cfg.search.budget), align)
     sig = pme_signal(cfg, env)
     alloc = select_groups(sig, cfg.search.precision.dtypes, budget, full, float(cfg.search.budget), align)
-    extra = {"signal": str(Path(cfg.run_dir) / f"{SIGNAL_STAGE}_s{signal_fraction(cfg):g}" / "signal.json"),
+    extra = {"signal": str(signal_dir(cfg) / "signal.json"),
              "signal_pme_dims": sig["pme_dims"], "signal_pme_budget": signal_fraction(cfg),
              "signal_seconds": sig["seconds"], "dtypes_considered": list(cfg.search.precision.dtypes),
              "selection": "exact multiple-choice knapsack over (dim, dtype) per PME group table (search/knapsack.py)"}
