@@ -157,17 +157,17 @@ def test_tail_rows_give_their_tables_the_oov_row_within_the_budget() -> None:
 
 
 def test_uniform_allocation_is_reachable_every_token_and_reserved_id_at_size_4() -> None:
-    """sizes [4] with the bytes of every row at 4 (routing included) and one routing range more: every token takes
-    size 4, those without evidence (field N, tokens never scored, the reserved ids) too, one group per field, as
-    uniform dim 4 has them. The diagnosis in docs/pme.md (PME's pipeline at this allocation gives uniform dim 4's
-    AUC) rests on it. The range of slack: the fill raises one token at a time, and raising the last pruned token
-    alone would cost its row before its field's range of pruned ids (32 B) is freed.
+    """sizes [4] with exactly the bytes of every row at 4 (routing included): every token takes size 4, those
+    without evidence (field N, tokens never scored, the reserved ids) too, one group per field, as uniform dim 4
+    has them. The diagnosis in docs/pme.md (PME's pipeline at this allocation gives uniform dim 4's AUC) rests on
+    it. No slack is needed: pruned ids have no routing range, so raising a field's last pruned token costs its row
+    alone.
     """
     scores = _scores(_layout("table_wise", 1), 0)
     legal = {t.name: [0, 4] for t in TABLES}
     all4 = {t.name: torch.full((t.num_embeddings,), 4, dtype=torch.int32) for t in TABLES}
     need = _bytes_of(all4, legal, PAD)
-    sel = select_sizes(scores, need + 32, PAD, sizes=[4])
+    sel = select_sizes(scores, need, PAD, sizes=[4])
     assert sel.bytes == need
     for t in TABLES:
         assert torch.equal(sel.sizes[t.name], all4[t.name]), t.name

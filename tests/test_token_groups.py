@@ -14,7 +14,8 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
 from dist_utils import run_ranks, shard_with_reference
 from sharded_mde.config import TrainConfig
-from sharded_mde.modules.token_groups import FieldGroups, TokenGroupEBC, build_token_group_ebc, fields_from_dims
+from sharded_mde.modules.token_groups import (FieldGroups, TokenGroupEBC, build_token_group_ebc, fields_from_dims,
+                                              router_bytes)
 from sharded_mde.dims import DimsFile, PmeRecord, TableDims, TokenGroup, group_name, table_bytes
 from sharded_mde.train.sharding import make_optimizer
 
@@ -101,6 +102,18 @@ def test_projection_count_and_router_drops_pruned_tokens() -> None:
     assert routed["C1_s16"].lengths().tolist() == [0, 0]  # fields absent from the batch give empty bags
     with pytest.raises(ValueError, match="feature C2 has id 40 outside"):
         m.router(KeyedJaggedTensor.from_lengths_sync(keys=["C2"], values=torch.tensor([40]), lengths=torch.tensor([1])))
+
+
+def test_id_ranges_merge_runs_of_rows_and_leave_pruned_ids_out() -> None:
+    """A routing range per run of ids whose rows follow in one group: size-0 ids get none (they read nothing),
+    and reserved ids that head their group's rows share the group's range (32 B each, counted in the budget)."""
+    c2 = FIELDS[1]  # id 0 size 0; id 1 row 0 of the size-4 group, then ids 2..6 size 12, ids 7..25 size 4
+    assert c2.id_ranges() == [(1, 2, 1, 0), (2, 7, 0, 0), (7, 26, 1, 1)]
+    assert FIELDS[2].id_ranges() == [(0, 30, 0, 0)]
+    one = FieldGroups("U", 100, 4, ((4, 42),), reserved=(-1, 0))  # missing id pruned, OOV row and 41 tokens at 4
+    assert one.id_ranges() == [(1, 43, 0, 0)] and router_bytes(one) == 32
+    both = FieldGroups("V", 10, 8, ((8, 4), (4, 3)), reserved=(0, 0))
+    assert both.id_ranges() == [(0, 4, 0, 0), (4, 7, 1, 0)]
 
 
 def test_from_dims_file_uses_plan_tables() -> None:

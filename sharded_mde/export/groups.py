@@ -5,7 +5,7 @@ table), a router that sends each (renumbered) vocabulary id to its group table a
 combiner whose projections bring each group to the field's width before the groups are summed.
 The export writes the router's id ranges as `remap.arrow`, one row per range (feature, start,
 end, table, row: ids [start, end) of the feature are rows [row, row + end - start) of `table`;
-table "" for pruned tokens), and the projections as `projections.arrow`. Serving rebuilds the
+ids in no range are pruned and read nothing), and the projections as `projections.arrow`. Serving rebuilds the
 same `TokenGroupEBC` around the loaded float or quantised EBC, after checking that the remap file
 is exactly the routing of the token groups the manifest describes.
 """
@@ -55,7 +55,7 @@ def remap_table(fields: Sequence[FieldGroups], table_of: Mapping[str, str]) -> p
     for f in fields:
         keys = f.keys()
         for lo, hi, g, row in f.id_ranges():
-            for c, v in zip(_REMAP_COLUMNS, (f.feature, lo, hi, table_of[keys[g]] if g >= 0 else "", row)):
+            for c, v in zip(_REMAP_COLUMNS, (f.feature, lo, hi, table_of[keys[g]], row)):
                 cols[c].append(v)
     types = {"feature": pa.string(), "table": pa.string()}
     return pa.table({c: pa.array(v, type=types.get(c, pa.int64())) for c, v in cols.items()})

@@ -67,18 +67,28 @@ class FieldGroups:
         return [group_name(self.feature, s) for s, _ in self.groups]
 
     def id_ranges(self) -> List[Tuple[int, int, int, int]]:
-        """(first id, end id, group or -1, row of the first id) covering the vocabulary in id order."""
-        out = []
+        """(first id, end id, group, row of the first id) for every id that has a row, in id order.
+
+        Ids of one group whose rows follow each other share one range (the reserved ids usually head their
+        group's rows, so a one-group field routes with one range); ids in no range have size 0 and read nothing.
+        """
+        out: List[Tuple[int, int, int, int]] = []
+
+        def add(lo: int, hi: int, g: int, row: int) -> None:
+            if out and out[-1][1] == lo and out[-1][2] == g and out[-1][3] + (lo - out[-1][0]) == row:
+                out[-1] = (out[-1][0], hi, g, out[-1][3])
+            else:
+                out.append((lo, hi, g, row))
+
         for k, g in enumerate(self.reserved):
-            out.append((k, k + 1, g, self.reserved[:k].count(g)))
+            if g >= 0:
+                add(k, k + 1, g, self.reserved[:k].count(g))
         start = len(self.reserved)
         for g, (_, rows) in enumerate(self.groups):
             n_res = self.reserved.count(g)
             if rows > n_res:
-                out.append((start, start + rows - n_res, g, n_res))
+                add(start, start + rows - n_res, g, n_res)
                 start += rows - n_res
-        if start < self.num_embeddings:
-            out.append((start, self.num_embeddings, -1, 0))
         return out
 
 
@@ -133,7 +143,7 @@ class TokenGroupRouter(nn.Module):
             for lo, hi, g, row in f.id_ranges():
                 starts.append(base + lo)
                 ends.append(base + hi)
-                group_of.append(group_base + g if g >= 0 else -1)
+                group_of.append(group_base + g)
                 first_row.append(row)
             group_base += len(f.groups)
         self.register_buffer("range_start", torch.tensor(starts, dtype=torch.long), persistent=False)
@@ -160,7 +170,8 @@ class TokenGroupRouter(nn.Module):
                              f"[0, {self._vocab[self._feature_index[k]]})")
         gid = values.long() + base[key_of]
         rng = torch.bucketize(gid, self.range_end, right=True).clamp(max=len(self.range_end) - 1)
-        group = torch.where(routed, self.range_group[rng], -1)
+        covered = routed & (gid >= self.range_start[rng]) & (gid < self.range_end[rng])  # else size 0
+        group = torch.where(covered, self.range_group[rng], -1)
         keep = group >= 0
         order_key = group[keep] * batch + bag[keep] % batch
         order = torch.argsort(order_key, stable=True)
