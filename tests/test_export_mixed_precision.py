@@ -174,7 +174,7 @@ def test_mixed_export_scores_like_the_fake_quantised_model_and_bytes_agree(
                               "--set", f"export.row_alignment={row_alignment}")
     out = d / f"mixed{row_alignment}"
     manifest = read_manifest(out)
-    assert manifest.format_version == 2 and {t.name: t.dtype for t in manifest.tables} == DTYPES
+    assert manifest.format_version == 3 and {t.name: t.dtype for t in manifest.tables} == DTYPES
     assert check["dtype"] == "mixed" and check["dtypes"] == DTYPES and check["scripted"]
     assert check["examples_per_s"] > 0
 

@@ -8,6 +8,7 @@ projections, head) and must give the trained model's test logits and AUC; a dama
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -21,10 +22,10 @@ from sharded_mde.config import load_config
 from sharded_mde.data import DatasetMeta, iterate_eval_batches, prepare
 from sharded_mde.export import fake_quantize_table, load_export, read_manifest, serving_bytes
 from sharded_mde.export.arrowfile import read_arrow, write_arrow
-from sharded_mde.export.groups import REMAP_FILE, token_group_bytes
+from sharded_mde.export.groups import REMAP_FILE, group_tables, token_group_bytes
 from sharded_mde.export.stage import export_bytes, export_stage, serve_check
-from sharded_mde.io import atomic_torch_save, read_json
-from sharded_mde.modules.token_groups import fields_from_dims, router_bytes
+from sharded_mde.io import atomic_torch_save, read_json, sha256_file
+from sharded_mde.modules.token_groups import FieldGroups, fields_from_dims, router_bytes
 from sharded_mde.dims import group_name, load_dims, save_dims, serving_table_bytes
 from sharded_mde.plan.tables import full_table_configs
 from sharded_mde.train.distributed import init_distributed
@@ -143,7 +144,7 @@ def test_token_group_tables_served_in_their_own_dtypes(exported, tmp_path: Path)
     save_dims(tmp_path / "dims.json", dims)
     manifest = export_stage(cfg, run / "retrain" / "checkpoints", tmp_path / "mixed", dims_path=tmp_path / "dims.json",
                             progress=False)
-    assert manifest.format_version == 2 and {t.name: t.dtype for t in manifest.tables} == chosen
+    assert manifest.format_version == 3 and {t.name: t.dtype for t in manifest.tables} == chosen
     ref = load_export(out)
     with torch.no_grad():
         for name, bag in ref.head.sparse_arch.ebc.embedding_bags.items():
@@ -182,3 +183,58 @@ def test_damaged_remap_is_refused_naming_it(exported, tmp_path: Path) -> None:
         load_export(truncated)
     with pytest.raises(ValueError, match=rf"truncated/{REMAP_FILE}: not a readable remap file"):
         load_export(truncated, verify=False)
+
+
+def _format2_remap(manifest) -> pa.Table:
+    """The remap as format version 2 wrote it: one range per reserved id, per group and for the pruned ids
+    (table "")."""
+    fields = [FieldGroups(d["feature"], d["num_embeddings"], d["out_dim"], tuple(tuple(g) for g in d["groups"]),
+                          tuple(d["reserved"]), d["pooling"]) for d in manifest.token_groups.fields]
+    table_of = group_tables(fields, [t.config() for t in manifest.tables])
+    rows = []
+    for f in fields:
+        ranges = [(k, k + 1, g, f.reserved[:k].count(g)) for k, g in enumerate(f.reserved)]
+        start = len(f.reserved)
+        for g, (_, n) in enumerate(f.groups):
+            n_res = f.reserved.count(g)
+            if n > n_res:
+                ranges.append((start, start + n - n_res, g, n_res))
+                start += n - n_res
+        if start < f.num_embeddings:
+            ranges.append((start, f.num_embeddings, -1, 0))
+        rows += [(f.feature, lo, hi, table_of[f.keys()[g]] if g >= 0 else "", row) for lo, hi, g, row in ranges]
+    cols = list(zip(*rows))
+    return pa.table({"feature": pa.array(cols[0], pa.string()), "start": pa.array(cols[1], pa.int64()),
+                     "end": pa.array(cols[2], pa.int64()), "table": pa.array(cols[3], pa.string()),
+                     "row": pa.array(cols[4], pa.int64())})
+
+
+def test_format_2_export_with_its_longer_remap_serves_the_same(exported, tmp_path: Path) -> None:
+    """An export written before remaps listed kept ranges only (format 2: pruned ranges, a range per reserved id)
+    loads and serves the same logits; a damaged range in it is still refused."""
+    _, out = exported
+    manifest = read_manifest(out)
+    old = tmp_path / "format2"
+    shutil.copytree(out, old)
+    legacy = _format2_remap(manifest)
+    assert legacy.num_rows > read_arrow(out / REMAP_FILE, "remap file", legacy.column_names).num_rows  # layouts differ
+
+    def write(remap: pa.Table) -> None:
+        write_arrow(old / REMAP_FILE, remap)
+        raw = json.loads((old / "manifest.json").read_text())
+        raw["format_version"] = 2
+        raw["files"][REMAP_FILE] = {"bytes": (old / REMAP_FILE).stat().st_size, "sha256": sha256_file(old / REMAP_FILE)}
+        (old / "manifest.json").write_text(json.dumps(raw))
+
+    write(legacy)
+    new_model, old_model = load_export(out), load_export(old)
+    with torch.no_grad():
+        for b, _ in iterate_eval_batches(manifest.source["data_dir"], "test", 512, 0, 1):
+            torch.testing.assert_close(old_model(b.dense_features, b.sparse_features),
+                                       new_model(b.dense_features, b.sparse_features), rtol=0, atol=0)
+    rows = legacy.column("row").to_pylist()
+    i = next(k for k, t in enumerate(legacy.column("table").to_pylist()) if t)
+    rows[i] += 1
+    write(legacy.set_column(4, "row", pa.array(rows, type=pa.int64())))
+    with pytest.raises(ValueError, match=rf"format2/{REMAP_FILE}: remap range \d+ is .* but the manifest's token groups"):
+        load_export(old)

@@ -89,12 +89,32 @@ def _fields(spec: ExportedTokenGroups, where: Path) -> List[FieldGroups]:
     return out
 
 
-def _check_remap(path: Path, want: pa.Table) -> None:
-    """Refuses a remap file that is not exactly `want`, naming the file and the first differing range."""
+def _kept_ranges(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """A format-2 remap as format 3 writes it: pruned ranges (table "") left out, runs of rows merged."""
+    out: List[Dict[str, Any]] = []
+    for r in rows:
+        if not r["table"]:
+            continue
+        last = out[-1] if out else None
+        if last and (last["feature"], last["table"], last["end"]) == (r["feature"], r["table"], r["start"]) \
+                and last["row"] + last["end"] - last["start"] == r["row"]:
+            last["end"] = r["end"]
+        else:
+            out.append(dict(r))
+    return out
+
+
+def _check_remap(path: Path, want: pa.Table, version: int) -> None:
+    """Refuses a remap file that is not exactly `want`, naming the file and the first differing range.
+
+    An export of format version 2 or older listed pruned ranges and one range per reserved id: its
+    ranges are normalised first (the routing they describe is the same)."""
     found = read_arrow(path, "remap file", _REMAP_COLUMNS)
     if found.schema != want.schema:
         raise ValueError(f"{path}: remap columns are {found.schema}, expected {want.schema}")
     a, b = found.to_pylist(), want.to_pylist()
+    if version < 3:
+        a = _kept_ranges(a)
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             raise ValueError(f"{path}: remap range {i} is {x}, but the manifest's token groups route {y}")
@@ -113,7 +133,7 @@ def serving_token_groups(root: Path, manifest: Manifest, ebc: nn.Module) -> Toke
         table_of = group_tables(fields, tables)
     except ValueError as e:
         raise ValueError(f"{root / MANIFEST}: {e}") from None
-    _check_remap(root / spec.remap_file, remap_table(fields, table_of))
+    _check_remap(root / spec.remap_file, remap_table(fields, table_of), manifest.format_version)
     module = TokenGroupEBC(fields, tables, spec.combine, ebc=ebc)
     path = root / spec.projections_file
     try:

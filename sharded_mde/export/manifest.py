@@ -8,9 +8,11 @@ wrote it. A reader refuses a newer `format_version`, a table dtype that is not a
 cannot hold its dim, a missing or changed file, and (when a table is read) a table whose shape
 disagrees, each with an error that names the file (and the table).
 
-Format versions: 2 lets the tables of one export differ in dtype (the dims file's per-table choice,
-each table served in its own); in 1 every table had the export's one dtype. The fields are the same,
-so a version-1 manifest reads as it is.
+Format versions: 3 lists in a token-group remap only the id ranges that have rows, runs of rows
+merged (`FieldGroups.id_ranges`); 2 lets the tables of one export differ in dtype (the dims file's
+per-table choice, each table served in its own); in 1 every table had the export's one dtype. The
+fields are the same, so older manifests read as they are (a version-2 remap is normalised before it
+is checked, `export/groups.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torchrec.modules.embedding_configs import DataType, PoolingType
 from sharded_mde.export.tablefile import check_dim
 from sharded_mde.io import atomic_write_json, read_json, sha256_file
 
-FORMAT_VERSION = 2  # 2: tables may differ in dtype; 1 (one dtype for all tables) reads unchanged
+FORMAT_VERSION = 3  # 3: remaps list kept ranges only; 2: tables may differ in dtype; 1 and 2 read unchanged
 MANIFEST = "manifest.json"
 
 
