@@ -22,7 +22,7 @@ from torchrec import EmbeddingBagConfig
 
 from sharded_mde.export.arrowfile import read_arrow, read_weights, write_arrow, write_weights
 from sharded_mde.export.manifest import MANIFEST, ExportedTokenGroups, Manifest
-from sharded_mde.modules.token_groups import FieldGroups, GroupCombiner, TokenGroupEBC, router_bytes
+from sharded_mde.modules.token_groups import FieldGroups, GroupCombiner, TokenGroupEBC, merge_runs, router_bytes
 
 REMAP_FILE = "remap.arrow"
 PROJECTIONS_FILE = "projections.arrow"
@@ -91,17 +91,8 @@ def _fields(spec: ExportedTokenGroups, where: Path) -> List[FieldGroups]:
 
 def _kept_ranges(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """A format-2 remap as format 3 writes it: pruned ranges (table "") left out, runs of rows merged."""
-    out: List[Dict[str, Any]] = []
-    for r in rows:
-        if not r["table"]:
-            continue
-        last = out[-1] if out else None
-        if last and (last["feature"], last["table"], last["end"]) == (r["feature"], r["table"], r["start"]) \
-                and last["row"] + last["end"] - last["start"] == r["row"]:
-            last["end"] = r["end"]
-        else:
-            out.append(dict(r))
-    return out
+    merged = merge_runs([(r["start"], r["end"], (r["feature"], r["table"]), r["row"]) for r in rows if r["table"]])
+    return [{"feature": f, "start": lo, "end": hi, "table": t, "row": row} for lo, hi, (f, t), row in merged]
 
 
 def _check_remap(path: Path, want: pa.Table, version: int) -> None:

@@ -16,7 +16,7 @@ of its whole bag (tokens of size 0 count too, as in the full table's mean), neve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -72,24 +72,29 @@ class FieldGroups:
         Ids of one group whose rows follow each other share one range (the reserved ids usually head their
         group's rows, so a one-group field routes with one range); ids in no range have size 0 and read nothing.
         """
-        out: List[Tuple[int, int, int, int]] = []
-
-        def add(lo: int, hi: int, g: int, row: int) -> None:
-            if out and out[-1][1] == lo and out[-1][2] == g and out[-1][3] + (lo - out[-1][0]) == row:
-                out[-1] = (out[-1][0], hi, g, out[-1][3])
-            else:
-                out.append((lo, hi, g, row))
-
-        for k, g in enumerate(self.reserved):
-            if g >= 0:
-                add(k, k + 1, g, self.reserved[:k].count(g))
+        out = [(k, k + 1, g, self.reserved[:k].count(g)) for k, g in enumerate(self.reserved) if g >= 0]
         start = len(self.reserved)
         for g, (_, rows) in enumerate(self.groups):
             n_res = self.reserved.count(g)
             if rows > n_res:
-                add(start, start + rows - n_res, g, n_res)
+                out.append((start, start + rows - n_res, g, n_res))
                 start += rows - n_res
-        return out
+        return merge_runs(out)
+
+
+R = TypeVar("R")
+
+
+def merge_runs(ranges: Sequence[Tuple[int, int, R, int]]) -> List[Tuple[int, int, R, int]]:
+    """(first id, end id, key, first row) ranges in id order, a range merged into the one before it when both have
+    the same key and its ids and rows continue that one's."""
+    out: List[Tuple[int, int, R, int]] = []
+    for lo, hi, key, row in ranges:
+        if out and out[-1][1] == lo and out[-1][2] == key and out[-1][3] + (lo - out[-1][0]) == row:
+            out[-1] = (out[-1][0], hi, key, out[-1][3])
+        else:
+            out.append((lo, hi, key, row))
+    return out
 
 
 def fields_from_dims(dims: DimsFile, full_tables: Sequence[EmbeddingBagConfig]) -> List[FieldGroups]:
